@@ -1,0 +1,137 @@
+"""Training-step benchmark: forward + backward + optimizer step on synthetic batches, several models, one process."""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import torch
+
+from mimkit.engine.optim import build_optimizer
+from mimkit.engine.trainer import autocast_context
+from mimkit.methods import create_method
+
+
+class _RssPeak:
+    """Peak resident memory of this process while active (sampled every 2 ms from /proc/self/statm)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int, precision: str,
+                device: torch.device, compile: bool = False, cpu_autocast: bool = False, **model_args) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    kwargs = dict(model_args)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    torch.manual_seed(0)
+    meter = _RssPeak() if device.type == "cpu" else None
+    if meter:
+        meter.__enter__()
+    try:
+        model = create_method(name, **kwargs).to(device)
+        size = model.img_size
+        opt = build_optimizer(model.param_groups(0.05), 1e-4, model.betas, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+        run = torch.compile(model) if compile else model
+        batch = {"image": torch.randn(batch_size, 3, size, size, device=device)}
+
+        def train_step():
+            with autocast_context(precision, device, cpu_autocast):
+                loss, _ = run(batch)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        for _ in range(warmup):
+            train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step()
+        loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if meter:
+            meter.__exit__(None, None, None)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base_mem
+        mem_kind = "cuda_peak_allocated"
+    else:
+        peak = meter.growth
+        mem_kind = "cpu_peak_rss_growth"
+    result = {"model": name, "img_size": size, "batch_size": batch_size, "precision": precision,
+              "device": str(device), "steps": steps, "step_time_s": elapsed / steps,
+              "images_per_s": batch_size * steps / elapsed, "peak_memory_mb": peak / 2 ** 20, "memory_kind": mem_kind,
+              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    del model, opt, run, batch
+    return result
+
+
+def bench(models: list[str], batch_size: int, img_sizes: list[int | None], steps: int, warmup: int,
+          precision: str, device: str = "auto", compile: bool = False, model_args: dict | None = None,
+          cpu_autocast: bool = False) -> list[dict]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    results = []
+    for size in img_sizes:
+        for name in models:
+            results.append(bench_model(name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast,
+                                       **(model_args or {})))
+    first = results[0]
+    for r in results:
+        r["speed_vs_first"] = r["images_per_s"] / first["images_per_s"]
+        r["memory_vs_first"] = r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0 else None
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    head = f"{'model':34s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} {'mem x':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
+        lines.append(f"{r['model']:34s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
+                     f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
+                     f"{mem_x:>7s}")
+    r0 = results[0]
+    lines.append(f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
+                 f"the first row (speed x > 1: faster; mem x < 1: less memory)")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""The ``mimkit`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = "Run `mimkit COMMAND --help` for the options of a command."
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_model(args):
+    """(model, img_size, mean, std) from a checkpoint, or a randomly initialized model."""
+    from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
+    from mimkit.loading import load_pretrained, random_init
+
+    if args.checkpoint:
+        model, cfg = load_pretrained(args.checkpoint)
+        return model, cfg.img_size, cfg.mean, cfg.std
+    if not args.random_init:
+        sys.exit("error: give a checkpoint (file or run folder) or --random-init MODEL")
+    model = random_init(args.random_init, img_size=args.img_size, seed=args.seed)
+    return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def cmd_pretrain(args):
+    from mimkit.config import PretrainConfig, config_from_args
+    from mimkit.engine.trainer import pretrain
+
+    cfg = config_from_args(args, PretrainConfig)
+    if not cfg.data:
+        sys.exit("error: --data is required (a folder of images, an ImageFolder root, or a file list)")
+    summary = pretrain(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_knn(args):
+    from mimkit.eval import knn_evaluate
+
+    model, img_size, mean, std = _load_model(args)
+    if args.img_size:
+        img_size = args.img_size
+    res = knn_evaluate(model, args.data, img_size, mean, std, k=args.k, temperature=args.temperature,
+                       batch_size=args.batch_size, num_workers=args.num_workers, device=_device(args.device),
+                       pool=args.pool, progress=True)
+    res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
+    print(json.dumps(res, indent=2) if args.json else
+          f"kNN (k={res['k']}, T={res['temperature']}) top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+          f"({res['n_train']} train / {res['n_val']} val images, {res['classes']} classes, {img_size} px)")
+    return res
+
+
+def cmd_export(args):
+    from mimkit.export import export_encoder
+    from mimkit.loading import load_pretrained
+
+    model, _ = load_pretrained(args.checkpoint)
+    meta = export_encoder(model, args.out, head_classes=args.head_classes, source=str(args.checkpoint))
+    kwargs = json.loads(meta["timm_kwargs"])
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {args.out}\nload it with:\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
+          f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False){extra})")
+
+
+def cmd_visualize(args):
+    import torch
+
+    from mimkit.data import ImageDataset, eval_transform, find_images
+    from mimkit.viz import save_reconstruction_figure
+
+    model, img_size, mean, std = _load_model(args)
+    images = find_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train")
+    step = max(1, len(images) // args.num)
+    subset = type(images)(images.paths[::step][: args.num], None, [], images.root)
+    ds = ImageDataset(subset, eval_transform(img_size, mean, std), min_image_size=1)
+    batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    title = f"{Path(args.checkpoint).name if args.checkpoint else 'random init'}"
+    path = save_reconstruction_figure(model, batch, mean, std, args.out, stats=args.stats, title=title,
+                                      seed=args.seed)
+    print(f"wrote {path}")
+    return path
+
+
+def cmd_bench(args):
+    from mimkit.bench import bench, format_table
+
+    results = bench(args.models, args.batch_size, args.img_size or [None], args.steps, args.warmup, args.precision,
+                    args.device, args.compile, dict(args.model_arg or []), args.cpu_autocast)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results))
+    return results
+
+
+def cmd_models(args):
+    from mimkit.methods import list_methods, method_options
+    from mimkit.methods.registry import get_preset
+
+    if args.name:
+        print(f"{args.name}: {get_preset(args.name).doc}\noptions (set with --model-arg KEY=VALUE or in a recipe's "
+              "model_args):")
+        for key, value in method_options(args.name).items():
+            print(f"  {key} = {value!r}")
+        return
+    for name in list_methods():
+        print(f"{name:32s} {get_preset(name).doc}")
+
+
+def cmd_recipes(args):
+    import yaml
+
+    from mimkit.config import available_recipes, resolve_recipe
+
+    for name in available_recipes():
+        desc = (yaml.safe_load(resolve_recipe(name).read_text()) or {}).get("description", "")
+        print(f"{name:28s} {desc}")
+
+
+def cmd_demo(args):
+    from mimkit.config import PretrainConfig, config_from_dict, load_recipe
+    from mimkit.engine.trainer import pretrain
+
+    t0 = time.time()
+    here = Path(__file__).resolve().parent.parent
+    data = Path(args.data) if args.data else here / "examples" / "sample_images"
+    out = Path(args.output)
+    values = load_recipe("demo_cpu")
+    values.update(data=str(data), output=str(out), time_limit_min=args.minutes)
+    cfg = config_from_dict(PretrainConfig, values, "demo")
+    print(f"[1/4] pretraining {cfg.model} on {data} for up to {args.minutes} min ...", flush=True)
+    summary = pretrain(cfg)
+    ns = argparse.Namespace(checkpoint=str(out), random_init=None, img_size=None, seed=0, data=str(data), k=20,
+                            temperature=0.07, batch_size=128, num_workers=0, device="auto", pool="avg", json=False)
+    print("[2/4] kNN evaluation of the pretrained encoder:", flush=True)
+    trained = cmd_knn(ns)
+    print("[3/4] kNN evaluation of the same encoder at random init (the baseline):", flush=True)
+    ns.checkpoint, ns.random_init, ns.img_size = None, cfg.model, cfg.img_size
+    baseline = cmd_knn(ns)
+    ns.checkpoint, ns.random_init, ns.num, ns.stats = str(out), None, 8, "target"
+    ns.out = str(out / "reconstruction.png")
+    print("[4/4] reconstruction figure:", flush=True)
+    fig = cmd_visualize(ns)
+    result = {"pretrain": summary, "knn_top1_pretrained": trained["top1"], "knn_top1_random_init": baseline["top1"],
+              "figure": str(fig), "wall_time_s": round(time.time() - t0, 1)}
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2))
+    print(f"\nDemo finished in {result['wall_time_s']:.0f} s.\n"
+          f"  kNN top-1: pretrained {trained['top1']:.1f}% vs random init {baseline['top1']:.1f}%\n"
+          f"  checkpoints, config.yaml, metrics.jsonl, train.log: {out}/\n"
+          f"  TensorBoard:           tensorboard --logdir {out}/tensorboard\n"
+          f"  reconstruction figure: {fig}\n"
+          f"  export the encoder:    mimkit export {out} --out {out}/encoder.safetensors")
+
+
+def _eval_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run folder (its newest checkpoint)")
+    p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
+    p.add_argument("--img-size", type=int, help="resolution (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mimkit.config import PretrainConfig, add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain a model (single process, or under torchrun for DDP)",
+                       description="Pretrain with a recipe and/or flags. Precedence: defaults < --recipe < flags. "
+                                   "Multi-GPU / multi-node: torchrun --nproc-per-node N -m mimkit.cli pretrain ...")
+    add_config_arguments(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("knn", help="weighted cosine kNN top-1 on a labelled ImageFolder (train/ and val/)")
+    _eval_model_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="feature: mean of patch tokens, or cls")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("export", help="write the encoder as safetensors with timm key names")
+    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--head-classes", type=int, default=None,
+                   help="include a zero-initialized classifier of this many classes (default: the timm model's, "
+                        "so its default create_model call loads strictly); 0 = encoder only")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("visualize", help="reconstruction figure (original, encoder input, reconstruction, pasted)")
+    _eval_model_args(p)
+    p.add_argument("--data", required=True, help="images to show (val/ of an ImageFolder root if present)")
+    p.add_argument("--num", type=int, default=8, help="number of images")
+    p.add_argument("--stats", choices=["target", "visible"], default="target",
+                   help="de-normalize norm-pixel predictions with each patch's true statistics (target) or with "
+                        "the visible patches' statistics only (visible, no leakage)")
+    p.add_argument("--out", default="reconstruction.png")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("bench", help="time training steps of models side by side on synthetic batches",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="registered model names; ratios are vs the first")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, nargs="+", help="one or more resolutions (default: each model's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="list registered pretraining models, or the options of one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("recipes", help="list bundled recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("demo", help="the bundled demo: short pretraining, kNN vs random init, reconstruction figure")
+    p.add_argument("--data", help="images (default: the bundled sample set)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _kv(text: str):
+    from mimkit.config import _parse_kv
+
+    return _parse_kv(text)
+
+
+def main(argv=None) -> int:
+    import mimkit  # noqa: F401  (compat shim + registries)
+    from mimkit.config import ConfigError
+    from mimkit.data.sources import DataError
+    from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.engine.trainer import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

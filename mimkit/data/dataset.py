@@ -1,0 +1,58 @@
+"""Datasets that never die on a bad image: it is replaced by another one and reported with the batch."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from mimkit.data.decode import BadImage, load_rgb
+from mimkit.data.sources import DataError, ImageList
+
+MAX_REPLACEMENT_TRIES = 64
+
+
+class ImageDataset(Dataset):
+    """Returns ``{"image": tensor, "label": int, "index": int, "skipped": [(path, reason), ...]}``.
+
+    An unreadable, truncated or too-small image is replaced by the next readable one (deterministically, so the
+    batch shape never changes) and listed in ``skipped`` so the trainer can count and log it.
+    """
+
+    def __init__(self, images: ImageList, transform: Callable, min_image_size: int = 8):
+        self.images = images
+        self.transform = transform
+        self.min_image_size = min_image_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        n = len(self.images)
+        for attempt in range(min(n, MAX_REPLACEMENT_TRIES)):
+            i = (index + attempt * 7919) % n  # a prime stride spreads replacements over the dataset
+            path = self.images.paths[i]
+            try:
+                img = load_rgb(path, self.min_image_size)
+            except BadImage as err:
+                skipped.append((path, str(err)))
+                continue
+            label = self.images.labels[i] if self.images.labels is not None else -1
+            return {"image": self.transform(img), "label": label, "index": i, "skipped": skipped}
+        raise DataError(f"{self.images.root}: {len(skipped)} images in a row could not be read "
+                        f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?")
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack images/labels/indices; concatenate the lists of skipped files."""
+    skipped = [s for sample in samples for s in sample["skipped"]]
+    batch = default_collate([{k: v for k, v in s.items() if k != "skipped"} for s in samples])
+    batch["skipped"] = skipped
+    return batch
+
+
+def synthetic_batch(batch_size: int, img_size: int, device="cpu", seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=g)
+    return {"image": images.to(device), "label": torch.zeros(batch_size, dtype=torch.long, device=device)}

@@ -1,0 +1,4 @@
+from mimkit.eval.features import extract_features
+from mimkit.eval.knn import knn_evaluate, knn_predict, topk_accuracy
+
+__all__ = ["extract_features", "knn_evaluate", "knn_predict", "topk_accuracy"]

@@ -1,0 +1,51 @@
+"""Export the pretrained encoder as safetensors with timm key names."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import mimkit
+
+
+def export_encoder(model, path: str | Path, head_classes: int | None = None, source: str = "") -> dict:
+    """Write the encoder; returns the metadata (timm model name and the kwargs to create it).
+
+    With ``head_classes`` (default: the timm model's own ``num_classes``, usually 1000) a zero-initialized
+    classifier ``head`` is included, so that ``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path))`` loads strictly. Pass 0 to write the encoder alone (then create the
+    model with ``num_classes=0`` or any new class count).
+    """
+    state, timm_name, timm_kwargs = model.export_encoder()
+    state = {k: v.contiguous() for k, v in state.items()}
+    if head_classes is None:
+        head_classes = timm.models.get_pretrained_cfg(timm_name).num_classes or 0
+    if head_classes:
+        dim = model.encoder.num_features
+        state["head.weight"] = torch.zeros(head_classes, dim)
+        state["head.bias"] = torch.zeros(head_classes)
+    meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "head": str(head_classes or 0),
+            "format": "timm", "mimkit_version": mimkit.__version__, "source": str(source)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    return meta
+
+
+def create_timm_from_export(path: str | Path, num_classes: int | None = None, **overrides):
+    """Convenience: a timm model of the exported architecture with the exported weights loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    kwargs = {**json.loads(meta["timm_kwargs"]), **overrides}
+    overlay = dict(file=str(path), custom_load=False)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+__all__ = ["export_encoder", "create_timm_from_export", "load_file"]

@@ -1,0 +1,45 @@
+"""What every pretraining method provides to the trainer, evaluation, export and visualization."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.optim import param_groups_weight_decay
+
+
+class MIMMethod(nn.Module):
+    """A masked-image-modeling method: ``forward(batch) -> (loss, outputs)``.
+
+    ``batch`` is a dict with at least ``"image"`` (N, 3, H, W), normalized. ``outputs`` is a dict of tensors the
+    method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*3), ``mask`` (N, L; 1 = in the loss)
+    and ``hidden`` (N, L; 1 = not shown to the encoder), which is what ``mimkit.viz`` draws.
+
+    Class attributes carry the optimizer conventions of the method's paper, so the trainer never asks which
+    method it runs.
+    """
+
+    lr_base_batch: int = 256          # lr = blr * effective_batch / lr_base_batch
+    betas: tuple[float, float] = (0.9, 0.95)
+    default_grad_clip: float | None = None
+
+    encoder: nn.Module
+    img_size: int
+    patch_size: int
+    norm_pix_loss: bool = False
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """No weight decay on 1-D parameters and biases (timm's rule, as in the MAE family's pretraining)."""
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Global features of full, unmasked images: (N, D)."""
+        raise NotImplementedError
+
+    def export_encoder(self) -> tuple[dict[str, torch.Tensor], str, dict]:
+        """(state dict with timm key names, timm model name, kwargs for ``timm.create_model``)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        n_enc = sum(p.numel() for p in self.encoder.parameters())
+        n_all = sum(p.numel() for p in self.parameters())
+        return {"encoder_params": n_enc, "total_params": n_all}

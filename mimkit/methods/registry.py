@@ -1,0 +1,53 @@
+"""Registry of named pretraining models: a method class plus preset defaults, e.g. ``mae_vit_base_patch16``."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+
+from mimkit.methods.base import MIMMethod
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    cls: type
+    defaults: dict = field(default_factory=dict)
+    doc: str = ""
+
+
+_REGISTRY: dict[str, Preset] = {}
+
+
+def register_preset(name: str, cls: type, doc: str, **defaults) -> None:
+    _REGISTRY[name] = Preset(name, cls, defaults, doc)
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_preset(name: str) -> Preset:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model '{name}'.{hint} `mimkit models` lists them all.")
+    return _REGISTRY[name]
+
+
+def method_options(name: str) -> dict[str, object]:
+    """Every option of a registered model with its default (class defaults overlaid with the preset's)."""
+    preset = get_preset(name)
+    params = inspect.signature(preset.cls.__init__).parameters
+    opts = {k: p.default for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return {**opts, **preset.defaults}
+
+
+def create_method(name: str, **kwargs) -> MIMMethod:
+    preset = get_preset(name)
+    accepted = method_options(name)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"model '{name}' has no option {', '.join(unknown)}; its options are: "
+                         f"{', '.join(accepted)} (`mimkit models {name}` shows the defaults)")
+    return preset.cls(**{**preset.defaults, **kwargs})

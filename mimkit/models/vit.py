@@ -1,0 +1,80 @@
+"""Plain ViT encoders: timm's VisionTransformer with fixed sin-cos position embeddings and MAE initialization.
+
+The encoder is a real timm model, so its state dict already uses timm's key names; small CPU-sized variants are
+registered with timm here so that exported weights load with ``timm.create_model(name, pretrained=True, ...)``.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from mimkit.models.pos_embed import sincos_2d
+
+
+def _cfg(img_size: int) -> dict:
+    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
+                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                interpolation="bicubic", crop_pct=0.875, license="apache-2.0")
+
+
+# Read by timm's @register_model: pretrained configs for the small variants (weights come from your own export).
+default_cfgs = generate_default_cfgs({
+    "vit_pico_patch8_64.untrained": _cfg(64),
+    "vit_nano_patch8_96.untrained": _cfg(96),
+})
+
+
+def _small_vit(variant: str, pretrained: bool, arch: dict, **kwargs) -> VisionTransformer:
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**arch, **kwargs})
+
+
+@register_model
+def vit_pico_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Pico/8 at 64 px (0.45 M parameters): CPU tests and the bundled demo."""
+    arch = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3)
+    return _small_vit("vit_pico_patch8_64", pretrained, arch, **kwargs)
+
+
+@register_model
+def vit_nano_patch8_96(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Nano/8 at 96 px (2.7 M parameters): CPU-sized pretraining on small images."""
+    arch = dict(img_size=96, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+    return _small_vit("vit_nano_patch8_96", pretrained, arch, **kwargs)
+
+
+def mae_init_(module: nn.Module) -> None:
+    """MAE initialization: xavier-uniform Linear (bias 0), LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def create_vit_encoder(name: str, img_size: int, drop_path_rate: float = 0.0, **kwargs) -> VisionTransformer:
+    """A timm ViT without classifier, fixed sin-cos position embedding, MAE initialization."""
+    try:
+        encoder = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
+                                    drop_path_rate=drop_path_rate, **kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"unknown encoder '{name}': {err}") from None
+    if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None or encoder.no_embed_class:
+        raise ValueError(f"encoder '{name}' is not a plain timm ViT with a class token")
+    grid = encoder.patch_embed.grid_size
+    with torch.no_grad():
+        encoder.pos_embed.copy_(sincos_2d(encoder.embed_dim, grid, cls_token=True).unsqueeze(0))
+    encoder.pos_embed.requires_grad_(False)
+    mae_init_(encoder)
+    w = encoder.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(encoder.cls_token, std=0.02)
+    return encoder

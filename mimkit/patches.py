@@ -1,0 +1,41 @@
+"""Patchify / unpatchify and the reconstruction losses shared by the MIM methods (methods.md 1.1, 1.2)."""
+from __future__ import annotations
+
+import torch
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, (H/p)(W/p), p*p*C); patches row-major, inside a patch (row, col, channel)."""
+    n, c, h, w = imgs.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """Inverse of ``patchify``; ``grid`` (rows, cols) defaults to a square grid."""
+    n, length, _ = x.shape
+    if grid is None:
+        side = int(round(length ** 0.5))
+        if side * side != length:
+            raise ValueError(f"{length} patches do not form a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    h, w = grid
+    x = x.reshape(n, h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, h * p, w * p)
+
+
+def normalized_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalization of targets: (t - mean) / sqrt(var + eps), unbiased var (MAE's norm_pix_loss)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + eps) ** 0.5
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-patch MSE averaged over patch dims, then over patches where mask == 1."""
+    loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,93 @@
+"""Reconstruction figures: original | what the encoder saw | reconstruction | reconstruction + visible patches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from mimkit.patches import patchify, unpatchify
+
+HIDDEN_GRAY = 0.5
+
+
+def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
+    arr = (img01.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
+    im = Image.fromarray(arr)
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+
+
+def denormalize_predictions(pred: torch.Tensor, target_patches: torch.Tensor, visible: torch.Tensor,
+                            stats: str = "target", eps: float = 1e-6) -> torch.Tensor:
+    """Map normalized-pixel predictions (N, L, D) back to image space.
+
+    ``stats="target"``: each patch uses the mean/var of its own ground-truth patch (what MAE's and UM-MAE's
+    notebooks do; it leaks the true patch statistics into masked areas). ``stats="visible"``: every patch uses
+    the average mean/var of the visible patches of the same image, so nothing of the masked area is used.
+    """
+    if stats == "target":
+        mean = target_patches.mean(-1, keepdim=True)
+        var = target_patches.var(-1, keepdim=True)
+    elif stats == "visible":
+        w = visible.unsqueeze(-1).float()
+        count = w.sum(1, keepdim=True).clamp(min=1)
+        mean = (target_patches.mean(-1, keepdim=True) * w).sum(1, keepdim=True) / count
+        var = (target_patches.var(-1, keepdim=True) * w).sum(1, keepdim=True) / count
+        mean, var = mean.expand_as(pred[..., :1]), var.expand_as(pred[..., :1])
+    else:
+        raise ValueError(f"stats must be 'target' or 'visible', got {stats!r}")
+    return pred * (var + eps) ** 0.5 + mean
+
+
+@torch.no_grad()
+def reconstruction_panels(model, images: torch.Tensor, mean, std, stats: str = "target", seed: int = 0):
+    """Four (N, 3, H, W) tensors in [0, 1]: original, encoder input, reconstruction, reconstruction + visible."""
+    model.eval()
+    torch.manual_seed(seed)
+    _, out = model({"image": images})
+    p = model.patch_size
+    grid = (images.shape[2] // p, images.shape[3] // p)
+    target = patchify(images, p)
+    hidden = out["hidden"].float()
+    pred = out["pred"].float()
+    if model.norm_pix_loss:
+        pred = denormalize_predictions(pred, target, 1 - hidden, stats)
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+
+    def to01(x):
+        return x * s + m
+
+    hidden_px = unpatchify(hidden.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)
+    original = to01(images)
+    seen = original * (1 - hidden_px) + HIDDEN_GRAY * hidden_px
+    recon = to01(unpatchify(pred, p, grid))
+    pasted = original * (1 - hidden_px) + recon * hidden_px
+    return original, seen, recon, pasted
+
+
+def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target",
+                               title: str = "", seed: int = 0) -> Path:
+    panels = reconstruction_panels(model, images, mean, std, stats, seed)
+    n, _, h, w = images.shape
+    scale = max(1, 160 // max(h, w))
+    cell_w, cell_h = w * scale, h * scale
+    pad, header = 4, 18
+    norm_note = ("predictions de-normalized with " + ("each patch's ground-truth mean/var (leaks patch statistics)"
+                 if stats == "target" else "the visible patches' mean/var only (no ground truth from masked area)")
+                 ) if model.norm_pix_loss else "raw-pixel targets: no de-normalization needed"
+    footer = 30
+    canvas = Image.new("RGB", (4 * (cell_w + pad) + pad, header + n * (cell_h + pad) + pad + footer), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(["original", "encoder input", "reconstruction", "recon. + visible"]):
+        draw.text((pad + c * (cell_w + pad), 3), name, fill="black")
+    for r in range(n):
+        for c, panel in enumerate(panels):
+            canvas.paste(_to_pil(panel[r], scale), (pad + c * (cell_w + pad), header + r * (cell_h + pad)))
+    y = header + n * (cell_h + pad)
+    draw.text((pad, y + 2), (title + " | " if title else "") + "gray = hidden from the encoder", fill="black")
+    draw.text((pad, y + 15), norm_note, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from mimkit.cli import main
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "mimkit.cli", "pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--data", "--recipe", "--precision", "--resume", "--accum-steps", "--model-arg", "--compile"):
+        assert flag in out.stdout
+
+
+def test_pretrain_knn_export_visualize_end_to_end(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(tiny_folder), "--model", "mae_vit_pico_patch8", "--img-size", "32",
+               "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1", "--precision", "fp32",
+               "--num-workers", "0", "--output", str(run), "--no-progress", "--model-arg", "decoder_depth=1"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 12 and summary["epochs_done"] == 2
+    assert (run / "config.yaml").is_file() and (run / "tensorboard").is_dir()
+
+    assert main(["knn", str(run), "--data", str(tiny_folder), "--k", "5", "--json"]) == 0
+    knn = json.loads(capsys.readouterr().out)
+    assert 0 <= knn["top1"] <= 100 and knn["n_val"] == 8
+
+    enc = tmp_path / "enc.safetensors"
+    assert main(["export", str(run), "--out", str(enc)]) == 0
+    assert "timm.create_model('vit_pico_patch8_64'" in capsys.readouterr().out
+    net = timm.create_model("vit_pico_patch8_64", pretrained=True, img_size=32,
+                            pretrained_cfg_overlay=dict(file=str(enc)))
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+    fig = tmp_path / "fig.png"
+    assert main(["visualize", str(run), "--data", str(tiny_folder), "--num", "3", "--out", str(fig),
+                 "--stats", "visible"]) == 0
+    assert fig.is_file() and "wrote" in capsys.readouterr().out
+
+    # resume auto on a finished run: nothing to do, same step count
+    rc = main(["pretrain", "--data", str(tiny_folder), "--model", "mae_vit_pico_patch8", "--img-size", "32",
+               "--epochs", "2", "--batch-size", "4", "--precision", "fp32", "--num-workers", "0",
+               "--output", str(run), "--no-progress", "--model-arg", "decoder_depth=1"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["train_steps_this_run"] == 0
+
+
+def test_bench_json_side_by_side(capsys):
+    assert main(["bench", "--models", "mae_vit_pico_patch8", "mae_vit_pico_patch8", "--img-size", "32",
+                 "--batch-size", "4", "--steps", "2", "--warmup", "1", "--precision", "fp32",
+                 "--model-arg", "mask_ratio=0.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and rows[0]["speed_vs_first"] == 1.0
+    assert all(r["images_per_s"] > 0 and r["memory_kind"] == "cpu_peak_rss_growth" for r in rows)
+
+
+def test_models_and_recipes_listing(capsys):
+    assert main(["models"]) == 0
+    assert "mae_vit_base_patch16" in capsys.readouterr().out
+    assert main(["models", "mae_vit_base_patch16"]) == 0
+    assert "decoder_depth = 8" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "demo_cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pretrain", "--data", "/nonexistent/folder", "--model", "mae_vit_pico_patch8"], "no such file or folder"),
+    (["pretrain", "--data", ".", "--model", "mae_vit_pico_patchh8"], "Did you mean"),
+    (["pretrain", "--data", ".", "--model", "mae_vit_pico_patch8", "--model-arg", "decoder_layers=2"],
+     "has no option decoder_layers"),
+])
+def test_bad_input_gives_a_clear_error(argv, needle, tmp_path, capsys):
+    assert main(argv + ["--output", str(tmp_path), "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_recipe_key(tmp_path, tiny_folder, capsys):
+    r = tmp_path / "r.yaml"
+    r.write_text("model: mae_vit_pico_patch8\nwarmup: 3\n")
+    assert main(["pretrain", "--recipe", str(r), "--data", str(tiny_folder)]) == 2
+    assert "unknown option 'warmup'" in capsys.readouterr().err
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["export", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a readable mimkit checkpoint" in capsys.readouterr().err
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    assert main(["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a mimkit pretraining checkpoint" in capsys.readouterr().err

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimkit.data import (BadImage, DataError, ImageDataset, collate, compute_mean_std, find_images,
+                         labelled_splits, load_rgb, pretrain_transform)
+
+
+def _write_kinds(d):
+    """One file per image kind a user's folder may contain; returns {name: (path, readable)}."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
+    files = {}
+    Image.fromarray(rgb).save(d / "rgb.jpg")
+    files["rgb"] = (d / "rgb.jpg", True)
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+    files["gray"] = (d / "gray.png", True)
+    Image.fromarray(np.dstack([rgb, np.full((40, 50), 128, np.uint8)])).save(d / "rgba.png")
+    files["rgba"] = (d / "rgba.png", True)
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    files["cmyk"] = (d / "cmyk.jpg", True)
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette.png", transparency=0)
+    files["palette"] = (d / "palette.png", True)
+    Image.fromarray((rng.random((40, 50)) * 65535).astype(np.uint16)).save(d / "gray16.png")
+    files["gray16"] = (d / "gray16.png", True)
+    Image.fromarray(rng.random((40, 50)).astype(np.float32), mode="F").save(d / "float.tif")
+    files["float"] = (d / "float.tif", True)
+    (d / "rgb.jpg").read_bytes()
+    full = (d / "rgb.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    files["truncated"] = (d / "truncated.jpg", False)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    files["corrupt"] = (d / "corrupt.png", False)
+    (d / "empty.jpg").write_bytes(b"")
+    files["empty"] = (d / "empty.jpg", False)
+    Image.fromarray(rgb[:3, :3]).save(d / "tiny.png")
+    files["tiny"] = (d / "tiny.png", False)
+    return files
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    return _write_kinds(tmp_path_factory.mktemp("kinds") / "imgs")
+
+
+@pytest.mark.parametrize("name", ["rgb", "gray", "rgba", "cmyk", "palette", "gray16", "float", "truncated",
+                                  "corrupt", "empty", "tiny"])
+def test_each_image_kind(kinds, name):
+    path, readable = kinds[name]
+    if readable:
+        im = load_rgb(str(path), min_size=8)
+        assert im.mode == "RGB" and im.size == (50, 40)
+        arr = np.asarray(im)
+        assert arr.dtype == np.uint8 and arr.std() > 0  # converted content, not a blank image
+    else:
+        with pytest.raises(BadImage) as err:
+            load_rgb(str(path), min_size=8)
+        assert str(err.value)
+
+
+def test_16bit_uses_full_range(kinds):
+    arr = np.asarray(load_rgb(str(kinds["gray16"][0])))
+    assert arr.max() > 200 and arr.min() < 50
+
+
+def test_rgba_transparent_pixels_become_neutral_background(tmp_path):
+    arr = np.zeros((10, 10, 4), np.uint8)  # fully transparent black
+    Image.fromarray(arr).save(tmp_path / "t.png")
+    assert tuple(np.asarray(load_rgb(str(tmp_path / "t.png")))[0, 0]) == (124, 116, 104)
+
+
+def test_dataset_skips_counts_and_names_bad_files(kinds):
+    images = find_images(kinds["rgb"][0].parent)
+    assert len(images) == 11 and images.labels is None
+    ds = ImageDataset(images, pretrain_transform(32), min_image_size=8)
+    samples = [ds[i] for i in range(len(ds))]
+    batch = collate(samples)
+    assert batch["image"].shape == (11, 3, 32, 32)  # bad files replaced: batch shape is unchanged
+    skipped = {p.split("/")[-1] for p, _ in batch["skipped"]}
+    assert skipped == {"truncated.jpg", "corrupt.png", "empty.jpg", "tiny.png"}
+    assert all(reason for _, reason in batch["skipped"])
+
+
+def test_all_bad_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"y")
+    ds = ImageDataset(find_images(tmp_path), pretrain_transform(32))
+    with pytest.raises(DataError, match="could not be read"):
+        ds[0]
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(DataError, match="no images found"):
+        find_images(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError, match="Accepted extensions"):
+        find_images(tmp_path)
+    with pytest.raises(DataError, match="no such file or folder"):
+        find_images(tmp_path / "nope")
+
+
+def test_unlabelled_tree_recursive_and_extensions(tmp_path):
+    for rel in ["a/b/c/x.JPG", "a/y.webp", "z.bmp", "q.tiff", "r.jpeg", ".hidden/h.png", "a/readme.txt"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() in (".txt",):
+            p.write_text("x")
+        else:
+            fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tiff": "TIFF", ".png": "PNG"}
+            Image.new("RGB", (20, 20), "red").save(p, fmt[p.suffix.lower()])
+    images = find_images(tmp_path)
+    names = sorted(p.split("/")[-1] for p in images.paths)
+    assert names == ["q.tiff", "r.jpeg", "x.JPG", "y.webp", "z.bmp"]
+
+
+def test_file_list_relative_and_absolute(tmp_path, tiny_folder):
+    some = find_images(tiny_folder).paths[:3]
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "imgs" / "rel.png")
+    (tmp_path / "list.txt").write_text("# my images\n" + "\n".join(some) + "\n\nimgs/rel.png\n")
+    images = find_images(tmp_path / "list.txt")
+    assert len(images) == 4 and images.paths[-1] == str(tmp_path / "imgs" / "rel.png")
+
+
+def test_labelled_root_and_held_out_split(tiny_folder, tmp_path):
+    train = find_images(tiny_folder)
+    assert train.classes == ["blue", "red"] and len(train) == 24 and set(train.labels) == {0, 1}
+    tr, va = labelled_splits(tiny_folder)
+    assert len(va) == 8 and va.classes == tr.classes
+    import shutil
+
+    shutil.copytree(tiny_folder / "train", tmp_path / "root" / "train")
+    tr2, va2 = labelled_splits(tmp_path / "root")  # no val/: a seeded 20% per class is held out
+    assert len(tr2) + len(va2) == 24 and not set(tr2.paths) & set(va2.paths) and len(va2) > 0
+    with pytest.raises(DataError, match="needs labels"):
+        labelled_splits(tiny_folder / "train" / "red")
+
+
+def test_compute_mean_std(tiny_folder):
+    mean, std = compute_mean_std(find_images(tiny_folder).paths)
+    assert len(mean) == 3 and all(0 < s < 1 for s in std)
+    # red images dominate channel 0 in half the data, blue channel 2 in the other half: green is darkest
+    assert mean[1] < mean[0] and mean[1] < mean[2]
+
+
+def test_pretrain_transform_output(tiny_folder):
+    img = load_rgb(find_images(tiny_folder).paths[0])
+    x = pretrain_transform(48)(img)
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32

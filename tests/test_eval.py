@@ -1,0 +1,33 @@
+import torch
+
+from mimkit.eval import knn_evaluate, knn_predict, topk_accuracy
+from mimkit.methods import create_method
+
+
+def test_knn_on_separable_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+    train_y = torch.arange(4).repeat_interleave(25)
+    train = centers[train_y] + torch.randn(100, 16, generator=g)
+    val_y = torch.arange(4).repeat_interleave(5)
+    val = centers[val_y] + torch.randn(20, 16, generator=g)
+    scores = knn_predict(train, train_y, val, num_classes=4, k=20, temperature=0.07, chunk=7)
+    acc = topk_accuracy(scores, val_y)
+    assert acc["top1"] == 100.0 and acc["top5"] == 100.0
+
+
+def test_knn_votes_are_temperature_weighted():
+    train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.05]])
+    # two neighbours of class 1 outvote one closer neighbour at a high temperature, not at a low one
+    assert knn_predict(train, labels, query, 2, k=3, temperature=10.0).argmax() == 1
+    assert knn_predict(train, labels, query, 2, k=3, temperature=0.07).argmax() == 0
+
+
+def test_knn_evaluate_end_to_end(tiny_folder):
+    torch.manual_seed(0)
+    model = create_method("mae_vit_pico_patch8", img_size=32)
+    res = knn_evaluate(model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, k=5)
+    assert res["n_train"] == 24 and res["n_val"] == 8 and res["classes"] == 2
+    assert res["top1"] >= 75.0  # colour classes are separable even by random features

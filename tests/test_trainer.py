@@ -1,0 +1,136 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import pico_config
+from mimkit.engine.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
+from mimkit.engine.trainer import Trainer, TrainingDiverged, pretrain
+from mimkit.methods.mae import MAE
+from mimkit.methods.registry import register_preset
+
+
+def _final_state(out):
+    return load_checkpoint(list_checkpoints(out)[-1])
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_folder, tmp_path):
+    common = dict(epochs=3, accum_steps=2, save_every_minutes=1e9)
+    full = pretrain(pico_config(tiny_folder, tmp_path / "full", **common))
+    assert full["steps"] == 9  # 24 images / batch 4 / accum 2 = 3 steps per epoch
+    part = pretrain(pico_config(tiny_folder, tmp_path / "split", max_steps=4, **common))  # stops mid-epoch 2
+    assert part["steps"] == 4
+    rest = pretrain(pico_config(tiny_folder, tmp_path / "split", resume="auto", **common))
+    assert rest["steps"] == 9 and rest["train_steps_this_run"] == 5
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "split")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
+def test_checkpoint_is_plain_data_and_loads_weights_only(tiny_folder, tmp_path):
+    pretrain(pico_config(tiny_folder, tmp_path, epochs=1))
+    path = list_checkpoints(tmp_path)[-1]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "config"} <= set(state)
+    assert any(k.startswith("decoder.") for k in state["model"])  # the decoder is kept
+    assert state["config"]["model"] == "mae_vit_pico_patch8" and state["epoch"] == 1
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("images_per_s" in r and "lr" in r and "loss" in r for r in records)
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint-000000001.pt"
+    atomic_save({"x": torch.ones(3)}, target)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target, weights_only=True)["x"], torch.ones(3))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
+    atomic_save({"step": 1}, tmp_path / "checkpoint-000000001.pt")
+    atomic_save({"step": 2}, tmp_path / "checkpoint-000000002.pt")
+    data = (tmp_path / "checkpoint-000000002.pt").read_bytes()
+    (tmp_path / "checkpoint-000000002.pt").write_bytes(data[: len(data) // 2])
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "checkpoint-000000001.pt" and state["step"] == 1
+
+
+class FlakyMAE(MAE):
+    """Returns a NaN loss on chosen forward calls (simulates one bad step)."""
+
+    bad_calls: set = set()
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = 0
+
+    def forward(self, batch):
+        loss, out = super().forward(batch)
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            loss = loss * float("nan")
+        return loss, out
+
+
+register_preset("test_flaky_mae", FlakyMAE, "test only", encoder="vit_pico_patch8_64", img_size=32,
+                decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def test_one_nonfinite_step_is_skipped_and_the_run_survives(tiny_folder, tmp_path, caplog):
+    FlakyMAE.bad_calls = {3}
+    summary = pretrain(pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=2))
+    assert summary["steps"] == 2 * 6 - 1  # one step skipped
+    assert math.isfinite(summary["final_loss"])
+    state = _final_state(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_repeated_nonfinite_steps_stop_the_run(tiny_folder, tmp_path):
+    FlakyMAE.bad_calls = set(range(4, 100))
+    with pytest.raises(TrainingDiverged, match="consecutive"):
+        pretrain(pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=3, max_nonfinite=3))
+    FlakyMAE.bad_calls = set()
+
+
+def test_learning_rate_scaling_and_schedule(tiny_folder, tmp_path):
+    t = Trainer(pico_config(tiny_folder, tmp_path, batch_size=4, accum_steps=2, blr=2.56e-2, warmup_epochs=1,
+                            epochs=4))
+    t._setup()
+    assert t.lr == pytest.approx(2.56e-2 * 8 / 256)
+    lrs = []
+    for step in range(t.total_steps + 1):
+        t.scheduler.step_update(step)
+        lrs.append(t.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == 0 and lrs[t.steps_per_epoch] == pytest.approx(t.lr)  # linear warm-up over one epoch
+    assert lrs[-1] == pytest.approx(0, abs=1e-9) and all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    decay = {id(p) for g in t.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in t.model.named_parameters():
+        if p.requires_grad:
+            assert (id(p) in decay) == (p.ndim > 1 and not name.endswith(".bias")), name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           worker, str(tiny_folder), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp_result.json").read_text())
+    assert result["world_size"] == 2 and result["identical"] and result["steps"] == 3
+    assert result["effective_batch"] == 8
