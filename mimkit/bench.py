@@ -13,6 +13,20 @@ from mimkit.engine.trainer import autocast_context
 from mimkit.methods import create_method
 
 
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc keeps freed heap pages, so RSS does not fall between models. With a small fixed mmap threshold every
+    tensor-sized block is an mmap that is unmapped on free (RSS then tracks live memory: used while measuring
+    memory); a large one keeps blocks in the reusable heap (used while timing, as in normal training)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _RssPeak:
     """Peak resident memory of this process while active (sampled every 2 ms from /proc/self/statm)."""
 
@@ -49,55 +63,57 @@ class _RssPeak:
 
 def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int, precision: str,
                 device: torch.device, compile: bool = False, cpu_autocast: bool = False, **model_args) -> dict:
+    """Peak memory over the first steps (model, gradients, optimizer state, activations), then the mean time of
+    ``steps`` training steps after ``warmup`` untimed ones."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mem = torch.cuda.memory_allocated(device)
     kwargs = dict(model_args)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    torch.manual_seed(0)
-    meter = _RssPeak() if device.type == "cpu" else None
-    if meter:
-        meter.__enter__()
-    try:
-        model = create_method(name, **kwargs).to(device)
-        size = model.img_size
-        opt = build_optimizer(model.param_groups(0.05), 1e-4, model.betas, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-        run = torch.compile(model) if compile else model
-        batch = {"image": torch.randn(batch_size, 3, size, size, device=device)}
-
-        def train_step():
-            with autocast_context(precision, device, cpu_autocast):
-                loss, _ = run(batch)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        for _ in range(warmup):
-            train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = train_step()
-        loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-    finally:
-        if meter:
-            meter.__exit__(None, None, None)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base_mem
-        mem_kind = "cuda_peak_allocated"
+    cpu = device.type == "cpu"
+    if cpu:
+        _set_mmap_threshold(128 * 1024)
+        meter = _RssPeak().__enter__()
     else:
-        peak = meter.growth
-        mem_kind = "cpu_peak_rss_growth"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = create_method(name, **kwargs).to(device)
+    size = model.img_size
+    opt = build_optimizer(model.param_groups(0.05), 1e-4, model.betas, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    run = torch.compile(model) if compile else model
+    batch = {"image": torch.randn(batch_size, 3, size, size, device=device)}
+
+    def train_step():
+        with autocast_context(precision, device, cpu_autocast):
+            loss, _ = run(batch)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        train_step()
+    if cpu:
+        meter.__exit__(None, None, None)
+        peak, mem_kind = meter.growth, "cpu_peak_rss_growth"
+        _set_mmap_threshold(64 * 2 ** 20)
+    else:
+        torch.cuda.synchronize(device)
+        peak, mem_kind = torch.cuda.max_memory_allocated(device) - base_mem, "cuda_peak_allocated"
+    for _ in range(warmup):
+        train_step()
+    if not cpu:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step()
+    loss.item()
+    if not cpu:
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
     result = {"model": name, "img_size": size, "batch_size": batch_size, "precision": precision,
               "device": str(device), "steps": steps, "step_time_s": elapsed / steps,
               "images_per_s": batch_size * steps / elapsed, "peak_memory_mb": peak / 2 ** 20, "memory_kind": mem_kind,

@@ -161,6 +161,19 @@ def cmd_demo(args):
           f"  export the encoder:    mimkit export {out} --out {out}/encoder.safetensors")
 
 
+def cmd_ablate_masking(args):
+    from mimkit.ablation import ablation_markdown, run_masking_ablation
+
+    rows = run_masking_ablation(args.data, args.output, args.recipe, args.epochs, knn=not args.no_knn, seed=args.seed)
+    command = "mimkit ablate-masking " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mimkit ablate-masking"
+    table = ablation_markdown(rows, command)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    (Path(args.output) / "ablation.md").write_text(table + "\n")
+    (Path(args.output) / "ablation.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    return rows
+
+
 def _eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run folder (its newest checkpoint)")
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
@@ -225,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate-masking", help="UM-MAE Table 1 at small scale: random / grid / uniform / uniform + "
+                       "secondary masking on the same ViT, equal steps; loss and kNN table")
+    p.add_argument("--data", required=True, help="images (labelled ImageFolder root for the kNN column)")
+    p.add_argument("--output", default="runs/ablate_masking")
+    p.add_argument("--recipe", default="ablation_vit_nano_cpu", help="base recipe (a UM-MAE ViT model)")
+    p.add_argument("--epochs", type=int, help="epochs per variant (default: the recipe's)")
+    p.add_argument("--no-knn", action="store_true", help="skip the kNN column (unlabelled data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ablate_masking)
 
     p = sub.add_parser("models", help="list registered pretraining models, or the options of one")
     p.add_argument("name", nargs="?")

@@ -76,8 +76,9 @@ class PretrainConfig:
     save_every_epochs: int = opt(1, "Write a checkpoint every N epochs (and always at the end).", "output")
     save_every_minutes: float = opt(30.0, "Also write a checkpoint when this many minutes passed since the last.",
                                     "output")
-    keep_epochs_every: int = opt(50, "Keep the checkpoint of every Nth epoch; others are rotated out.", "output")
-    keep_last: int = opt(2, "Number of most recent checkpoints kept.", "output")
+    keep_epochs_every: int = opt(50, "Also keep a permanent copy (epoch-NNNN.pt) of every Nth epoch's checkpoint "
+                                     "(0: none).", "output")
+    keep_last: int = opt(2, "Number of most recent checkpoint-*.pt files kept (older ones are deleted).", "output")
     log_every: int = opt(20, "Write metrics every N optimizer steps.", "output")
     tensorboard: bool = opt(True, "Write TensorBoard scalars.", "output")
     progress: bool = opt(True, "Show a progress bar.", "output")

@@ -4,6 +4,7 @@ Convention everywhere: ``mask`` is 1 where a patch is removed / to be predicted 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -44,3 +45,87 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (N, L, D), ids (N, K) -> (N, K, D)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# -- UM-MAE: uniform sampling, secondary masking, compaction (methods.md 4.2-4.4) --------------------------------
+
+def uniform_sampling(batch_size: int, grid: tuple[int, int], device=None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """UM-MAE uniform sampling: exactly one kept patch in every 2x2 block of the patch grid, chosen uniformly and
+    independently per block and per sample. Returns the mask (N, rows*cols), 1 = dropped, raster order."""
+    rows, cols = grid
+    if rows % 2 or cols % 2:
+        raise ValueError(f"uniform masking needs an even patch grid, got {rows}x{cols} patches; use an image size "
+                         "that is a multiple of 2 x the patch size (e.g. 32 px steps for 16 px patches)")
+    choice = torch.randint(0, 4, (batch_size, rows // 2, cols // 2), device=device, generator=generator)
+    keep = torch.nn.functional.one_hot(choice, 4).view(batch_size, rows // 2, cols // 2, 2, 2)
+    keep = keep.permute(0, 1, 3, 2, 4).reshape(batch_size, rows * cols)
+    return 1.0 - keep.float()
+
+
+def kept_block_order(us_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster indices (N, L/4) of the kept patch of each 2x2 block, blocks in raster order ("block order": the order
+    of the compact 2-D input)."""
+    rows, cols = grid
+    n = us_mask.shape[0]
+    keep = (1 - us_mask).view(n, rows // 2, 2, cols // 2, 2).permute(0, 1, 3, 2, 4).reshape(n, -1, 4)
+    within = keep.argmax(-1)  # 0..3 = (dy, dx) inside the block
+    br = torch.arange(rows // 2, device=us_mask.device).view(1, -1, 1)
+    bc = torch.arange(cols // 2, device=us_mask.device).view(1, 1, -1)
+    r = (2 * br + within.view(n, rows // 2, cols // 2) // 2)
+    c = (2 * bc + within.view(n, rows // 2, cols // 2) % 2)
+    return (r * cols + c).reshape(n, -1)
+
+
+def secondary_masking(num_kept: int, batch_size: int, ratio: float, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """UM-MAE secondary masking over the kept patches: (N, num_kept), 1 = replaced by the learnable token.
+    Exactly ``num_kept - int(num_kept * (1 - ratio))`` per sample."""
+    n_visible = int(num_kept * (1 - ratio))
+    noise = torch.rand(batch_size, num_kept, device=device, generator=generator)
+    return masking_from_noise(noise, n_visible).mask
+
+
+def block_mask(batch_size: int, grid: tuple[int, int], unit: int, ratio: float, device=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """SimMIM masking: a random ``ceil(ratio * cells)`` of the (rows/unit x cols/unit) cells, each cell ``unit`` x
+    ``unit`` patches. Returns (N, rows*cols) at patch resolution, 1 = masked."""
+    rows, cols = grid
+    if rows % unit or cols % unit:
+        raise ValueError(f"the {rows}x{cols} token grid is not divisible by the mask unit of {unit} tokens")
+    gr, gc = rows // unit, cols // unit
+    n_mask = int(math.ceil(gr * gc * ratio))
+    noise = torch.rand(batch_size, gr * gc, device=device, generator=generator)
+    cells = masking_from_noise(noise, gr * gc - n_mask).mask
+    cells = cells.view(batch_size, gr, 1, gc, 1).expand(-1, -1, unit, -1, unit)
+    return cells.reshape(batch_size, rows * cols)
+
+
+def compact(x: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Gather whole patches into a compact 2-D map (UM-MAE's re-organization as an index gather).
+
+    x: (N, H, W, C) token map covering a (rows x cols) patch grid (each patch H/rows x W/cols tokens).
+    ids: (N, M) raster patch indices in block order (``kept_block_order``). Returns (N, H/2, W/2, C) where compact
+    patch (i, j) is the kept patch of 2x2 block (i, j).
+    """
+    n, h, w, c = x.shape
+    rows, cols = grid
+    kh, kw = h // rows, w // cols
+    patches = x.view(n, rows, kh, cols, kw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, rows * cols, kh * kw * c)
+    kept = gather_tokens(patches, ids).view(n, rows // 2, cols // 2, kh, kw, c)
+    return kept.permute(0, 1, 3, 2, 4, 5).reshape(n, rows // 2 * kh, cols // 2 * kw, c)
+
+
+def grid_sampling(batch_size: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """MAE's grid-wise sampling: the top-left patch of every 2x2 block is kept (same for every sample)."""
+    rows, cols = grid
+    keep = torch.zeros(rows, cols, device=device)
+    keep[::2, ::2] = 1
+    return (1 - keep).reshape(1, -1).expand(batch_size, -1).clone()
+
+
+def random_sampling(batch_size: int, grid: tuple[int, int], device=None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """MAE's random sampling with exactly a quarter of the patches kept (UM-MAE Table 1's RS at equal input)."""
+    length = grid[0] * grid[1]
+    return masking_from_noise(torch.rand(batch_size, length, device=device, generator=generator), length // 4).mask

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 from mimkit.patches import patchify, unpatchify
 
 HIDDEN_GRAY = 0.5
+SECONDARY_TINT = (0.25, 0.35, 0.75)  # UM-MAE's secondary-masked patches (a learnable token was shown instead)
 
 
 def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
@@ -39,9 +40,13 @@ def denormalize_predictions(pred: torch.Tensor, target_patches: torch.Tensor, vi
     return pred * (var + eps) ** 0.5 + mean
 
 
-@torch.no_grad()
 def reconstruction_panels(model, images: torch.Tensor, mean, std, stats: str = "target", seed: int = 0):
     """Four (N, 3, H, W) tensors in [0, 1]: original, encoder input, reconstruction, reconstruction + visible."""
+    return _reconstruct(model, images, mean, std, stats, seed)[0]
+
+
+@torch.no_grad()
+def _reconstruct(model, images, mean, std, stats, seed):
     model.eval()
     torch.manual_seed(seed)
     _, out = model({"image": images})
@@ -58,17 +63,24 @@ def reconstruction_panels(model, images: torch.Tensor, mean, std, stats: str = "
     def to01(x):
         return x * s + m
 
-    hidden_px = unpatchify(hidden.unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)
+    def to_px(m):
+        return unpatchify(m.float().unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)
+
+    hidden_px = to_px(hidden)
     original = to01(images)
     seen = original * (1 - hidden_px) + HIDDEN_GRAY * hidden_px
+    if "secondary" in out:
+        sec_px = to_px(out["secondary"])
+        tint = torch.tensor(SECONDARY_TINT, device=images.device).view(1, 3, 1, 1)
+        seen = seen * (1 - sec_px) + tint * sec_px
     recon = to01(unpatchify(pred, p, grid))
     pasted = original * (1 - hidden_px) + recon * hidden_px
-    return original, seen, recon, pasted
+    return (original, seen, recon, pasted), "secondary" in out
 
 
 def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target",
                                title: str = "", seed: int = 0) -> Path:
-    panels = reconstruction_panels(model, images, mean, std, stats, seed)
+    panels, has_secondary = _reconstruct(model, images, mean, std, stats, seed)
     n, _, h, w = images.shape
     scale = max(1, 160 // max(h, w))
     cell_w, cell_h = w * scale, h * scale
@@ -85,7 +97,8 @@ def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str
         for c, panel in enumerate(panels):
             canvas.paste(_to_pil(panel[r], scale), (pad + c * (cell_w + pad), header + r * (cell_h + pad)))
     y = header + n * (cell_h + pad)
-    draw.text((pad, y + 2), (title + " | " if title else "") + "gray = hidden from the encoder", fill="black")
+    legend = "gray = dropped" + (", blue = secondary-masked (token shown)" if has_secondary else "")
+    draw.text((pad, y + 2), (title + " | " if title else "") + legend, fill="black")
     draw.text((pad, y + 15), norm_note, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,3 +92,32 @@ def test_bad_checkpoints(tmp_path, capsys):
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
     assert main(["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not a mimkit pretraining checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ummae_and_simmim_pretrain_from_the_cli(tiny_folder, tmp_path, capsys):
+    for model in ("umae_swin_pico_128", "simmim_pvt_pico_128"):
+        run = tmp_path / model
+        assert main(["pretrain", "--data", str(tiny_folder), "--model", model, "--epochs", "1", "--batch-size", "4",
+                     "--precision", "fp32", "--num-workers", "0", "--output", str(run), "--no-progress",
+                     "--warmup-epochs", "0.5"]) == 0
+        assert json.loads(capsys.readouterr().out)["steps"] == 6
+        assert main(["knn", str(run), "--data", str(tiny_folder), "--k", "3", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["n_val"] == 8
+        assert main(["visualize", str(run), "--data", str(tiny_folder), "--num", "2",
+                     "--out", str(tmp_path / f"{model}.png")]) == 0
+        capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_masking_ablation_runner(tiny_folder, tmp_path, capsys):
+    r = tmp_path / "base.yaml"
+    r.write_text("model: umae_vit_pico_patch8\nimg_size: 32\nepochs: 1\nbatch_size: 8\nprecision: fp32\n"
+                 "num_workers: 0\nprogress: false\ntensorboard: false\nlog_every: 1\nwarmup_epochs: 0.5\n")
+    assert main(["ablate-masking", "--data", str(tiny_folder), "--output", str(tmp_path / "abl"),
+                 "--recipe", str(r)]) == 0
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    for name in ("RS (random, MAE)", "GS (grid)", "US (uniform)", "UM, SM 15%", "UM, SM 25%", "UM, SM 35%"):
+        assert name in table
+    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert len(rows) == 6 and all(r["steps"] == 3 and 0 <= r["knn_top1"] <= 100 for r in rows)

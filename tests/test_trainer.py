@@ -43,6 +43,21 @@ def test_checkpoint_is_plain_data_and_loads_weights_only(tiny_folder, tmp_path):
     assert any("images_per_s" in r and "lr" in r and "loss" in r for r in records)
 
 
+def test_rotation_keeps_latest_and_permanent_epoch_copies(tiny_folder, tmp_path):
+    pretrain(pico_config(tiny_folder, tmp_path, epochs=2, keep_last=1, keep_epochs_every=1))
+    pretrain(pico_config(tiny_folder, tmp_path, epochs=4, keep_last=1, keep_epochs_every=1, resume="auto"))
+    names = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert names == ["checkpoint-000000024.pt", "epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    assert load_checkpoint(tmp_path / "epoch-0002.pt")["step"] == 12
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(tiny_folder, tmp_path):
+    from mimkit.data import DataError
+
+    with pytest.raises(DataError, match="fewer than one batch of 64"):
+        pretrain(pico_config(tiny_folder, tmp_path, batch_size=64))
+
+
 def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint-000000001.pt"
     atomic_save({"x": torch.ones(3)}, target)

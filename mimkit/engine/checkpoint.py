@@ -68,11 +68,22 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def rotate(folder: Path, keep_last: int, keep: set[Path]) -> None:
+def rotate(folder: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` rotating checkpoints (``epoch-*.pt`` copies are never touched)."""
     ckpts = list_checkpoints(folder)
-    for path in ckpts[: max(0, len(ckpts) - keep_last)]:
-        if path not in keep:
-            path.unlink(missing_ok=True)
+    for path in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
+        path.unlink(missing_ok=True)
+
+
+def keep_copy(path: Path, keep_as: Path) -> None:
+    """A permanent copy of a checkpoint (a hard link where the file system allows it)."""
+    keep_as.unlink(missing_ok=True)
+    try:
+        os.link(path, keep_as)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, keep_as)
 
 
 def capture_rng() -> dict:

@@ -13,8 +13,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import mimkit
-from mimkit.config import PretrainConfig, save_yaml
-from mimkit.data import ImageDataset, compute_mean_std, find_images, pretrain_transform
+from mimkit.config import ConfigError, PretrainConfig, save_yaml
+from mimkit.data import DataError, ImageDataset, compute_mean_std, find_images, pretrain_transform
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.data import ResumableSampler, build_loader, default_workers
 from mimkit.engine.distributed import all_reduce_, broadcast_flag, cleanup, gather_objects, init_distributed
@@ -77,10 +77,14 @@ class Trainer:
         self.sampler = ResumableSampler(self.dataset, d.world_size, d.rank, cfg.seed)
         workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device, d.local_world_size)
         self.num_workers = workers
-        self.steps_per_epoch = (len(self.sampler.inner) // cfg.batch_size) // cfg.accum_steps
+        batches = len(self.sampler.inner) // cfg.batch_size
+        if batches < 1:
+            raise DataError(f"{cfg.data}: {len(images)} images give {len(self.sampler.inner)} per process, fewer "
+                            f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes).")
+        self.steps_per_epoch = batches // cfg.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"--accum-steps {cfg.accum_steps} is larger than the {len(self.sampler.inner) // cfg.batch_size}"
-                             " batches of one epoch; lower it or --batch-size")
+            raise ConfigError(f"--accum-steps {cfg.accum_steps} is larger than the {batches} batches of one epoch; "
+                              "lower --accum-steps or --batch-size")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         eff_batch = cfg.batch_size * cfg.accum_steps * d.world_size
         self.lr = absolute_lr(cfg.blr, eff_batch, self.model.lr_base_batch, cfg.lr)
@@ -151,8 +155,8 @@ class Trainer:
         path = ckpt.checkpoint_path(self.out, self.step)
         ckpt.atomic_save(state, path)
         if self.cfg.keep_epochs_every and self.epoch % self.cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
-            self.kept.add(path)
-        ckpt.rotate(self.out, self.cfg.keep_last, self.kept)
+            ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
+        ckpt.rotate(self.out, self.cfg.keep_last)
         merged = dict(kv for rank_items in skipped for kv in rank_items)
         if merged:
             (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
@@ -167,7 +171,6 @@ class Trainer:
         self._setup()
         cfg, d = self.cfg, self.dist
         self.skipped: dict[str, str] = {}
-        self.kept: set[Path] = set()
         self.last_save = time.time()
         start_time = time.time()
         start_step = self.step

@@ -22,6 +22,8 @@ class MIMMethod(nn.Module):
     default_grad_clip: float | None = None
 
     encoder: nn.Module
+    encoder_name: str
+    encoder_args: dict
     img_size: int
     patch_size: int
     norm_pix_loss: bool = False
@@ -32,12 +34,18 @@ class MIMMethod(nn.Module):
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        """Global features of full, unmasked images: (N, D)."""
-        raise NotImplementedError
+        """Global features of full, unmasked images: (N, D). Token sequences (ViT) are averaged over patch tokens
+        (``pool="cls"``: the class token); feature maps (Swin, PVT) are averaged over positions."""
+        out = self.encoder.forward_features(images)
+        if out.ndim == 4:
+            return out.mean(dim=(1, 2))
+        prefix = getattr(self.encoder, "num_prefix_tokens", 0)
+        return out[:, 0] if pool == "cls" and prefix else out[:, prefix:].mean(dim=1)
 
     def export_encoder(self) -> tuple[dict[str, torch.Tensor], str, dict]:
         """(state dict with timm key names, timm model name, kwargs for ``timm.create_model``)."""
-        raise NotImplementedError
+        state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return state, self.encoder_name, dict(self.encoder_args)
 
     def describe(self) -> dict:
         n_enc = sum(p.numel() for p in self.encoder.parameters())

@@ -49,15 +49,6 @@ class MAE(MIMMethod):
         loss = masked_mse(pred, self.target(imgs), draw.mask)
         return loss, {"pred": pred, "mask": draw.mask, "hidden": draw.mask}
 
-    @torch.no_grad()
-    def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        tokens = self.encoder.forward_features(images)
-        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-
-    def export_encoder(self):
-        state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-        return state, self.encoder_name, dict(self.encoder_args)
-
 
 _DEC8 = dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)
 

@@ -18,12 +18,12 @@ class TransformerDecoder(nn.Module):
     ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position.
     """
 
-    def __init__(self, in_dim: int, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
+    def __init__(self, in_dim: int | None, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, mlp_ratio: float = 4.0, cls_token: bool = True):
         super().__init__()
         self.grid = tuple(grid)
         self.has_cls = cls_token
-        self.embed = nn.Linear(in_dim, dim)
+        self.embed = nn.Linear(in_dim, dim) if in_dim else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0),
                              persistent=False)

@@ -78,3 +78,17 @@ def create_vit_encoder(name: str, img_size: int, drop_path_rate: float = 0.0, **
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.normal_(encoder.cls_token, std=0.02)
     return encoder
+
+
+def vit_masked_tokens(encoder: VisionTransformer, img: torch.Tensor, mask: torch.Tensor,
+                      mask_token: torch.Tensor) -> torch.Tensor:
+    """SimMIM on a ViT: patch tokens where ``mask`` (N, L) is 1 are replaced by ``mask_token`` before the position
+    embedding; returns the final patch-token map (N, h, w, C)."""
+    x = encoder.patch_embed(img)
+    w = mask.unsqueeze(-1).to(x.dtype)
+    x = x * (1 - w) + mask_token.reshape(1, 1, -1).to(x.dtype) * w
+    x = x + encoder.pos_embed[:, 1:]
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = encoder.norm(encoder.blocks(torch.cat([cls, x], dim=1)))[:, 1:]
+    h, w_ = encoder.patch_embed.grid_size
+    return x.reshape(x.shape[0], h, w_, -1)

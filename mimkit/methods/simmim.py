@@ -1,0 +1,85 @@
+"""SimMIM (Xie et al. 2021): learnable mask tokens inside the encoder, a linear head + PixelShuffle, L1 on masked
+pixels (methods.md section 3). For Swin, PVT and ViT; the baseline UM-MAE is measured against.
+
+Mask cells of ``mask_unit`` px (32) at ``mask_ratio`` (0.6), exactly ceil(ratio x cells) per sample. UM-MAE's own
+SimMIM baseline used 16 px cells at 0.75: ``--model-arg mask_unit=16 --mask-ratio 0.75`` (recipe
+``simmim_swin_tiny_ummae_baseline``). Optimizer conventions follow the SimMIM code: lr = blr x batch / 512, AdamW
+betas (0.9, 0.999), gradient clipping at 5.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.masking import block_mask
+from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.methods.base import MIMMethod
+from mimkit.methods.registry import register_preset
+from mimkit.models.vit import vit_masked_tokens
+from mimkit.patches import normalized_target, patchify, unpatchify
+
+
+class SimMIM(MIMMethod):
+    lr_base_batch = 512
+    betas = (0.9, 0.999)
+    default_grad_clip = 5.0
+
+    def __init__(self, encoder: str = "mimswin_tiny_patch4_window16_256", img_size: int = 256,
+                 mask_ratio: float = 0.6, mask_unit: int = 32, norm_pix_loss: bool = False, drop_path: float = 0.0,
+                 encoder_args: dict | None = None):
+        super().__init__()
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder_name, self.img_size = encoder, img_size
+        self.mask_ratio, self.mask_unit, self.norm_pix_loss = mask_ratio, mask_unit, norm_pix_loss
+        self.vit = is_vit(self.encoder)
+        if self.vit:
+            self.patch_size = self.encoder.patch_embed.patch_size[0]
+            self.stride, dim0, dim_last = self.patch_size, self.encoder.embed_dim, self.encoder.embed_dim
+        else:
+            self.patch_size = self.encoder.patch_size
+            self.stride = self.patch_size * 2 ** (len(self.encoder.embed_dims) - 1)
+            dim0, dim_last = self.encoder.embed_dims[0], self.encoder.num_features
+        if mask_unit % self.patch_size or img_size % mask_unit:
+            raise ValueError(f"mask_unit ({mask_unit} px) must be a multiple of the token size ({self.patch_size} px) "
+                             f"and divide the image size ({img_size} px)")
+        self.grid = (img_size // self.patch_size, img_size // self.patch_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim0))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(dim_last, self.stride ** 2 * 3)  # a 1x1 conv on the final map
+
+    def forward(self, batch: dict):
+        imgs = batch["image"]
+        n = imgs.shape[0]
+        mask = block_mask(n, self.grid, self.mask_unit // self.patch_size, self.mask_ratio, device=imgs.device)
+        if self.vit:
+            feat = vit_masked_tokens(self.encoder, imgs, mask, self.mask_token)
+        else:
+            feat = self.encoder.forward_masked(imgs, mask.view(n, *self.grid), self.mask_token)
+        rec = F.pixel_shuffle(self.head(feat).permute(0, 3, 1, 2), self.stride)  # (N, 3, H, W)
+        pred = patchify(rec, self.patch_size)
+        target = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:
+            target = normalized_target(target)
+        per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
+        loss = (per_patch * mask).sum() / (mask.sum() + 1e-5)
+        return loss, {"pred": pred, "mask": mask, "hidden": mask}
+
+    def reconstruction(self, pred: torch.Tensor) -> torch.Tensor:
+        return unpatchify(pred, self.patch_size, self.grid)
+
+
+register_preset("simmim_swin_pico_128", SimMIM, "CPU-sized SimMIM: Swin-Pico at 128 px, 32 px cells at 0.6",
+                encoder="mimswin_pico_patch4_window16_128", img_size=128)
+register_preset("simmim_pvt_pico_128", SimMIM, "CPU-sized SimMIM: PVT-Pico at 128 px, 32 px cells at 0.6",
+                encoder="mimpvt_pico_128", img_size=128)
+register_preset("simmim_vit_pico_patch8", SimMIM, "CPU-sized SimMIM on ViT-Pico/8 at 64 px, 16 px cells at 0.6",
+                encoder="vit_pico_patch8_64", img_size=64, mask_unit=16)
+register_preset("simmim_swin_tiny_256", SimMIM, "SimMIM Swin-T (mimkit's UM-MAE Swin, window 16) at 256 px",
+                encoder="mimswin_tiny_patch4_window16_256", img_size=256)
+register_preset("simmim_swin_base_256", SimMIM, "SimMIM Swin-B (window 16) at 256 px",
+                encoder="mimswin_base_patch4_window16_256", img_size=256)
+register_preset("simmim_pvt_small_256", SimMIM, "SimMIM PVT-S at 256 px",
+                encoder="mimpvt_small_256", img_size=256)
+register_preset("simmim_vit_base_patch16", SimMIM, "SimMIM ViT-B/16 at 224 px (fixed sin-cos positions)",
+                encoder="vit_base_patch16_224", img_size=224)

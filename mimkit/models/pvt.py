@@ -1,0 +1,242 @@
+"""PVT with pooling spatial reduction (methods.md 4.5), with timm's model API.
+
+Keys and values are computed from ``avg_pool2d(x, r) -> Conv1x1 -> LayerNorm`` where the pooling ratio ``r`` is a
+run-time choice, so the same weights serve full-resolution fine-tuning (ratios [8, 4, 2, 1]) and UM-MAE's compact
+input (ratios halved: [4, 2, 1, 1]). The reduction conv exists in every stage whose full-resolution ratio is > 1 and
+is applied in both modes (with pooling 1 where the halved ratio is 1), so it is trained during pretraining.
+A fixed sin-cos position embedding is added at the input of stage 1 only (UM-MAE, paper B.1); it is a parameter so
+that fine-tuning may learn it. Each stage ends with a LayerNorm (PVTv2 style) so every stage gives usable features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from mimkit.masking import compact
+from mimkit.models.pos_embed import sincos_2d
+
+
+class SRAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, 1)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pool: int) -> torch.Tensor:
+        b, h, w, c = x.shape
+        hd = c // self.num_heads
+        q = self.q(x).view(b, h * w, self.num_heads, hd).transpose(1, 2)
+        if self.sr_ratio > 1:
+            y = x.permute(0, 3, 1, 2)
+            if pool > 1:
+                y = F.avg_pool2d(y, pool)
+            y = self.norm(self.sr(y).flatten(2).transpose(1, 2))
+        else:
+            y = x.reshape(b, h * w, c)
+        k, v = self.kv(y).view(b, -1, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+class PVTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SRAttention(dim, num_heads, sr_ratio)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, pool: int):
+        x = x + self.drop_path(self.attn(self.norm1(x), pool))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PVTStage(nn.Module):
+    def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, sr_ratio, patch, drop_paths):
+        super().__init__()
+        self.sr_ratio = sr_ratio
+        self.patch_embed = nn.Sequential()
+        self.patch_embed.proj = nn.Conv2d(in_dim, dim, patch, patch)
+        self.patch_embed.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([PVTBlock(dim, num_heads, mlp_ratio, sr_ratio, dp) for dp in drop_paths])
+        self.norm = nn.LayerNorm(dim)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H', W', dim)."""
+        return self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
+
+    def run_blocks(self, x: torch.Tensor, compact: bool) -> torch.Tensor:
+        pool = max(1, self.sr_ratio // 2) if compact else self.sr_ratio
+        if self.sr_ratio > 1 and (x.shape[1] % pool or x.shape[2] % pool):
+            raise ValueError(f"a {x.shape[1]}x{x.shape[2]} map is not divisible by the spatial-reduction ratio {pool}")
+        for blk in self.blocks:
+            x = blk(x, pool)
+        return self.norm(x)
+
+
+class PVT(nn.Module):
+    def __init__(self, img_size: int = 256, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
+                 mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size: int = 4, drop_path_rate: float = 0.0,
+                 global_pool: str = "avg", **kwargs):
+        super().__init__()
+        self.img_size, self.patch_size, self.num_classes = img_size, patch_size, num_classes
+        self.embed_dims = list(embed_dims)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.sr_ratios = list(sr_ratios)
+        self.check_size(img_size)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(len(depths)):
+            start = sum(depths[:i])
+            self.stages.append(PVTStage(in_chans if i == 0 else embed_dims[i - 1], embed_dims[i], depths[i],
+                                        num_heads[i], mlp_ratios[i], sr_ratios[i], patch_size if i == 0 else 2,
+                                        dpr[start:start + depths[i]]))
+        grid = img_size // patch_size
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dims[0], (grid, grid)).unsqueeze(0))
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
+        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, d in enumerate(embed_dims)]
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _fits(self, img_size: int) -> bool:
+        res = img_size // self.patch_size
+        if img_size % self.patch_size:
+            return False
+        for i, sr in enumerate(self.sr_ratios):
+            if i and res % 2:
+                return False
+            res = res if i == 0 else res // 2
+            if sr > 1 and res % sr:
+                return False
+        return True
+
+    def check_size(self, img_size: int) -> None:
+        if not self._fits(img_size):
+            valid = [s for s in range(32, 513, 32) if self._fits(s)]
+            raise ValueError(f"image size {img_size} px does not fit this PVT: every stage's map must halve evenly "
+                             f"and be divisible by its spatial-reduction ratio {list(self.sr_ratios)}. Valid sizes up "
+                             f"to 512 px: {valid}")
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        """(1, h, w, C) position embedding, resampled bicubically when the grid differs from the trained one."""
+        n = self.pos_embed.shape[1]
+        side = int(round(n ** 0.5))
+        pe = self.pos_embed.view(1, side, side, -1)
+        if (h, w) != (side, side):
+            pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+            pe = pe.permute(0, 2, 3, 1)
+        return pe
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        return self.stages[0].embed(img)
+
+    def run_stages(self, x: torch.Tensor, compact: bool, collect: bool = False):
+        outs = []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = stage.embed(x.permute(0, 3, 1, 2))
+            x = stage.run_blocks(x, compact)
+            outs.append(x)
+        return (x, outs) if collect else x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_stages(x + self.pos_embed_for(x.shape[1], x.shape[2]).to(x.dtype), compact=False)
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(self.embed(img))
+
+    def forward_compact(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """UM-MAE: compact stage-1 map (B, Hc, Wc, C) plus its compacted position embedding; ratios halved."""
+        return self.run_stages(tokens + pos.to(tokens.dtype), compact=True)
+
+    def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
+        """UM-MAE's secondary-mask token is used as is in PVT (no patch-embedding norm; UM-MAE#10)."""
+        return token
+
+    def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """UM-MAE: compact map of the kept patches ``ids``; the full-grid position embedding is compacted the same
+        way, so secondary-mask tokens carry their true position."""
+        n, hc, wc, _ = tokens.shape
+        pos = compact(self.pos_embed_for(2 * hc, 2 * wc).expand(n, -1, -1, -1), ids, grid)
+        return self.forward_compact(tokens, pos)
+
+    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        x = self.embed(img)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, img):
+        return self.forward_head(self.forward_features(img))
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        take, _ = feature_take_indices(len(self.stages), indices)
+        tokens = self.embed(x)
+        last, outs = self.run_stages(tokens + self.pos_embed_for(*tokens.shape[1:3]).to(tokens.dtype), False, True)
+        inter = [outs[i].permute(0, 3, 1, 2).contiguous() for i in take]
+        return inter if intermediates_only else (last, inter)
+
+
+def _cfg(img_size: int) -> dict:
+    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="stages.0.patch_embed.proj",
+                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
+                crop_pct=0.9, license="apache-2.0")
+
+
+default_cfgs = generate_default_cfgs({
+    "mimpvt_pico_128.untrained": _cfg(128),
+    "mimpvt_small_256.untrained": _cfg(256),
+})
+
+
+def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> PVT:
+    return build_model_with_cfg(PVT, variant, pretrained, feature_cfg=dict(feature_cls="getter",
+                                                                           out_indices=(0, 1, 2, 3)),
+                                **{**arch, **kwargs})
+
+
+@register_model
+def mimpvt_pico_128(pretrained=False, **kwargs) -> PVT:
+    """CPU-sized PVT (dims 32-64-128-256, depths 1-1-1-1) at 128 px: tests and demos."""
+    return _create("mimpvt_pico_128", pretrained, dict(img_size=128, embed_dims=(32, 64, 128, 256),
+                                                       depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                                                       mlp_ratios=(4, 4, 4, 4)), **kwargs)
+
+
+@register_model
+def mimpvt_small_256(pretrained=False, **kwargs) -> PVT:
+    """PVT-S as in UM-MAE: dims 64-128-320-512, depths 3-4-6-3, SR ratios 8-4-2-1 (4-2-1-1 on compact input)."""
+    return _create("mimpvt_small_256", pretrained, dict(img_size=256), **kwargs)

@@ -1,0 +1,365 @@
+"""Swin Transformer as UM-MAE uses it (methods.md 4.4-4.5), with timm's model API.
+
+- Relative position bias from a small MLP over log-spaced *true* coordinate differences (SwinV2-style continuous
+  bias), so the same weights work on the full token grid and on UM-MAE's compact input, where neighbours in the
+  compact map are not neighbours in the image.
+- Patch merging is LayerNorm + Conv2d(2, 2); coordinates are subsampled and halved at every merge.
+- A stage whose resolution fits in one window uses one global window without shift.
+- ``forward_features(img)``: full resolution (fine-tuning, features). ``forward_compact(tokens, coords)``: UM-MAE
+  pretraining on the compact map with half-size windows. ``forward_masked(img, mask, token)``: SimMIM.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, Mlp
+from timm.models._features import feature_take_indices
+
+from mimkit.masking import compact
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (exactly, for 2x2 merges of UM-MAE)
+
+
+def log_spaced(d: torch.Tensor) -> torch.Tensor:
+    return torch.sign(d) * torch.log1p(d.abs())
+
+
+class PositionBiasMLP(nn.Module):
+    """Continuous relative position bias: (dy, dx) -> log-spaced -> Linear -> ReLU -> Linear -> one value per head."""
+
+    def __init__(self, num_heads: int, hidden: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(2, hidden)
+        self.fc2 = nn.Linear(hidden, num_heads)
+
+    def table(self, radius: int, device) -> torch.Tensor:
+        """Bias for every offset in [-radius, radius]^2 (in 1/COORD_UNITS steps): ((2R+1)^2, heads)."""
+        d = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32) / COORD_UNITS
+        dy, dx = torch.meshgrid(d, d, indexing="ij")
+        return self.fc2(F.relu(self.fc1(log_spaced(torch.stack([dy, dx], -1).view(-1, 2)))))
+
+
+def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, wh*ww, C), windows in raster order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
+
+
+def window_reverse(x: torch.Tensor, wh: int, ww: int, h: int, w: int) -> torch.Tensor:
+    b, _, _, c = x.shape
+    x = x.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+class WindowLayout:
+    """Windows, shift, relative-position indices and shift mask of one stage (shared by its blocks)."""
+
+    def __init__(self, coords: torch.Tensor, window: int, shift: int):
+        # coords: (b, H, W, 2) float, true positions in the current stage's token units; b = 1 on a regular grid
+        _, h, w, _ = coords.shape
+        self.h, self.w = h, w
+        self.wh, self.ww = min(window, h), min(window, w)
+        self.shift = shift if (h > window and w > window) else 0
+        if h % self.wh or w % self.ww:
+            raise ValueError(f"a {h}x{w} token map cannot be split into {self.wh}x{self.ww} windows")
+        c = coords
+        if self.shift:
+            c = torch.roll(c, (-self.shift, -self.shift), (1, 2))
+        cw = window_partition(c, self.wh, self.ww)  # (b, nW, T, 2)
+        units = torch.round(cw * COORD_UNITS).long()
+        rel = units[:, :, :, None, :] - units[:, :, None, :, :]  # (b, nW, T, T, 2)
+        self.radius = int(rel.abs().max().item()) if rel.numel() else 0
+        side = 2 * self.radius + 1
+        self.index = (rel[..., 0] + self.radius) * side + (rel[..., 1] + self.radius)
+        self.mask = self._shift_mask(coords.device) if self.shift else None
+
+    def _shift_mask(self, device) -> torch.Tensor:
+        region = torch.zeros(1, self.h, self.w, 1, device=device)
+        bounds_h = ((0, self.h - self.wh), (self.h - self.wh, self.h - self.shift), (self.h - self.shift, self.h))
+        bounds_w = ((0, self.w - self.ww), (self.w - self.ww, self.w - self.shift), (self.w - self.shift, self.w))
+        label = 0
+        for h0, h1 in bounds_h:
+            for w0, w1 in bounds_w:
+                region[:, h0:h1, w0:w1] = label
+                label += 1
+        rw = window_partition(region, self.wh, self.ww).squeeze(-1)  # (1, nW, T)
+        same = rw[:, :, :, None] == rw[:, :, None, :]
+        return torch.zeros(same.shape, device=device).masked_fill(~same, float("-inf")).unsqueeze(2)  # (1,nW,1,T,T)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, pos_hidden: int = 32):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.pos_mlp = PositionBiasMLP(num_heads, pos_hidden)
+
+    def forward(self, x: torch.Tensor, layout: WindowLayout, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, nw, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        bias = self.pos_mlp.table(layout.radius, x.device)[layout.index]  # (b', nW, T, T, heads)
+        bias = bias.permute(0, 1, 4, 2, 3)
+        if layout.mask is not None:
+            bias = bias + layout.mask
+        if key_mask is not None:  # (b, nW, 1, 1, T) with -inf on keys to ignore (equivalence tests, analysis)
+            bias = bias + key_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, shifted: bool, drop_path: float = 0.0,
+                 pos_hidden: int = 32):
+        super().__init__()
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, pos_hidden=pos_hidden)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, layout: WindowLayout, key_mask_map: torch.Tensor | None = None):
+        _, h, w, _ = x.shape
+        y = self.norm1(x)
+        s = layout.shift
+        if s:
+            y = torch.roll(y, (-s, -s), (1, 2))
+        key_mask = None
+        if key_mask_map is not None:
+            km = torch.roll(key_mask_map, (-s, -s), (1, 2)) if s else key_mask_map
+            key_mask = window_partition(km.unsqueeze(-1), layout.wh, layout.ww).squeeze(-1)[:, :, None, None, :]
+        y = window_reverse(self.attn(window_partition(y, layout.wh, layout.ww), layout, key_mask),
+                           layout.wh, layout.ww, h, w)
+        if s:
+            y = torch.roll(y, (s, s), (1, 2))
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerge(nn.Module):
+    """LayerNorm then Conv2d(kernel 2, stride 2): halves the resolution (UM-MAE's merge)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.reduction = nn.Conv2d(in_dim, out_dim, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_paths, merge: bool,
+                 pos_hidden: int):
+        super().__init__()
+        self.downsample = PatchMerge(in_dim, dim) if merge else nn.Identity()
+        self.merge = merge
+        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, mlp_ratio, shifted=i % 2 == 1,
+                                               drop_path=drop_paths[i], pos_hidden=pos_hidden)
+                                     for i in range(depth)])
+
+    def forward(self, x, coords, window: int, key_mask_map=None):
+        if self.merge:
+            x = self.downsample(x)
+            coords = coords[:, ::2, ::2] / 2
+            if key_mask_map is not None:
+                key_mask_map = key_mask_map[:, ::2, ::2]
+        layouts = [WindowLayout(coords, window, 0), WindowLayout(coords, window, window // 2)]
+        for blk in self.blocks:
+            x = blk(x, layouts[1] if blk.shifted else layouts[0], key_mask_map)
+        return x, coords, key_mask_map
+
+
+def grid_coords(h: int, w: int, device=None) -> torch.Tensor:
+    r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([r, c], -1).float().unsqueeze(0)  # (1, H, W, 2)
+
+
+def valid_swin_sizes(window: int, num_stages: int, patch: int, compact: bool, limit: int = 1024) -> list[int]:
+    sizes = []
+    for size in range(32, limit + 1, 32):
+        ok = size % patch == 0
+        res, win = size // patch, window
+        if compact:
+            res, win = res // 2, window // 2
+        for _ in range(num_stages):
+            if res > win and res % win:
+                ok = False
+            res //= 2
+        if ok:
+            sizes.append(size)
+    return sizes
+
+
+class SwinUM(nn.Module):
+    """Hierarchical Swin encoder usable at full resolution and on UM-MAE's compact input."""
+
+    def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 16,
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pos_hidden: int = 32, global_pool: str = "avg",
+                 **kwargs):
+        super().__init__()
+        self.img_size, self.patch_size, self.window_size = img_size, patch_size, window_size
+        self.num_classes, self.global_pool = num_classes, global_pool
+        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        self.embed_dims = dims
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.check_size(img_size)
+        self.patch_embed = nn.Sequential()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            start = sum(depths[:i])
+            self.stages.append(SwinStage(dims[max(i - 1, 0)], dims[i], depth, heads, mlp_ratio,
+                                         dpr[start:start + depth], merge=i > 0, pos_hidden=pos_hidden))
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
+        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                             for i, d in enumerate(dims)]
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def check_size(self, img_size: int, compact: bool = False) -> None:
+        res = img_size // self.patch_size
+        win = self.window_size // 2 if compact else self.window_size
+        if compact:
+            res //= 2
+        ok = img_size % self.patch_size == 0
+        for _ in self.embed_dims:
+            ok = ok and not (res > win and res % win)
+            res //= 2
+        if not ok:
+            sizes = valid_swin_sizes(self.window_size, len(self.embed_dims), self.patch_size, compact, 512)
+            mode = "UM-MAE's compact input (window halved)" if compact else "full resolution"
+            raise ValueError(f"image size {img_size} px does not fit window {self.window_size} of this Swin at "
+                             f"{mode}: every stage must be one window or a whole number of windows. Valid sizes "
+                             f"up to 512 px: {sizes}")
+
+    def no_weight_decay(self):
+        return set()
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))  # (B, H, W, C)
+
+    def run_stages(self, x, coords, window: int, key_mask_map=None, collect: bool = False):
+        outs = []
+        for stage in self.stages:
+            x, coords, key_mask_map = stage(x, coords, window, key_mask_map)
+            outs.append(x)
+        return (x, outs) if collect else x
+
+    def forward_tokens(self, x: torch.Tensor, key_mask_map=None) -> torch.Tensor:
+        """Embedded stage-1 tokens (B, H, W, C) on the regular grid -> normalized final map."""
+        coords = grid_coords(x.shape[1], x.shape[2], x.device)
+        return self.norm(self.run_stages(x, coords, self.window_size, key_mask_map))
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(self.embed(img))  # (B, H/32, W/32, C)
+
+    def forward_compact(self, tokens: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """UM-MAE: compact map (B, Hc, Wc, C) with true stage-1 coordinates (B, Hc, Wc, 2); windows halved."""
+        return self.norm(self.run_stages(tokens, coords, self.window_size // 2))
+
+    def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
+        """UM-MAE's secondary-mask token goes through the patch-embedding norm in Swin (UM-MAE#10)."""
+        return self.patch_embed.norm(token)
+
+    def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """UM-MAE: ``tokens`` is the compact map of the kept patches ``ids`` (block order) of a ``grid`` of patches;
+        each token carries its true coordinate for the position bias."""
+        n, hc, wc, _ = tokens.shape
+        coords = compact(grid_coords(2 * hc, 2 * wc, tokens.device).expand(n, -1, -1, -1), ids, grid)
+        return self.forward_compact(tokens, coords)
+
+    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """SimMIM: stage-1 tokens where ``mask`` (B, H, W) is 1 are replaced by ``mask_token`` (after the norm)."""
+        x = self.embed(img)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        take, _ = feature_take_indices(len(self.stages), indices)
+        coords = grid_coords(x.shape[2] // self.patch_size, x.shape[3] // self.patch_size, x.device)
+        last, outs = self.run_stages(self.embed(x), coords, self.window_size, collect=True)
+        inter = [outs[i].permute(0, 3, 1, 2).contiguous() for i in take]
+        if intermediates_only:
+            return inter
+        return self.norm(last), inter
+
+
+def _cfg(img_size: int) -> dict:
+    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
+                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
+                crop_pct=0.9, license="apache-2.0")
+
+
+default_cfgs = generate_default_cfgs({
+    "mimswin_pico_patch4_window16_128.untrained": _cfg(128),
+    "mimswin_tiny_patch4_window16_256.untrained": _cfg(256),
+    "mimswin_base_patch4_window16_256.untrained": _cfg(256),
+    "mimswin_large_patch4_window16_256.untrained": _cfg(256),
+})
+
+
+def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> SwinUM:
+    return build_model_with_cfg(SwinUM, variant, pretrained, feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+                                **{**arch, **kwargs})
+
+
+@register_model
+def mimswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> SwinUM:
+    """CPU-sized Swin (32-d, depths 1-1-1-1) at 128 px: tests and demos."""
+    return _create("mimswin_pico_patch4_window16_128", pretrained, dict(
+        img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=16), **kwargs)
+
+
+@register_model
+def mimswin_tiny_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
+    """Swin-T as in UM-MAE: 96-d, depths 2-2-6-2, window 16 at 256 px (8 on the compact input)."""
+    return _create("mimswin_tiny_patch4_window16_256", pretrained, dict(
+        img_size=256, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=16), **kwargs)
+
+
+@register_model
+def mimswin_base_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
+    """Swin-B: 128-d, depths 2-2-18-2, window 16 at 256 px."""
+    return _create("mimswin_base_patch4_window16_256", pretrained, dict(
+        img_size=256, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=16), **kwargs)
+
+
+@register_model
+def mimswin_large_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
+    """Swin-L as in UM-MAE: 192-d, depths 2-2-18-2, window 16 at 256 px, 64-wide position MLP."""
+    return _create("mimswin_large_patch4_window16_256", pretrained, dict(
+        img_size=256, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=16,
+        pos_hidden=64), **kwargs)

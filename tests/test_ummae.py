@@ -1,0 +1,130 @@
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mimkit.masking import (compact, kept_block_order, secondary_masking, uniform_sampling)
+from mimkit.methods import create_method
+from mimkit.models.swin import SwinBlock, WindowLayout, grid_coords
+
+grids = st.tuples(st.integers(1, 6), st.integers(1, 6)).map(lambda t: (2 * t[0], 2 * t[1]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(grids, st.integers(1, 5), st.integers(0, 2 ** 31 - 1))
+def test_uniform_sampling_keeps_exactly_one_per_2x2_block(grid, n, seed):
+    us = uniform_sampling(n, grid, generator=torch.Generator().manual_seed(seed))
+    rows, cols = grid
+    kept_per_block = (1 - us).view(n, rows // 2, 2, cols // 2, 2).sum(dim=(2, 4))
+    assert torch.all(kept_per_block == 1)
+    ids = kept_block_order(us, grid)
+    assert ids.shape == (n, rows * cols // 4)
+    for i in range(n):  # id j is the kept patch of block j (blocks in raster order)
+        for j, pid in enumerate(ids[i].tolist()):
+            assert us[i, pid] == 0
+            assert (pid // cols) // 2 == j // (cols // 2) and (pid % cols) // 2 == j % (cols // 2)
+
+
+def test_uniform_sampling_is_uniform_over_the_four_positions():
+    us = uniform_sampling(4000, (2, 2), generator=torch.Generator().manual_seed(0))
+    freq = (1 - us).mean(0)
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 4), st.sampled_from([0.0, 0.15, 0.25, 0.35]))
+def test_secondary_masking_leaves_int_075_visible(kept, n, ratio):
+    sm = secondary_masking(kept, n, ratio)
+    assert torch.all((1 - sm).sum(1) == int(kept * (1 - ratio)))
+    if kept == 64 and ratio == 0.25:
+        assert torch.all((1 - sm).sum(1) == 48)
+
+
+def _reference_dilated_ones_conv(x, us, grid, k):
+    """UM-MAE's reference compaction: zero the dropped patches, then a depthwise 2x2 all-ones conv with dilation k
+    over every (2k x 2k) block sums its four quadrants (only the kept one is non-zero)."""
+    n, h, w, c = x.shape
+    rows, cols = grid
+    keep_px = (1 - us).view(n, rows, cols).repeat_interleave(k, 1).repeat_interleave(k, 2).unsqueeze(-1)
+    y = (x * keep_px).permute(0, 3, 1, 2)
+    blocks = y.view(n, c, rows // 2, 2 * k, cols // 2, 2 * k).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 2 * k, 2 * k)
+    out = F.conv2d(blocks, torch.ones(c, 1, 2, 2), dilation=k, groups=c)  # (n*R*C, c, k, k)
+    out = out.view(n, rows // 2, cols // 2, c, k, k).permute(0, 1, 4, 2, 5, 3)
+    return out.reshape(n, rows // 2 * k, cols // 2 * k, c)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_gather_compaction_equals_dilated_ones_conv(k):
+    grid = (8, 6)
+    x = torch.randn(3, grid[0] * k, grid[1] * k, 5)
+    us = uniform_sampling(3, grid, generator=torch.Generator().manual_seed(1))
+    ours = compact(x, kept_block_order(us, grid), grid)
+    assert torch.allclose(ours, _reference_dilated_ones_conv(x, us, grid, k), atol=1e-6)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_compact_window_attention_equals_masked_full_resolution(shifted):
+    """Stage-1 Swin block on the compact map (window 8, shift 4) == full-resolution window 16 / shift 8 block with
+    the dropped tokens' keys masked out, at the kept tokens (methods.md 4.5, paper Fig. 3)."""
+    torch.manual_seed(0)
+    n, c, grid, k = 2, 16, (8, 8), 4  # 8x8 patches of 16 px, 4x4 tokens each: a 32x32 token map
+    block = SwinBlock(c, num_heads=2, mlp_ratio=2.0, shifted=shifted).eval()
+    for p in block.attn.pos_mlp.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # a clearly non-trivial position bias
+    x = torch.randn(n, grid[0] * k, grid[1] * k, c)
+    us = uniform_sampling(n, grid, generator=torch.Generator().manual_seed(3))
+    ids = kept_block_order(us, grid)
+    full_coords = grid_coords(grid[0] * k, grid[1] * k)
+    keep_px = (1 - us).view(n, *grid).repeat_interleave(k, 1).repeat_interleave(k, 2)
+    key_mask = torch.zeros_like(keep_px).masked_fill(keep_px == 0, float("-inf"))
+    with torch.no_grad():
+        full = block(x, WindowLayout(full_coords, 16, 8 if shifted else 0), key_mask)
+        coords = compact(full_coords.expand(n, -1, -1, -1), ids, grid)
+        small = block(compact(x, ids, grid), WindowLayout(coords, 8, 4 if shifted else 0))
+    assert torch.allclose(compact(full, ids, grid), small, atol=1e-5)
+
+
+def test_decoder_positions_follow_the_compaction_order():
+    model = create_method("umae_swin_pico_128")
+    us, ids, _ = model.draw_masks(4, "cpu")
+    latent_source = ids.float().unsqueeze(-1)  # token j carries the id of the patch it came from
+    masks = torch.full((4, us.shape[1] - ids.shape[1], 1), -1.0)
+    restore = model.decoder_restore_ids(us, ids)
+    placed = torch.gather(torch.cat([latent_source, masks], 1), 1, restore.unsqueeze(-1)).squeeze(-1)
+    kept = us == 0
+    assert torch.equal(placed[kept], torch.nonzero(kept)[:, 1].float())  # every kept position got its own token
+    model.decoder_pos_order = "reference"
+    placed_ref = torch.gather(torch.cat([latent_source, masks], 1), 1,
+                              model.decoder_restore_ids(us, ids).unsqueeze(-1)).squeeze(-1)
+    assert (placed_ref[kept] != torch.nonzero(kept)[:, 1].float()).any()  # the released code's mismatch
+
+
+@pytest.mark.parametrize("name", ["umae_swin_pico_128", "umae_pvt_pico_128", "umae_vit_pico_patch8"])
+def test_ummae_forward_loss_on_dropped_only_and_encoder_ignores_dropped_pixels(name):
+    torch.manual_seed(0)
+    model = create_method(name).eval()
+    s = model.img_size
+    x = torch.randn(2, 3, s, s)
+    torch.manual_seed(7)
+    us, ids, sm = model.draw_masks(2, "cpu")
+    lat = model.encode(x, ids, sm)
+    dropped_px = us.view(2, *model.grid).repeat_interleave(model.patch_size, 1).repeat_interleave(model.patch_size, 2)
+    x2 = x.masked_fill(dropped_px.bool().unsqueeze(1), 5.0)
+    assert torch.allclose(model.encode(x2, ids, sm), lat, atol=1e-5)
+    loss, out = model({"image": x})
+    assert torch.all(out["mask"].sum(1) == 0.75 * out["mask"].shape[1])
+    assert torch.all(out["secondary"].sum(1) == ids.shape[1] - int(ids.shape[1] * 0.75))
+    assert torch.all((out["mask"] * out["secondary"]) == 0)  # SM patches are input-masked, not in the loss
+
+
+def test_sizes_that_break_window_rules_name_valid_sizes():
+    with pytest.raises(ValueError, match=r"Valid sizes up to 512 px: \[32, 64, 128, 256, 512\]"):
+        timm.create_model("mimswin_tiny_patch4_window16_256", img_size=224)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        create_method("umae_swin_pico_128", img_size=32)
+    with pytest.raises(ValueError, match="Valid sizes"):
+        timm.create_model("mimpvt_small_256", img_size=200)
+    with pytest.raises(ValueError, match="only a plain ViT"):
+        create_method("umae_swin_pico_128", sampling="random")
