@@ -78,7 +78,12 @@ def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, wa
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
-    model = create_method(name, **kwargs).to(device)
+    try:
+        model = create_method(name, **kwargs).to(device)
+    except Exception:
+        if cpu:
+            meter.__exit__(None, None, None)
+        raise
     size = model.img_size
     opt = build_optimizer(model.param_groups(0.05), 1e-4, model.betas, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
@@ -118,7 +123,6 @@ def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, wa
               "device": str(device), "steps": steps, "step_time_s": elapsed / steps,
               "images_per_s": batch_size * steps / elapsed, "peak_memory_mb": peak / 2 ** 20, "memory_kind": mem_kind,
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    del model, opt, run, batch
     return result
 
 

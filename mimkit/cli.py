@@ -271,7 +271,7 @@ def _kv(text: str):
 
 
 def main(argv=None) -> int:
-    import mimkit  # noqa: F401  (compat shim + registries)
+    import mimkit  # noqa: F401  (compat shim + model registries)
     from mimkit.config import ConfigError
     from mimkit.data.sources import DataError
     from mimkit.engine.checkpoint import CheckpointError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import mimkit
 
@@ -47,5 +47,3 @@ def create_timm_from_export(path: str | Path, num_classes: int | None = None, **
         kwargs["num_classes"] = num_classes
     return timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
-
-__all__ = ["export_encoder", "create_timm_from_export", "load_file"]

@@ -149,3 +149,13 @@ def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
     result = json.loads((tmp_path / "ddp_result.json").read_text())
     assert result["world_size"] == 2 and result["identical"] and result["steps"] == 3
     assert result["effective_batch"] == 8
+
+
+@pytest.mark.parametrize("model", ["mae_vit_pico_patch8", "umae_swin_pico_128"])
+def test_bf16_autocast_training_is_finite(tiny_folder, tmp_path, model):
+    kw = {} if model.startswith("mae") else {"img_size": 128}
+    summary = pretrain(pico_config(tiny_folder, tmp_path, model=model, precision="bf16", cpu_autocast=True,
+                                   epochs=1, **kw))
+    assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
+    state = _final_state(tmp_path)
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # master weights stay fp32

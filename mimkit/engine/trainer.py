@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -110,10 +108,14 @@ class Trainer:
         if d.is_main:
             save_yaml(cfg.to_dict(), self.out / "config.yaml")
             info = self.model.describe()
+            effective = cfg.precision
+            if d.device.type == "cpu" and cfg.precision != "fp32":
+                effective = "bf16 autocast" if cfg.cpu_autocast else f"fp32 ({cfg.precision} autocast is GPU-only " \
+                                                                      "unless --cpu-autocast)"
             self.log.info("mimkit %s | %s | %.2fM encoder / %.2fM total params | %d images | %d step(s)/epoch | "
                           "effective batch %d | lr %.3g | %s on %s x%d | workers %d", mimkit.__version__,
                           cfg.model, info["encoder_params"] / 1e6, info["total_params"] / 1e6, len(self.dataset),
-                          self.steps_per_epoch, eff_batch, self.lr, cfg.precision, d.device.type, d.world_size,
+                          self.steps_per_epoch, eff_batch, self.lr, effective, d.device.type, d.world_size,
                           workers)
 
     def _resume(self):

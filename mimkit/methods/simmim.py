@@ -17,7 +17,7 @@ from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.vit import vit_masked_tokens
-from mimkit.patches import normalized_target, patchify, unpatchify
+from mimkit.patches import normalized_target, patchify
 
 
 class SimMIM(MIMMethod):
@@ -64,9 +64,6 @@ class SimMIM(MIMMethod):
         per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
         loss = (per_patch * mask).sum() / (mask.sum() + 1e-5)
         return loss, {"pred": pred, "mask": mask, "hidden": mask}
-
-    def reconstruction(self, pred: torch.Tensor) -> torch.Tensor:
-        return unpatchify(pred, self.patch_size, self.grid)
 
 
 register_preset("simmim_swin_pico_128", SimMIM, "CPU-sized SimMIM: Swin-Pico at 128 px, 32 px cells at 0.6",

@@ -10,17 +10,14 @@
 """
 from __future__ import annotations
 
-import math
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from mimkit.masking import compact
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (exactly, for 2x2 merges of UM-MAE)
 
