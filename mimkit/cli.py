@@ -59,6 +59,32 @@ def cmd_knn(args):
     return res
 
 
+def cmd_linprobe(args):
+    import torch
+
+    from mimkit.eval import linear_probe
+
+    model, img_size, mean, std = _load_model(args)
+    if args.img_size:
+        img_size = args.img_size
+    res = linear_probe(model, args.data, img_size, mean, std, epochs=args.epochs, batch_size=args.batch_size,
+                       blr=args.blr, warmup_epochs=args.warmup_epochs, cache=not args.no_cache, pool=args.pool,
+                       num_workers=args.num_workers, device=_device(args.device), seed=args.seed, progress=True)
+    head = res.pop("head")
+    res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(head, out / "linprobe_head.pt")
+        (out / "linprobe.json").write_text(json.dumps(res, indent=2))
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2))
+    else:
+        print(f"linear probe top-1 {res['top1']:.2f}% (best {res['best_top1']:.2f}% at epoch {res['best_epoch']}), "
+              f"top-5 {res['top5']:.2f}% ({res['n_train']} train / {res['n_val']} val, {res['classes']} classes)")
+    return res
+
+
 def cmd_export(args):
     from mimkit.export import export_encoder
     from mimkit.loading import load_pretrained
@@ -205,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("linprobe", help="linear probe on frozen features (BatchNorm + Linear, LARS; MAE protocol)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _eval_model_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--blr", type=float, default=0.1, help="lr = blr x batch / 256")
+    p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--no-cache", action="store_true",
+                   help="augment and re-encode every epoch instead of caching features once (slow on CPU)")
+    p.add_argument("--pool", choices=["avg", "cls"], default="avg")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="folder for linprobe.json and the head's weights")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_linprobe)
 
     p = sub.add_parser("export", help="write the encoder as safetensors with timm key names")
     p.add_argument("checkpoint", help="checkpoint file or run folder")

@@ -20,3 +20,14 @@ def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: floa
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
                              warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups with layer-wise lr decay (BEiT/MAE fine-tuning): the stem gets decay^(L+1), block i (counted
+    across stages for pyramids) decay^(L-i), the head 1. Uses the model's timm ``group_matcher``; the scale is in each
+    group's ``lr_scale``, which timm's schedulers apply. No weight decay on 1-D parameters, biases and
+    ``model.no_weight_decay()``."""
+    from timm.optim import param_groups_layer_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)

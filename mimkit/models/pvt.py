@@ -5,7 +5,7 @@ run-time choice, so the same weights serve full-resolution fine-tuning (ratios [
 input (ratios halved: [4, 2, 1, 1]). The reduction conv exists in every stage whose full-resolution ratio is > 1 and
 is applied in both modes (with pooling 1 where the halved ratio is 1), so it is trained during pretraining.
 A fixed sin-cos position embedding is added at the input of stage 1 only (UM-MAE, paper B.1); it is a parameter so
-that fine-tuning may learn it. Each stage ends with a LayerNorm (PVTv2 style) so every stage gives usable features.
+that fine-tuning may learn it. One LayerNorm follows the last stage (PVT v1); intermediate features are not normed.
 """
 from __future__ import annotations
 
@@ -70,7 +70,6 @@ class PVTStage(nn.Module):
         self.patch_embed.proj = nn.Conv2d(in_dim, dim, patch, patch)
         self.patch_embed.norm = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList([PVTBlock(dim, num_heads, mlp_ratio, sr_ratio, dp) for dp in drop_paths])
-        self.norm = nn.LayerNorm(dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H', W', dim)."""
@@ -82,7 +81,7 @@ class PVTStage(nn.Module):
             raise ValueError(f"a {x.shape[1]}x{x.shape[2]} map is not divisible by the spatial-reduction ratio {pool}")
         for blk in self.blocks:
             x = blk(x, pool)
-        return self.norm(x)
+        return x
 
 
 class PVT(nn.Module):
@@ -103,6 +102,7 @@ class PVT(nn.Module):
             self.stages.append(PVTStage(in_chans if i == 0 else embed_dims[i - 1], embed_dims[i], depths[i],
                                         num_heads[i], mlp_ratios[i], sr_ratios[i], patch_size if i == 0 else 2,
                                         dpr[start:start + depths[i]]))
+        self.norm = nn.LayerNorm(embed_dims[-1])
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(sincos_2d(embed_dims[0], (grid, grid)).unsqueeze(0))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
@@ -142,6 +142,15 @@ class PVT(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed"}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay: stage-1 embedding and position embedding first, then the blocks
+        counted across stages; a later stage's patch embedding belongs to its first block."""
+        return dict(stem=r"^stages\.0\.patch_embed|^pos_embed", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.patch_embed", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])
+
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C) position embedding, resampled bicubically when the grid differs from the trained one."""
         n = self.pos_embed.shape[1]
@@ -162,7 +171,8 @@ class PVT(nn.Module):
                 x = stage.embed(x.permute(0, 3, 1, 2))
             x = stage.run_blocks(x, compact)
             outs.append(x)
-        return (x, outs) if collect else x
+        x = self.norm(x)
+        return (x, outs[:-1] + [x]) if collect else x
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_stages(x + self.pos_embed_for(x.shape[1], x.shape[2]).to(x.dtype), compact=False)

@@ -1,0 +1,31 @@
+import torch
+from torchvision.models.detection import RetinaNet
+
+from mimkit.detection import anchor_generator, fpn_backbone
+from mimkit.export import export_encoder
+from mimkit.methods import create_method
+
+
+def test_retinanet_trains_on_an_exported_mimkit_encoder(tmp_path):
+    torch.manual_seed(0)
+    method = create_method("umae_swin_pico_128")
+    path = tmp_path / "swin.safetensors"
+    meta = export_encoder(method, path, head_classes=0)
+    backbone = fpn_backbone(meta["timm_model"], weights=path, out_channels=32)
+    w = "stages.1.blocks.0.attn.qkv.weight"
+    assert torch.equal(backbone.body.state_dict()["model." + w], method.encoder.state_dict()[w])  # weights really loaded
+    det = RetinaNet(backbone, num_classes=3, anchor_generator=anchor_generator(backbone), min_size=128,
+                    max_size=128)
+    images = [torch.rand(3, 128, 128) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 110.0], [5.0, 5.0, 40.0, 40.0]]),
+                "labels": torch.tensor([2, 0])}]
+    det.train()
+    losses = det(images, targets)
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total) and backbone.body.model.stages[1].blocks[0].attn.qkv.weight.grad is not None
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])

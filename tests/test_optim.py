@@ -1,0 +1,37 @@
+import pytest
+import timm
+
+from mimkit.engine.optim import layer_decay_param_groups
+
+
+def _scales(model, decay):
+    groups = layer_decay_param_groups(model, 0.05, decay)
+    by_param = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    return {name: by_param[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name,blocks", [("vit_pico_patch8_64", 4), ("mimswin_pico_patch4_window16_128", 4),
+                                         ("mimpvt_pico_128", 4)])
+def test_layer_decay_scales_per_block(name, blocks):
+    import mimkit  # noqa: F401
+
+    d = 0.5
+    model = timm.create_model(name, num_classes=3)
+    scales = _scales(model, d)
+    assert scales["head.weight"] == 1.0
+    stem = [v for k, v in scales.items() if k.startswith(("patch_embed", "cls_token", "stages.0.patch_embed"))]
+    assert stem and all(v == pytest.approx(d ** (blocks + 1)) for v in stem)
+    block_keys = {"vit_": "blocks.{i}.mlp.fc1.weight", "mims": "stages.{i}.blocks.0.mlp.fc1.weight",
+                  "mimp": "stages.{i}.blocks.0.mlp.fc1.weight"}[name[:4]]
+    for i in range(blocks):  # block i (of `blocks`, one per stage for the pyramids) gets d^(blocks - i)
+        assert scales[block_keys.format(i=i)] == pytest.approx(d ** (blocks - i)), i
+
+
+def test_no_weight_decay_on_norms_biases_and_position_embedding():
+    import mimkit  # noqa: F401
+
+    model = timm.create_model("mimpvt_pico_128", num_classes=3)
+    groups = layer_decay_param_groups(model, 0.05, 0.75)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in no_decay) == (p.ndim <= 1 or name == "pos_embed" or name.endswith(".bias")), name
