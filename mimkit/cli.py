@@ -43,6 +43,16 @@ def cmd_pretrain(args):
     print(json.dumps(summary, indent=2))
 
 
+def cmd_finetune(args):
+    from mimkit.config import config_from_args
+    from mimkit.eval.finetune import FinetuneConfig, finetune
+
+    cfg = config_from_args(args, FinetuneConfig)
+    if not cfg.data:
+        sys.exit("error: --data is required (an ImageFolder root with train/<class>/ and val/<class>/)")
+    print(json.dumps(finetune(cfg), indent=2))
+
+
 def cmd_knn(args):
     from mimkit.eval import knn_evaluate
 
@@ -219,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Multi-GPU / multi-node: torchrun --nproc-per-node N -m mimkit.cli pretrain ...")
     add_config_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    from mimkit.eval.finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="end-to-end classification fine-tuning (layer decay, RandAugment, mixup)",
+                       description="Fine-tune a pretrained encoder (--pretrained RUN|CKPT|EXPORT.safetensors) or a "
+                                   "random-init baseline (--random-init MODEL) on a labelled ImageFolder. Top-1/top-5 "
+                                   "on val after every epoch; best.pt and rotating checkpoints; --resume auto.")
+    add_config_arguments(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("knn", help="weighted cosine kNN top-1 on a labelled ImageFolder (train/ and val/)")
     _eval_model_args(p)

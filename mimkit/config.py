@@ -153,7 +153,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--recipe", default=None,
                         help="Recipe name (see `mimkit recipes`) or YAML file; flags given here override it.")
     groups: dict[str, argparse._ArgumentGroup] = {}
+    hidden = set(getattr(cls, "hidden_options", ()))
     for f in fields(cls):
+        if f.name in hidden:
+            continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"] + " options"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -182,7 +185,7 @@ def config_from_args(args: argparse.Namespace, cls):
     else:
         source = "config"
     for f in fields(cls):
-        given = getattr(args, f.name, None)
+        given = getattr(args, f.name, None)  # hidden options have no flag: None
         if given is None:
             continue
         if f.name == "model_args":

@@ -46,6 +46,9 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.stop_requested = False
+        self.extra_summary: dict = {}
+        self.last_checkpoint: Path | None = None
+        self.keep_after_save: list[str] = []
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def _setup(self):
@@ -61,17 +64,16 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        images = find_images(cfg.data)
+        images = self.training_images()
         if cfg.compute_mean_std:
             mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed)
             cfg.mean, cfg.std = list(mean), list(std)
             self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg).to(d.device)
+        self.model = self.build_model().to(d.device)
         cfg.img_size = self.model.img_size
-        self.dataset = ImageDataset(images, pretrain_transform(cfg.img_size, cfg.mean, cfg.std, cfg.crop_scale,
-                                                               hflip=cfg.hflip), cfg.min_image_size)
+        self.dataset = self.build_dataset(images)
         self.sampler = ResumableSampler(self.dataset, d.world_size, d.rank, cfg.seed)
         workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device, d.local_world_size)
         self.num_workers = workers
@@ -118,6 +120,22 @@ class Trainer:
                           self.steps_per_epoch, eff_batch, self.lr, effective, d.device.type, d.world_size,
                           workers)
 
+    # -- what a task provides (pretraining here; fine-tuning overrides these three) ------------------------------
+    def training_images(self):
+        return find_images(self.cfg.data)
+
+    def build_model(self):
+        return build_model(self.cfg)
+
+    def build_dataset(self, images):
+        cfg = self.cfg
+        return ImageDataset(images, pretrain_transform(cfg.img_size, cfg.mean, cfg.std, cfg.crop_scale,
+                                                       hflip=cfg.hflip), cfg.min_image_size)
+
+    def after_epoch(self, record) -> None:
+        """Called on every rank at the end of each epoch, before its checkpoint; ``record(dict)`` logs metrics and
+        names appended to ``self.keep_after_save`` (e.g. "best.pt") become permanent copies of that checkpoint."""
+
     def _resume(self):
         cfg = self.cfg
         found = None
@@ -136,6 +154,8 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.extra_summary.update(state.get("extra", {}))
+        self.last_checkpoint = path
         rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else None
         if rng is not None:
             ckpt.restore_rng(rng)
@@ -152,10 +172,11 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.fp16 else {}, "epoch": self.epoch, "step": self.step,
             "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "model_name": self.cfg.model,
-            "config": self.cfg.to_dict(), "mimkit_version": mimkit.__version__,
+            "config": self.cfg.to_dict(), "mimkit_version": mimkit.__version__, "extra": dict(self.extra_summary),
         }
         path = ckpt.checkpoint_path(self.out, self.step)
         ckpt.atomic_save(state, path)
+        self.last_checkpoint = path
         if self.cfg.keep_epochs_every and self.epoch % self.cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
             ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
         ckpt.rotate(self.out, self.cfg.keep_last)
@@ -269,8 +290,14 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 rec.log({"step": self.step, "epoch_done": self.epoch, "last_loss": last_loss}, self.step)
-                if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
+                self.keep_after_save = []
+                self.after_epoch(lambda values: rec.log({"step": self.step, "epoch_done": self.epoch, **values},
+                                                        self.step))
+                if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
                     self.save(f"epoch {self.epoch}")
+                    for name in self.keep_after_save:
+                        if d.is_main:
+                            ckpt.keep_copy(self.last_checkpoint, self.out / name)
         finally:
             self.train_model = self.model  # release the DDP wrapper while the process group still exists
             rec.close()
@@ -279,7 +306,7 @@ class Trainer:
         wall = time.time() - start_time
         summary = {"model": cfg.model, "steps": self.step, "epochs_done": self.epoch, "final_loss": last_loss,
                    "train_steps_this_run": self.step - start_step, "wall_time_s": round(wall, 1),
-                   "skipped_images": len(self.skipped), "output": str(self.out)}
+                   "skipped_images": len(self.skipped), "output": str(self.out), **self.extra_summary}
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log.info("done: %s", json.dumps(summary))

@@ -308,6 +308,9 @@ class SwinUM(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()

@@ -1,0 +1,219 @@
+"""End-to-end classification fine-tuning (DeiT/BEiT style, methods.md 1.6) on the shared trainer.
+
+The encoder comes from a mimkit pretraining checkpoint, a ``mimkit export`` safetensors file, or a registered model at
+random init (the baseline); it becomes a timm classifier (global average pooling, new head). Layer-wise lr decay,
+drop path, RandAugment, mixup / cutmix, label smoothing and random erasing are timm's implementations.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from timm.data import Mixup, create_transform
+from timm.layers import resample_abs_pos_embed
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
+
+from mimkit.config import PretrainConfig, opt
+from mimkit.data import ImageDataset, collate, eval_transform, labelled_splits
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.optim import layer_decay_param_groups
+from mimkit.engine.trainer import Trainer
+from mimkit.eval.knn import topk_accuracy
+
+
+def default_layer_decay(timm_name: str) -> float:
+    """Per-backbone defaults from the papers: MAE ViT-B 0.65, ViT-L/H 0.75, Swin-T / PVT-S 0.85 (UM-MAE),
+    Swin-B 0.8, Swin-L 0.7; 0.75 for mimkit's small CPU models."""
+    table = {"vit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85, "mimpvt_small": 0.85,
+             "mimswin_base": 0.8, "mimswin_large": 0.7}
+    return next((v for k, v in table.items() if timm_name.startswith(k)), 0.75)
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    hidden_options = ("mask_ratio", "norm_pix_loss", "model_args", "crop_scale", "hflip", "model")
+    pretrained: str = opt("", "Encoder to fine-tune: a mimkit pretraining checkpoint or run folder, or a "
+                              "`mimkit export` .safetensors file.", "model")
+    random_init: str = opt("", "Instead of --pretrained: a registered pretraining model (`mimkit models`) at "
+                               "random init (the baseline).", "model")
+    layer_decay: float | None = opt(None, "Layer-wise lr decay (default: the backbone's from the papers; 1 = off).",
+                                    "model")
+    drop_path: float = opt(0.1, "Stochastic depth rate.", "model")
+    smoothing: float = opt(0.1, "Label smoothing.", "augmentation")
+    mixup: float = opt(0.8, "Mixup alpha (0 = off).", "augmentation")
+    cutmix: float = opt(1.0, "CutMix alpha (0 = off).", "augmentation")
+    mixup_switch_prob: float = opt(0.5, "Probability of CutMix instead of Mixup when both are on.", "augmentation")
+    randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' = off).", "augmentation")
+    reprob: float = opt(0.25, "Random-erasing probability.", "augmentation")
+    model: str = opt("", "Set automatically from the encoder (finetune:<timm name>).", "model")
+    epochs: int = opt(100, "Fine-tuning epochs.")
+    blr: float = opt(5e-4, "Base learning rate: lr = blr x effective_batch / 256.")
+    min_lr: float = opt(1e-6, "Final learning rate of the cosine schedule.")
+    warmup_epochs: float = opt(5, "Linear warm-up epochs.")
+    output: str = opt("runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.",
+                      "output")
+
+
+def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0):
+    """(encoder state dict, timm model name, timm kwargs) from a checkpoint, an export, or a random-init model."""
+    if pretrained and str(pretrained).endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(pretrained), "pt") as fh:
+            meta = fh.metadata() or {}
+        if "timm_model" not in meta:
+            raise ckpt.CheckpointError(f"{pretrained}: no mimkit export metadata (timm_model)")
+        state = {k: v for k, v in load_file(str(pretrained)).items() if not k.startswith("head.")}
+        return state, meta["timm_model"], json.loads(meta["timm_kwargs"])
+    if pretrained:
+        from mimkit.loading import load_pretrained
+
+        model, _ = load_pretrained(pretrained)
+        return model.export_encoder()
+    if random_init:
+        from mimkit.loading import random_init as make
+
+        return make(random_init, seed=seed).export_encoder()
+    raise ValueError("give --pretrained (checkpoint, run folder or .safetensors) or --random-init MODEL")
+
+
+class ClassifierTask(nn.Module):
+    """A timm classifier as a trainer task: ``forward(batch) -> (loss, {"logits"})`` with mixup in training."""
+
+    lr_base_batch = 256
+    betas = (0.9, 0.999)
+    default_grad_clip = None
+
+    def __init__(self, net: nn.Module, timm_name: str, timm_kwargs: dict, img_size: int, layer_decay: float,
+                 mixup: Mixup | None, smoothing: float):
+        super().__init__()
+        self.net = net
+        self.timm_name, self.timm_kwargs, self.img_size = timm_name, timm_kwargs, img_size
+        self.layer_decay = layer_decay
+        self.mixup = mixup
+        if mixup is not None:
+            self.train_loss = SoftTargetCrossEntropy()
+        elif smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else set()
+        if self.layer_decay < 1.0:
+            return layer_decay_param_groups(self.net, weight_decay, self.layer_decay)
+        return param_groups_weight_decay(self.net, weight_decay, no_weight_decay_list=skip)
+
+    def forward(self, batch: dict):
+        images, labels = batch["image"], batch["label"]
+        if self.training:
+            if self.mixup is not None:
+                images, labels = self.mixup(images, labels)
+            logits = self.net(images)
+            return self.train_loss(logits, labels), {"logits": logits}
+        logits = self.net(images)
+        return nn.functional.cross_entropy(logits, labels), {"logits": logits}
+
+    def describe(self) -> dict:
+        n = sum(p.numel() for p in self.net.parameters())
+        return {"encoder_params": n, "total_params": n}
+
+
+def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: int | None,
+                     drop_path: float) -> tuple[nn.Module, int]:
+    kwargs = dict(timm_kwargs)
+    if img_size:
+        kwargs["img_size"] = img_size
+    if timm_name.startswith("vit_"):
+        kwargs.update(global_pool="avg", fc_norm=False)  # average of the final normed patch tokens
+    net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+    state = dict(state)
+    pos = getattr(net, "pos_embed", None)
+    if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
+        prefix = net.num_prefix_tokens if isinstance(net, VisionTransformer) else 0
+        grid = list(net.patch_embed.grid_size) if isinstance(net, VisionTransformer) else \
+            [int(round((pos.shape[1]) ** 0.5))] * 2
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, num_prefix_tokens=prefix)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ckpt.CheckpointError(f"encoder weights do not fit {timm_name}: missing {missing[:5]}, unexpected "
+                                   f"{unexpected[:5]}")
+    for p in net.parameters():
+        p.requires_grad_(True)  # e.g. the position embedding, fixed during pretraining, is learned now
+    with torch.no_grad():
+        nn.init.trunc_normal_(net.get_classifier().weight, std=2e-5)
+        nn.init.zeros_(net.get_classifier().bias)
+    return net, kwargs.get("img_size", timm_kwargs.get("img_size"))
+
+
+class FinetuneTrainer(Trainer):
+    cfg: FinetuneConfig
+
+    def training_images(self):
+        self.train_list, self.val_list = labelled_splits(self.cfg.data, seed=self.cfg.seed)
+        return self.train_list
+
+    def build_model(self):
+        cfg = self.cfg
+        state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed)
+        net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size,
+                                         cfg.drop_path)
+        cfg.model = f"finetune:{name}"
+        decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(name)
+        cfg.layer_decay = decay
+        mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            if cfg.batch_size % 2:
+                raise ValueError("mixup / cutmix need an even --batch-size")
+            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                          label_smoothing=cfg.smoothing, num_classes=len(self.train_list.classes))
+        return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
+
+    def build_dataset(self, images):
+        cfg = self.cfg
+        transform = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.randaug or None,
+                                     re_prob=cfg.reprob, re_mode="pixel", interpolation="bicubic",
+                                     mean=tuple(cfg.mean), std=tuple(cfg.std))
+        return ImageDataset(images, transform, cfg.min_image_size)
+
+    def after_epoch(self, record) -> None:
+        cfg = self.cfg
+        val = ImageDataset(self.val_list, eval_transform(cfg.img_size, cfg.mean, cfg.std), min_image_size=1)
+        loader = DataLoader(val, batch_size=max(64, cfg.batch_size), num_workers=self.num_workers, collate_fn=collate)
+        logits, labels = [], []
+        self.model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                logits.append(self.model.net(batch["image"].to(self.dist.device)).float().cpu())
+                labels.append(batch["label"])
+        self.model.train()
+        acc = topk_accuracy(torch.cat(logits), torch.cat(labels))
+        record({"val_top1": acc["top1"], "val_top5": acc["top5"]})
+        self.log.info("epoch %d: val top-1 %.2f%%, top-5 %.2f%%", self.epoch, acc["top1"], acc["top5"])
+        best = self.extra_summary.get("best_val_top1", -1.0)
+        self.extra_summary.update(val_top1=acc["top1"], val_top5=acc["top5"])
+        if acc["top1"] > best:  # every rank evaluates the same weights on the same images: the same decision
+            self.extra_summary.update(best_val_top1=acc["top1"], best_epoch=self.epoch)
+            self.keep_after_save.append("best.pt")
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    from mimkit.engine.distributed import cleanup
+
+    try:
+        return FinetuneTrainer(cfg).run()
+    finally:
+        cleanup()
