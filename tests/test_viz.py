@@ -1,3 +1,4 @@
+import pytest
 import torch
 from PIL import Image
 
@@ -29,3 +30,14 @@ def test_visible_stats_mode_uses_nothing_from_the_masked_area():
     assert torch.allclose(a[2], b[2], atol=1e-5)  # reconstruction unchanged
     c = reconstruction_panels(model, x2, MEAN, STD, stats="target", seed=5)
     assert not torch.allclose(a[2], c[2], atol=1e-3)  # the leaking mode does see the masked area
+
+
+@pytest.mark.parametrize("name", ["mae_vit_pico_patch8", "umae_swin_pico_128", "umae_pvt_pico_128",
+                                  "umae_vit_pico_patch8", "simmim_swin_pico_128", "simmim_vit_pico_patch8"])
+def test_figure_for_every_method(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_method(name)
+    s = model.img_size
+    path = save_reconstruction_figure(model, torch.randn(2, 3, s, s), MEAN, STD, tmp_path / f"{name}.png")
+    scale = max(1, 160 // s)
+    assert Image.open(path).size == (4 * (s * scale + 4) + 4, 18 + 2 * (s * scale + 4) + 4 + 30)

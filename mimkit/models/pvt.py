@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from mimkit.masking import compact
+from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -84,7 +85,7 @@ class PVTStage(nn.Module):
         return x
 
 
-class PVT(nn.Module):
+class PVT(PyramidEncoder):
     def __init__(self, img_size: int = 256, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
                  mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size: int = 4, drop_path_rate: float = 0.0,
@@ -108,17 +109,7 @@ class PVT(nn.Module):
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(embed_dims)]
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(self.init_weights)
 
     def _fits(self, img_size: int) -> bool:
         res = img_size // self.patch_size
@@ -177,9 +168,6 @@ class PVT(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_stages(x + self.pos_embed_for(x.shape[1], x.shape[2]).to(x.dtype), compact=False)
 
-    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.embed(img))
-
     def forward_compact(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """UM-MAE: compact stage-1 map (B, Hc, Wc, C) plus its compacted position embedding; ratios halved."""
         return self.run_stages(tokens + pos.to(tokens.dtype), compact=True)
@@ -195,25 +183,6 @@ class PVT(nn.Module):
         pos = compact(self.pos_embed_for(2 * hc, 2 * wc).expand(n, -1, -1, -1), ids, grid)
         return self.forward_compact(tokens, pos)
 
-    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        x = self.embed(img)
-        w = mask.unsqueeze(-1).to(x.dtype)
-        return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, img):
-        return self.forward_head(self.forward_features(img))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         take, _ = feature_take_indices(len(self.stages), indices)
@@ -224,9 +193,7 @@ class PVT(nn.Module):
 
 
 def _cfg(img_size: int) -> dict:
-    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="stages.0.patch_embed.proj",
-                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
-                crop_pct=0.9, license="apache-2.0")
+    return pyramid_cfg(img_size, "stages.0.patch_embed.proj")
 
 
 default_cfgs = generate_default_cfgs({

@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from mimkit.masking import compact
+from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 
 COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (exactly, for 2x2 merges of UM-MAE)
 
@@ -195,7 +196,7 @@ def valid_swin_sizes(window: int, num_stages: int, patch: int, compact: bool, li
     return sizes
 
 
-class SwinUM(nn.Module):
+class SwinUM(PyramidEncoder):
     """Hierarchical Swin encoder usable at full resolution and on UM-MAE's compact input."""
 
     def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -222,17 +223,7 @@ class SwinUM(nn.Module):
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
         self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
                              for i, d in enumerate(dims)]
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(self.init_weights)
 
     def check_size(self, img_size: int, compact: bool = False) -> None:
         res = img_size // self.patch_size
@@ -277,9 +268,6 @@ class SwinUM(nn.Module):
         coords = grid_coords(x.shape[1], x.shape[2], x.device)
         return self.norm(self.run_stages(x, coords, self.window_size, key_mask_map))
 
-    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.embed(img))  # (B, H/32, W/32, C)
-
     def forward_compact(self, tokens: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """UM-MAE: compact map (B, Hc, Wc, C) with true stage-1 coordinates (B, Hc, Wc, 2); windows halved."""
         return self.norm(self.run_stages(tokens, coords, self.window_size // 2))
@@ -295,26 +283,6 @@ class SwinUM(nn.Module):
         coords = compact(grid_coords(2 * hc, 2 * wc, tokens.device).expand(n, -1, -1, -1), ids, grid)
         return self.forward_compact(tokens, coords)
 
-    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-        """SimMIM: stage-1 tokens where ``mask`` (B, H, W) is 1 are replaced by ``mask_token`` (after the norm)."""
-        x = self.embed(img)
-        w = mask.unsqueeze(-1).to(x.dtype)
-        return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(img))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
     def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         take, _ = feature_take_indices(len(self.stages), indices)
@@ -327,9 +295,7 @@ class SwinUM(nn.Module):
 
 
 def _cfg(img_size: int) -> dict:
-    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
-                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic",
-                crop_pct=0.9, license="apache-2.0")
+    return pyramid_cfg(img_size, "patch_embed.proj")
 
 
 default_cfgs = generate_default_cfgs({

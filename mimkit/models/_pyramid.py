@@ -1,0 +1,53 @@
+"""What the pyramid encoders (Swin, PVT) share: timm's classifier API, initialization, SimMIM's masked forward."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def pyramid_cfg(img_size: int, first_conv: str) -> dict:
+    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv=first_conv, classifier="head",
+                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.9,
+                license="apache-2.0")
+
+
+class PyramidEncoder(nn.Module):
+    """Subclasses provide ``embed(img) -> (B, H, W, C)``, ``forward_tokens(tokens) -> final normed map`` and
+    set ``num_features`` and ``head``."""
+
+    num_features: int
+    head: nn.Module
+
+    @staticmethod
+    def init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(self.embed(img))  # (B, H/32, W/32, C)
+
+    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """SimMIM: stage-1 tokens where ``mask`` (B, H, W) is 1 are replaced by ``mask_token`` (after the patch
+        embedding and its norm, before any position embedding)."""
+        x = self.embed(img)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
