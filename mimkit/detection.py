@@ -39,6 +39,49 @@ def fpn_backbone(name: str, weights: str | None = None, out_channels: int = 256,
     return TimmFPNBackbone(body, out_channels)
 
 
+class _FeatureInfo:
+    def __init__(self, channels: list[int], reductions: list[int]):
+        self._c, self._r = channels, reductions
+
+    def channels(self) -> list[int]:
+        return list(self._c)
+
+    def reduction(self) -> list[int]:
+        return list(self._r)
+
+
+class ViTSimplePyramid(nn.Module):
+    """ViTDet's simple feature pyramid for a plain ViT: from the last stride-16 map, two transposed convs give
+    stride 4, one gives stride 8, identity gives 16 and max-pooling 32 (Li et al. 2022, "Exploring plain vision
+    transformer backbones"). Outputs NCHW maps like ``features_only``."""
+
+    def __init__(self, vit: nn.Module, channels: int = 256):
+        super().__init__()
+        self.vit = vit
+        dim = vit.embed_dim
+        if vit.patch_embed.patch_size[0] != 16:
+            raise ValueError("the simple pyramid expects a patch-16 ViT (stride 16)")
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.GroupNorm(1, dim // 2), nn.GELU(),
+                                 nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+        self.up8 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.feature_info = _FeatureInfo([dim // 4, dim // 2, dim, dim], [4, 8, 16, 32])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        h, w = x.shape[2] // 16, x.shape[3] // 16
+        m = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return [self.up4(m), self.up8(m), m, nn.functional.max_pool2d(m, 2)]
+
+
+def vit_pyramid_backbone(name: str, weights: str | None = None, out_channels: int = 256, img_size: int = 512,
+                         **kwargs) -> TimmFPNBackbone:
+    """An FPN backbone from an exported mimkit ViT (strides 8-32 + an extra level), via the simple pyramid."""
+    if weights:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), custom_load=False))
+    vit = timm.create_model(name, num_classes=0, img_size=img_size, dynamic_img_size=True, **kwargs)
+    return TimmFPNBackbone(ViTSimplePyramid(vit), out_channels)
+
+
 def anchor_generator(backbone: TimmFPNBackbone, base: float = 4.0):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
