@@ -121,3 +121,21 @@ def test_masking_ablation_runner(tiny_folder, tmp_path, capsys):
         assert name in table
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert len(rows) == 6 and all(r["steps"] == 3 and 0 <= r["knn_top1"] <= 100 for r in rows)
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_folder, tmp_path, capsys):
+    from conftest import pico_config
+    from mimkit.engine.checkpoint import list_checkpoints
+    from mimkit.engine.trainer import pretrain
+
+    pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1))
+    path = list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(path, weights_only=True)
+    state["config"]["model"] = "mae_vit_nano_patch8"  # claims another architecture than its weights
+    torch.save(state, tmp_path / "wrong.pt")
+    assert main(["export", str(tmp_path / "wrong.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "do not fit model 'mae_vit_nano_patch8'" in capsys.readouterr().err
+    # resuming into a run folder of another model is refused rather than loaded partially
+    assert main(["pretrain", "--data", str(tiny_folder), "--model", "umae_vit_pico_patch8", "--img-size", "32",
+                 "--batch-size", "4", "--output", str(tmp_path / "run"), "--no-progress", "--num-workers", "0"]) == 2
+    assert "checkpoint is for model 'mae_vit_pico_patch8'" in capsys.readouterr().err

@@ -149,7 +149,12 @@ class Trainer:
         if state.get("model_name") != cfg.model:
             raise ckpt.CheckpointError(f"{path}: checkpoint is for model '{state.get('model_name')}', this run "
                                        f"builds '{cfg.model}'. Use another --output or --resume none.")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ckpt.CheckpointError(f"{path}: its weights do not fit this run's '{cfg.model}' (were the model "
+                                       f"options changed?): {str(err).splitlines()[1].strip()} ... Use the same "
+                                       "options, another --output, or --resume none.") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
