@@ -1,7 +1,8 @@
 """mimkit: efficient masked-image-modeling pretraining for plain and hierarchical vision transformers."""
-from mimkit._compat import ensure_torchvision
+from mimkit._compat import ensure_torchvision, patch_timm_posterize
 
 ensure_torchvision()
+patch_timm_posterize()
 
 __version__ = "0.1.0"
 

@@ -6,6 +6,10 @@ registers a fake kernel for ``torchvision::nms`` without checking that the op ex
 timm fails too. When, and only when, that exact failure happens, we declare the two missing operator schemas, give
 ``nms`` a pure-PyTorch CPU kernel (so torchvision's detection models still work), and import torchvision again.
 Everything mimkit uses from torchvision (transforms, datasets, detection models) is pure Python.
+
+``patch_timm_posterize``: timm's RandAugment (``inc1`` with magnitude noise) can posterize to 0 bits at magnitude 10;
+Pillow >= 11 rejects 0 bits with a ValueError (older Pillow returned a black image). The patch gives timm's op the
+old result for 0 bits and leaves every other case to Pillow.
 """
 from __future__ import annotations
 
@@ -53,3 +57,23 @@ def ensure_torchvision() -> None:
     _LIB.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIB.impl("nms", _nms_reference, "CPU")
     import torchvision  # noqa: F401,F811
+
+
+def patch_timm_posterize() -> None:
+    import timm.data.auto_augment as aa
+    from PIL import Image
+
+    original = aa.posterize
+    if getattr(original, "_mimkit_safe", False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:  # Pillow < 11 semantics: no bit kept is a black image
+            return Image.new(img.mode, img.size, 0 if img.mode in ("L", "I", "F") else (0,) * len(img.getbands()))
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize._mimkit_safe = True
+    aa.posterize = posterize
+    for name, fn in list(aa.NAME_TO_OP.items()):
+        if fn is original:
+            aa.NAME_TO_OP[name] = posterize

@@ -17,7 +17,6 @@ def bars(rows, path: Path):
     w, h, left, bottom, top = 760, 360, 50, 90, 30
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
-    ymax = max(100.0, max(max(r["linprobe_top1"], r["finetune_top1"]) for r in rows))
     ymax = min(100.0, (int(max(max(r["linprobe_top1"], r["finetune_top1"]) for r in rows) / 10) + 1) * 10)
     d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
     for t in range(0, int(ymax) + 1, 10):

@@ -152,3 +152,29 @@ def test_pretrain_transform_output(tiny_folder):
     img = load_rgb(find_images(tiny_folder).paths[0])
     x = pretrain_transform(48)(img)
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+
+
+def test_a_failing_transform_is_skipped_and_reported(tiny_folder):
+    calls = {"n": 0}
+
+    def flaky(img):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("augmentation bug")
+        return pretrain_transform(16)(img)
+
+    ds = ImageDataset(find_images(tiny_folder), flaky)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 16, 16)
+    assert "transform failed: ValueError: augmentation bug" in sample["skipped"][0][1]
+
+
+def test_randaugment_posterize_zero_bits_is_a_black_image():
+    import timm.data.auto_augment as aa
+    from PIL import Image
+
+    import mimkit  # noqa: F401  (applies the patch)
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert aa.NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert aa.NAME_TO_OP["Posterize"](img, 4).getpixel((0, 0)) == (192, 96, 48)

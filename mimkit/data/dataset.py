@@ -38,8 +38,13 @@ class ImageDataset(Dataset):
             except BadImage as err:
                 skipped.append((path, str(err)))
                 continue
+            try:
+                image = self.transform(img)
+            except Exception as err:  # a rare augmentation failure must not end a long run; 64 in a row still do
+                skipped.append((path, f"transform failed: {type(err).__name__}: {err}"))
+                continue
             label = self.images.labels[i] if self.images.labels is not None else -1
-            return {"image": self.transform(img), "label": label, "index": i, "skipped": skipped}
+            return {"image": image, "label": label, "index": i, "skipped": skipped}
         raise DataError(f"{self.images.root}: {len(skipped)} images in a row could not be read "
                         f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?")
 
