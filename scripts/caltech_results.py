@@ -2,6 +2,9 @@
 fine-tuning of each encoder and of a random-init baseline. CPU-sized; run from the repo root:
 
     .venv/bin/python scripts/caltech_results.py --data ../shared/data/caltech101 --minutes 5 --out runs/results
+
+Run it on an otherwise idle machine: each method's epoch count is set from a short throughput probe so that its
+pretraining fills the same wall-clock budget, and a busy machine makes that probe (and the comparison) unfair.
 """
 from __future__ import annotations
 
