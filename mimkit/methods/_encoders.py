@@ -6,20 +6,21 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from mimkit.models.vit import create_vit_encoder
+from mimkit.models.vit import prepare_mae_vit
 
 
 def build_encoder(name: str, img_size: int, drop_path: float = 0.0, encoder_args: dict | None = None):
+    """(encoder, the kwargs that rebuild it with timm). A timm ViT gets MAE's fixed sin-cos positions and init; any
+    other encoder's position embedding, if it has one, is kept fixed during pretraining (UM-MAE, paper B.1)."""
     args = {"img_size": img_size, **(encoder_args or {})}
-    if name.startswith("vit_"):
-        encoder = create_vit_encoder(name, drop_path_rate=drop_path, **args)
-    else:
-        try:
-            encoder = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **args)
-        except RuntimeError as err:
-            raise ValueError(f"unknown encoder '{name}': {err}") from None
-        if isinstance(getattr(encoder, "pos_embed", None), torch.nn.Parameter):
-            encoder.pos_embed.requires_grad_(False)  # fixed sin-cos during pretraining (UM-MAE, paper B.1)
+    try:
+        encoder = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **args)
+    except RuntimeError as err:
+        raise ValueError(f"unknown encoder '{name}': {err}") from None
+    if isinstance(encoder, VisionTransformer):
+        prepare_mae_vit(encoder, name)
+    elif isinstance(getattr(encoder, "pos_embed", None), torch.nn.Parameter):
+        encoder.pos_embed.requires_grad_(False)
     return encoder, args
 
 

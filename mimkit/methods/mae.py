@@ -8,7 +8,8 @@ from mimkit.masking import gather_tokens, random_masking
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.models.vit import create_vit_encoder, mae_init_
+from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse, normalized_target, patchify
 
 
@@ -19,8 +20,9 @@ class MAE(MIMMethod):
         super().__init__()
         self.encoder_name = encoder
         self.img_size = img_size
-        self.encoder_args = {"img_size": img_size, **(encoder_args or {})}
-        self.encoder = create_vit_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        if not is_vit(self.encoder):
+            raise ValueError(f"encoder '{encoder}' is not a plain timm ViT with a class token; MAE needs one")
         self.patch_size = self.encoder.patch_embed.patch_size[0]
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.mask_ratio = mask_ratio
@@ -33,10 +35,7 @@ class MAE(MIMMethod):
         enc = self.encoder
         x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
         draw = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device)
-        x = gather_tokens(x, draw.ids_keep)
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        return enc.norm(enc.blocks(x)), draw
+        return vit_encode(enc, gather_tokens(x, draw.ids_keep)), draw
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         patches = patchify(imgs, self.patch_size)

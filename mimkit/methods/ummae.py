@@ -23,7 +23,7 @@ from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.models.vit import mae_init_
+from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse, normalized_target, patchify
 
 
@@ -84,12 +84,10 @@ class UMMAE(MIMMethod):
         """Encoder output as one token per kept patch, in the order of ``ids`` (plus a cls token for ViT)."""
         enc = self.encoder
         if self.vit:
-            pos = enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1)
-            x = gather_tokens(enc.patch_embed(imgs) + enc.pos_embed[:, 1:], ids)
+            pos = gather_tokens(enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1), ids)
+            x = gather_tokens(enc.patch_embed(imgs), ids)
             w = sm.unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + (self.vis_mask_token + gather_tokens(pos, ids)) * w
-            cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            return enc.norm(enc.blocks(torch.cat([cls, x], dim=1)))
+            return vit_encode(enc, x * (1 - w) + self.vis_mask_token * w + pos)
         tokens = enc.embed(imgs)  # (N, H1, W1, C): full image, then gathered
         kept = compact(tokens, ids, self.grid)
         k = kept.shape[1] // (self.grid[0] // 2)

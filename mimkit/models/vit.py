@@ -67,6 +67,11 @@ def create_vit_encoder(name: str, img_size: int, drop_path_rate: float = 0.0, **
                                     drop_path_rate=drop_path_rate, **kwargs)
     except RuntimeError as err:
         raise ValueError(f"unknown encoder '{name}': {err}") from None
+    return prepare_mae_vit(encoder, name)
+
+
+def prepare_mae_vit(encoder: nn.Module, name: str) -> VisionTransformer:
+    """Fixed sin-cos position embedding and MAE initialization for a timm ViT with a class token."""
     if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None or encoder.no_embed_class:
         raise ValueError(f"encoder '{name}' is not a plain timm ViT with a class token")
     grid = encoder.patch_embed.grid_size
@@ -80,6 +85,13 @@ def create_vit_encoder(name: str, img_size: int, drop_path_rate: float = 0.0, **
     return encoder
 
 
+def vit_encode(encoder: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens that already carry their position embedding (any subset, any order) -> prepend the class token
+    (with its position), run the blocks and the final norm: (N, 1 + K, C)."""
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    return encoder.norm(encoder.blocks(torch.cat([cls, tokens], dim=1)))
+
+
 def vit_masked_tokens(encoder: VisionTransformer, img: torch.Tensor, mask: torch.Tensor,
                       mask_token: torch.Tensor) -> torch.Tensor:
     """SimMIM on a ViT: patch tokens where ``mask`` (N, L) is 1 are replaced by ``mask_token`` before the position
@@ -87,8 +99,6 @@ def vit_masked_tokens(encoder: VisionTransformer, img: torch.Tensor, mask: torch
     x = encoder.patch_embed(img)
     w = mask.unsqueeze(-1).to(x.dtype)
     x = x * (1 - w) + mask_token.reshape(1, 1, -1).to(x.dtype) * w
-    x = x + encoder.pos_embed[:, 1:]
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = encoder.norm(encoder.blocks(torch.cat([cls, x], dim=1)))[:, 1:]
+    x = vit_encode(encoder, x + encoder.pos_embed[:, 1:])[:, 1:]
     h, w_ = encoder.patch_embed.grid_size
     return x.reshape(x.shape[0], h, w_, -1)
