@@ -8,22 +8,29 @@ from mimkit.data import ImageDataset, ImageList, collate, eval_transform
 
 
 @torch.no_grad()
-def extract_features(model, images: ImageList, img_size: int, mean, std, batch_size: int = 128,
-                     num_workers: int = 0, device="cpu", pool: str = "avg", progress: bool = False):
-    """(features (N, D) float32, labels (N,)) of center-cropped images through ``model.extract_features``."""
+def predict(fn, images: ImageList, img_size: int, mean, std, batch_size: int = 128, num_workers: int = 0,
+            device="cpu", autocast: bool = False, progress: bool = False, desc: str = "features"):
+    """(stacked float32 outputs of ``fn`` on center-cropped images, labels (N,))."""
     ds = ImageDataset(images, eval_transform(img_size, mean, std), min_image_size=1)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    model.eval().to(device)
-    feats, labels = [], []
     if progress:
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="features", leave=False)
+        loader = tqdm(loader, desc=desc, leave=False)
+    device_type = torch.device(device).type
+    outputs, labels = [], []
     for batch in loader:
-        imgs = batch["image"].to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=torch.device(device).type == "cuda"):
-            f = model.extract_features(imgs, pool=pool)
-        feats.append(f.float().cpu())
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(batch["image"].to(device))
+        outputs.append(out.float().cpu())
         labels.append(batch["label"])
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def extract_features(model, images: ImageList, img_size: int, mean, std, batch_size: int = 128,
+                     num_workers: int = 0, device="cpu", pool: str = "avg", progress: bool = False):
+    """(features (N, D) float32, labels (N,)) of center-cropped images through ``model.extract_features``
+    (bf16 autocast on GPUs)."""
+    model.eval().to(device)
+    return predict(lambda x: model.extract_features(x, pool=pool), images, img_size, mean, std, batch_size,
+                   num_workers, device, autocast=torch.device(device).type == "cuda", progress=progress)

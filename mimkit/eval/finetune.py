@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from timm.data import Mixup, create_transform
 from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -21,10 +19,11 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 
 from mimkit.config import PretrainConfig, opt
-from mimkit.data import ImageDataset, collate, eval_transform, labelled_splits
+from mimkit.data import ImageDataset, labelled_splits
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.optim import layer_decay_param_groups
 from mimkit.engine.trainer import Trainer
+from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
 
 
@@ -111,9 +110,9 @@ class ClassifierTask(nn.Module):
         return self.net
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else set()
         if self.layer_decay < 1.0:
             return layer_decay_param_groups(self.net, weight_decay, self.layer_decay)
+        skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else set()
         return param_groups_weight_decay(self.net, weight_decay, no_weight_decay_list=skip)
 
     def forward(self, batch: dict):
@@ -191,16 +190,11 @@ class FinetuneTrainer(Trainer):
 
     def after_epoch(self, record) -> None:
         cfg = self.cfg
-        val = ImageDataset(self.val_list, eval_transform(cfg.img_size, cfg.mean, cfg.std), min_image_size=1)
-        loader = DataLoader(val, batch_size=max(64, cfg.batch_size), num_workers=self.num_workers, collate_fn=collate)
-        logits, labels = [], []
         self.model.eval()
-        with torch.no_grad():
-            for batch in loader:
-                logits.append(self.model.net(batch["image"].to(self.dist.device)).float().cpu())
-                labels.append(batch["label"])
+        logits, labels = predict(self.model.net, self.val_list, cfg.img_size, cfg.mean, cfg.std,
+                                 max(64, cfg.batch_size), self.num_workers, self.dist.device)
         self.model.train()
-        acc = topk_accuracy(torch.cat(logits), torch.cat(labels))
+        acc = topk_accuracy(logits, labels)
         record({"val_top1": acc["top1"], "val_top5": acc["top5"]})
         self.log.info("epoch %d: val top-1 %.2f%%, top-5 %.2f%%", self.epoch, acc["top1"], acc["top5"])
         best = self.extra_summary.get("best_val_top1", -1.0)

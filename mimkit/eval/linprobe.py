@@ -6,8 +6,6 @@ flip, as MAE's linear probe) through the frozen encoder.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,6 +13,7 @@ from timm.optim import Lars
 
 from mimkit.data import ImageDataset, collate, labelled_splits
 from mimkit.data.transforms import pretrain_transform
+from mimkit.engine.optim import build_scheduler
 from mimkit.eval.features import extract_features
 from mimkit.eval.knn import topk_accuracy
 
@@ -29,12 +28,6 @@ class ProbeHead(nn.Module):
 
     def forward(self, x):
         return self.fc(self.bn(x))
-
-
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * step / max(1, warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def linear_probe(model, data: str, img_size: int, mean, std, epochs: int = 90, batch_size: int = 256,
@@ -60,8 +53,7 @@ def linear_probe(model, data: str, img_size: int, mean, std, epochs: int = 90, b
     head = ProbeHead(va_f.shape[1], len(train.classes)).to(device)
     lr = blr * batch_size / 256
     opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    total = epochs * len(loader)
-    warmup = warmup_epochs * len(loader)
+    scheduler = build_scheduler(opt, epochs * len(loader), warmup_epochs * len(loader), min_lr=0.0)
     step, history = 0, []
     for epoch in range(epochs):
         head.train()
@@ -72,8 +64,7 @@ def linear_probe(model, data: str, img_size: int, mean, std, epochs: int = 90, b
                 with torch.no_grad():
                     x = model.extract_features(batch["image"].to(device), pool=pool).float()
                 y = batch["label"]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, lr)
+            scheduler.step_update(step)
             loss = nn.functional.cross_entropy(head(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
