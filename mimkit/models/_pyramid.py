@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from timm.models._features import feature_take_indices
 
 
 def pyramid_cfg(img_size: int, first_conv: str) -> dict:
@@ -12,8 +13,8 @@ def pyramid_cfg(img_size: int, first_conv: str) -> dict:
 
 
 class PyramidEncoder(nn.Module):
-    """Subclasses provide ``embed(img) -> (B, H, W, C)``, ``forward_tokens(tokens) -> final normed map`` and
-    set ``num_features`` and ``head``."""
+    """Subclasses provide ``embed(img) -> (B, H, W, C)``, ``forward_tokens(tokens) -> final normed map``,
+    ``stage_outputs(img) -> (final normed map, [per-stage NHWC maps])`` and set ``num_features`` and ``head``."""
 
     num_features: int
     head: nn.Module
@@ -44,6 +45,14 @@ class PyramidEncoder(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's API behind ``features_only=True``: the selected stage maps as NCHW."""
+        take, _ = feature_take_indices(len(self.stages), indices)
+        last, outs = self.stage_outputs(x)
+        inter = [outs[i].permute(0, 3, 1, 2).contiguous() for i in take]
+        return inter if intermediates_only else (last, inter)
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -183,13 +182,9 @@ class PVT(PyramidEncoder):
         pos = compact(self.pos_embed_for(2 * hc, 2 * wc).expand(n, -1, -1, -1), ids, grid)
         return self.forward_compact(tokens, pos)
 
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        take, _ = feature_take_indices(len(self.stages), indices)
-        tokens = self.embed(x)
-        last, outs = self.run_stages(tokens + self.pos_embed_for(*tokens.shape[1:3]).to(tokens.dtype), False, True)
-        inter = [outs[i].permute(0, 3, 1, 2).contiguous() for i in take]
-        return inter if intermediates_only else (last, inter)
+    def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tokens = self.embed(img)
+        return self.run_stages(tokens + self.pos_embed_for(*tokens.shape[1:3]).to(tokens.dtype), False, True)
 
 
 def _cfg(img_size: int) -> dict:

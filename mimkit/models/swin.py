@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -180,22 +179,6 @@ def grid_coords(h: int, w: int, device=None) -> torch.Tensor:
     return torch.stack([r, c], -1).float().unsqueeze(0)  # (1, H, W, 2)
 
 
-def valid_swin_sizes(window: int, num_stages: int, patch: int, compact: bool, limit: int = 1024) -> list[int]:
-    sizes = []
-    for size in range(32, limit + 1, 32):
-        ok = size % patch == 0
-        res, win = size // patch, window
-        if compact:
-            res, win = res // 2, window // 2
-        for _ in range(num_stages):
-            if res > win and res % win:
-                ok = False
-            res //= 2
-        if ok:
-            sizes.append(size)
-    return sizes
-
-
 class SwinUM(PyramidEncoder):
     """Hierarchical Swin encoder usable at full resolution and on UM-MAE's compact input."""
 
@@ -225,17 +208,22 @@ class SwinUM(PyramidEncoder):
                              for i, d in enumerate(dims)]
         self.apply(self.init_weights)
 
-    def check_size(self, img_size: int, compact: bool = False) -> None:
-        res = img_size // self.patch_size
-        win = self.window_size // 2 if compact else self.window_size
+    def fits(self, img_size: int, compact: bool = False) -> bool:
+        """Every stage is one window or a whole number of windows (windows halved on the compact input)."""
+        if img_size % self.patch_size:
+            return False
+        res, win = img_size // self.patch_size, self.window_size
         if compact:
-            res //= 2
-        ok = img_size % self.patch_size == 0
+            res, win = res // 2, win // 2
         for _ in self.embed_dims:
-            ok = ok and not (res > win and res % win)
+            if res > win and res % win:
+                return False
             res //= 2
-        if not ok:
-            sizes = valid_swin_sizes(self.window_size, len(self.embed_dims), self.patch_size, compact, 512)
+        return True
+
+    def check_size(self, img_size: int, compact: bool = False) -> None:
+        if not self.fits(img_size, compact):
+            sizes = [size for size in range(32, 513, 32) if self.fits(size, compact)]
             mode = "UM-MAE's compact input (window halved)" if compact else "full resolution"
             raise ValueError(f"image size {img_size} px does not fit window {self.window_size} of this Swin at "
                              f"{mode}: every stage must be one window or a whole number of windows. Valid sizes "
@@ -283,15 +271,10 @@ class SwinUM(PyramidEncoder):
         coords = compact(grid_coords(2 * hc, 2 * wc, tokens.device).expand(n, -1, -1, -1), ids, grid)
         return self.forward_compact(tokens, coords)
 
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
-        take, _ = feature_take_indices(len(self.stages), indices)
-        coords = grid_coords(x.shape[2] // self.patch_size, x.shape[3] // self.patch_size, x.device)
-        last, outs = self.run_stages(self.embed(x), coords, self.window_size, collect=True)
-        inter = [outs[i].permute(0, 3, 1, 2).contiguous() for i in take]
-        if intermediates_only:
-            return inter
-        return self.norm(last), inter
+    def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        coords = grid_coords(img.shape[2] // self.patch_size, img.shape[3] // self.patch_size, img.device)
+        last, outs = self.run_stages(self.embed(img), coords, self.window_size, collect=True)
+        return self.norm(last), outs
 
 
 def _cfg(img_size: int) -> dict:
