@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from mimkit.config import PretrainConfig, config_from_dict
-from mimkit.engine.checkpoint import CheckpointError, load_checkpoint
+from mimkit.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from mimkit.methods import MIMMethod
 
 
@@ -26,11 +26,7 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (expected keys 'model' and 'config')")
     cfg = config_from_dict(PretrainConfig, dict(state["config"]), f"{path} config")
     model = build_model(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{path}: weights do not fit model '{cfg.model}': {str(err).splitlines()[1].strip()}"
-                              " ...") from None
+    missing, unexpected = load_weights(model, state["model"], path, cfg.model, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit model '{cfg.model}' (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); was it written by another mimkit version?")

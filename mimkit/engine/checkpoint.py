@@ -58,6 +58,16 @@ def load_checkpoint(path: Path) -> dict:
                               "If a run was killed while saving, use the previous checkpoint.") from None
 
 
+def load_weights(model, weights: dict, path: Path, model_name: str, hint: str = "", strict: bool = True):
+    """``model.load_state_dict`` whose shape or key errors name the checkpoint, the model and the fix."""
+    try:
+        return model.load_state_dict(weights, strict=strict)
+    except RuntimeError as err:
+        lines = str(err).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: weights do not fit model '{model_name}': {detail} ...{hint}") from None
+
+
 def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
     """Newest readable checkpoint in ``folder`` (an unreadable newest one is reported and skipped)."""
     for path in reversed(list_checkpoints(folder)):

@@ -149,12 +149,8 @@ class Trainer:
         if state.get("model_name") != cfg.model:
             raise ckpt.CheckpointError(f"{path}: checkpoint is for model '{state.get('model_name')}', this run "
                                        f"builds '{cfg.model}'. Use another --output or --resume none.")
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ckpt.CheckpointError(f"{path}: its weights do not fit this run's '{cfg.model}' (were the model "
-                                       f"options changed?): {str(err).splitlines()[1].strip()} ... Use the same "
-                                       "options, another --output, or --resume none.") from None
+        ckpt.load_weights(self.model, state["model"], path, cfg.model, hint=" Were the model options changed? Use "
+                          "the same options, another --output, or --resume none.")
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -300,8 +296,8 @@ class Trainer:
                                                         self.step))
                 if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
                     self.save(f"epoch {self.epoch}")
-                    for name in self.keep_after_save:
-                        if d.is_main:
+                    if d.is_main:
+                        for name in self.keep_after_save:
                             ckpt.keep_copy(self.last_checkpoint, self.out / name)
         finally:
             self.train_model = self.model  # release the DDP wrapper while the process group still exists
