@@ -132,14 +132,15 @@ def bench(models: list[str], batch_size: int, img_sizes: list[int | None], steps
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     results = []
-    for size in img_sizes:
-        for name in models:
-            results.append(bench_model(name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast,
-                                       **(model_args or {})))
-    first = results[0]
-    for r in results:
-        r["speed_vs_first"] = r["images_per_s"] / first["images_per_s"]
-        r["memory_vs_first"] = r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0 else None
+    for size in img_sizes:  # ratios against the first model of the same requested resolution
+        group = [bench_model(name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast,
+                             **(model_args or {})) for name in models]
+        first = group[0]
+        for r in group:
+            r["speed_vs_first"] = r["images_per_s"] / first["images_per_s"]
+            r["memory_vs_first"] = (r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0
+                                    else None)
+        results += group
     return results
 
 
@@ -153,5 +154,5 @@ def format_table(results: list[dict]) -> str:
                      f"{mem_x:>7s}")
     r0 = results[0]
     lines.append(f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
-                 f"the first row (speed x > 1: faster; mem x < 1: less memory)")
+                 f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory)")
     return "\n".join(lines)

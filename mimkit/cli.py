@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time training steps of models side by side on synthetic batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="registered model names; ratios are vs the first")
+    p.add_argument("--models", nargs="+", required=True, help="registered model names; ratios are vs the first "
+                   "(at each --img-size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, nargs="+", help="one or more resolutions (default: each model's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")

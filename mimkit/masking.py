@@ -129,3 +129,31 @@ def random_sampling(batch_size: int, grid: tuple[int, int], device=None,
     """MAE's random sampling with exactly a quarter of the patches kept (UM-MAE Table 1's RS at equal input)."""
     length = grid[0] * grid[1]
     return masking_from_noise(torch.rand(batch_size, length, device=device, generator=generator), length // 4).mask
+
+
+# -- LoMaR: local windows (methods.md 5.2) ------------------------------------------------------------------------
+
+def window_offsets(batch_size: int, grid: tuple[int, int], window: int, num_windows: int, device=None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-left patch offsets (rows, cols), each (N, num_windows), of square windows inside the grid.
+
+    As in LoMaR's sampler, the row offsets are the first ``num_windows`` of a random permutation of the valid rows and
+    the column offsets likewise, paired in order: distinct rows and distinct columns. When there are fewer valid
+    offsets than windows, the permutation is reused cyclically (windows then repeat rows or columns)."""
+    out = []
+    for size in grid:
+        positions = size - window + 1
+        if positions < 1:
+            raise ValueError(f"a {window}-patch window does not fit a grid of {grid[0]}x{grid[1]} patches")
+        perm = torch.rand(batch_size, positions, device=device, generator=generator).argsort(dim=1)
+        take = torch.arange(num_windows, device=device) % positions
+        out.append(perm[:, take])
+    return out[0], out[1]
+
+
+def window_patch_ids(rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Raster patch indices (N, num_windows, window**2) of windows with top-left (rows, cols), window raster order."""
+    d = torch.arange(window, device=rows.device)
+    r = rows.unsqueeze(-1).unsqueeze(-1) + d.view(1, 1, -1, 1)
+    c = cols.unsqueeze(-1).unsqueeze(-1) + d.view(1, 1, 1, -1)
+    return (r * grid[1] + c).flatten(2)

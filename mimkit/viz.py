@@ -9,7 +9,11 @@ from PIL import Image, ImageDraw
 from mimkit.patches import patchify, unpatchify
 
 HIDDEN_GRAY = 0.5
-SECONDARY_TINT = (0.25, 0.35, 0.75)  # UM-MAE's secondary-masked patches (a learnable token was shown instead)
+SECONDARY_TINT = (0.25, 0.35, 0.75)  # masked patches for which the encoder saw a learned mask token instead
+
+LEGEND = {"secondary": "blue = masked, a learned token shown",
+          "outside": "gray in the reconstruction = outside every window",
+          "encoder_input": "masked area filled with the partner image"}
 
 
 def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
@@ -73,14 +77,20 @@ def _reconstruct(model, images, mean, std, stats, seed):
         sec_px = to_px(out["secondary"])
         tint = torch.tensor(SECONDARY_TINT, device=images.device).view(1, 3, 1, 1)
         seen = seen * (1 - sec_px) + tint * sec_px
+    if "encoder_input" in out:  # e.g. MixMAE: the encoder saw another image in the masked area
+        seen = to01(out["encoder_input"].float())
     recon = to01(unpatchify(pred, p, grid))
     pasted = original * (1 - hidden_px) + recon * hidden_px
-    return (original, seen, recon, pasted), "secondary" in out
+    if "outside" in out:  # e.g. LoMaR: patches outside every window are neither seen nor predicted
+        out_px = to_px(out["outside"])
+        recon = recon * (1 - out_px) + HIDDEN_GRAY * out_px
+        pasted = pasted * (1 - out_px) + HIDDEN_GRAY * out_px
+    return (original, seen, recon, pasted), [k for k in LEGEND if k in out]
 
 
 def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target",
                                title: str = "", seed: int = 0) -> Path:
-    panels, has_secondary = _reconstruct(model, images, mean, std, stats, seed)
+    panels, keys = _reconstruct(model, images, mean, std, stats, seed)
     n, _, h, w = images.shape
     scale = max(1, 160 // max(h, w))
     cell_w, cell_h = w * scale, h * scale
@@ -97,7 +107,7 @@ def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str
         for c, panel in enumerate(panels):
             canvas.paste(_to_pil(panel[r], scale), (pad + c * (cell_w + pad), header + r * (cell_h + pad)))
     y = header + n * (cell_h + pad)
-    legend = "gray = dropped" + (", blue = secondary-masked (token shown)" if has_secondary else "")
+    legend = ", ".join(["gray = dropped"] + [LEGEND[k] for k in keys])
     draw.text((pad, y + 2), (title + " | " if title else "") + legend, fill="black")
     draw.text((pad, y + 15), norm_note, fill="black")
     path = Path(path)

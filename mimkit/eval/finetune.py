@@ -25,12 +25,13 @@ from mimkit.engine.optim import layer_decay_param_groups
 from mimkit.engine.trainer import Trainer
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
+from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 
 
 def default_layer_decay(timm_name: str) -> float:
     """Per-backbone defaults from the papers: MAE ViT-B 0.65, ViT-L/H 0.75, Swin-T / PVT-S 0.85 (UM-MAE),
-    Swin-B 0.8, Swin-L 0.7; 0.75 for mimkit's small CPU models."""
-    table = {"vit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85, "mimpvt_small": 0.85,
+    Swin-B 0.8, Swin-L 0.7, LoMaR ViT-B 0.65; 0.75 for mimkit's small CPU models."""
+    table = {"vit_base": 0.65, "rpbvit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85, "mimpvt_small": 0.85,
              "mimswin_base": 0.8, "mimswin_large": 0.7}
     return next((v for k, v in table.items() if timm_name.startswith(k)), 0.75)
 
@@ -145,6 +146,10 @@ def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes
         grid = list(net.patch_embed.grid_size) if isinstance(net, VisionTransformer) else \
             [int(round((pos.shape[1]) ** 0.5))] * 2
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, num_prefix_tokens=prefix)
+    own = net.state_dict()
+    for k, v in state.items():  # relative position tables of another window size (e.g. LoMaR at a new resolution)
+        if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
+            state[k] = expand_rel_pos_table(v, table_window(own[k]))
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:

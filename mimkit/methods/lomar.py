@@ -1,0 +1,201 @@
+"""LoMaR (Chen et al. 2022): masked reconstruction inside small local windows (methods.md section 5).
+
+Per image, ``num_windows`` windows of ``window_size`` x ``window_size`` patches; inside each window ``mask_ratio`` of
+the patches are replaced by a learned mask token; every window is one short sequence (class token + K*K tokens) through
+a ViT with a relative position bias in every block and no absolute position embedding; a LayerNorm + Linear head
+predicts the pixels of every token; normalized-pixel MSE on the masked ones. Everything outside the windows is
+discarded, so the encoder's cost per image does not grow with the resolution.
+
+Window sampling (``window_sampling``):
+- ``image`` (default, as the paper describes): every image draws its own windows; row offsets of one image's windows
+  are distinct, and so are column offsets (a random permutation of each, paired), as in the released sampler.
+- ``batch``: one draw of window offsets for the whole batch, every image gets the same windows.
+- ``reference``: the released code's effective behaviour: one draw per batch, and image i gets window (i mod K),
+  K times over, each copy with its own in-window mask (methods.md 5.2).
+"""
+from __future__ import annotations
+
+import warnings
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
+from mimkit.methods.base import MIMMethod
+from mimkit.methods.registry import register_preset
+from mimkit.models import rpb_vit
+from mimkit.models.vit import mae_init_
+from mimkit.patches import masked_mse, normalized_target, patchify
+
+WINDOW_SAMPLING = ("image", "batch", "reference")
+
+
+class LoMaR(MIMMethod):
+    def __init__(self, encoder: str = "rpbvit_base_patch16_224", img_size: int = 224, window_size: int = 7,
+                 num_windows: int = 4, mask_ratio: float = 0.8, window_sampling: str = "image",
+                 norm_pix_loss: bool = True, drop_path: float = 0.0, encoder_args: dict | None = None):
+        super().__init__()
+        if window_sampling not in WINDOW_SAMPLING:
+            raise ValueError(f"window_sampling must be one of {', '.join(WINDOW_SAMPLING)}, got '{window_sampling}'")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.encoder_name = encoder
+        self.img_size = img_size
+        self.encoder_args = {"img_size": img_size, **(encoder_args or {})}
+        try:
+            enc = timm.create_model(encoder, pretrained=False, num_classes=0, drop_path_rate=drop_path,
+                                    **self.encoder_args)
+        except RuntimeError as err:
+            raise ValueError(f"unknown encoder '{encoder}': {err}") from None
+        if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
+            raise ValueError(f"encoder '{encoder}' has no per-block relative position bias; LoMaR needs one of the "
+                             f"rpbvit_* models (`mimkit models`)")
+        self.patch_size = enc.patch_embed.patch_size[0]
+        self.grid = tuple(enc.patch_embed.grid_size)
+        if window_size > min(self.grid):
+            raise ValueError(f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
+                             f"{img_size} px images; use window_size <= {min(self.grid)} or a larger --img-size")
+        # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets (they are
+        # all zeros at init, so timm's resampling of them is silent here)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enc.set_input_size(img_size=(window_size * self.patch_size,) * 2)
+        self.encoder = enc
+        self.window_size = window_size
+        self.num_windows = num_windows
+        self.n_mask = round(mask_ratio * window_size ** 2)
+        if not 0 < self.n_mask < window_size ** 2:
+            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible or no masked patch in a {window_size}x"
+                             f"{window_size} window")
+        self.mask_ratio = mask_ratio
+        self.window_sampling = window_sampling
+        self.norm_pix_loss = norm_pix_loss
+        dim = enc.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pred_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, self.patch_size ** 2 * 3)
+        mae_init_(self)
+        w = enc.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(enc.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        # mask tokens are identical and carry no absolute position: only the relative bias tells them apart, so
+        # the tables start from small random values (Swin's init) rather than timm BEiT's zeros (docs/design.md)
+        for blk in enc.blocks:
+            nn.init.trunc_normal_(blk.attn.relative_position_bias_table, std=0.02)
+        self._full = None  # whole-image copy of the encoder for features, built on demand
+
+    # -- windows ------------------------------------------------------------------------------------------------
+    def draw_windows(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raster patch indices (N, num_windows, K*K) of every image's windows, each window in raster order."""
+        k, nw = self.window_size, self.num_windows
+        if self.window_sampling == "image":
+            rows, cols = window_offsets(batch_size, self.grid, k, nw, device, generator)
+        else:
+            rows, cols = window_offsets(1, self.grid, k, nw, device, generator)
+            rows, cols = rows.expand(batch_size, -1), cols.expand(batch_size, -1)
+            if self.window_sampling == "reference":
+                pick = (torch.arange(batch_size, device=device) % nw).view(-1, 1).expand(-1, nw)
+                rows, cols = rows.gather(1, pick), cols.gather(1, pick)
+        return window_patch_ids(rows, cols, self.grid, k)
+
+    def draw_masks(self, num_sequences: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(S, K*K) in-window masks, 1 = replaced by the mask token; exactly ``round(ratio * K*K)`` per window."""
+        noise = torch.rand(num_sequences, self.window_size ** 2, device=device, generator=generator)
+        ranks = noise.argsort(dim=1).argsort(dim=1)
+        return (ranks < self.n_mask).float()
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    def embed_windows(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings of the windows only: (N * num_windows, K*K, C). The patch-embedding convolution is a
+        linear map of each patch's pixels, so the pixels outside the windows are never touched."""
+        n, c, h, w = imgs.shape
+        p = self.patch_size
+        pix = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
+        pix = gather_tokens(pix, ids.flatten(1)).view(-1, ids.shape[-1], c * p * p)
+        proj = self.encoder.patch_embed.proj
+        return self.encoder.patch_embed.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
+
+    def encode_windows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Window token sequences with masked tokens replaced -> predictions for every window token (S, K*K, p*p*3)."""
+        enc = self.encoder
+        w = mask.unsqueeze(-1).to(tokens.dtype)
+        x = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = enc.pos_drop(x)
+        for blk in enc.blocks:
+            x = blk(x)
+        return self.pred(self.pred_norm(x[:, 1:]))
+
+    def forward(self, batch: dict):
+        imgs = batch["image"]
+        n = imgs.shape[0]
+        ids = self.draw_windows(n, imgs.device)                    # (N, W, K*K)
+        mask = self.draw_masks(n * self.num_windows, imgs.device)  # (N*W, K*K)
+        pred = self.encode_windows(self.embed_windows(imgs, ids), mask)
+        target = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:
+            target = normalized_target(target)
+        target = gather_tokens(target, ids.flatten(1)).view_as(pred)
+        loss = masked_mse(pred, target, mask)
+        return loss, self.image_outputs(pred, mask, ids)
+
+    def image_outputs(self, pred: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> dict:
+        """Window outputs scattered onto the image's patch grid (where windows overlap, the later window wins):
+        ``pred``, ``mask`` (in the loss), ``secondary`` (mask token shown), ``hidden`` (not seen by the encoder) and
+        ``outside`` (in no window: neither seen nor predicted)."""
+        n = ids.shape[0]
+        length = self.grid[0] * self.grid[1]
+        flat = ids.reshape(n, -1)
+        full = pred.new_zeros(n, length, pred.shape[-1]).scatter(
+            1, flat.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred.reshape(n, -1, pred.shape[-1]))
+        masked = mask.new_zeros(n, length).scatter(1, flat, mask.reshape(n, -1))
+        inside = mask.new_zeros(n, length).scatter(1, flat, torch.ones_like(flat, dtype=mask.dtype))
+        return {"pred": full, "mask": masked, "secondary": masked, "hidden": 1 - inside + masked,
+                "outside": 1 - inside, "window_ids": ids}
+
+    # -- features and export: the whole image, global attention ---------------------------------------------------
+    def full_image_state(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights for whole images of ``img_size``: bias tables widened by clipping offsets."""
+        state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        grid = max(self.grid)
+        for k, v in state.items():
+            if k.endswith("relative_position_bias_table"):
+                state[k] = rpb_vit.expand_rel_pos_table(v, grid)
+        return state
+
+    def export_encoder(self):
+        return self.full_image_state(), self.encoder_name, dict(self.encoder_args)
+
+    def full_encoder(self) -> nn.Module:
+        """A whole-image copy of the encoder with the current weights (kept outside the module tree, refreshed when
+        the weights changed)."""
+        version = sum(p._version for p in self.encoder.parameters())
+        key = (version, self.encoder.patch_embed.proj.weight.device, self.encoder.patch_embed.proj.weight.dtype)
+        if self._full is None or self._full[0] != key:
+            full = self._full[1] if self._full is not None else timm.create_model(
+                self.encoder_name, pretrained=False, num_classes=0, **self.encoder_args)
+            full.load_state_dict(self.full_image_state())
+            full.to(device=key[1], dtype=key[2]).eval()
+            self._full = (key, full)
+        return self._full[1]
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        enc = self.full_encoder()
+        out = enc.forward_features(images)
+        return out[:, 0] if pool == "cls" else enc.forward_head(out, pre_logits=True)
+
+
+register_preset("lomar_vit_pico_patch8", LoMaR, "CPU-sized LoMaR: relative-position ViT-Pico/8 at 64 px, 4 windows "
+                "of 4x4 patches", encoder="rpbvit_pico_patch8_64", img_size=64, window_size=4)
+register_preset("lomar_vit_nano_patch8", LoMaR, "small-image LoMaR: relative-position ViT-Nano/8, 4 windows of 5x5 "
+                "patches (8x8 grid at 64 px)", encoder="rpbvit_nano_patch8_96", img_size=96, window_size=5)
+register_preset("lomar_vit_small_patch16", LoMaR, "LoMaR ViT-S/16, 4 windows of 7x7 patches",
+                encoder="rpbvit_small_patch16_224")
+register_preset("lomar_vit_base_patch16", LoMaR, "LoMaR ViT-B/16, 4 windows of 7x7 patches, 80 % masked (the "
+                "paper's base)", encoder="rpbvit_base_patch16_224")
+register_preset("lomar_vit_large_patch16", LoMaR, "LoMaR ViT-L/16, 4 windows of 7x7 patches",
+                encoder="rpbvit_large_patch16_224")
