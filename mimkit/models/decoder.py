@@ -40,6 +40,10 @@ class TransformerDecoder(nn.Module):
         visible = x[:, prefix:]
         masks = self.mask_token.expand(n, length - visible.shape[1], -1).to(visible.dtype)
         x_ = gather_tokens(torch.cat([visible, masks], dim=1), ids_restore)
-        x = torch.cat([x[:, :prefix], x_], dim=1) + self.pos_embed.to(x.dtype)
-        x = self.norm(self.blocks(x))
+        return self.decode(torch.cat([x[:, :prefix], x_], dim=1))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens at every position (N, [1 +] L, dim), mask tokens already in place -> predictions."""
+        prefix = 1 if self.has_cls else 0
+        x = self.norm(self.blocks(x + self.pos_embed.to(x.dtype)))
         return self.pred(x[:, prefix:])
