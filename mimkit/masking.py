@@ -157,3 +157,55 @@ def window_patch_ids(rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, in
     r = rows.unsqueeze(-1).unsqueeze(-1) + d.view(1, 1, -1, 1)
     c = cols.unsqueeze(-1).unsqueeze(-1) + d.view(1, 1, 1, -1)
     return (r * grid[1] + c).flatten(2)
+
+
+# -- CoMA: complementary masks (docs/coma.md section 3) -----------------------------------------------------------
+
+def num_masked(num_units: int, ratio: float) -> int:
+    """Units masked at ``ratio``: L - int(L * (1 - ratio)), MAE's count."""
+    return num_units - num_visible(num_units, ratio)
+
+
+def complementary_pair(batch_size: int, num_units: int, ratio: float, device=None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair`` mode: per sample a random set of ``num_masked`` units; view A masks it, view B masks the rest.
+    Returns (mask_a, mask_b), each (N, L), 1 = masked; mask_a + mask_b = 1 everywhere."""
+    noise = torch.rand(batch_size, num_units, device=device, generator=generator)
+    mask_a = masking_from_noise(noise, num_units - num_masked(num_units, ratio)).mask
+    return mask_a, 1 - mask_a
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors (no overflow: every product stays below 2**63)."""
+    mask = 0xFFFFFFFF
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    return x ^ (x >> 16)
+
+
+def sample_permutations(indices: torch.Tensor, num_units: int, seed: int) -> torch.Tensor:
+    """A fixed pseudo-random permutation of the units for every sample index (N,) -> (N, L): a pure function of
+    (seed, index), identical on every call, process and device."""
+    idx = indices.long().view(-1, 1) & 0xFFFFFFFF
+    units = torch.arange(num_units, device=indices.device).view(1, -1)
+    key = _hash32(_hash32(idx * 2654435761 % 2 ** 32 ^ (seed & 0xFFFFFFFF)) ^ units)
+    return torch.argsort(key * num_units + units, dim=1)
+
+
+def cycle_mask(indices: torch.Tensor, visits: torch.Tensor | int, num_units: int, ratio: float,
+               seed: int = 0) -> torch.Tensor:
+    """``cycle`` mode: visit k of sample i masks positions [k*m, k*m + m) (cyclically) of sample i's fixed unit
+    permutation, m = num_masked. Consecutive visits mask what was visible before, and over N/gcd(N, m) visits every
+    unit is masked exactly m/gcd(N, m) times: frequency m/N. Returns (N, L), 1 = masked."""
+    m = num_masked(num_units, ratio)
+    perm = sample_permutations(indices, num_units, seed)
+    visits = torch.as_tensor(visits, device=indices.device).long().expand(indices.shape[0])
+    pos = (visits.view(-1, 1) * m + torch.arange(m, device=indices.device).view(1, -1)) % num_units
+    chosen = perm.gather(1, pos)
+    return torch.zeros(indices.shape[0], num_units, device=indices.device).scatter(1, chosen, 1.0)
+
+
+def keep_restore(mask: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mask (N, L) with ``len_keep`` zeros per row -> (ids_keep in raster order, ids_restore)."""
+    ids_shuffle = torch.argsort(mask, dim=1, stable=True)
+    return ids_shuffle[:, :len_keep], torch.argsort(ids_shuffle, dim=1)

@@ -202,6 +202,7 @@ class Trainer:
         rec = RunRecorder(self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step)
         nonfinite_in_a_row = 0
         images_seen, window_loss, window_n, window_t0 = 0, 0.0, 0, time.time()
+        window_extra, window_steps = {}, 0  # scalars a method reports in outputs["log"], averaged per logged window
         last_loss = float("nan")
         self.scheduler.step_update(self.step)
         stop = self.step >= self.total_steps or (cfg.max_steps is not None and self.step >= cfg.max_steps)
@@ -224,19 +225,23 @@ class Trainer:
                                              len(self.skipped))
                     batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
+                    batch["epoch"] = self.epoch  # how many times each sample has been visited before
                     micro += 1
                     self.batch_in_epoch += 1
                     last_micro = micro == cfg.accum_steps
                     sync = contextlib.nullcontext() if (last_micro or not d.distributed) else self.train_model.no_sync()
                     with sync:
                         with autocast_context(cfg.precision, d.device, cfg.cpu_autocast):
-                            loss, _ = self.train_model(batch)
+                            loss, outputs = self.train_model(batch)
                         self.scaler.scale(loss / cfg.accum_steps).backward()
                     loss_sum += loss.detach().float()
+                    for key, value in (outputs.get("log") or {}).items() if isinstance(outputs, dict) else ():
+                        window_extra[key] = window_extra.get(key, 0.0) + value.detach().float() / cfg.accum_steps
                     images_seen += batch["image"].shape[0]
                     if not last_micro:
                         continue
                     micro = 0
+                    window_steps += 1
                     self.scaler.unscale_(self.optimizer)
                     params = [p for p in self.model.parameters() if p.grad is not None]
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
@@ -248,6 +253,8 @@ class Trainer:
                     if ok:
                         self.scaler.step(self.optimizer)
                         self.scaler.update()
+                        if hasattr(self.model, "after_optimizer_step"):
+                            self.model.after_optimizer_step()
                         nonfinite_in_a_row = 0
                         self.step += 1
                         last_loss = step_loss
@@ -274,10 +281,12 @@ class Trainer:
                         ips = images_seen * d.world_size / max(elapsed, 1e-9)
                         rec.step(0, loss=f"{window_loss / max(window_n, 1):.4f}", lr=f"{lr:.2e}",
                                  img_s=f"{ips:.1f}")
+                        extra = {k: float(v) / max(window_steps, 1) for k, v in window_extra.items()}
                         rec.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                                  "loss": window_loss / max(window_n, 1), "lr": lr, "grad_norm": float(grad_norm),
-                                 "images_per_s": ips, "skipped_images": len(self.skipped)}, self.step)
+                                 "images_per_s": ips, "skipped_images": len(self.skipped), **extra}, self.step)
                         images_seen, window_loss, window_n, window_t0 = 0, 0.0, 0, time.time()
+                        window_extra, window_steps = {}, 0
                     out_of_time = cfg.time_limit_min is not None and time.time() - start_time > cfg.time_limit_min * 60
                     at_max = cfg.max_steps is not None and self.step >= cfg.max_steps
                     periodic = time.time() - self.last_save > cfg.save_every_minutes * 60

@@ -11,7 +11,8 @@ class MIMMethod(nn.Module):
 
     ``batch`` is a dict with at least ``"image"`` (N, 3, H, W), normalized. ``outputs`` is a dict of tensors the
     method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*3), ``mask`` (N, L; 1 = in the loss)
-    and ``hidden`` (N, L; 1 = not shown to the encoder), which is what ``mimkit.viz`` draws.
+    and ``hidden`` (N, L; 1 = not shown to the encoder), which is what ``mimkit.viz`` draws; an optional ``log``
+    dict of scalar tensors is averaged and logged by the trainer.
 
     Class attributes carry the optimizer conventions of the method's paper, so the trainer never asks which
     method it runs.
@@ -31,6 +32,9 @@ class MIMMethod(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """No weight decay on 1-D parameters and biases (timm's rule, as in the MAE family's pretraining)."""
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step (e.g. to refresh a frozen model); nothing by default."""
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:

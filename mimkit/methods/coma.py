@@ -1,0 +1,167 @@
+"""CoMA (Li et al. 2025): complementary masking with an adaptive model M_t and a frozen evaluation model M_{t-1}.
+
+The paper's method section was not available; everything here follows docs/coma.md, which separates what the
+abstract and captions state from mimkit's design. In short:
+
+- Masks are drawn over units (32 px for DyViT, the patch for a plain ViT) at ``mask_ratio`` (0.6):
+  ``pair`` gives two complementary views per step (view A masks a random 60 %, view B the other 40 %);
+  ``cycle`` gives one view per step from a fixed per-sample unit permutation, stepping so that consecutive visits
+  (epochs) mask what was visible before, and every unit is masked at the same long-run frequency;
+  ``random`` (the control) is MAE's i.i.d. random masking at the same ratio, one view per step.
+- ``teacher: none`` trains M_t on view A (and on view B too in ``pair`` mode: every unit reconstructed once per
+  step). ``copy`` / ``ema``: M_t trains on view A, a frozen copy M_{t-1}, refreshed from M_t after every optimizer
+  step (copied, or moved by an exponential average with ``teacher_momentum``), reconstructs view B without gradients;
+  its error is logged as ``teacher_loss``. With ``teacher_weight > 0`` M_t's predictions of the units it must
+  reconstruct are also pulled towards M_{t-1}'s outputs there (where M_{t-1} saw them).
+- Encoder: DyViT (masked units dropped exactly, no mask tokens) or a plain timm ViT (MAE-style dropping); an MAE
+  transformer decoder over units; normalized-pixel MSE on masked units.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mimkit.masking import (complementary_pair, cycle_mask, gather_tokens, keep_restore, num_masked,
+                            random_masking)
+from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.methods.base import MIMMethod
+from mimkit.methods.registry import register_preset
+from mimkit.models.decoder import TransformerDecoder
+from mimkit.models.vit import mae_init_, vit_encode
+from mimkit.patches import normalized_target, patchify
+
+MODES = ("pair", "cycle", "random")
+TEACHERS = ("none", "copy", "ema")
+
+
+class CoMA(MIMMethod):
+    def __init__(self, encoder: str = "dyvit_base_224", img_size: int = 224, mask_ratio: float = 0.6,
+                 mode: str = "pair", teacher: str = "none", teacher_momentum: float = 0.996,
+                 teacher_weight: float = 0.0, mask_seed: int = 0, norm_pix_loss: bool = True,
+                 decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16, drop_path: float = 0.0,
+                 encoder_args: dict | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got '{teacher}'")
+        if teacher_weight and teacher == "none":
+            raise ValueError("teacher_weight needs a teacher: set teacher to copy or ema")
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder_name, self.img_size = encoder, img_size
+        self.vit = is_vit(self.encoder)
+        if self.vit:
+            self.patch_size = self.encoder.patch_embed.patch_size[0]
+            self.grid = tuple(self.encoder.patch_embed.grid_size)
+        elif hasattr(self.encoder, "forward_visible"):
+            self.patch_size = self.encoder.unit
+            self.grid = (img_size // self.patch_size,) * 2
+        else:
+            raise ValueError(f"encoder '{encoder}' cannot encode visible units only; CoMA needs a plain timm ViT or "
+                             f"a dyvit_* model (`mimkit models`)")
+        self.num_units = self.grid[0] * self.grid[1]
+        if not 0 < num_masked(self.num_units, mask_ratio) < self.num_units:
+            raise ValueError(f"mask_ratio {mask_ratio} masks none or all of the {self.num_units} units")
+        self.mask_ratio, self.mode, self.mask_seed = mask_ratio, mode, mask_seed
+        self.teacher_mode, self.teacher_momentum, self.teacher_weight = teacher, teacher_momentum, teacher_weight
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder = TransformerDecoder(self.encoder.num_features if not self.vit else self.encoder.embed_dim,
+                                          self.grid, self.patch_size ** 2 * 3, decoder_dim, decoder_depth,
+                                          decoder_heads, cls_token=self.vit)
+        mae_init_(self.decoder)
+        self.teacher = None
+        if teacher != "none":
+            self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
+                                          "decoder": copy.deepcopy(self.decoder)}).requires_grad_(False)
+
+    # -- masks --------------------------------------------------------------------------------------------------
+    def draw_views(self, batch: dict, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(view A mask, view B mask), each (N, units), 1 = masked; B is A's complement."""
+        if self.mode == "pair":
+            return complementary_pair(n, self.num_units, self.mask_ratio, device=device)
+        if self.mode == "random":  # the control: MAE's i.i.d. random masking at the same ratio
+            a = random_masking(n, self.num_units, self.mask_ratio, device=device).mask
+            return a, 1 - a
+        index = batch.get("index")  # dataset indices; a batch without them (figures, benchmarks) uses positions
+        index = torch.arange(n, device=device) if index is None else torch.as_tensor(index, device=device)
+        a = cycle_mask(index, batch.get("epoch", 0), self.num_units, self.mask_ratio, self.mask_seed)
+        return a, 1 - a
+
+    # -- model --------------------------------------------------------------------------------------------------
+    def reconstruct(self, encoder: nn.Module, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor,
+                    n_visible: int) -> torch.Tensor:
+        """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * 3)."""
+        ids_keep, ids_restore = keep_restore(mask, n_visible)
+        if self.vit:
+            x = encoder.patch_embed(imgs) + encoder.pos_embed[:, 1:]
+            latent = vit_encode(encoder, gather_tokens(x, ids_keep))
+        else:
+            latent = encoder.forward_visible(imgs, ids_keep)
+        return decoder(latent, ids_restore)
+
+    def forward(self, batch: dict):
+        imgs = batch["image"]
+        n = imgs.shape[0]
+        view_a, view_b = self.draw_views(batch, n, imgs.device)
+        target = patchify(imgs, self.patch_size)
+        if self.norm_pix_loss:
+            target = normalized_target(target)
+        m = num_masked(self.num_units, self.mask_ratio)
+        pred = self.reconstruct(self.encoder, self.decoder, imgs, view_a, self.num_units - m)
+        err_a = ((pred.float() - target.float()) ** 2).mean(-1)
+        log = {}
+        if self.teacher is None and self.mode == "pair":  # both views through M_t: every unit once
+            pred_b = self.reconstruct(self.encoder, self.decoder, imgs, view_b, m)
+            err_b = ((pred_b.float() - target.float()) ** 2).mean(-1)
+            loss = ((err_a * view_a).sum() + (err_b * view_b).sum()) / (n * self.num_units)
+            log["loss_view_a"] = (err_a * view_a).sum().detach() / view_a.sum()
+            pred = pred * view_a.unsqueeze(-1) + pred_b * view_b.unsqueeze(-1)
+            predicted = torch.ones_like(view_a)
+        else:
+            loss = (err_a * view_a).sum() / view_a.sum()
+            predicted = view_a
+        if self.teacher is not None:
+            with torch.no_grad():
+                pred_t = self.reconstruct(self.teacher["encoder"], self.teacher["decoder"], imgs, view_b, m)
+                err_t = ((pred_t.float() - target.float()) ** 2).mean(-1)
+                log["teacher_loss"] = (err_t * view_b).sum() / view_b.sum()
+            if self.teacher_weight:
+                consistency = ((pred.float() - pred_t.float()) ** 2).mean(-1)
+                loss = loss + self.teacher_weight * (consistency * view_a).sum() / view_a.sum()
+        return loss, {"pred": pred, "mask": predicted, "hidden": view_a, "log": log}
+
+    # -- the evaluation model -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Refresh M_{t-1} from M_t: a copy, or an exponential moving average."""
+        if self.teacher is None:
+            return
+        student = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        frozen = list(self.teacher["encoder"].parameters()) + list(self.teacher["decoder"].parameters())
+        if self.teacher_mode == "copy":
+            torch._foreach_copy_(frozen, student)
+        else:
+            torch._foreach_lerp_(frozen, student, 1.0 - self.teacher_momentum)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: no drop path, no dropout
+        return self
+
+
+register_preset("coma_dyvit_pico_128", CoMA, "CPU-sized CoMA: DyViT-Pico at 128 px (4x4 units of 32 px), decoder "
+                "128-d x 2", encoder="dyvit_pico_128", img_size=128, decoder_dim=128, decoder_depth=2,
+                decoder_heads=4)
+register_preset("coma_vit_pico_patch8", CoMA, "CPU-sized CoMA on ViT-Pico/8 at 64 px (8 px units), decoder 64-d x 2",
+                encoder="vit_pico_patch8_64", img_size=64, decoder_dim=64, decoder_depth=2, decoder_heads=4)
+register_preset("coma_dyvit_tiny_224", CoMA, "CoMA DyViT-T at 224 px, decoder 512-d x 8",
+                encoder="dyvit_tiny_224", img_size=224)
+register_preset("coma_dyvit_small_224", CoMA, "CoMA DyViT-S at 224 px, decoder 512-d x 8",
+                encoder="dyvit_small_224", img_size=224)
+register_preset("coma_dyvit_base_224", CoMA, "CoMA DyViT-B at 224 px, decoder 512-d x 8",
+                encoder="dyvit_base_224", img_size=224)
+register_preset("coma_vit_base_patch16", CoMA, "CoMA on ViT-B/16 (16 px units), decoder 512-d x 8: the masking "
+                "strategy on MAE's backbone", encoder="vit_base_patch16_224", img_size=224)
