@@ -61,12 +61,22 @@ class _RssPeak:
         return self.peak - self.base
 
 
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,key=value`` (options for that model only) -> (name, options)."""
+    from mimkit.config import _parse_kv
+
+    name, _, opts = spec.partition(":")
+    return name, dict(_parse_kv(kv) for kv in opts.split(",") if kv)
+
+
 def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int, precision: str,
                 device: torch.device, compile: bool = False, cpu_autocast: bool = False, **model_args) -> dict:
     """Peak memory over the first steps (model, gradients, optimizer state, activations), then the mean time of
-    ``steps`` training steps after ``warmup`` untimed ones."""
+    ``steps`` training steps after ``warmup`` untimed ones. ``name`` may carry options: ``name:key=value,...``."""
     gc.collect()
-    kwargs = dict(model_args)
+    spec = name
+    name, own_args = parse_model_spec(spec)
+    kwargs = {**model_args, **own_args}
     if img_size is not None:
         kwargs["img_size"] = img_size
     cpu = device.type == "cpu"
@@ -119,7 +129,7 @@ def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, wa
     if not cpu:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    result = {"model": name, "img_size": size, "batch_size": batch_size, "precision": precision,
+    result = {"model": spec, "img_size": size, "batch_size": batch_size, "precision": precision,
               "device": str(device), "steps": steps, "step_time_s": elapsed / steps,
               "images_per_s": batch_size * steps / elapsed, "peak_memory_mb": peak / 2 ** 20, "memory_kind": mem_kind,
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -145,11 +155,11 @@ def bench(models: list[str], batch_size: int, img_sizes: list[int | None], steps
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'model':34s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} {'mem x':>7s}"
+    head = f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} {'mem x':>7s}"
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
-        lines.append(f"{r['model']:34s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
+        lines.append(f"{r['model']:44s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
                      f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
                      f"{mem_x:>7s}")
     r0 = results[0]

@@ -126,6 +126,13 @@ def cmd_visualize(args):
     return path
 
 
+def cmd_mask_frequency(args):
+    from mimkit.viz import save_masking_frequency_figure
+
+    stats = save_masking_frequency_figure(args.out, (args.grid, args.grid), args.ratio, args.iterations, args.seed)
+    print(json.dumps({"figure": args.out, **stats}, indent=2))
+
+
 def cmd_bench(args):
     from mimkit.bench import bench, format_table
 
@@ -288,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time training steps of models side by side on synthetic batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="registered model names; ratios are vs the first "
-                   "(at each --img-size)")
+    p.add_argument("--models", nargs="+", required=True, help="registered model names, each optionally "
+                   "with its own options as name:key=value,key=value; ratios are vs the first (at each --img-size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, nargs="+", help="one or more resolutions (default: each model's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -301,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("mask-frequency", help="heat maps of how often each unit is masked: random vs CoMA's "
+                       "complementary masks (CoMA Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--grid", type=int, default=7, help="units per side (7 = 224 px / 32 px units)")
+    p.add_argument("--ratio", type=float, default=0.6)
+    p.add_argument("--iterations", type=int, default=1600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="mask_frequency.png")
+    p.set_defaults(func=cmd_mask_frequency)
 
     p = sub.add_parser("ablate-masking", help="UM-MAE Table 1 at small scale: random / grid / uniform / uniform + "
                        "secondary masking on the same ViT, equal steps; loss and kNN table")

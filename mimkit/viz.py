@@ -114,3 +114,54 @@ def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def masking_frequencies(grid: tuple[int, int] = (7, 7), ratio: float = 0.6, iterations: int = 1600,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """How often each unit of one image is masked over ``iterations`` visits (CoMA Fig. 2): MAE's random masking,
+    CoMA ``cycle`` and the trained view of CoMA ``pair``. Returns {name: (rows, cols) frequencies}."""
+    from mimkit.masking import complementary_pair, cycle_mask, random_masking
+
+    units = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.zeros(1, dtype=torch.long)
+    out = {"random (MAE)": torch.zeros(units), "complementary, cycle": torch.zeros(units),
+           "complementary, pair (view A)": torch.zeros(units)}
+    for k in range(iterations):  # one mask per visit, as training draws them
+        out["random (MAE)"] += random_masking(1, units, ratio, generator=g).mask[0]
+        out["complementary, cycle"] += cycle_mask(idx, k, units, ratio, seed)[0]
+        out["complementary, pair (view A)"] += complementary_pair(1, units, ratio, generator=g)[0][0]
+    return {name: (v / iterations).view(*grid) for name, v in out.items()}
+
+
+def save_masking_frequency_figure(path: str | Path, grid=(7, 7), ratio: float = 0.6, iterations: int = 1600,
+                                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """Heat maps of ``masking_frequencies`` side by side, with each map's mean, standard deviation and range; the
+    colour scale spans the mean +- 0.06 (white to dark red) so that a binomial spread is visible. Returns the
+    statistics."""
+    freqs = masking_frequencies(tuple(grid), ratio, iterations, seed)
+    lo = float(next(iter(freqs.values())).mean()) - 0.06
+    cell, pad, header, footer = 28, 12, 34, 46
+    w = len(freqs) * (grid[1] * cell + pad) + pad
+    canvas = Image.new("RGB", (w, header + grid[0] * cell + footer), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 4), f"masking frequency per unit over {iterations} visits, ratio {ratio}; colour: {lo:.2f} "
+              f"(white) to {lo + 0.12:.2f} (dark red)", fill="black")
+    stats = {}
+    for i, (name, f) in enumerate(freqs.items()):
+        x0 = pad + i * (grid[1] * cell + pad)
+        draw.text((x0, 20), name, fill="black")
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                v = min(1.0, max(0.0, (float(f[r, c]) - lo) / 0.12))
+                color = (255 - int(100 * v), int(255 * (1 - v)), int(255 * (1 - v)))
+                draw.rectangle([x0 + c * cell, header + r * cell, x0 + (c + 1) * cell - 1,
+                                header + (r + 1) * cell - 1], fill=color)
+        stats[name] = {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max())}
+        s = stats[name]
+        draw.text((x0, header + grid[0] * cell + 4), f"mean {s['mean']:.3f} std {s['std']:.4f}", fill="black")
+        draw.text((x0, header + grid[0] * cell + 18), f"range {s['min']:.3f}-{s['max']:.3f}", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return stats

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from conftest import make_folder, pico_config
+from conftest import make_folder
 from mimkit.cli import main
 from mimkit.export import export_encoder
 from mimkit.masking import gather_tokens, window_offsets, window_patch_ids

@@ -80,3 +80,8 @@ register_preset("simmim_pvt_small_256", SimMIM, "SimMIM PVT-S at 256 px",
                 encoder="mimpvt_small_256", img_size=256)
 register_preset("simmim_vit_base_patch16", SimMIM, "SimMIM ViT-B/16 at 224 px (fixed sin-cos positions)",
                 encoder="vit_base_patch16_224", img_size=224)
+register_preset("simmim_mixswin_pico_128", SimMIM, "CPU-sized SimMIM on MixMAE's Swin-Pico (no shift, windows 16), "
+                "128 px: the side-by-side baseline of MixMAE", encoder="mixswin_pico_patch4_window16_128",
+                img_size=128)
+register_preset("simmim_mixswin_base_224", SimMIM, "SimMIM on MixMAE's Swin-B/W14 at 224 px: the side-by-side "
+                "baseline of MixMAE", encoder="mixswin_base_patch4_window14_224", img_size=224)
