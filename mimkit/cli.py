@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def cmd_ablate_masking(args):
     from mimkit.ablation import ablation_markdown, run_masking_ablation
 
     rows = run_masking_ablation(args.data, args.output, args.recipe, args.epochs, knn=not args.no_knn, seed=args.seed)
-    command = "mimkit ablate-masking " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mimkit ablate-masking"
+    command = " ".join(["mimkit", *map(shlex.quote, args.argv)])
     table = ablation_markdown(rows, command)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "ablation.md").write_text(table + "\n")
@@ -356,7 +357,9 @@ def main(argv=None) -> int:
     from mimkit.engine.checkpoint import CheckpointError
     from mimkit.engine.trainer import TrainingDiverged
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for records such as the ablation table
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as err:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def bars(rows, path: Path):
-    w, h, left, bottom, top = 760, 360, 50, 90, 30
+    w, h, left, bottom, top = max(760, 120 * len(rows) + 80), 380, 50, 100, 30
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     ymax = min(100.0, (int(max(max(r["linprobe_top1"], r["finetune_top1"]) for r in rows) / 10) + 1) * 10)
@@ -40,7 +41,7 @@ def bars(rows, path: Path):
 
 
 def curves(runs: Path, rows, path: Path):
-    w, h, left, bottom, top = 760, 360, 50, 40, 30
+    w, h, left, bottom, top = 860, 380, 50, 40, 30
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
     series = []

@@ -117,6 +117,7 @@ def test_masking_ablation_runner(tiny_folder, tmp_path, capsys):
     assert main(["ablate-masking", "--data", str(tiny_folder), "--output", str(tmp_path / "abl"),
                  "--recipe", str(r)]) == 0
     table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert f"mimkit ablate-masking --data {tiny_folder}" in table  # the command as called, not sys.argv
     for name in ("RS (random, MAE)", "GS (grid)", "US (uniform)", "UM, SM 15%", "UM, SM 25%", "UM, SM 35%"):
         assert name in table
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())

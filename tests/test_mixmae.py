@@ -153,3 +153,20 @@ def test_mixmae_pretrains_and_finetunes_from_the_cli(tmp_path, capsys):
                  "--mixup", "0", "--cutmix", "0"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["model"] == "finetune:mixswin_pico_patch4_window16_128"
+
+
+@pytest.mark.parametrize("name,kw", [("mixmae_swin_pico_128", {}), ("mixmae_swin_pico_128", {"pairing": "once"}),
+                                     ("lomar_vit_pico_patch8", {}), ("coma_dyvit_pico_128", {"teacher": "ema"})])
+def test_bf16_autocast_train_and_eval_steps(name, kw):
+    from mimkit.engine.trainer import autocast_context
+
+    torch.manual_seed(0)
+    model = create_method(name, **kw)
+    s = model.img_size
+    for train in (True, False):
+        model.train(train)
+        with autocast_context("bf16", torch.device("cpu"), True):
+            loss, out = model({"image": torch.randn(4, 3, s, s)})
+        assert torch.isfinite(loss) and torch.isfinite(out["pred"].float()).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -103,8 +103,8 @@ class MixMAE(MIMMethod):
         also ``encoder_input``, the mixed image (normalized pixels) the encoder saw for it."""
         n, s = imgs.shape[0], len(a)
         mask = mask.expand(s, -1)
-        pred = pred_a.new_zeros(n, *pred_a.shape[1:])
-        pred = pred.index_add(0, b, pred_b * (1 - mask).unsqueeze(-1)).index_add(0, a, pred_a * mask.unsqueeze(-1))
+        w = mask.to(pred_a.dtype).unsqueeze(-1)
+        pred = pred_a.new_zeros(n, *pred_a.shape[1:]).index_add(0, b, pred_b * (1 - w)).index_add(0, a, pred_a * w)
         covered = mask.new_zeros(n, mask.shape[1]).index_add(0, b, 1 - mask).index_add(0, a, mask)
         hidden = mask.new_zeros(n, mask.shape[1])
         hidden[b] = 1 - mask
