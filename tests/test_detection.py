@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torchvision.models.detection import RetinaNet
 
@@ -6,9 +7,10 @@ from mimkit.export import export_encoder
 from mimkit.methods import create_method
 
 
-def test_retinanet_trains_on_an_exported_mimkit_encoder(tmp_path):
+@pytest.mark.parametrize("name", ["umae_swin_pico_128", "mixmae_swin_pico_128", "coma_dyvit_pico_128"])
+def test_retinanet_trains_on_an_exported_mimkit_encoder(tmp_path, name):
     torch.manual_seed(0)
-    method = create_method("umae_swin_pico_128")
+    method = create_method(name)
     path = tmp_path / "swin.safetensors"
     meta = export_encoder(method, path, head_classes=0)
     backbone = fpn_backbone(meta["timm_model"], weights=path, out_channels=32)
