@@ -38,3 +38,36 @@ def pico_config(data, output, **overrides):
                   progress=False, tensorboard=False, log_every=1, seed=0)
     values.update(overrides)
     return PretrainConfig(**values)
+
+
+def fit_fixed_batch(model, batch: dict, steps: int, lr: float = 2e-3, seed: int = 0) -> tuple[float, float]:
+    """AdamW on one batch with the same masks every step (reseeded): a memorization check. (first, last) loss."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(seed)
+        loss, _ = model(batch)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
+def cli_pretrain(data, run, model: str, *extra: str, epochs: int = 1) -> dict:
+    """``mimkit pretrain`` on a tiny folder at batch 4 on CPU; returns the printed summary."""
+    import contextlib
+    import io
+    import json
+
+    from mimkit.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["pretrain", "--data", str(data), "--model", model, "--epochs", str(epochs), "--batch-size", "4",
+                     "--precision", "fp32", "--num-workers", "0", "--output", str(run), "--no-progress",
+                     "--warmup-epochs", "0.5", *extra])
+    assert code == 0
+    return json.loads(out.getvalue())

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from conftest import make_folder
+from conftest import cli_pretrain, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.export import export_encoder
 from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
@@ -106,16 +106,9 @@ def test_relative_position_indices_are_symmetric_and_widening_clips():
 def test_loss_trains_only_masked_in_window_patches_and_overfits():
     model = _model(mask_ratio=0.5)
     x = torch.randn(2, 3, 64, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    first = None
-    for _ in range(200):
-        torch.manual_seed(1)  # the same windows and masks every step
-        loss, out = model({"image": x})
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.3 * first, (first, loss.item())
+    first, last = fit_fixed_batch(model, {"image": x}, 200, seed=1)
+    assert last < 0.3 * first, (first, last)
+    _, out = model({"image": x})
     assert out["mask"].shape == (2, 64) and ((out["mask"] == 1) <= (out["outside"] == 0)).all()
     assert (out["hidden"] >= out["mask"]).all()
 
@@ -156,10 +149,7 @@ def test_bad_window_options_are_clear_errors():
 def test_lomar_pretrains_finetunes_and_visualizes_from_the_cli(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=(8, 4))
     run = tmp_path / "run"
-    assert main(["pretrain", "--data", str(data), "--model", "lomar_vit_pico_patch8", "--epochs", "1",
-                 "--batch-size", "4", "--precision", "fp32", "--num-workers", "0", "--output", str(run),
-                 "--no-progress", "--warmup-epochs", "0.5"]) == 0
-    assert json.loads(capsys.readouterr().out)["steps"] == 4  # 16 train images / batch 4
+    assert cli_pretrain(data, run, "lomar_vit_pico_patch8")["steps"] == 4  # 16 train images / batch 4
     assert main(["knn", str(run), "--data", str(data), "--k", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_val"] == 8
     assert main(["visualize", str(run), "--data", str(data), "--num", "2", "--out", str(tmp_path / "l.png")]) == 0

@@ -18,6 +18,17 @@ class PyramidEncoder(nn.Module):
 
     num_features: int
     head: nn.Module
+    group_stem: str = r"^patch_embed"   # regex of the stem (lr-decay group 0)
+    group_merge: str = "downsample"     # name of a stage's merge module: it joins that stage's first block
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay: blocks counted across stages; a stage's patch merge belongs to that
+        stage's first block (the MixMIM / timm Swin rule)."""
+        return dict(stem=self.group_stem, blocks=r"^stages\.(\d+)" if coarse else [
+            (rf"^stages\.(\d+)\.{self.group_merge}", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])
 
     @staticmethod
     def init_weights(m: nn.Module) -> None:

@@ -141,12 +141,6 @@ class DyViT(PyramidEncoder):
     def no_weight_decay(self):
         return {n for n, _ in self.named_parameters() if ".tables." in n}
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
 
     def unit_grid(self, img: torch.Tensor) -> tuple[int, int]:
         h, w = img.shape[-2:]

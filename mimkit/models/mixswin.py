@@ -162,12 +162,6 @@ class MixSwin(PyramidEncoder):
     def no_weight_decay(self):
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Patch embedding + its LayerNorm, before the position embedding: (B, H, W, C). Mixing happens here."""

@@ -85,6 +85,11 @@ class PVTStage(nn.Module):
 
 
 class PVT(PyramidEncoder):
+    # lr-decay groups: stage-1 embedding and position embedding first; a later stage's patch embedding joins its
+    # first block
+    group_stem = r"^stages\.0\.patch_embed|^pos_embed"
+    group_merge = "patch_embed"
+
     def __init__(self, img_size: int = 256, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
                  mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size: int = 4, drop_path_rate: float = 0.0,
@@ -132,14 +137,6 @@ class PVT(PyramidEncoder):
     def no_weight_decay(self):
         return {"pos_embed"}
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer groups for layer-wise lr decay: stage-1 embedding and position embedding first, then the blocks
-        counted across stages; a later stage's patch embedding belongs to its first block."""
-        return dict(stem=r"^stages\.0\.patch_embed|^pos_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.patch_embed", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C) position embedding, resampled bicubically when the grid differs from the trained one."""

@@ -13,19 +13,14 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.beit import Beit, checkpoint_filter_fn
 
-
-def _cfg(img_size: int) -> dict:
-    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
-                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                interpolation="bicubic", crop_pct=0.875, license="apache-2.0")
-
+from mimkit.models.vit import vit_cfg
 
 default_cfgs = generate_default_cfgs({
-    "rpbvit_pico_patch8_64.untrained": _cfg(64),
-    "rpbvit_nano_patch8_96.untrained": _cfg(96),
-    "rpbvit_small_patch16_224.untrained": _cfg(224),
-    "rpbvit_base_patch16_224.untrained": _cfg(224),
-    "rpbvit_large_patch16_224.untrained": _cfg(224),
+    "rpbvit_pico_patch8_64.untrained": vit_cfg(64),
+    "rpbvit_nano_patch8_96.untrained": vit_cfg(96),
+    "rpbvit_small_patch16_224.untrained": vit_cfg(224),
+    "rpbvit_base_patch16_224.untrained": vit_cfg(224),
+    "rpbvit_large_patch16_224.untrained": vit_cfg(224),
 })
 
 

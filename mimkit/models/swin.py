@@ -232,14 +232,6 @@ class SwinUM(PyramidEncoder):
     def no_weight_decay(self):
         return set()
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer groups for layer-wise lr decay: blocks counted across stages; a stage's patch merge belongs to that
-        stage's first block (the MixMIM / timm Swin rule)."""
-        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))  # (B, H, W, C)

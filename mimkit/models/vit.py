@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from mimkit.models.pos_embed import sincos_2d
 
 
-def _cfg(img_size: int) -> dict:
+def vit_cfg(img_size: int) -> dict:
     return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
                 classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                 interpolation="bicubic", crop_pct=0.875, license="apache-2.0")
@@ -22,8 +22,8 @@ def _cfg(img_size: int) -> dict:
 
 # Read by timm's @register_model: pretrained configs for the small variants (weights come from your own export).
 default_cfgs = generate_default_cfgs({
-    "vit_pico_patch8_64.untrained": _cfg(64),
-    "vit_nano_patch8_96.untrained": _cfg(96),
+    "vit_pico_patch8_64.untrained": vit_cfg(64),
+    "vit_nano_patch8_96.untrained": vit_cfg(96),
 })
 
 
