@@ -11,8 +11,8 @@ from mimkit.patches import patchify, unpatchify
 HIDDEN_GRAY = 0.5
 SECONDARY_TINT = (0.25, 0.35, 0.75)  # masked patches for which the encoder saw a learned mask token instead
 
-LEGEND = {"secondary": "blue = masked, a learned token shown",
-          "outside": "gray in the reconstruction = outside every window",
+LEGEND = {"secondary": "blue = masked (mask token shown)",
+          "outside": "gray in recon. = outside the windows",
           "encoder_input": "masked area filled with the partner image"}
 
 
@@ -107,7 +107,7 @@ def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str
         for c, panel in enumerate(panels):
             canvas.paste(_to_pil(panel[r], scale), (pad + c * (cell_w + pad), header + r * (cell_h + pad)))
     y = header + n * (cell_h + pad)
-    legend = ", ".join(["gray = dropped"] + [LEGEND[k] for k in keys])
+    legend = ", ".join(([] if "encoder_input" in keys else ["gray = dropped"]) + [LEGEND[k] for k in keys])
     draw.text((pad, y + 2), (title + " | " if title else "") + legend, fill="black")
     draw.text((pad, y + 15), norm_note, fill="black")
     path = Path(path)
