@@ -113,7 +113,7 @@ def test_dyvit_api_features_export_and_size_error(tmp_path):
 
 
 def test_pair_mode_without_teacher_predicts_every_unit_once_and_overfits():
-    model = _model("coma_vit_pico_patch8", mask_ratio=0.5)
+    model = _model("coma_vit_pico_patch8", mask_ratio=0.5, mode="pair")
     x = torch.randn(2, 3, 64, 64)
     _, out = model({"image": x})
     assert torch.equal(out["mask"], torch.ones(2, 64))

@@ -5,8 +5,9 @@ abstract and captions state from mimkit's design. In short:
 
 - Masks are drawn over units (32 px for DyViT, the patch for a plain ViT) at ``mask_ratio`` (0.6):
   ``pair`` gives two complementary views per step (view A masks a random 60 %, view B the other 40 %);
-  ``cycle`` gives one view per step from a fixed per-sample unit permutation, stepping so that consecutive visits
-  (epochs) mask what was visible before, and every unit is masked at the same long-run frequency;
+  ``cycle`` (the default, docs/ablations.md) gives one view per step from a fixed per-sample unit permutation,
+  stepping so that consecutive visits (epochs) mask what was visible before, and every unit is masked at the same
+  long-run frequency;
   ``random`` (the control) is MAE's i.i.d. random masking at the same ratio, one view per step.
 - ``teacher: none`` trains M_t on view A (and on view B too in ``pair`` mode: every unit reconstructed once per
   step). ``copy`` / ``ema``: M_t trains on view A, a frozen copy M_{t-1}, refreshed from M_t after every optimizer
@@ -38,7 +39,7 @@ TEACHERS = ("none", "copy", "ema")
 
 class CoMA(MIMMethod):
     def __init__(self, encoder: str = "dyvit_base_224", img_size: int = 224, mask_ratio: float = 0.6,
-                 mode: str = "pair", teacher: str = "none", teacher_momentum: float = 0.996,
+                 mode: str = "cycle", teacher: str = "none", teacher_momentum: float = 0.996,
                  teacher_weight: float = 0.0, mask_seed: int = 0, norm_pix_loss: bool = True,
                  decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16, drop_path: float = 0.0,
                  encoder_args: dict | None = None):
