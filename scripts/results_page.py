@@ -73,14 +73,15 @@ def main():
     rows = json.loads((runs / "results.json").read_text())
     bars(rows, docs / "results_accuracy.png")
     curves(runs, rows, docs / "results_loss.png")
-    lines = ["| encoder | pretraining | epochs (steps) | final loss | linear probe top-1 | fine-tune top-1 (best) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| encoder | probed img/s | epochs (steps) | pretraining | final loss | linear probe top-1 | "
+             "fine-tune top-1 (best epoch) | fine-tuning |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pre = f"{r['pretrain_s'] / 60:.1f} min" if r.get("preset") else "none"
+        ips = f"{r['probe_images_per_s']:.0f}" if r.get("preset") else "-"
         ep = f"{r['pretrain_epochs']} ({r['pretrain_steps']})" if r.get("preset") else "-"
         loss = f"{r['final_loss']:.3f}" if r.get("preset") else "-"
-        lines.append(f"| {r['label']} | {pre} | {ep} | {loss} | {r['linprobe_top1']:.2f} % | "
-                     f"{r['finetune_top1']:.2f} % ({r['finetune_best']:.2f} %) |")
+        lines.append(f"| {r['label']} | {ips} | {ep} | {pre} | {loss} | {r['linprobe_top1']:.2f} % | "
+                     f"{r['finetune_top1']:.2f} % ({r['finetune_best']:.2f} %) | {r['finetune_s'] / 60:.1f} min |")
     print("\n".join(lines))
 
 

@@ -58,7 +58,7 @@ class LoMaR(MIMMethod):
             raise ValueError(f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
                              f"{img_size} px images; use window_size <= {min(self.grid)} or a larger --img-size")
         # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets (they are
-        # all zeros at init, so timm's resampling of them is silent here)
+        # untrained here, so timm's resampling warnings are silenced)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             enc.set_input_size(img_size=(window_size * self.patch_size,) * 2)
