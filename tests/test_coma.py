@@ -153,3 +153,28 @@ def test_mask_frequency_figure_and_cli(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["complementary, cycle"]["std"] < 1e-6 < stats["random (MAE)"]["std"]  # 50 = 10 full cycles of 5
     assert Image.open(tmp_path / "f.png").size[0] > 300
+
+
+def test_cycle_masks_and_ema_teacher_resume_exactly(tiny_folder, tmp_path, monkeypatch):
+    from conftest import pico_config
+    from mimkit.engine.checkpoint import list_checkpoints, load_checkpoint
+    from mimkit.engine.trainer import pretrain
+    from mimkit.methods.coma import CoMA
+
+    seen = []
+    draw = CoMA.draw_views
+    monkeypatch.setattr(CoMA, "draw_views", lambda self, batch, n, device: (
+        seen.append((batch["epoch"], tuple(batch["index"].tolist()))), draw(self, batch, n, device))[1])
+
+    common = dict(model="coma_dyvit_pico_128", img_size=64, epochs=2, save_every_minutes=1e9,
+                  model_args={"mode": "cycle", "teacher": "ema", "teacher_momentum": 0.5})
+    full = pretrain(pico_config(tiny_folder, tmp_path / "full", **common))
+    assert [e for e, _ in seen] == [0] * 6 + [1] * 6  # the trainer tells the method which visit this is
+    assert sorted(i for e, idx in seen if e == 0 for i in idx) == list(range(24))
+    pretrain(pico_config(tiny_folder, tmp_path / "split", max_steps=8, **common))  # stops inside epoch 2
+    rest = pretrain(pico_config(tiny_folder, tmp_path / "split", resume="auto", **common))
+    assert rest["steps"] == full["steps"] == 12 and rest["train_steps_this_run"] == 4
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1])["model"] for d in ("full", "split"))
+    assert any(k.startswith("teacher.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
