@@ -155,7 +155,8 @@ def bench(models: list[str], batch_size: int, img_sizes: list[int | None], steps
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} {'mem x':>7s}"
+    head = (f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
+            f"{'mem x':>7s}")
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"

@@ -186,7 +186,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def sample_permutations(indices: torch.Tensor, num_units: int, seed: int) -> torch.Tensor:
     """A fixed pseudo-random permutation of the units for every sample index (N,) -> (N, L): a pure function of
     (seed, index), identical on every call, process and device."""
-    idx = indices.long().view(-1, 1) & 0xFFFFFFFF
+    idx = indices.long().view(-1, 1) & 0x7FFFFFFF  # below 2**31, so idx * 2654435761 stays below 2**63
     units = torch.arange(num_units, device=indices.device).view(1, -1)
     key = _hash32(_hash32(idx * 2654435761 % 2 ** 32 ^ (seed & 0xFFFFFFFF)) ^ units)
     return torch.argsort(key * num_units + units, dim=1)

@@ -31,8 +31,8 @@ from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 def default_layer_decay(timm_name: str) -> float:
     """Per-backbone defaults from the papers: MAE ViT-B 0.65, ViT-L/H 0.75, Swin-T / PVT-S 0.85 (UM-MAE),
     Swin-B 0.8, Swin-L 0.7, LoMaR ViT-B 0.65, MixMAE-B 0.7; 0.75 for mimkit's small CPU models."""
-    table = {"vit_base": 0.65, "rpbvit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85, "mimpvt_small": 0.85,
-             "mimswin_base": 0.8, "mimswin_large": 0.7, "mixswin_base": 0.7}
+    table = {"vit_base": 0.65, "rpbvit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85,
+             "mimpvt_small": 0.85, "mimswin_base": 0.8, "mimswin_large": 0.7, "mixswin_base": 0.7}
     return next((v for k, v in table.items() if timm_name.startswith(k)), 0.75)
 
 

@@ -192,7 +192,8 @@ class LoMaR(MIMMethod):
 register_preset("lomar_vit_pico_patch8", LoMaR, "CPU-sized LoMaR: relative-position ViT-Pico/8 at 64 px, 4 windows "
                 "of 4x4 patches", encoder="rpbvit_pico_patch8_64", img_size=64, window_size=4)
 register_preset("lomar_vit_nano_patch8", LoMaR, "small-image LoMaR: relative-position ViT-Nano/8 at 96 px, 4 windows "
-                "of 5x5 patches (fits grids from 5x5, i.e. 40 px)", encoder="rpbvit_nano_patch8_96", img_size=96, window_size=5)
+                "of 5x5 patches (fits grids from 5x5, i.e. 40 px)", encoder="rpbvit_nano_patch8_96", img_size=96,
+                window_size=5)
 register_preset("lomar_vit_small_patch16", LoMaR, "LoMaR ViT-S/16, 4 windows of 7x7 patches",
                 encoder="rpbvit_small_patch16_224")
 register_preset("lomar_vit_base_patch16", LoMaR, "LoMaR ViT-B/16, 4 windows of 7x7 patches, 80 % masked (the "
