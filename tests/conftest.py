@@ -56,8 +56,8 @@ def fit_fixed_batch(model, batch: dict, steps: int, lr: float = 2e-3, seed: int 
     return losses[0], losses[-1]
 
 
-def cli_pretrain(data, run, model: str, *extra: str, epochs: int = 1) -> dict:
-    """``mimkit pretrain`` on a tiny folder at batch 4 on CPU; returns the printed summary."""
+def _cli_json(argv: list[str]) -> dict:
+    """Run ``mimkit ARGV`` (must succeed) and parse the JSON summary it prints last."""
     import contextlib
     import io
     import json
@@ -66,8 +66,20 @@ def cli_pretrain(data, run, model: str, *extra: str, epochs: int = 1) -> dict:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["pretrain", "--data", str(data), "--model", model, "--epochs", str(epochs), "--batch-size", "4",
-                     "--precision", "fp32", "--num-workers", "0", "--output", str(run), "--no-progress",
-                     "--warmup-epochs", "0.5", *extra])
-    assert code == 0
-    return json.loads(out.getvalue())
+        assert main(argv) == 0
+    text = out.getvalue()
+    return json.loads(text[text.index("{"):])
+
+
+def cli_pretrain(data, run, model: str, *extra: str, epochs: int = 1) -> dict:
+    """``mimkit pretrain`` on a tiny folder at batch 4 on CPU; returns the printed summary."""
+    return _cli_json(["pretrain", "--data", str(data), "--model", model, "--epochs", str(epochs), "--batch-size", "4",
+                      "--precision", "fp32", "--num-workers", "0", "--output", str(run), "--no-progress",
+                      "--warmup-epochs", "0.5", *extra])
+
+
+def cli_finetune(data, pretrained, out, *extra: str) -> dict:
+    """``mimkit finetune`` for one epoch at batch 4 on CPU, no mixup; returns the printed summary."""
+    return _cli_json(["finetune", "--data", str(data), "--pretrained", str(pretrained), "--epochs", "1",
+                      "--batch-size", "4", "--precision", "fp32", "--num-workers", "0", "--output", str(out),
+                      "--no-progress", "--mixup", "0", "--cutmix", "0", *extra])

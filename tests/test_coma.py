@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_pretrain, fit_fixed_batch, make_folder
+from conftest import cli_finetune, cli_pretrain, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.export import export_encoder
 from mimkit.masking import complementary_pair, cycle_mask, num_masked, random_masking
@@ -139,11 +139,9 @@ def test_coma_cycle_with_teacher_pretrains_logs_and_finetunes_from_the_cli(tmp_p
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("teacher_loss" in r for r in records) == 8
     assert main(["visualize", str(run), "--data", str(data), "--num", "2", "--out", str(tmp_path / "c.png")]) == 0
-    assert main(["finetune", "--data", str(data), "--pretrained", str(run), "--epochs", "1", "--batch-size", "4",
-                 "--precision", "fp32", "--num-workers", "0", "--output", str(tmp_path / "ft"), "--no-progress",
-                 "--mixup", "0", "--cutmix", "0"]) == 0
-    out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["model"] == "finetune:dyvit_pico_128"
+    capsys.readouterr()
+    ft = cli_finetune(data, run, tmp_path / "ft")
+    assert ft["model"] == "finetune:dyvit_pico_128"
 
 
 def test_mask_frequency_figure_and_cli(tmp_path, capsys):

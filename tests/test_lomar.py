@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from conftest import cli_pretrain, fit_fixed_batch, make_folder
+from conftest import cli_finetune, cli_pretrain, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.export import export_encoder
 from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
@@ -153,8 +153,6 @@ def test_lomar_pretrains_finetunes_and_visualizes_from_the_cli(tmp_path, capsys)
     assert main(["knn", str(run), "--data", str(data), "--k", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_val"] == 8
     assert main(["visualize", str(run), "--data", str(data), "--num", "2", "--out", str(tmp_path / "l.png")]) == 0
-    assert main(["finetune", "--data", str(data), "--pretrained", str(run), "--epochs", "1", "--img-size", "64",
-                 "--batch-size", "4", "--precision", "fp32", "--num-workers", "0", "--output", str(tmp_path / "ft"),
-                 "--no-progress", "--mixup", "0", "--cutmix", "0"]) == 0
-    out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["model"] == "finetune:rpbvit_pico_patch8_64"
+    capsys.readouterr()
+    ft = cli_finetune(data, run, tmp_path / "ft", "--img-size", "64")
+    assert ft["model"] == "finetune:rpbvit_pico_patch8_64"
