@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from timm.optim import param_groups_weight_decay
 
+from mimkit.patches import normalized_target, patchify
+
 
 class MIMMethod(nn.Module):
     """A masked-image-modeling method: ``forward(batch) -> (loss, outputs)``.
@@ -32,6 +34,11 @@ class MIMMethod(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """No weight decay on 1-D parameters and biases (timm's rule, as in the MAE family's pretraining)."""
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Reconstruction target: patchified images (N, L, p*p*3), per-patch normalized when ``norm_pix_loss``."""
+        patches = patchify(imgs, self.patch_size)
+        return normalized_target(patches) if self.norm_pix_loss else patches
 
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step (e.g. to refresh a frozen model); nothing by default."""

@@ -31,7 +31,6 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
-from mimkit.patches import normalized_target, patchify
 
 MODES = ("pair", "cycle", "random")
 TEACHERS = ("none", "copy", "ema")
@@ -106,9 +105,7 @@ class CoMA(MIMMethod):
         imgs = batch["image"]
         n = imgs.shape[0]
         view_a, view_b = self.draw_views(batch, n, imgs.device)
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            target = normalized_target(target)
+        target = self.target(imgs)
         m = num_masked(self.num_units, self.mask_ratio)
         pred = self.reconstruct(self.encoder, self.decoder, imgs, view_a, self.num_units - m)
         err_a = ((pred.float() - target.float()) ** 2).mean(-1)

@@ -27,7 +27,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models import rpb_vit
 from mimkit.models.vit import mae_init_
-from mimkit.patches import masked_mse, normalized_target, patchify
+from mimkit.patches import masked_mse
 
 WINDOW_SAMPLING = ("image", "batch", "reference")
 
@@ -135,10 +135,7 @@ class LoMaR(MIMMethod):
         ids = self.draw_windows(n, imgs.device)                    # (N, W, K*K)
         mask = self.draw_masks(n * self.num_windows, imgs.device)  # (N*W, K*K)
         pred = self.encode_windows(self.embed_windows(imgs, ids), mask)
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            target = normalized_target(target)
-        target = gather_tokens(target, ids.flatten(1)).view_as(pred)
+        target = gather_tokens(self.target(imgs), ids.flatten(1)).view_as(pred)
         loss = masked_mse(pred, target, mask)
         return loss, self.image_outputs(pred, mask, ids)
 

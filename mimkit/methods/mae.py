@@ -10,7 +10,7 @@ from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.models.vit import mae_init_, vit_encode
-from mimkit.patches import masked_mse, normalized_target, patchify
+from mimkit.patches import masked_mse
 
 
 class MAE(MIMMethod):
@@ -36,10 +36,6 @@ class MAE(MIMMethod):
         x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
         draw = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device)
         return vit_encode(enc, gather_tokens(x, draw.ids_keep)), draw
-
-    def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        patches = patchify(imgs, self.patch_size)
-        return normalized_target(patches) if self.norm_pix_loss else patches
 
     def forward(self, batch: dict):
         imgs = batch["image"]

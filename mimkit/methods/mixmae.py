@@ -21,7 +21,6 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_
-from mimkit.patches import normalized_target, patchify
 
 PAIRINGS = ("flip", "once")
 GRANULARITIES = ("batch", "pair")
@@ -89,9 +88,7 @@ class MixMAE(MIMMethod):
         partner = z * m + token * (1 - m)   # image b's tokens; predicts b where it was hidden (mask 0)
         rec = self.decoder.decode(torch.cat([own, partner]))
         pred_a, pred_b = rec.split(len(a))
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            target = normalized_target(target)
+        target = self.target(imgs)
         err_a = ((pred_a.float() - target[a].float()) ** 2).mean(-1) * mask
         err_b = ((pred_b.float() - target[b].float()) ** 2).mean(-1) * (1 - mask)
         loss = (err_a.sum() + err_b.sum()) / (len(a) * mask.shape[1])  # every cell of every input, once

@@ -17,7 +17,7 @@ from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.vit import vit_masked_tokens
-from mimkit.patches import normalized_target, patchify
+from mimkit.patches import patchify
 
 
 class SimMIM(MIMMethod):
@@ -58,10 +58,7 @@ class SimMIM(MIMMethod):
             feat = self.encoder.forward_masked(imgs, mask.view(n, *self.grid), self.mask_token)
         rec = F.pixel_shuffle(self.head(feat).permute(0, 3, 1, 2), self.stride)  # (N, 3, H, W)
         pred = patchify(rec, self.patch_size)
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            target = normalized_target(target)
-        per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
+        per_patch = (pred.float() - self.target(imgs).float()).abs().mean(dim=-1)
         loss = (per_patch * mask).sum() / (mask.sum() + 1e-5)
         return loss, {"pred": pred, "mask": mask, "hidden": mask}
 

@@ -24,7 +24,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
-from mimkit.patches import masked_mse, normalized_target, patchify
+from mimkit.patches import masked_mse
 
 
 class UMMAE(MIMMethod):
@@ -112,8 +112,7 @@ class UMMAE(MIMMethod):
         us, ids, sm = self.draw_masks(n, imgs.device)
         latent = self.encode(imgs, ids, sm)
         pred = self.decoder(latent, self.decoder_restore_ids(us, ids))
-        target = patchify(imgs, self.patch_size)
-        loss = masked_mse(pred, normalized_target(target) if self.norm_pix_loss else target, us)
+        loss = masked_mse(pred, self.target(imgs), us)
         secondary = torch.zeros_like(us).scatter(1, ids, sm)
         return loss, {"pred": pred, "mask": us, "hidden": us + secondary, "secondary": secondary}
 
