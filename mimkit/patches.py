@@ -35,7 +35,11 @@ def normalized_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps) ** 0.5
 
 
+def patch_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error averaged over each patch's values, in fp32: (..., L, D) -> (..., L)."""
+    return ((pred.float() - target.float()) ** 2).mean(dim=-1)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-patch MSE averaged over patch dims, then over patches where mask == 1."""
-    loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-    return (loss * mask).sum() / mask.sum().clamp(min=1)
+    return (patch_mse(pred, target) * mask).sum() / mask.sum().clamp(min=1)

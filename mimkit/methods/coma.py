@@ -31,6 +31,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
+from mimkit.patches import masked_mse, patch_mse
 
 MODES = ("pair", "cycle", "random")
 TEACHERS = ("none", "copy", "ema")
@@ -108,26 +109,23 @@ class CoMA(MIMMethod):
         target = self.target(imgs)
         m = num_masked(self.num_units, self.mask_ratio)
         pred = self.reconstruct(self.encoder, self.decoder, imgs, view_a, self.num_units - m)
-        err_a = ((pred.float() - target.float()) ** 2).mean(-1)
         log = {}
         if self.teacher is None and self.mode == "pair":  # both views through M_t: every unit once
             pred_b = self.reconstruct(self.encoder, self.decoder, imgs, view_b, m)
-            err_b = ((pred_b.float() - target.float()) ** 2).mean(-1)
-            loss = ((err_a * view_a).sum() + (err_b * view_b).sum()) / (n * self.num_units)
-            log["loss_view_a"] = (err_a * view_a).sum().detach() / view_a.sum()
+            err_a = patch_mse(pred, target) * view_a
+            loss = (err_a + patch_mse(pred_b, target) * view_b).mean()
+            log["loss_view_a"] = err_a.sum().detach() / view_a.sum()
             pred = pred * view_a.unsqueeze(-1) + pred_b * view_b.unsqueeze(-1)
             predicted = torch.ones_like(view_a)
         else:
-            loss = (err_a * view_a).sum() / view_a.sum()
+            loss = masked_mse(pred, target, view_a)
             predicted = view_a
         if self.teacher is not None:
             with torch.no_grad():
                 pred_t = self.reconstruct(self.teacher["encoder"], self.teacher["decoder"], imgs, view_b, m)
-                err_t = ((pred_t.float() - target.float()) ** 2).mean(-1)
-                log["teacher_loss"] = (err_t * view_b).sum() / view_b.sum()
+                log["teacher_loss"] = masked_mse(pred_t, target, view_b)
             if self.teacher_weight:
-                consistency = ((pred.float() - pred_t.float()) ** 2).mean(-1)
-                loss = loss + self.teacher_weight * (consistency * view_a).sum() / view_a.sum()
+                loss = loss + self.teacher_weight * masked_mse(pred, pred_t, view_a)
         return loss, {"pred": pred, "mask": predicted, "hidden": view_a, "log": log}
 
     # -- the evaluation model -------------------------------------------------------------------------------------

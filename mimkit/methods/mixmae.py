@@ -21,6 +21,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_
+from mimkit.patches import patch_mse
 
 PAIRINGS = ("flip", "once")
 GRANULARITIES = ("batch", "pair")
@@ -89,8 +90,8 @@ class MixMAE(MIMMethod):
         rec = self.decoder.decode(torch.cat([own, partner]))
         pred_a, pred_b = rec.split(len(a))
         target = self.target(imgs)
-        err_a = ((pred_a.float() - target[a].float()) ** 2).mean(-1) * mask
-        err_b = ((pred_b.float() - target[b].float()) ** 2).mean(-1) * (1 - mask)
+        err_a = patch_mse(pred_a, target[a]) * mask
+        err_b = patch_mse(pred_b, target[b]) * (1 - mask)
         loss = (err_a.sum() + err_b.sum()) / (len(a) * mask.shape[1])  # every cell of every input, once
         return loss, self.image_outputs(imgs, a, b, mask, pred_a, pred_b)
 
