@@ -14,6 +14,15 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(n, (h // p) * (w // p), p * p * c)
 
 
+def patchify_channels_first(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, (H/p)(W/p), C*p*p), inside a patch (channel, row, col): the layout of a p x p conv kernel,
+    so ``F.linear(patches, conv.weight.flatten(1), conv.bias)`` equals the stride-p convolution on each patch."""
+    n, c, h, w = imgs.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    return imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
+
+
 def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
     """Inverse of ``patchify``; ``grid`` (rows, cols) defaults to a square grid."""
     n, length, _ = x.shape

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
+from mimkit.masking import gather_tokens, masking_from_noise, window_offsets, window_patch_ids
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models import rpb_vit
 from mimkit.models.vit import mae_init_
-from mimkit.patches import masked_mse
+from mimkit.patches import masked_mse, patchify_channels_first
 
 WINDOW_SAMPLING = ("image", "batch", "reference")
 
@@ -104,17 +104,14 @@ class LoMaR(MIMMethod):
     def draw_masks(self, num_sequences: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(S, K*K) in-window masks, 1 = replaced by the mask token; exactly ``round(ratio * K*K)`` per window."""
         noise = torch.rand(num_sequences, self.window_size ** 2, device=device, generator=generator)
-        ranks = noise.argsort(dim=1).argsort(dim=1)
-        return (ranks < self.n_mask).float()
+        return masking_from_noise(noise, self.window_size ** 2 - self.n_mask).mask
 
     # -- model ----------------------------------------------------------------------------------------------------
     def embed_windows(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Patch embeddings of the windows only: (N * num_windows, K*K, C). The patch-embedding convolution is a
         linear map of each patch's pixels, so the pixels outside the windows are never touched."""
-        n, c, h, w = imgs.shape
-        p = self.patch_size
-        pix = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
-        pix = gather_tokens(pix, ids.flatten(1)).view(-1, ids.shape[-1], c * p * p)
+        pix = patchify_channels_first(imgs, self.patch_size)
+        pix = gather_tokens(pix, ids.flatten(1)).view(-1, ids.shape[-1], pix.shape[-1])
         proj = self.encoder.patch_embed.proj
         return self.encoder.patch_embed.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
 

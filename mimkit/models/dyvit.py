@@ -26,6 +26,7 @@ from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.mixswin import PatchMerging, relative_index
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
+from mimkit.patches import patchify_channels_first
 
 UNIT = 32  # px: the mask unit and the total stride
 
@@ -156,9 +157,9 @@ class DyViT(PyramidEncoder):
 
     def unit_stages(self, img: torch.Tensor, ids: torch.Tensor | None):
         """Stages 1-3 on the units ``ids`` (B, K) (all units when None): per-unit maps (B*K, t, t, C) per stage."""
-        b, c = img.shape[:2]
-        gh, gw = self.unit_grid(img)
-        units = img.reshape(b, c, gh, UNIT, gw, UNIT).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
+        c = img.shape[1]
+        self.unit_grid(img)  # a clear error for sizes that are not whole units
+        units = patchify_channels_first(img, UNIT)  # (B, units, C*32*32)
         if ids is not None:
             units = gather_tokens(units, ids)
         x = units.reshape(-1, c, UNIT, UNIT)
