@@ -42,6 +42,11 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=
     return masking_from_noise(noise, num_visible(num_patches, mask_ratio))
 
 
+def upsample_cells(x: torch.Tensor, kh: int, kw: int | None = None) -> torch.Tensor:
+    """Nearest upsampling of a cell map over its last two dims: (..., H, W) -> (..., H*kh, W*kw)."""
+    return x.repeat_interleave(kh, -2).repeat_interleave(kh if kw is None else kw, -1)
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (N, L, D), ids (N, K) -> (N, K, D)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mimkit.masking import masking_from_noise
+from mimkit.masking import masking_from_noise, upsample_cells
 from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
@@ -79,7 +79,7 @@ class MixMAE(MIMMethod):
         groups = mask.view(-1, *self.grid)
         tokens = self.encoder.embed(imgs)                                   # (N, H/4, W/4, C)
         k = tokens.shape[1] // self.grid[0]
-        m_tok = groups.repeat_interleave(k, 1).repeat_interleave(k, 2).unsqueeze(-1).to(tokens.dtype)
+        m_tok = upsample_cells(groups, k).unsqueeze(-1).to(tokens.dtype)
         mixed = tokens[a] * (1 - m_tok) + tokens[b] * m_tok
         feat = self.encoder.forward_tokens(mixed, groups)                    # (S, h, w, C_last)
         z = self.decoder.embed(feat.flatten(1, 2))                          # (S, cells, D)
@@ -110,7 +110,7 @@ class MixMAE(MIMMethod):
         out = {"pred": pred, "mask": covered, "hidden": hidden}
         if not self.training:
             p = self.patch_size
-            cell = mask.view(s, 1, *self.grid).repeat_interleave(p, 2).repeat_interleave(p, 3).to(imgs.dtype)
+            cell = upsample_cells(mask.view(s, 1, *self.grid), p).to(imgs.dtype)
             mixed = imgs[a] * (1 - cell) + imgs[b] * cell
             seen = imgs.clone()
             seen[b] = mixed

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.masking import (compact, gather_tokens, grid_sampling, kept_block_order, random_sampling,
-                            secondary_masking, uniform_sampling)
+                            secondary_masking, uniform_sampling, upsample_cells)
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
@@ -92,7 +92,7 @@ class UMMAE(MIMMethod):
         kept = compact(tokens, ids, self.grid)
         k = kept.shape[1] // (self.grid[0] // 2)
         w = sm.view(sm.shape[0], self.grid[0] // 2, self.grid[1] // 2)
-        w = w.repeat_interleave(k, 1).repeat_interleave(k, 2).unsqueeze(-1).to(kept.dtype)
+        w = upsample_cells(w, k).unsqueeze(-1).to(kept.dtype)
         kept = kept * (1 - w) + enc.mask_token_input(self.vis_mask_token).to(kept.dtype) * w
         feat = enc.forward_uniform(kept, ids, self.grid)  # (N, h, w, C_last), h = rows / 4
         x = self.to_decoder(feat).permute(0, 3, 1, 2)

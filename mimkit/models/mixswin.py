@@ -16,6 +16,7 @@ from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from mimkit.masking import upsample_cells
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
@@ -102,7 +103,7 @@ class MixStage(nn.Module):
         index = relative_index(*win, self.window, x.device)
         group_mask = None
         if groups is not None:  # nearest-upsample the cell map to this stage's resolution
-            gmap = groups.repeat_interleave(h // groups.shape[1], 1).repeat_interleave(w // groups.shape[2], 2)
+            gmap = upsample_cells(groups, h // groups.shape[1], w // groups.shape[2])
             group_mask = group_attention_mask(gmap, *win)
         for blk in self.blocks:
             x = blk(x, win, index, group_mask)
