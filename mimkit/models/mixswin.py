@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +24,10 @@ from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
 
 
+@functools.lru_cache(maxsize=64)
 def relative_index(wh: int, ww: int, table_window: int, device=None) -> torch.Tensor:
-    """(T, T) indices into a ((2W-1)^2)-row bias table for a wh x ww window (wh, ww <= W)."""
+    """(T, T) indices into a ((2W-1)^2)-row bias table for a wh x ww window (wh, ww <= W). Cached per shape and
+    device: every block of every forward asks for the same few (read-only) index tensors."""
     r, c = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
     coords = torch.stack([r.flatten(), c.flatten()])  # (2, T)
     rel = coords[:, :, None] - coords[:, None, :] + table_window - 1
