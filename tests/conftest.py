@@ -83,3 +83,19 @@ def cli_finetune(data, pretrained, out, *extra: str) -> dict:
     return _cli_json(["finetune", "--data", str(data), "--pretrained", str(pretrained), "--epochs", "1",
                       "--batch-size", "4", "--precision", "fp32", "--num-workers", "0", "--output", str(out),
                       "--no-progress", "--mixup", "0", "--cutmix", "0", *extra])
+
+
+def exported_twin(model, path):
+    """Move the encoder's weights away from init (so that a silent non-load would show), export it to ``path`` and
+    load the file with timm's documented call: (export metadata, the timm model in eval mode)."""
+    import timm
+    import torch
+
+    from mimkit.export import export_encoder
+
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    meta = export_encoder(model, path)
+    net = timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    return meta, net.eval()

@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_finetune, cli_pretrain, fit_fixed_batch, make_folder
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
-from mimkit.export import export_encoder
 from mimkit.masking import complementary_pair, cycle_mask, num_masked, random_masking
 from mimkit.methods import create_method
 
@@ -96,15 +95,10 @@ def test_dm_msa_fusion_weights_sum_to_one():
 
 def test_dyvit_api_features_export_and_size_error(tmp_path):
     model = _model()
-    with torch.no_grad():
-        for p in model.encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    path = tmp_path / "dy.safetensors"
-    meta = export_encoder(model, path)
-    net = timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    meta, net = exported_twin(model, tmp_path / "dy.safetensors")
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
-        assert torch.allclose(net.eval().forward_features(x), model.encoder.eval().forward_features(x), atol=1e-5)
+        assert torch.allclose(net.forward_features(x), model.encoder.eval().forward_features(x), atol=1e-5)
     feats = timm.create_model("dyvit_pico_128", features_only=True)(x)
     assert [tuple(f.shape[1:]) for f in feats] == [(24, 32, 32), (48, 16, 16), (96, 8, 8), (192, 4, 4)]
     assert timm.create_model("dyvit_tiny_224", features_only=True).feature_info.reduction() == [4, 8, 16, 32]

@@ -1,15 +1,13 @@
 import json
 
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from conftest import cli_finetune, cli_pretrain, fit_fixed_batch, make_folder
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
-from mimkit.export import export_encoder
 from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
 from mimkit.methods import create_method
 from mimkit.models.rpb_vit import expand_rel_pos_table
@@ -115,16 +113,12 @@ def test_loss_trains_only_masked_in_window_patches_and_overfits():
 
 def test_export_and_finetune_at_a_new_resolution(tmp_path):
     model = _model()
-    with torch.no_grad():
-        for p in model.encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
     path = tmp_path / "lomar.safetensors"
-    meta = export_encoder(model, path)
+    meta, net = exported_twin(model, path)
     assert meta["timm_model"] == "rpbvit_pico_patch8_64"
-    net = timm.create_model("rpbvit_pico_patch8_64", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(net.eval().forward_head(net.forward_features(x), pre_logits=True),
+        assert torch.allclose(net.forward_head(net.forward_features(x), pre_logits=True),
                               model.extract_features(x), atol=1e-5)
     from mimkit.eval.finetune import build_classifier
     from mimkit.eval.finetune import load_encoder_source

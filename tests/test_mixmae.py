@@ -2,9 +2,8 @@ import pytest
 import timm
 import torch
 
-from conftest import cli_finetune, cli_pretrain, fit_fixed_batch, make_folder
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
-from mimkit.export import export_encoder
 from mimkit.methods import create_method
 from mimkit.patches import normalized_target, patchify
 
@@ -101,16 +100,11 @@ def test_attention_mask_is_safe_in_half_precision(dtype):
 
 def test_encoder_api_export_and_features_only(tmp_path):
     model = _model()
-    with torch.no_grad():
-        for p in model.encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    path = tmp_path / "mix.safetensors"
-    meta = export_encoder(model, path)
+    meta, net = exported_twin(model, tmp_path / "mix.safetensors")
     assert meta["timm_model"] == "mixswin_pico_patch4_window16_128"
-    net = timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
-        assert torch.allclose(net.eval().forward_features(x), model.encoder.eval().forward_features(x), atol=1e-5)
+        assert torch.allclose(net.forward_features(x), model.encoder.eval().forward_features(x), atol=1e-5)
     feats = timm.create_model(meta["timm_model"], features_only=True)(x)
     assert [f.shape[1:] for f in feats] == [(32, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
     assert timm.create_model("mixswin_base_patch4_window14_224").num_features == 1024
