@@ -29,7 +29,7 @@ def final_loss(run: Path, last_records: int = 5) -> float:
 
 def run_masking_ablation(data: str, output: str, recipe: str = "ablation_vit_nano_cpu", epochs: int | None = None,
                          knn: bool = True, seed: int = 0) -> list[dict]:
-    from mimkit.engine.trainer import pretrain
+    from mimkit.pretraining import pretrain
     from mimkit.eval import knn_evaluate
     from mimkit.loading import load_pretrained
 

@@ -8,15 +8,57 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG = "Run `mimkit COMMAND --help` for the options of a command."
+EPILOG = ("Run `mimkit COMMAND --help` for the options of a command. Exit codes: 0 done, 2 bad option/file/data, "
+          "3 stopped by a signal after saving (rerun to resume), 4 diverged, 5 checkpoint could not be written.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``mimkit CMD: error: ...``) with exit code 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: an int or float within [low, high] (or open bounds); the error states the range."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            parts = []
+            if low is not None:
+                parts.append(f"{'>' if low_open else '>='} {low}")
+            if high is not None:
+                parts.append(f"{'<' if high_open else '<='} {high}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(parts)}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+POS_INT = _number(int, 1)
+NONNEG_INT = _number(int, 0)
+POS_FLOAT = _number(float, 0, low_open=True)
 
 
 def _device(name: str):
     import torch
 
+    from mimkit.errors import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+    return dev
 
 
 def _load_model(args):
@@ -24,34 +66,51 @@ def _load_model(args):
     from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
     from mimkit.loading import load_pretrained, random_init
 
+    from mimkit.errors import ConfigError
+
+    if args.checkpoint and args.random_init:
+        raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
         model, cfg = load_pretrained(args.checkpoint)
         return model, cfg.img_size, cfg.mean, cfg.std
     if not args.random_init:
-        sys.exit("error: give a checkpoint (file or run folder) or --random-init MODEL")
+        raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
     model = random_init(args.random_init, img_size=args.img_size, seed=args.seed)
     return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
 def cmd_pretrain(args):
     from mimkit.config import PretrainConfig, config_from_args
-    from mimkit.engine.trainer import pretrain
+    from mimkit.pretraining import pretrain
+
+    from mimkit.errors import ConfigError
 
     cfg = config_from_args(args, PretrainConfig)
     if not cfg.data:
-        sys.exit("error: --data is required (a folder of images, an ImageFolder root, or a file list)")
+        raise ConfigError("data (--data) is required: a folder of images, an ImageFolder root, or a file list")
     summary = pretrain(cfg)
     print(json.dumps(summary, indent=2))
+    return _run_exit_code(summary)
+
+
+def _run_exit_code(summary: dict) -> int:
+    from mimkit.errors import EXIT_OK, EXIT_STOPPED
+
+    return EXIT_STOPPED if summary.get("stopped_by") else EXIT_OK
 
 
 def cmd_finetune(args):
     from mimkit.config import config_from_args
     from mimkit.eval.finetune import FinetuneConfig, finetune
 
+    from mimkit.errors import ConfigError
+
     cfg = config_from_args(args, FinetuneConfig)
     if not cfg.data:
-        sys.exit("error: --data is required (an ImageFolder root with train/<class>/ and val/<class>/)")
-    print(json.dumps(finetune(cfg), indent=2))
+        raise ConfigError("data (--data) is required: an ImageFolder root with train/<class>/ and val/<class>/")
+    summary = finetune(cfg)
+    print(json.dumps(summary, indent=2))
+    return _run_exit_code(summary)
 
 
 def cmd_knn(args):
@@ -172,7 +231,7 @@ def cmd_recipes(args):
 
 def cmd_demo(args):
     from mimkit.config import PretrainConfig, config_from_dict, load_recipe
-    from mimkit.engine.trainer import pretrain
+    from mimkit.pretraining import pretrain
 
     t0 = time.time()
     here = Path(__file__).resolve().parent.parent
@@ -221,14 +280,14 @@ def cmd_ablate_masking(args):
 def _eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run folder (its newest checkpoint)")
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
-    p.add_argument("--img-size", type=int, help="resolution (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=_number(int, 8), help="resolution (default: the checkpoint's)")
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from mimkit.config import PretrainConfig, add_config_arguments
 
-    parser = argparse.ArgumentParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.",
+    parser = OneLineParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.",
                                      epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -250,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("knn", help="weighted cosine kNN top-1 on a labelled ImageFolder (train/ and val/)")
     _eval_model_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=POS_INT, default=20)
+    p.add_argument("--temperature", type=POS_FLOAT, default=0.07)
     p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="feature: mean of patch tokens, or cls")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=POS_INT, default=128)
+    p.add_argument("--num-workers", type=NONNEG_INT, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_knn)
 
@@ -263,15 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _eval_model_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--blr", type=float, default=0.1, help="lr = blr x batch / 256")
-    p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=POS_INT, default=90)
+    p.add_argument("--batch-size", type=POS_INT, default=256)
+    p.add_argument("--blr", type=POS_FLOAT, default=0.1, help="lr = blr x batch / 256")
+    p.add_argument("--warmup-epochs", type=NONNEG_INT, default=10)
     p.add_argument("--no-cache", action="store_true",
                    help="augment and re-encode every epoch instead of caching features once (slow on CPU)")
     p.add_argument("--pool", choices=["avg", "cls"], default="avg")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=NONNEG_INT, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output", help="folder for linprobe.json and the head's weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_linprobe)
@@ -279,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the encoder as safetensors with timm key names")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--head-classes", type=int, default=None,
+    p.add_argument("--head-classes", type=NONNEG_INT, default=None,
                    help="include a zero-initialized classifier of this many classes (default: the timm model's, "
                         "so its default create_model call loads strictly); 0 = encoder only")
     p.set_defaults(func=cmd_export)
@@ -287,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="reconstruction figure (original, encoder input, reconstruction, pasted)")
     _eval_model_args(p)
     p.add_argument("--data", required=True, help="images to show (val/ of an ImageFolder root if present)")
-    p.add_argument("--num", type=int, default=8, help="number of images")
+    p.add_argument("--num", type=_number(int, 1, 64), default=8, help="number of images (1-64)")
     p.add_argument("--stats", choices=["target", "visible"], default="target",
                    help="de-normalize norm-pixel predictions with each patch's true statistics (target) or with "
                         "the visible patches' statistics only (visible, no leakage)")
@@ -298,13 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="registered model names, each optionally "
                    "with its own options as name:key=value,key=value; ratios are vs the first (at each --img-size)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, nargs="+", help="one or more resolutions (default: each model's)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--batch-size", type=POS_INT, default=32)
+    p.add_argument("--img-size", type=_number(int, 8), nargs="+", help="one or more resolutions (default: each "
+                   "model's)")
+    p.add_argument("--steps", type=POS_INT, default=10, help="timed steps")
+    p.add_argument("--warmup", type=NONNEG_INT, default=3, help="untimed warm-up steps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
     p.add_argument("--json", action="store_true")
@@ -312,10 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mask-frequency", help="heat maps of how often each unit is masked: random vs CoMA's "
                        "complementary masks (CoMA Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--grid", type=int, default=7, help="units per side (7 = 224 px / 32 px units)")
-    p.add_argument("--ratio", type=float, default=0.6)
-    p.add_argument("--iterations", type=int, default=1600)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=_number(int, 2, 64), default=7, help="units per side (7 = 224 px / 32 px units)")
+    p.add_argument("--ratio", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.6)
+    p.add_argument("--iterations", type=POS_INT, default=1600)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument("--out", default="mask_frequency.png")
     p.set_defaults(func=cmd_mask_frequency)
 
@@ -324,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="images (labelled ImageFolder root for the kNN column)")
     p.add_argument("--output", default="runs/ablate_masking")
     p.add_argument("--recipe", default="ablation_vit_nano_cpu", help="base recipe (a UM-MAE ViT model)")
-    p.add_argument("--epochs", type=int, help="epochs per variant (default: the recipe's)")
+    p.add_argument("--epochs", type=POS_INT, help="epochs per variant (default: the recipe's)")
     p.add_argument("--no-knn", action="store_true", help="skip the kNN column (unlabelled data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.set_defaults(func=cmd_ablate_masking)
 
     p = sub.add_parser("models", help="list registered pretraining models, or the options of one")
@@ -339,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the bundled demo: short pretraining, kNN vs random init, reconstruction figure")
     p.add_argument("--data", help="images (default: the bundled sample set)")
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget")
+    p.add_argument("--minutes", type=POS_FLOAT, default=3.0, help="pretraining time budget")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -351,21 +411,25 @@ def _kv(text: str):
 
 
 def main(argv=None) -> int:
+    """The ``mimkit`` command; returns the exit code (see EPILOG and docs/reliability.md)."""
     import mimkit  # noqa: F401  (compat shim + model registries)
-    from mimkit.config import ConfigError
-    from mimkit.data.sources import DataError
-    from mimkit.engine.checkpoint import CheckpointError
-    from mimkit.engine.trainer import TrainingDiverged
+    from mimkit.errors import MimkitError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a one-line usage error (2)
+        return int(done.code or 0)
     args.argv = argv  # the command as given, for records such as the ablation table
     try:
-        args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged, ValueError) as err:
+        code = args.func(args)
+    except MimkitError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

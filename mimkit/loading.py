@@ -1,17 +1,21 @@
 """Rebuild a pretraining model from a mimkit checkpoint (or at random init), with clear errors."""
 from __future__ import annotations
 
+import logging
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from mimkit.config import PretrainConfig, config_from_dict
+from mimkit.config import ConfigError, PretrainConfig, config_from_dict
 from mimkit.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from mimkit.methods import MIMMethod
 
+log = logging.getLogger("mimkit")
+
 
 def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, PretrainConfig]:
-    from mimkit.engine.trainer import build_model
+    from mimkit.pretraining import build_pretrain_model
 
     path = Path(path)
     if path.is_dir():
@@ -20,17 +24,48 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
         ckpts = list_checkpoints(path)
         if not ckpts:
             raise CheckpointError(f"{path}: folder holds no checkpoint-*.pt file")
-        path = ckpts[-1]
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        for candidate in reversed(ckpts):  # newest readable; a reader never moves or deletes files
+            try:
+                state = load_checkpoint(candidate)
+            except CheckpointError as err:
+                log.warning("skipping %s", err)
+                continue
+            path = candidate
+            break
+        else:
+            raise CheckpointError(f"{path}: none of its {len(ckpts)} checkpoint files is readable")
+    else:
+        state = load_checkpoint(path)
+    if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (expected keys 'model' and 'config')")
-    cfg = config_from_dict(PretrainConfig, dict(state["config"]), f"{path} config")
-    model = build_model(cfg)
+    cfg = saved_config(state["config"], path)
+    try:
+        model = build_pretrain_model(cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its model cannot be built here ({err})") from None
     missing, unexpected = load_weights(model, state["model"], path, cfg.model, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit model '{cfg.model}' (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); was it written by another mimkit version?")
     return model.to(map_location), cfg
+
+
+RENAMED_OPTIONS = {"max_nonfinite": "max_bad_steps"}
+
+
+def saved_config(values, path: Path) -> PretrainConfig:
+    """The configuration stored in a checkpoint, readable across mimkit versions: renamed options are mapped,
+    options this version does not know are dropped, and run-only settings (resume) are reset."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: its 'config' entry is not a mapping")
+    known = {f.name for f in fields(PretrainConfig)}
+    values = {RENAMED_OPTIONS.get(k, k): v for k, v in values.items()}
+    values = {k: v for k, v in values.items() if k in known}
+    values.update(resume="none", overwrite=False)
+    try:
+        return config_from_dict(PretrainConfig, values, f"{path} config")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored configuration is invalid ({err})") from None
 
 
 def random_init(model_name: str, img_size: int | None = None, seed: int = 0, **model_args) -> MIMMethod:

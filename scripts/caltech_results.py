@@ -23,7 +23,7 @@ import mimkit  # noqa: F401
 from mimkit.bench import bench_model
 from mimkit.config import PretrainConfig
 from mimkit.data import find_images
-from mimkit.engine.trainer import pretrain
+from mimkit.pretraining import pretrain
 from mimkit.eval import linear_probe
 from mimkit.eval.finetune import FinetuneConfig, finetune
 from mimkit.loading import load_pretrained, random_init
@@ -59,7 +59,7 @@ def plan_epochs(runs, data: str, img_size: int, minutes: float, batch_size: int 
 def pretrain_run(preset: str, args: dict, data: str, img_size: int, epochs: int, blr: float, output: Path) -> dict:
     cfg = PretrainConfig(data=data, model=preset, img_size=img_size, epochs=epochs, batch_size=64, blr=blr,
                          warmup_epochs=max(1, epochs // 10), precision="fp32", seed=0, output=str(output),
-                         resume="none", progress=False, save_every_epochs=max(1, epochs), model_args=args)
+                         resume="none", overwrite=True, progress=False, save_every_epochs=max(1, epochs), model_args=args)
     t0 = time.time()
     summary = pretrain(cfg)
     return dict(pretrain_epochs=summary["epochs_done"], pretrain_steps=summary["steps"],
@@ -103,7 +103,7 @@ def main():
         ft = finetune(FinetuneConfig(data=args.data, output=str(out / f"ft_{preset or 'random_' + blr}"),
                                      epochs=args.ft_epochs, img_size=args.img_size, batch_size=64, warmup_epochs=1,
                                      blr=2e-3, mixup=0.0, cutmix=0.0, reprob=0.0, precision="fp32", seed=0,
-                                     resume="none", progress=False, **source))
+                                     resume="none", overwrite=True, progress=False, **source))
         row.update(finetune_top1=ft["val_top1"], finetune_best=ft["best_val_top1"], finetune_s=ft["wall_time_s"])
         rows = [r for r in rows if r["label"] != label] + [row]
         results.write_text(json.dumps(rows, indent=2))

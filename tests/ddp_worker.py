@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import pico_config  # noqa: E402
 
-from mimkit.engine.trainer import Trainer  # noqa: E402
+from mimkit.pretraining import PretrainTrainer as Trainer  # noqa: E402
 
 
 def main(data, out):

@@ -71,7 +71,7 @@ def test_models_and_recipes_listing(capsys):
     (["pretrain", "--data", "/nonexistent/folder", "--model", "mae_vit_pico_patch8"], "no such file or folder"),
     (["pretrain", "--data", ".", "--model", "mae_vit_pico_patchh8"], "Did you mean"),
     (["pretrain", "--data", ".", "--model", "mae_vit_pico_patch8", "--model-arg", "decoder_layers=2"],
-     "has no option decoder_layers"),
+     "has no option 'decoder_layers'"),
 ])
 def test_bad_input_gives_a_clear_error(argv, needle, tmp_path, capsys):
     assert main(argv + ["--output", str(tmp_path), "--no-progress"]) == 2
@@ -88,7 +88,7 @@ def test_unknown_recipe_key(tmp_path, tiny_folder, capsys):
 def test_bad_checkpoints(tmp_path, capsys):
     (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
     assert main(["export", str(tmp_path / "trunc.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "not a readable mimkit checkpoint" in capsys.readouterr().err
+    assert "trunc.pt: not a readable checkpoint" in capsys.readouterr().err
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
     assert main(["export", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not a mimkit pretraining checkpoint" in capsys.readouterr().err
@@ -127,7 +127,7 @@ def test_masking_ablation_runner(tiny_folder, tmp_path, capsys):
 def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_folder, tmp_path, capsys):
     from conftest import pico_config
     from mimkit.engine.checkpoint import list_checkpoints
-    from mimkit.engine.trainer import pretrain
+    from mimkit.pretraining import pretrain
 
     pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1))
     path = list_checkpoints(tmp_path / "run")[-1]

@@ -150,7 +150,7 @@ def test_mask_frequency_figure_and_cli(tmp_path, capsys):
 def test_cycle_masks_and_ema_teacher_resume_exactly(tiny_folder, tmp_path, monkeypatch):
     from conftest import pico_config
     from mimkit.engine.checkpoint import list_checkpoints, load_checkpoint
-    from mimkit.engine.trainer import pretrain
+    from mimkit.pretraining import pretrain
     from mimkit.methods.coma import CoMA
 
     seen = []

@@ -7,7 +7,8 @@ import torch
 
 from conftest import pico_config
 from mimkit.engine.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
-from mimkit.engine.trainer import Trainer, TrainingDiverged, pretrain
+from mimkit.engine.trainer import TrainingDiverged
+from mimkit.pretraining import PretrainTrainer as Trainer, pretrain
 from mimkit.methods.mae import MAE
 from mimkit.methods.registry import register_preset
 
@@ -73,12 +74,13 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
-    atomic_save({"step": 1}, tmp_path / "checkpoint-000000001.pt")
-    atomic_save({"step": 2}, tmp_path / "checkpoint-000000002.pt")
+    atomic_save({"model": {"w": torch.ones(2)}, "step": 1}, tmp_path / "checkpoint-000000001.pt")
+    atomic_save({"model": {"w": torch.ones(2)}, "step": 2}, tmp_path / "checkpoint-000000002.pt")
     data = (tmp_path / "checkpoint-000000002.pt").read_bytes()
     (tmp_path / "checkpoint-000000002.pt").write_bytes(data[: len(data) // 2])
     path, state = latest_checkpoint(tmp_path)
     assert path.name == "checkpoint-000000001.pt" and state["step"] == 1
+    assert (tmp_path / "corrupt" / "checkpoint-000000002.pt").read_bytes() == data[: len(data) // 2]  # kept aside
 
 
 class FlakyMAE(MAE):
@@ -114,14 +116,15 @@ def test_one_nonfinite_step_is_skipped_and_the_run_survives(tiny_folder, tmp_pat
 def test_repeated_nonfinite_steps_stop_the_run(tiny_folder, tmp_path):
     FlakyMAE.bad_calls = set(range(4, 100))
     with pytest.raises(TrainingDiverged, match="consecutive"):
-        pretrain(pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=3, max_nonfinite=3))
+        pretrain(pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=3, max_bad_steps=3, on_divergence="stop"))
     FlakyMAE.bad_calls = set()
 
 
 def test_learning_rate_scaling_and_schedule(tiny_folder, tmp_path):
     t = Trainer(pico_config(tiny_folder, tmp_path, batch_size=4, accum_steps=2, blr=2.56e-2, warmup_epochs=1,
                             epochs=4))
-    t._setup()
+    t.setup()
+    t.lock.release()
     assert t.lr == pytest.approx(2.56e-2 * 8 / 256)
     lrs = []
     for step in range(t.total_steps + 1):

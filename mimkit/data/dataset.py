@@ -1,8 +1,12 @@
 """Datasets that never die on a bad image: it is replaced by another one and reported with the batch."""
 from __future__ import annotations
 
+import hashlib
+import random
+from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -17,17 +21,31 @@ class ImageDataset(Dataset):
 
     An unreadable, truncated or too-small image is replaced by the next readable one (deterministically, so the
     batch shape never changes) and listed in ``skipped`` so the trainer can count and log it.
+
+    With ``seed`` set, the random augmentation of a sample depends only on (seed, epoch, index): the same in any
+    worker process and after a resume, which makes a resumed run continue exactly.
     """
 
-    def __init__(self, images: ImageList, transform: Callable, min_image_size: int = 8):
+    def __init__(self, images: ImageList, transform: Callable, min_image_size: int = 8, seed: int | None = None):
         self.images = images
         self.transform = transform
         self.min_image_size = min_image_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
+        if self.seed is None:
+            return self._load(index)
+        with seeded(sample_seed(self.seed, self.epoch, index)):
+            return self._load(index)
+
+    def _load(self, index: int) -> dict:
         skipped = []
         n = len(self.images)
         for attempt in range(min(n, MAX_REPLACEMENT_TRIES)):
@@ -47,6 +65,28 @@ class ImageDataset(Dataset):
             return {"image": image, "label": label, "index": i, "skipped": skipped}
         raise DataError(f"{self.images.root}: {len(skipped)} images in a row could not be read "
                         f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed from (seed, epoch, index), independent of the process that asks."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextmanager
+def seeded(seed: int):
+    """Seed torch's, Python's and numpy's global generators (all that torchvision and timm transforms use), and
+    restore their states afterwards so that the caller's random streams are untouched."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def collate(samples: list[dict]) -> dict:

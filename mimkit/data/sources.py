@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mimkit.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message names the path and the fix."""
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageList", "find_images", "labelled_splits", "scan_tree"]
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ImageList:
     labels: list[int] | None = None
     classes: list[str] = field(default_factory=list)
     root: str = ""
+    ignored: dict[str, int] = field(default_factory=dict)  # files skipped for an unsupported type, by extension
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -29,19 +30,48 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def scan_tree(root: Path) -> list[str]:
-    """All image files below ``root`` (recursive, sorted, hidden folders skipped, symlinked folders followed)."""
-    found = []
+def scan_tree(root: Path, ignored: Counter | None = None) -> list[str]:
+    """All image files below ``root`` (recursive, sorted, hidden folders skipped, symlinked folders followed).
+
+    Each real folder is visited once and each real file listed once, so symlink loops and links to folders already
+    seen add nothing. Other files are counted by extension in ``ignored`` when given."""
+    found, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            path = os.path.join(dirpath, f)
+            if not _is_image(f):
+                if ignored is not None:
+                    ignored[os.path.splitext(f)[1].lower()] += 1
+                continue
+            real_file = os.path.realpath(path)
+            if real_file not in seen_files:
+                seen_files.add(real_file)
+                found.append(path)
     return found
 
 
 def read_file_list(list_file: Path) -> list[str]:
     """One image path per line; blank lines and ``#`` comments ignored; relative paths are relative to the list file."""
+    if list_file.name.lower().endswith(IMAGE_EXTENSIONS):
+        raise DataError(f"{list_file}: is an image, not a folder or a list of images. Point --data at the folder "
+                        "that holds it, or at a text file listing image paths.")
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file}: not a text file listing image paths (it is not UTF-8 text). --data takes a "
+                        "folder of images, an ImageFolder root, or a text file with one image path per line.") \
+            from None
     paths = []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -58,19 +88,22 @@ def _class_folder_list(split_dir: Path, classes: list[str] | None = None) -> Ima
         classes = class_dirs
     index = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
+    ignored: Counter = Counter()
     for c in class_dirs:
         if c not in index:
             raise DataError(f"{split_dir / c}: class folder not present in the training split; "
                             f"val/ must use the class names of train/ ({', '.join(classes[:5])}, ...)")
-        for p in scan_tree(split_dir / c):
+        for p in scan_tree(split_dir / c, ignored):
             paths.append(p)
             labels.append(index[c])
-    return ImageList(paths, labels, classes, str(split_dir))
+    return ImageList(paths, labels, classes, str(split_dir), dict(ignored))
 
 
 def _require_images(images: ImageList, where: Path) -> ImageList:
     if len(images) == 0:
-        raise DataError(f"{where}: no images found. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} "
+        counts = ", ".join(f"{n} {ext or 'without extension'}" for ext, n in sorted(images.ignored.items()))
+        other = f" (only other files: {counts})" if counts else ""
+        raise DataError(f"{where}: no images found{other}. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} "
                         "(case-insensitive, searched recursively). Point --data at a folder of images, an "
                         "ImageFolder root with train/ (and val/), or a text file with one image path per line.")
     return images
@@ -98,7 +131,9 @@ def find_images(path: str | os.PathLike, split: str = "train") -> ImageList:
         if not split_dir.is_dir():
             raise DataError(f"{p}: has no {split}/ folder")
         return _require_images(_class_folder_list(split_dir), split_dir)
-    return _require_images(ImageList(scan_tree(p), root=str(p)), p)
+    ignored: Counter = Counter()
+    images = ImageList(scan_tree(p, ignored), root=str(p), ignored=dict(ignored))
+    return _require_images(images, p)
 
 
 def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageList, ImageList]:

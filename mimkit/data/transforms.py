@@ -50,7 +50,9 @@ def compute_mean_std(paths: list[str], max_images: int = 2000, size: int = 64, s
         total_sq += (x * x).sum(1)
         count += x.shape[1]
     if count == 0:
-        raise ValueError("no readable image to compute mean/std from")
+        from mimkit.errors import DataError
+
+        raise DataError("--compute-mean-std: none of the sampled images could be read")
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=1e-12).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())

@@ -1,46 +1,68 @@
-"""Checkpoints: plain data (loadable with ``torch.load(weights_only=True)``), written atomically, rotated."""
+"""Checkpoints: plain data (``torch.load(weights_only=True)``), written atomically, read back and verified, rotated
+only behind newer verified ones, unreadable ones moved aside (never deleted). See docs/reliability.md."""
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
+import shutil
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mimkit.errors import CheckpointError, SaveFailed
+
 log = logging.getLogger("mimkit")
 _NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    pass
+_TMP = re.compile(r"^\..+\.tmp\d+$")
+QUARANTINE = "corrupt"
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"checkpoint-{step:09d}.pt"
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def checkpoint_step(path: Path) -> int | None:
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
 
 
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush, fsync, rename, fsync the folder: a kill never leaves a
+    half file under ``path``. A failed write removes its temporary file and re-raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-*.pt`` files of ``folder``, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -49,51 +71,198 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` whose every failure is one line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint file (or a run folder where a run folder is "
+                              "accepted)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as err:  # truncated zip, foreign pickle, ...
-        raise CheckpointError(f"{path}: not a readable mimkit checkpoint ({type(err).__name__}: {err}). "
-                              "If a run was killed while saving, use the previous checkpoint.") from None
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds Python objects beyond tensors and plain data; mimkit does not "
+                              "execute pickled code from files. Use a file written by mimkit or a plain state "
+                              "dict.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first}); it may be truncated by a kill "
+                              "or a full disk, or not be a PyTorch file") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dictionary of weights")
+    return state
 
 
 def load_weights(model, weights: dict, path: Path, model_name: str, hint: str = "", strict: bool = True):
     """``model.load_state_dict`` whose shape or key errors name the checkpoint, the model and the fix."""
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its weights are a {type(weights).__name__}, not a state dict")
     try:
         return model.load_state_dict(weights, strict=strict)
     except RuntimeError as err:
-        lines = str(err).splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise CheckpointError(f"{path}: weights do not fit model '{model_name}': {detail} ...{hint}") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: weights do not fit model '{model_name}': {detail[:300]} ...{hint}") from None
 
 
-def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
-    """Newest readable checkpoint in ``folder`` (an unreadable newest one is reported and skipped)."""
-    for path in reversed(list_checkpoints(folder)):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as err:
-            log.warning("skipping unreadable checkpoint: %s", err)
-    return None
+def _tensors(obj, prefix: str = ""):
+    """(key path, tensor) of every tensor inside nested dicts / lists."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
 
 
-def rotate(folder: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` rotating checkpoints (``epoch-*.pt`` copies are never touched)."""
-    ckpts = list_checkpoints(folder)
-    for path in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
-        path.unlink(missing_ok=True)
+def nonfinite_tensors(state: dict, keys=("model", "optimizer")) -> list[str]:
+    """Key paths of floating tensors under ``keys`` that hold a NaN or an infinity."""
+    bad = []
+    for key in keys:
+        for name, t in _tensors(state.get(key, {}), key):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad
+
+
+def verify(written: dict, expected: dict, path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``written`` has the keys, shapes and dtypes of ``expected`` and finite
+    model and optimizer tensors."""
+    want = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(expected)}
+    got = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(written)}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise CheckpointError(f"{path}: read back differs from what was written ({diff})")
+    if set(written) != set(expected):
+        raise CheckpointError(f"{path}: read back has keys {sorted(written)}, expected {sorted(expected)}")
+    bad = nonfinite_tensors(written)
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:3])}")
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move ``path`` into ``corrupt/`` beside it (never delete it); returns the new path."""
+    path = Path(path)
+    dest_dir = path.parent / QUARANTINE
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / path.name
+    n = 1
+    while dest.exists():
+        dest = dest_dir / f"{path.name}.{n}"
+        n += 1
+    os.replace(path, dest)
+    log.warning("moved unusable checkpoint %s to %s (%s)", path.name, dest, reason)
+    return dest
 
 
 def keep_copy(path: Path, keep_as: Path) -> None:
-    """A permanent copy of a checkpoint (a hard link where the file system allows it)."""
-    keep_as.unlink(missing_ok=True)
+    """A permanent copy of a checkpoint (a hard link where the file system allows it), replaced atomically."""
+    tmp = keep_as.parent / f".{keep_as.name}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(path, keep_as)
+        os.link(path, tmp)
     except OSError:
-        import shutil
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, keep_as)
 
-        shutil.copyfile(path, keep_as)
+
+class CheckpointStore:
+    """The rotating ``checkpoint-*.pt`` files of one run folder.
+
+    A checkpoint counts (is *verified*) once it was read back after its write (or loaded at start) and found
+    complete and finite. Rotation deletes a file only when ``keep_last`` newer verified files exist; unreadable
+    files are moved to ``corrupt/``; temporary files of interrupted writes are removed at start.
+    """
+
+    def __init__(self, folder: Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = max(1, keep_last)
+        self.verified: list[Path] = []
+
+    def clean_leftovers(self) -> list[str]:
+        removed = []
+        if self.folder.is_dir():
+            for p in self.folder.iterdir():
+                if _TMP.match(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        if removed:
+            log.info("removed %d leftover temporary file(s) of interrupted writes: %s", len(removed),
+                     ", ".join(sorted(removed)[:5]))
+        return removed
+
+    def latest(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads and holds finite weights; newer unusable ones are moved aside."""
+        for path in reversed(list_checkpoints(self.folder)):
+            try:
+                state = load_checkpoint(path)
+                bad = nonfinite_tensors(state)
+                if "model" not in state or "step" not in state:
+                    raise CheckpointError(f"{path}: not a mimkit training checkpoint (no 'model' or 'step')")
+                if bad:
+                    raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:3])}")
+            except CheckpointError as err:
+                quarantine(path, str(err))
+                continue
+            self.verified = [path]
+            return path, state
+        return None
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write, read back and verify ``state`` as ``checkpoint-{step}.pt``; then rotate. On any failure the file
+        just written is removed and ``SaveFailed`` names the cause; verified checkpoints are untouched."""
+        path = checkpoint_path(self.folder, step)
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise SaveFailed(f"{path}: not written: non-finite values in {', '.join(bad[:3])}")
+        t0 = time.time()
+        try:
+            atomic_save(state, path)
+        except OSError as err:
+            raise SaveFailed(f"{path}: could not be written ({err.strerror or err}); free disk space or fix "
+                             f"permissions in {self.folder}, then rerun to resume from "
+                             f"{self.describe_latest()}") from None
+        try:
+            written = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            verify(written, state, path)
+            del written
+        except Exception as err:  # a file that does not read back equal is not a checkpoint
+            path.unlink(missing_ok=True)
+            raise SaveFailed(f"{path}: failed verification after writing and was removed ({err}); the last "
+                             f"verified checkpoint is {self.describe_latest()}") from None
+        self.verified = [p for p in self.verified if p != path] + [path]
+        self.rotate()
+        log.debug("wrote and verified %s in %.2f s", path.name, time.time() - t0)
+        return path
+
+    def rotate(self) -> list[Path]:
+        """Delete ``checkpoint-*.pt`` files older than the ``keep_last``-th newest verified one."""
+        if len(self.verified) < self.keep_last:
+            return []
+        oldest_kept = checkpoint_step(self.verified[-self.keep_last])
+        removed = []
+        for path in list_checkpoints(self.folder):
+            step = checkpoint_step(path)
+            if step is not None and step < oldest_kept:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        self.verified = [p for p in self.verified if p not in removed]
+        return removed
+
+    def newest_verified(self) -> Path | None:
+        return self.verified[-1] if self.verified else None
+
+    def describe_latest(self) -> str:
+        path = self.newest_verified()
+        return str(path) if path is not None else "none (no checkpoint has been written yet)"
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
+    """Newest usable checkpoint in ``folder`` (unusable newer ones are moved to ``corrupt/``)."""
+    return CheckpointStore(folder, 1).latest()
 
 
 def capture_rng() -> dict:

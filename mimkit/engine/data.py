@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mimkit.data import ImageDataset, collate
 from mimkit.data.sources import DataError
+from mimkit.engine.signals import ignore_stop_signals
 
 
 class ResumableSampler(Sampler[int]):
@@ -36,6 +37,7 @@ class ResumableSampler(Sampler[int]):
 
 
 def _seed_worker(worker_id: int) -> None:
+    ignore_stop_signals()
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,9 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes; collectives time out after ``timeout_min`` so that a dead rank
+    makes the others fail with a message instead of waiting forever."""
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -37,15 +40,27 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                timeout=timedelta(minutes=timeout_min))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dev)
 
 
-def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``op``: sum, max or min); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op])
     return tensor
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

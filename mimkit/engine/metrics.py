@@ -39,6 +39,30 @@ def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.
     return log
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records after ``step`` (written by a run that was then interrupted), so that after a resume every step
+    appears once. Returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if rec_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 class RunRecorder:
     def __init__(self, output: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
                  start_step: int):
@@ -52,7 +76,9 @@ class RunRecorder:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
+            # purge_step drops events past the resume step that an interrupted run wrote
+            self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"),
+                                        purge_step=start_step)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             smoothing=0.05, file=sys.stderr, mininterval=0.5)

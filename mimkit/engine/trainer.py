@@ -1,9 +1,15 @@
-"""One trainer for every method: it only calls ``loss, outputs = model(batch)``."""
+"""One trainer for every task: it only calls ``loss, outputs = task(batch)`` (``mimkit/engine/task.py``).
+
+It never imports, names or inspects a method: a subclass (``mimkit/pretraining.py`` for pretraining,
+``mimkit/eval/finetune.py`` for fine-tuning) supplies the images, the task and the dataset through three hooks.
+Run safety (verified checkpoints, one run per folder, clean stops on every rank, the divergence guard, exact resume)
+is described in docs/reliability.md.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
-import signal
+import math
 import time
 from pathlib import Path
 
@@ -11,28 +17,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import mimkit
-from mimkit.config import ConfigError, PretrainConfig, save_yaml
-from mimkit.data import DataError, ImageDataset, compute_mean_std, find_images, pretrain_transform
+from mimkit.config import PretrainConfig, save_yaml
+from mimkit.data import ImageDataset, compute_mean_std
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.data import ResumableSampler, build_loader, default_workers
-from mimkit.engine.distributed import all_reduce_, broadcast_flag, cleanup, gather_objects, init_distributed
-from mimkit.engine.metrics import RunRecorder, setup_logging
+from mimkit.engine.distributed import all_reduce_, broadcast_object, cleanup, gather_objects, init_distributed
+from mimkit.engine.guard import DivergenceGuard, parameter_norm
+from mimkit.engine.metrics import RunRecorder, setup_logging, truncate_metrics
 from mimkit.engine.optim import absolute_lr, build_optimizer, build_scheduler
-from mimkit.methods import create_method
+from mimkit.engine.run_folder import RunLock, existing_outputs, move_aside
+from mimkit.engine.signals import StopSignals
+from mimkit.engine.task import Task
+from mimkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+
+__all__ = ["Trainer", "TrainingDiverged", "autocast_context"]
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-def build_model(cfg: PretrainConfig):
-    kwargs = dict(cfg.model_args or {})
-    for key in ("img_size", "mask_ratio", "norm_pix_loss"):
-        if getattr(cfg, key) is not None:
-            kwargs[key] = getattr(cfg, key)
-    if cfg.drop_path:
-        kwargs["drop_path"] = cfg.drop_path
-    return create_method(cfg.model, **kwargs)
+class _Rollback(Exception):
+    """Raised inside an epoch when the guard decides to reload the last verified checkpoint."""
 
 
 def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = False):
@@ -43,63 +45,123 @@ def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = 
 
 
 class Trainer:
+    """Training loop of small named steps: ``setup``, ``train_one_epoch`` (``forward_backward``,
+    ``optimizer_step``, ``log_step``, ``maybe_save``), ``end_epoch``, ``save``, ``rollback``, ``finish``.
+
+    Subclasses provide ``training_images()``, ``build_task()`` and ``build_dataset(images)``; ``after_epoch`` is an
+    optional hook (fine-tuning evaluates there).
+    """
+
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        self.stop_requested = False
         self.extra_summary: dict = {}
         self.last_checkpoint: Path | None = None
         self.keep_after_save: list[str] = []
+        self.signals = StopSignals()
+        self.lock: RunLock | None = None
+        self.stopped: str | None = None  # "signal:SIGTERM", "time limit", "max steps"
+
+    # -- what a task provides ----------------------------------------------------------------------------------
+    def training_images(self):
+        """The images to train on (an ``ImageList``)."""
+        raise NotImplementedError
+
+    def build_task(self) -> Task:
+        """The task to train (see ``mimkit/engine/task.py``); built after seeding, identical on every rank."""
+        raise NotImplementedError
+
+    def build_dataset(self, images) -> ImageDataset:
+        raise NotImplementedError
+
+    def after_epoch(self, record) -> None:
+        """Called on every rank at the end of each epoch, before its checkpoint; ``record(dict)`` logs metrics and
+        names appended to ``self.keep_after_save`` (e.g. "best.pt") become permanent copies of that checkpoint."""
 
     # -- set-up -----------------------------------------------------------------------------------------------
-    def _setup(self):
+    def prepare_output(self) -> None:
+        """Rank 0: lock the folder, refuse or move aside an earlier run's outputs, clean interrupted writes."""
         cfg = self.cfg
-        self.dist = d = init_distributed()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out)
+        self.lock.acquire()
+        self.store.clean_leftovers()
+        if cfg.resume == "none":
+            old = [p.name for p in existing_outputs(self.out) if p.suffix == ".pt"]
+            if old and not cfg.overwrite:
+                raise ConfigError(f"{self.out}: holds checkpoints of an earlier run ({', '.join(old[:3])}) and "
+                                  "--resume none would mix the two runs. Give another --output, resume with "
+                                  "--resume auto, or pass --overwrite to move the old files aside.")
+            if cfg.overwrite:
+                move_aside(self.out)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = d = init_distributed(timeout_min=cfg.dist_timeout_min)
         self.out = Path(cfg.output)
+        self.store = ckpt.CheckpointStore(self.out, cfg.keep_last)
+        error = None
         if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if d.distributed:
-            torch.distributed.barrier()
+            try:
+                self.prepare_output()
+            except Exception as err:  # every rank must learn of it, or the others wait at the barrier forever
+                error = err
+        failed = broadcast_object(type(error).__name__ if error is not None else None)
+        if error is not None:
+            raise error
+        if failed:
+            raise SystemExit(2)  # rank 0 reports the reason
         self.log = setup_logging(self.out, d.is_main, d.rank)
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         images = self.training_images()
+        if d.is_main and getattr(images, "ignored", None):
+            self.log.info("%s: ignored %d file(s) of unsupported types: %s", images.root,
+                          sum(images.ignored.values()),
+                          ", ".join(f"{ext or '(none)'} {n}" for ext, n in sorted(images.ignored.items())))
         if cfg.compute_mean_std:
             mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed)
             cfg.mean, cfg.std = list(mean), list(std)
             self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = self.build_model().to(d.device)
+        self.model = self.build_task().to(d.device)
         cfg.img_size = self.model.img_size
         self.dataset = self.build_dataset(images)
+        if hasattr(self.dataset, "seed"):
+            self.dataset.seed = cfg.seed  # augmentation depends on (seed, epoch, index) only: exact resume
         self.sampler = ResumableSampler(self.dataset, d.world_size, d.rank, cfg.seed)
-        workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device, d.local_world_size)
-        self.num_workers = workers
+        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device,
+                                                                                         d.local_world_size)
         batches = len(self.sampler.inner) // cfg.batch_size
         if batches < 1:
             raise DataError(f"{cfg.data}: {len(images)} images give {len(self.sampler.inner)} per process, fewer "
                             f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes).")
         self.steps_per_epoch = batches // cfg.accum_steps
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"--accum-steps {cfg.accum_steps} is larger than the {batches} batches of one epoch; "
-                              "lower --accum-steps or --batch-size")
+            raise ConfigError(f"accum_steps (--accum-steps) = {cfg.accum_steps}: larger than the {batches} batches "
+                              "of one epoch; lower --accum-steps or --batch-size")
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        eff_batch = cfg.batch_size * cfg.accum_steps * d.world_size
-        self.lr = absolute_lr(cfg.blr, eff_batch, self.model.lr_base_batch, cfg.lr)
+        self.eff_batch = cfg.batch_size * cfg.accum_steps * d.world_size
+        self.lr = absolute_lr(cfg.blr, self.eff_batch, self.model.lr_base_batch, cfg.lr)
         betas = cfg.betas or self.model.betas
         self.grad_clip = cfg.grad_clip if cfg.grad_clip is not None else self.model.default_grad_clip
         self.optimizer = build_optimizer(self.model.param_groups(cfg.weight_decay), self.lr, betas, d.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps,
                                          round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr)
-        fp16 = cfg.precision == "fp16" and d.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=fp16)
-        self.fp16 = fp16
+        self.fp16 = cfg.precision == "fp16" and d.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.fp16)
+        self.guard = DivergenceGuard(cfg.loss_spike_factor, cfg.param_norm_factor)
 
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
-        if not self._resume():
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.saved_step = (-1, -1)
+        if not self.resume():
             torch.manual_seed(cfg.seed + 1000 * d.rank)  # masks and augmentation differ across ranks
+        if d.is_main:  # records an interrupted attempt wrote past the step this run starts from
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
+        self.guard.reset(float(parameter_norm(self.model.parameters())))
 
         self.train_model = self.model
         if d.distributed:
@@ -109,222 +171,357 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         if d.is_main:
             save_yaml(cfg.to_dict(), self.out / "config.yaml")
-            info = self.model.describe()
-            effective = cfg.precision
-            if d.device.type == "cpu" and cfg.precision != "fp32":
-                effective = "bf16 autocast" if cfg.cpu_autocast else f"fp32 ({cfg.precision} autocast is GPU-only " \
-                                                                      "unless --cpu-autocast)"
-            self.log.info("mimkit %s | %s | %.2fM encoder / %.2fM total params | %d images | %d step(s)/epoch | "
-                          "effective batch %d | lr %.3g | %s on %s x%d | workers %d", mimkit.__version__,
-                          cfg.model, info["encoder_params"] / 1e6, info["total_params"] / 1e6, len(self.dataset),
-                          self.steps_per_epoch, eff_batch, self.lr, effective, d.device.type, d.world_size,
-                          workers)
+            self.log_start(len(images))
 
-    # -- what a task provides (pretraining here; fine-tuning overrides these three) ------------------------------
-    def training_images(self):
-        return find_images(self.cfg.data)
+    def log_start(self, n_images: int) -> None:
+        cfg, d = self.cfg, self.dist
+        info = self.model.describe()
+        effective = cfg.precision
+        if d.device.type == "cpu" and cfg.precision != "fp32":
+            effective = "bf16 autocast" if cfg.cpu_autocast else f"fp32 ({cfg.precision} autocast is GPU-only " \
+                                                                  "unless --cpu-autocast)"
+        self.log.info("mimkit %s | %s | %.2fM encoder / %.2fM total params | %d images | %d step(s)/epoch | "
+                      "effective batch %d | lr %.3g | %s on %s x%d | workers %d", mimkit.__version__, cfg.model,
+                      info["encoder_params"] / 1e6, info["total_params"] / 1e6, n_images, self.steps_per_epoch,
+                      self.eff_batch, self.lr, effective, d.device.type, d.world_size, self.num_workers)
 
-    def build_model(self):
-        return build_model(self.cfg)
-
-    def build_dataset(self, images):
+    # -- resume and rollback ---------------------------------------------------------------------------------
+    def find_checkpoint(self) -> tuple[Path | None, dict | None]:
+        """Rank 0 decides which checkpoint to continue from (moving unusable ones aside); every rank learns it.
+        Returns (path, its state where rank 0 already loaded it)."""
         cfg = self.cfg
-        return ImageDataset(images, pretrain_transform(cfg.img_size, cfg.mean, cfg.std, cfg.crop_scale,
-                                                       hflip=cfg.hflip), cfg.min_image_size)
+        path, state = None, None
+        if self.dist.is_main:
+            if cfg.resume == "auto":
+                found = self.store.latest()
+                path, state = found if found else (None, None)
+                if path is None and list((self.out / ckpt.QUARANTINE).glob("checkpoint-*.pt*")):
+                    self.log.warning("%s: no usable checkpoint (unusable ones are in %s/); starting from step 0",
+                                     self.out, ckpt.QUARANTINE)
+            elif cfg.resume != "none":
+                path = Path(cfg.resume)
+        path = broadcast_object(str(path) if path is not None else None)
+        return (Path(path) if path is not None else None), state
 
-    def after_epoch(self, record) -> None:
-        """Called on every rank at the end of each epoch, before its checkpoint; ``record(dict)`` logs metrics and
-        names appended to ``self.keep_after_save`` (e.g. "best.pt") become permanent copies of that checkpoint."""
-
-    def _resume(self):
+    def load_state(self, path: Path, state: dict | None = None) -> None:
         cfg = self.cfg
-        found = None
-        if cfg.resume == "auto":
-            found = ckpt.latest_checkpoint(self.out)
-        elif cfg.resume not in ("none", "", None):
-            found = (Path(cfg.resume), ckpt.load_checkpoint(Path(cfg.resume)))
-        if found is None:
-            return False
-        path, state = found
+        state = state if state is not None else ckpt.load_checkpoint(path)
+        if "model" not in state or "optimizer" not in state:
+            raise CheckpointError(f"{path}: not a mimkit training checkpoint (no 'model' or 'optimizer' entry)")
         if state.get("model_name") != cfg.model:
-            raise ckpt.CheckpointError(f"{path}: checkpoint is for model '{state.get('model_name')}', this run "
-                                       f"builds '{cfg.model}'. Use another --output or --resume none.")
+            raise CheckpointError(f"{path}: checkpoint is for model '{state.get('model_name')}', this run builds "
+                                  f"'{cfg.model}'. Use another --output, or --resume none --overwrite.")
         ckpt.load_weights(self.model, state["model"], path, cfg.model, hint=" Were the model options changed? Use "
-                          "the same options, another --output, or --resume none.")
-        self.optimizer.load_state_dict(state["optimizer"])
+                          "the same options, or another --output.")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
         self.extra_summary.update(state.get("extra", {}))
         self.last_checkpoint = path
+        self.saved_step = (self.step, self.epoch)
         rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else None
         if rng is not None:
             ckpt.restore_rng(rng)
+
+    def resume(self) -> bool:
+        path, state = self.find_checkpoint()
+        if path is None:
+            return False
+        self.load_state(path, state)
         self.log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
         return True
 
+    def rollback(self, reason: str) -> None:
+        """Reload the newest verified checkpoint, lower the learning rate, continue."""
+        path = broadcast_object(str(self.store.newest_verified()) if self.dist.is_main else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.load_state(Path(path))
+        self.rollbacks += 1
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        self.guard.reset(float(parameter_norm(self.model.parameters())))
+        self.bad_in_a_row = 0
+        self.log.warning("divergence (%s): rolled back to %s (step %d) with the learning rate x %.3g (rollback %d "
+                         "of %d)", reason, Path(path).name, self.step, self.lr_scale, self.rollbacks,
+                         self.cfg.max_rollbacks)
+
+    def diverged(self, reason: str) -> None:
+        """Roll back or stop, as configured; never returns."""
+        cfg = self.cfg
+        has_ckpt = broadcast_object(self.store.newest_verified() is not None if self.dist.is_main else None)
+        if cfg.on_divergence == "rollback" and has_ckpt and self.rollbacks < cfg.max_rollbacks:
+            raise _Rollback(reason)
+        where = self.restart_hint()
+        raise TrainingDiverged(f"training diverged at step {self.step + 1}: {reason}; stopping. {where} Lower "
+                               "--blr, set --grad-clip, or use --precision bf16 or fp32, then rerun.")
+
+    def restart_hint(self) -> str:
+        path = broadcast_object(str(self.store.newest_verified() or "") if self.dist.is_main else None)
+        if path:
+            return f"A restart (--resume auto) continues from {path}."
+        return "No checkpoint has been written: a restart begins from step 0."
+
     # -- checkpointing ----------------------------------------------------------------------------------------
-    def save(self, reason: str):
+    def save(self, reason: str) -> None:
+        """Rank 0 writes a verified checkpoint of the current step (collective: every rank must call it)."""
         rngs = gather_objects(ckpt.capture_rng())
         skipped = gather_objects(sorted(self.skipped.items()))
-        if not self.dist.is_main:
+        if (self.step, self.epoch) == self.saved_step:
             return
-        state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.fp16 else {}, "epoch": self.epoch, "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "model_name": self.cfg.model,
-            "config": self.cfg.to_dict(), "mimkit_version": mimkit.__version__, "extra": dict(self.extra_summary),
-        }
-        path = ckpt.checkpoint_path(self.out, self.step)
-        ckpt.atomic_save(state, path)
-        self.last_checkpoint = path
-        if self.cfg.keep_epochs_every and self.epoch % self.cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
-            ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
-        ckpt.rotate(self.out, self.cfg.keep_last)
-        merged = dict(kv for rank_items in skipped for kv in rank_items)
-        if merged:
-            (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
+        norm = float(parameter_norm(self.model.parameters()))
+        problem = self.guard.check_params(norm)
+        if problem:  # every rank holds the same weights, so every rank takes this branch
+            self.diverged(problem + " (checkpoint not written)")
+        if self.dist.is_main:
+            state = {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.fp16 else {}, "epoch": self.epoch, "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "model_name": self.cfg.model,
+                "config": self.cfg.to_dict(), "mimkit_version": mimkit.__version__,
+                "extra": dict(self.extra_summary), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+            }
+            path = self.store.save(state, self.step)
+            self.last_checkpoint = path
+            cfg = self.cfg
+            if cfg.keep_epochs_every and self.epoch % cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
+                ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
+            merged = dict(kv for rank_items in skipped for kv in rank_items)
+            if merged:
+                (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
+            self.log.info("saved %s (%s)", path.name, reason)
+        self.saved_step = (self.step, self.epoch)
+        self.guard.reference_norm = norm
         self.last_save = time.time()
-        self.log.info("saved %s (%s)", path.name, reason)
 
-    # -- training ---------------------------------------------------------------------------------------------
-    def _handle_signal(self, signum, frame):
-        self.stop_requested = True
+    # -- one step ---------------------------------------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        for path, reason in batch.pop("skipped"):
+            if path not in self.skipped:
+                self.skipped[path] = reason
+                self.log.warning("skipped unreadable image %s: %s (%d so far)", path, reason, len(self.skipped))
+        batch = {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["epoch"] = self.epoch  # how many times each sample has been visited before
+        return batch
+
+    def forward_backward(self, batch: dict, sync: bool) -> None:
+        cfg = self.cfg
+        no_sync = self.train_model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with autocast_context(cfg.precision, self.dist.device, cfg.cpu_autocast):
+                loss, outputs = self.train_model(batch)
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+        self.loss_sum += loss.detach().float()
+        for key, value in (outputs.get("log") or {}).items() if isinstance(outputs, dict) else ():
+            self.window_extra[key] = self.window_extra.get(key, 0.0) + value.detach().float() / cfg.accum_steps
+        self.images_seen += batch["image"].shape[0]
+
+    def stop_requests(self) -> list[bool]:
+        """[a stop signal arrived, the time limit passed, a periodic save is due] as this rank sees it."""
+        cfg = self.cfg
+        out_of_time = cfg.time_limit_min is not None and time.time() - self.start_time > cfg.time_limit_min * 60
+        periodic = time.time() - self.last_save > cfg.save_every_minutes * 60
+        return [self.signals.received is not None, out_of_time, periodic]
+
+    def agree(self, skip: bool) -> bool:
+        """One collective (max over ranks) decides skip / stop / save for every rank alike; returns skip."""
+        d = self.dist
+        flags = torch.tensor([skip, *self.stop_requests()], dtype=torch.float32, device=d.device)
+        skip, signal_, out_of_time, periodic = (bool(v) for v in all_reduce_(flags, op="max").tolist())
+        if signal_ and not self.stopped:
+            self.stopped = f"signal:{self.signals.received or 'SIGTERM (on another rank)'}"
+        elif out_of_time and not self.stopped:
+            self.stopped = "time limit"
+        self.stop_now = signal_ or out_of_time
+        self.save_now = self.stop_now or periodic
+        return skip
+
+    def optimizer_step(self) -> bool:
+        """Clip, agree across ranks on skip / stop / save (one collective), step or skip. True if applied."""
+        cfg = self.cfg
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        loss, gnorm = torch.stack([self.loss_sum / cfg.accum_steps, grad_norm.float()]).tolist()
+        self.loss_sum.zero_()
+        skip_reason = self.guard.check_step(loss, gnorm if not self.fp16 else 0.0)
+        skip = self.agree(skip_reason is not None)
+        self.last_grad_norm = gnorm
+        if skip:
+            if self.fp16:
+                self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_a_row += 1
+            self.log.warning("step %d: %s; step skipped (%d in a row, limit %d)", self.step + 1,
+                             skip_reason or "another rank skipped it", self.bad_in_a_row, cfg.max_bad_steps)
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                self.diverged(f"{self.bad_in_a_row} consecutive steps skipped (last: "
+                              f"{skip_reason or 'another rank'})")
+            self.scheduler.step_update(self.step)
+            self.apply_lr_scale()
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step()
+        self.bad_in_a_row = 0
+        self.step += 1
+        self.guard.accept(loss)
+        self.last_loss = loss
+        self.window_loss += loss
+        self.window_n += 1
+        problem = self.guard.check_params(float(parameter_norm(self.model.parameters())))
+        if problem:
+            self.diverged(problem)
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:  # the same on every rank
+            self.stop_now = self.save_now = True
+            self.stopped = self.stopped or "max steps"
+        self.scheduler.step_update(self.step)
+        self.apply_lr_scale()
+        return True
+
+    def apply_lr_scale(self) -> None:
+        if self.lr_scale != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.lr_scale
+
+    def log_step(self, applied: bool) -> None:
+        cfg, d = self.cfg, self.dist
+        self.window_steps += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.rec.step(1 if applied else 0, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}")
+        if not applied or not (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+            return
+        elapsed = time.time() - self.window_t0
+        ips = self.images_seen * d.world_size / max(elapsed, 1e-9)
+        mean_loss = self.window_loss / max(self.window_n, 1)
+        self.rec.step(0, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        extra = {k: float(v) / max(self.window_steps, 1) for k, v in self.window_extra.items()}
+        self.rec.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": mean_loss,
+                      "lr": lr, "grad_norm": self.last_grad_norm, "images_per_s": ips,
+                      "skipped_images": len(self.skipped), **extra}, self.step)
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.images_seen, self.window_loss, self.window_n, self.window_t0 = 0, 0.0, 0, time.time()
+        self.window_extra, self.window_steps = {}, 0
+
+    def maybe_save(self) -> bool:
+        """Save when any rank asked for it; True when the run must stop now."""
+        if self.save_now:
+            self.save("stop" if self.stop_now else "time")
+        return self.stop_now
+
+    # -- one epoch --------------------------------------------------------------------------------------------
+    def train_one_epoch(self) -> bool:
+        """Train until the end of the epoch (True) or a stop request (False)."""
+        cfg = self.cfg
+        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        loader = build_loader(self.dataset, cfg.batch_size, self.num_workers, self.sampler, self.dist.device,
+                              cfg.seed * 100003 + self.epoch)
+        self.rec.describe(f"epoch {self.epoch + 1}/{cfg.epochs}")
+        self.model.train()
+        self.loss_sum = torch.zeros((), device=self.dist.device)
+        usable = (len(self.sampler.inner) // cfg.batch_size) // cfg.accum_steps * cfg.accum_steps
+        micro = 0
+        for batch in loader:
+            if self.batch_in_epoch >= usable:
+                break
+            batch = self.prepare_batch(batch)
+            micro += 1
+            self.batch_in_epoch += 1
+            self.forward_backward(batch, sync=micro == cfg.accum_steps)
+            if micro < cfg.accum_steps:
+                continue
+            micro = 0
+            applied = self.optimizer_step()
+            self.log_step(applied)
+            if self.maybe_save():
+                return False
+        return True
+
+    def end_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.rec.log({"step": self.step, "epoch_done": self.epoch, "last_loss": self.last_loss}, self.step)
+        self.keep_after_save = []
+        self.after_epoch(lambda values: self.rec.log({"step": self.step, "epoch_done": self.epoch, **values},
+                                                     self.step))
+        if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
+            self.save(f"epoch {self.epoch}")
+            if self.dist.is_main:
+                for name in self.keep_after_save:
+                    ckpt.keep_copy(self.last_checkpoint, self.out / name)
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def finished(self) -> bool:
+        cfg = self.cfg
+        return (self.stopped is not None or self.epoch >= cfg.epochs or self.step >= self.total_steps
+                or (cfg.max_steps is not None and self.step >= cfg.max_steps))
 
     def run(self) -> dict:
-        self._setup()
-        cfg, d = self.cfg, self.dist
-        self.skipped: dict[str, str] = {}
-        self.last_save = time.time()
-        start_time = time.time()
-        start_step = self.step
-        old_handler = signal.signal(signal.SIGTERM, self._handle_signal) if d.is_main else None
-        rec = RunRecorder(self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step)
-        nonfinite_in_a_row = 0
-        images_seen, window_loss, window_n, window_t0 = 0, 0.0, 0, time.time()
-        window_extra, window_steps = {}, 0  # scalars a method reports in outputs["log"], averaged per logged window
-        last_loss = float("nan")
-        self.scheduler.step_update(self.step)
-        stop = self.step >= self.total_steps or (cfg.max_steps is not None and self.step >= cfg.max_steps)
+        self.signals.install()
         try:
-            while not stop and self.epoch < cfg.epochs:
-                self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
-                loader = build_loader(self.dataset, cfg.batch_size, self.num_workers, self.sampler, d.device,
-                                      cfg.seed * 100003 + self.epoch)
-                rec.describe(f"epoch {self.epoch + 1}/{cfg.epochs}")
-                self.model.train()
-                micro, loss_sum = 0, torch.zeros((), device=d.device)
-                usable = (len(self.sampler.inner) // cfg.batch_size) // cfg.accum_steps * cfg.accum_steps
-                for batch in loader:
-                    if self.batch_in_epoch >= usable:
+            self.skipped: dict[str, str] = {}
+            self.setup()
+            return self.train()
+        finally:
+            self.signals.restore()
+            if self.lock is not None:
+                self.lock.release()
+
+    def train(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        self.last_save = self.start_time = time.time()
+        self.start_step = self.step
+        self.rec = RunRecorder(self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step)
+        self.bad_in_a_row, self.last_loss, self.last_grad_norm = 0, float("nan"), float("nan")
+        self.reset_window()
+        self.scheduler.step_update(self.step)
+        self.apply_lr_scale()
+        try:
+            while not self.finished():
+                try:
+                    if not self.train_one_epoch():
                         break
-                    for path, reason in batch.pop("skipped"):
-                        if path not in self.skipped:
-                            self.skipped[path] = reason
-                            self.log.warning("skipped unreadable image %s: %s (%d so far)", path, reason,
-                                             len(self.skipped))
-                    batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v
-                             for k, v in batch.items()}
-                    batch["epoch"] = self.epoch  # how many times each sample has been visited before
-                    micro += 1
-                    self.batch_in_epoch += 1
-                    last_micro = micro == cfg.accum_steps
-                    sync = contextlib.nullcontext() if (last_micro or not d.distributed) else self.train_model.no_sync()
-                    with sync:
-                        with autocast_context(cfg.precision, d.device, cfg.cpu_autocast):
-                            loss, outputs = self.train_model(batch)
-                        self.scaler.scale(loss / cfg.accum_steps).backward()
-                    loss_sum += loss.detach().float()
-                    for key, value in (outputs.get("log") or {}).items() if isinstance(outputs, dict) else ():
-                        window_extra[key] = window_extra.get(key, 0.0) + value.detach().float() / cfg.accum_steps
-                    images_seen += batch["image"].shape[0]
-                    if not last_micro:
-                        continue
-                    micro = 0
-                    window_steps += 1
-                    self.scaler.unscale_(self.optimizer)
-                    params = [p for p in self.model.parameters() if p.grad is not None]
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
-                    ok = torch.isfinite(loss_sum) if self.fp16 else torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-                    ok = all_reduce_(ok.float().reshape(1), torch.distributed.ReduceOp.MIN if d.distributed
-                                     else None).item() > 0
-                    step_loss = loss_sum.item() / cfg.accum_steps
-                    loss_sum.zero_()
-                    if ok:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        if hasattr(self.model, "after_optimizer_step"):
-                            self.model.after_optimizer_step()
-                        nonfinite_in_a_row = 0
-                        self.step += 1
-                        last_loss = step_loss
-                        window_loss += step_loss
-                        window_n += 1
-                    else:
-                        nonfinite_in_a_row += 1
-                        if self.fp16:
-                            self.scaler.update()
-                        self.log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped "
-                                         "(%d in a row, limit %d)", self.step + 1, step_loss, float(grad_norm),
-                                         nonfinite_in_a_row, cfg.max_nonfinite)
-                        if nonfinite_in_a_row >= cfg.max_nonfinite:
-                            raise TrainingDiverged(
-                                f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient; stopping. "
-                                "The last checkpoint is intact: lower --blr, use --precision bf16 or fp32, or set "
-                                "--grad-clip, then rerun with --resume auto.")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scheduler.step_update(self.step)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    rec.step(1 if ok else 0, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                    if ok and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                        elapsed = time.time() - window_t0
-                        ips = images_seen * d.world_size / max(elapsed, 1e-9)
-                        rec.step(0, loss=f"{window_loss / max(window_n, 1):.4f}", lr=f"{lr:.2e}",
-                                 img_s=f"{ips:.1f}")
-                        extra = {k: float(v) / max(window_steps, 1) for k, v in window_extra.items()}
-                        rec.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                                 "loss": window_loss / max(window_n, 1), "lr": lr, "grad_norm": float(grad_norm),
-                                 "images_per_s": ips, "skipped_images": len(self.skipped), **extra}, self.step)
-                        images_seen, window_loss, window_n, window_t0 = 0, 0.0, 0, time.time()
-                        window_extra, window_steps = {}, 0
-                    out_of_time = cfg.time_limit_min is not None and time.time() - start_time > cfg.time_limit_min * 60
-                    at_max = cfg.max_steps is not None and self.step >= cfg.max_steps
-                    periodic = time.time() - self.last_save > cfg.save_every_minutes * 60
-                    if broadcast_flag(self.stop_requested or out_of_time or at_max or periodic, d.device):
-                        self.save("time" if periodic else "stop")
-                        if self.stop_requested or out_of_time or at_max:
-                            stop = True
-                            break
-                if stop:
-                    break
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                rec.log({"step": self.step, "epoch_done": self.epoch, "last_loss": last_loss}, self.step)
-                self.keep_after_save = []
-                self.after_epoch(lambda values: rec.log({"step": self.step, "epoch_done": self.epoch, **values},
-                                                        self.step))
-                if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
-                    self.save(f"epoch {self.epoch}")
-                    if d.is_main:
-                        for name in self.keep_after_save:
-                            ckpt.keep_copy(self.last_checkpoint, self.out / name)
+                    self.end_epoch()
+                except _Rollback as rb:
+                    self.rollback(str(rb))
         finally:
             self.train_model = self.model  # release the DDP wrapper while the process group still exists
-            rec.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
-        wall = time.time() - start_time
-        summary = {"model": cfg.model, "steps": self.step, "epochs_done": self.epoch, "final_loss": last_loss,
-                   "train_steps_this_run": self.step - start_step, "wall_time_s": round(wall, 1),
-                   "skipped_images": len(self.skipped), "output": str(self.out), **self.extra_summary}
+            self.rec.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        stopped = self.stopped if self.stopped and self.stopped.startswith("signal") else None
+        summary = {"model": cfg.model, "steps": self.step, "epochs_done": self.epoch, "final_loss": self.last_loss,
+                   "train_steps_this_run": self.step - self.start_step,
+                   "wall_time_s": round(time.time() - self.start_time, 1), "skipped_images": len(self.skipped),
+                   "rollbacks": self.rollbacks, "stopped_by": stopped,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "output": str(self.out), **self.extra_summary}
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if stopped:
+                self.log.warning("stopped by %s at step %d; resume with the same command (--resume auto) from %s",
+                                 stopped.split(":")[1], self.step, summary["checkpoint"])
             self.log.info("done: %s", json.dumps(summary))
+        if not math.isfinite(self.last_loss) and self.step > self.start_step:
+            self.log.warning("the last logged loss is not finite")
         return summary
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def run_trainer(trainer: Trainer) -> dict:
+    """``trainer.run()``, then the process group is torn down whatever happened."""
     try:
-        return Trainer(cfg).run()
+        return trainer.run()
     finally:
         cleanup()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -22,7 +23,8 @@ from mimkit.config import PretrainConfig, opt
 from mimkit.data import ImageDataset, labelled_splits
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.optim import layer_decay_param_groups
-from mimkit.engine.trainer import Trainer
+from mimkit.engine.trainer import Trainer, run_trainer
+from mimkit.errors import ConfigError
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
 from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
@@ -44,21 +46,39 @@ class FinetuneConfig(PretrainConfig):
     random_init: str = opt("", "Instead of --pretrained: a registered pretraining model (`mimkit models`) at "
                                "random init (the baseline).", "model")
     layer_decay: float | None = opt(None, "Layer-wise lr decay (default: the backbone's from the papers; 1 = off).",
-                                    "model")
-    drop_path: float = opt(0.1, "Stochastic depth rate.", "model")
-    smoothing: float = opt(0.1, "Label smoothing.", "augmentation")
-    mixup: float = opt(0.8, "Mixup alpha (0 = off).", "augmentation")
-    cutmix: float = opt(1.0, "CutMix alpha (0 = off).", "augmentation")
-    mixup_switch_prob: float = opt(0.5, "Probability of CutMix instead of Mixup when both are on.", "augmentation")
+                                    "model", gt=0, max=1)
+    drop_path: float = opt(0.1, "Stochastic depth rate.", "model", min=0, lt=1)
+    smoothing: float = opt(0.1, "Label smoothing.", "augmentation", min=0, lt=1)
+    mixup: float = opt(0.8, "Mixup alpha (0 = off).", "augmentation", min=0)
+    cutmix: float = opt(1.0, "CutMix alpha (0 = off).", "augmentation", min=0)
+    mixup_switch_prob: float = opt(0.5, "Probability of CutMix instead of Mixup when both are on.", "augmentation",
+                                   min=0, max=1)
     randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' = off).", "augmentation")
-    reprob: float = opt(0.25, "Random-erasing probability.", "augmentation")
+    reprob: float = opt(0.25, "Random-erasing probability.", "augmentation", min=0, max=1)
     model: str = opt("", "Set automatically from the encoder (finetune:<timm name>).", "model")
-    epochs: int = opt(100, "Fine-tuning epochs.")
-    blr: float = opt(5e-4, "Base learning rate: lr = blr x effective_batch / 256.")
-    min_lr: float = opt(1e-6, "Final learning rate of the cosine schedule.")
-    warmup_epochs: float = opt(5, "Linear warm-up epochs.")
+    epochs: int = opt(100, "Fine-tuning epochs.", min=1)
+    blr: float = opt(5e-4, "Base learning rate: lr = blr x effective_batch / 256.", min=0)
+    min_lr: float = opt(1e-6, "Final learning rate of the cosine schedule.", min=0)
+    warmup_epochs: float = opt(5, "Linear warm-up epochs.", min=0)
     output: str = opt("runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.",
                       "output")
+
+
+    def check_pairs(self) -> None:
+        super().check_pairs()
+        if bool(self.pretrained) == bool(self.random_init):
+            raise ConfigError("give exactly one of --pretrained (checkpoint, run folder or .safetensors) and "
+                              "--random-init MODEL")
+        if self.pretrained and not Path(self.pretrained).expanduser().exists():
+            raise ConfigError(f"pretrained (--pretrained) = {self.pretrained!r}: no such file or folder")
+        if self.randaug:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(self.randaug, {})
+            except Exception as err:
+                raise ConfigError(f"randaug (--randaug) = {self.randaug!r}: not a timm RandAugment spec ({err}); "
+                                  "e.g. rand-m9-mstd0.5-inc1, or '' for none") from None
 
 
 def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0):
@@ -67,11 +87,17 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(pretrained), "pt") as fh:
-            meta = fh.metadata() or {}
-        if "timm_model" not in meta:
-            raise ckpt.CheckpointError(f"{pretrained}: no mimkit export metadata (timm_model)")
-        state = {k: v for k, v in load_file(str(pretrained)).items() if not k.startswith("head.")}
+        try:
+            with safe_open(str(pretrained), "pt") as fh:
+                meta = fh.metadata() or {}
+            state = {k: v for k, v in load_file(str(pretrained)).items() if not k.startswith("head.")}
+        except FileNotFoundError:
+            raise ckpt.CheckpointError(f"{pretrained}: no such file") from None
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise ckpt.CheckpointError(f"{pretrained}: not a readable safetensors file ({err})") from None
+        if "timm_model" not in meta or "timm_kwargs" not in meta:
+            raise ckpt.CheckpointError(f"{pretrained}: no mimkit export metadata (timm_model); write it with "
+                                       "`mimkit export`")
         return state, meta["timm_model"], json.loads(meta["timm_kwargs"])
     if pretrained:
         from mimkit.loading import load_pretrained
@@ -82,7 +108,7 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
         from mimkit.loading import random_init as make
 
         return make(random_init, seed=seed).export_encoder()
-    raise ValueError("give --pretrained (checkpoint, run folder or .safetensors) or --random-init MODEL")
+    raise ConfigError("give --pretrained (checkpoint, run folder or .safetensors) or --random-init MODEL")
 
 
 class ClassifierTask(nn.Module):
@@ -126,6 +152,9 @@ class ClassifierTask(nn.Module):
         logits = self.net(images)
         return nn.functional.cross_entropy(logits, labels), {"logits": logits}
 
+    def after_optimizer_step(self) -> None:
+        """Nothing to refresh after a step."""
+
     def describe(self) -> dict:
         n = sum(p.numel() for p in self.net.parameters())
         return {"encoder_params": n, "total_params": n}
@@ -138,7 +167,12 @@ def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes
         kwargs["img_size"] = img_size
     if timm_name.startswith("vit_"):
         kwargs.update(global_pool="avg", fc_norm=False)  # average of the final normed patch tokens
-    net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+    try:
+        net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                                **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model"
+        raise ckpt.CheckpointError(f"encoder '{timm_name}' named by the weights file cannot be built ({err})") \
+            from None
     state = dict(state)
     pos = getattr(net, "pos_embed", None)
     if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
@@ -150,7 +184,7 @@ def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes
     for k, v in state.items():  # relative position tables of another window size (e.g. LoMaR at a new resolution)
         if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
             state[k] = expand_rel_pos_table(v, table_window(own[k]))
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing, unexpected = ckpt.load_weights(net, state, Path(timm_name), timm_name, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ckpt.CheckpointError(f"encoder weights do not fit {timm_name}: missing {missing[:5]}, unexpected "
@@ -170,7 +204,7 @@ class FinetuneTrainer(Trainer):
         self.train_list, self.val_list = labelled_splits(self.cfg.data, seed=self.cfg.seed)
         return self.train_list
 
-    def build_model(self):
+    def build_task(self) -> ClassifierTask:
         cfg = self.cfg
         state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed)
         net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size,
@@ -181,7 +215,8 @@ class FinetuneTrainer(Trainer):
         mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             if cfg.batch_size % 2:
-                raise ValueError("mixup / cutmix need an even --batch-size")
+                raise ConfigError(f"batch_size (--batch-size) = {cfg.batch_size}: mixup / cutmix need an even "
+                                  "batch; use an even size or --mixup 0 --cutmix 0")
             mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
                           label_smoothing=cfg.smoothing, num_classes=len(self.train_list.classes))
         return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
@@ -191,7 +226,7 @@ class FinetuneTrainer(Trainer):
         transform = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.randaug or None,
                                      re_prob=cfg.reprob, re_mode="pixel", interpolation="bicubic",
                                      mean=tuple(cfg.mean), std=tuple(cfg.std))
-        return ImageDataset(images, transform, cfg.min_image_size)
+        return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed)
 
     def after_epoch(self, record) -> None:
         cfg = self.cfg
@@ -210,9 +245,4 @@ class FinetuneTrainer(Trainer):
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    from mimkit.engine.distributed import cleanup
-
-    try:
-        return FinetuneTrainer(cfg).run()
-    finally:
-        cleanup()
+    return run_trainer(FinetuneTrainer(cfg))

@@ -5,6 +5,7 @@ import difflib
 import inspect
 from dataclasses import dataclass, field
 
+from mimkit.errors import ConfigError
 from mimkit.methods.base import MIMMethod
 
 
@@ -31,7 +32,7 @@ def get_preset(name: str) -> Preset:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model '{name}'.{hint} `mimkit models` lists them all.")
+        raise ConfigError(f"unknown model '{name}'.{hint} `mimkit models` lists them all.")
     return _REGISTRY[name]
 
 
@@ -48,6 +49,11 @@ def create_method(name: str, **kwargs) -> MIMMethod:
     accepted = method_options(name)
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
-        raise ValueError(f"model '{name}' has no option {', '.join(unknown)}; its options are: "
+        raise ConfigError(f"model '{name}' has no option {', '.join(unknown)}; its options are: "
                          f"{', '.join(accepted)} (`mimkit models {name}` shows the defaults)")
-    return preset.cls(**{**preset.defaults, **kwargs})
+    try:
+        return preset.cls(**{**preset.defaults, **kwargs})
+    except ConfigError:
+        raise
+    except ValueError as err:  # a model's own check of its options (sizes, modes): the user's to fix
+        raise ConfigError(f"model '{name}': {err}") from err
