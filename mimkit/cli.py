@@ -37,6 +37,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(parts)}")
         return value
     convert.__name__ = kind.__name__
+    convert.bounds = dict(kind=kind, low=low, high=high, low_open=low_open, high_open=high_open)  # for tests/docs
     return convert
 
 
@@ -59,6 +60,52 @@ def _device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
     return dev
+
+
+def _out_file(path: str, option: str) -> Path:
+    """An output file path: not a folder; its folder is created."""
+    from mimkit.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: its folder cannot be created ({err.strerror})") from None
+    return p
+
+
+def _out_dir(path: str, option: str) -> Path:
+    """An output folder path: not an existing file."""
+    from mimkit.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; give a folder for the outputs")
+    return p
+
+
+def _check_model_specs(specs: list[str], shared: dict) -> None:
+    """Every ``name[:key=value,...]`` of ``mimkit bench --models`` names a model that takes those options."""
+    from mimkit.bench import parse_model_spec
+    from mimkit.errors import ConfigError
+    from mimkit.methods import method_options
+
+    for spec in specs:
+        try:
+            name, own = parse_model_spec(spec)
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"--models {spec}: {err}") from None
+        try:
+            accepted = method_options(name)
+        except ConfigError as err:
+            raise ConfigError(f"--models {spec}: {err}") from None
+        for option, given in (("--model-arg", shared), (f"--models {spec}:", own)):
+            unknown = [k for k in given if k not in accepted and k != "img_size"]
+            if unknown:
+                raise ConfigError(f"{option} {', '.join(unknown)}: model '{name}' has no such option "
+                                  f"(`mimkit models {name}` lists them)")
 
 
 def _load_model(args):
@@ -116,11 +163,12 @@ def cmd_finetune(args):
 def cmd_knn(args):
     from mimkit.eval import knn_evaluate
 
+    device = _device(args.device)
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
     res = knn_evaluate(model, args.data, img_size, mean, std, k=args.k, temperature=args.temperature,
-                       batch_size=args.batch_size, num_workers=args.num_workers, device=_device(args.device),
+                       batch_size=args.batch_size, num_workers=args.num_workers, device=device,
                        pool=args.pool, progress=True)
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
     print(json.dumps(res, indent=2) if args.json else
@@ -134,16 +182,17 @@ def cmd_linprobe(args):
 
     from mimkit.eval import linear_probe
 
+    device = _device(args.device)
+    out = _out_dir(args.output, "--output") if args.output else None
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
     res = linear_probe(model, args.data, img_size, mean, std, epochs=args.epochs, batch_size=args.batch_size,
                        blr=args.blr, warmup_epochs=args.warmup_epochs, cache=not args.no_cache, pool=args.pool,
-                       num_workers=args.num_workers, device=_device(args.device), seed=args.seed, progress=True)
+                       num_workers=args.num_workers, device=device, seed=args.seed, progress=True)
     head = res.pop("head")
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
-    if args.output:
-        out = Path(args.output)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(head, out / "linprobe_head.pt")
         (out / "linprobe.json").write_text(json.dumps(res, indent=2))
@@ -159,6 +208,7 @@ def cmd_export(args):
     from mimkit.export import export_encoder
     from mimkit.loading import load_pretrained
 
+    _out_file(args.out, "--out")
     model, _ = load_pretrained(args.checkpoint)
     meta = export_encoder(model, args.out, head_classes=args.head_classes, source=str(args.checkpoint))
     kwargs = json.loads(meta["timm_kwargs"])
@@ -173,6 +223,7 @@ def cmd_visualize(args):
     from mimkit.data import ImageDataset, eval_transform, find_images
     from mimkit.viz import save_reconstruction_figure
 
+    _out_file(args.out, "--out")
     model, img_size, mean, std = _load_model(args)
     images = find_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train")
     step = max(1, len(images) // args.num)
@@ -189,6 +240,7 @@ def cmd_visualize(args):
 def cmd_mask_frequency(args):
     from mimkit.viz import save_masking_frequency_figure
 
+    _out_file(args.out, "--out")
     stats = save_masking_frequency_figure(args.out, (args.grid, args.grid), args.ratio, args.iterations, args.seed)
     print(json.dumps({"figure": args.out, **stats}, indent=2))
 
@@ -196,6 +248,8 @@ def cmd_mask_frequency(args):
 def cmd_bench(args):
     from mimkit.bench import bench, format_table
 
+    _device(args.device)
+    _check_model_specs(args.models, dict(args.model_arg or []))
     results = bench(args.models, args.batch_size, args.img_size or [None], args.steps, args.warmup, args.precision,
                     args.device, args.compile, dict(args.model_arg or []), args.cpu_autocast)
     if args.json:
@@ -209,6 +263,8 @@ def cmd_models(args):
     from mimkit.methods import list_methods, method_options
     from mimkit.methods.registry import get_preset
 
+    if args.name:
+        get_preset(args.name)  # an unknown name is a one-line error with suggestions
     if args.name:
         print(f"{args.name}: {get_preset(args.name).doc}\noptions (set with --model-arg KEY=VALUE or in a recipe's "
               "model_args):")
@@ -236,7 +292,7 @@ def cmd_demo(args):
     t0 = time.time()
     here = Path(__file__).resolve().parent.parent
     data = Path(args.data) if args.data else here / "examples" / "sample_images"
-    out = Path(args.output)
+    out = _out_dir(args.output, "--output")
     values = load_recipe("demo_cpu")
     values.update(data=str(data), output=str(out), time_limit_min=args.minutes)
     cfg = config_from_dict(PretrainConfig, values, "demo")
@@ -266,7 +322,10 @@ def cmd_demo(args):
 
 def cmd_ablate_masking(args):
     from mimkit.ablation import ablation_markdown, run_masking_ablation
+    from mimkit.config import load_recipe
 
+    _out_dir(args.output, "--output")
+    load_recipe(args.recipe)  # a missing recipe is an error before any work
     rows = run_masking_ablation(args.data, args.output, args.recipe, args.epochs, knn=not args.no_knn, seed=args.seed)
     command = " ".join(["mimkit", *map(shlex.quote, args.argv)])
     table = ablation_markdown(rows, command)

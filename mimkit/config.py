@@ -122,7 +122,13 @@ class PretrainConfig:
             raise ConfigError(f"crop_scale (--crop-scale) = {self.crop_scale}: MIN must not exceed MAX, "
                               "e.g. --crop-scale 0.2 1.0")
         if len(self.mean) != len(self.std):
-            raise ConfigError(f"mean {self.mean} and std {self.std} need one value per channel each")
+            raise ConfigError(f"mean (--mean) {self.mean} and std (--std) {self.std}: need the same number of values, "
+                              "one per channel")
+        if self.data and ":" not in self.data and not Path(self.data).expanduser().exists():
+            raise ConfigError(f"data (--data) = {self.data!r}: no such file or folder. --data takes a folder of "
+                              "images, an ImageFolder root (train/, optional val/) or a text file listing image paths.")
+        if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
+            raise ConfigError(f"output (--output) = {self.output!r}: is a file, not a folder")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std (--std) = {self.std}: every value must be > 0")
         if self.resume not in ("auto", "none") and not Path(self.resume).expanduser().is_file():

@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 import torch
@@ -178,3 +179,54 @@ def test_randaugment_posterize_zero_bits_is_a_black_image():
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert aa.NAME_TO_OP["PosterizeIncreasing"](img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert aa.NAME_TO_OP["Posterize"](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def test_symlink_loops_and_duplicate_links_are_walked_once(tmp_path):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (20, 20), "red").save(root / "a" / f"{i}.png")
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # a/loop -> data: a cycle
+    (root / "again").symlink_to(root / "a", target_is_directory=True)  # a second way into a/
+    (root / "same.png").symlink_to(root / "a" / "0.png")  # a second name for one file
+    images = find_images(root)
+    assert len(images) == 3 and len({os.path.realpath(p) for p in images.paths}) == 3
+
+
+def test_unsupported_files_are_counted_by_extension(tmp_path):
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
+    for name in ("a.gif", "b.gif", "c.heic", "notes", "d.GIF"):
+        (tmp_path / name).write_bytes(b"x")
+    images = find_images(tmp_path)
+    assert len(images) == 1 and images.ignored == {".gif": 3, ".heic": 1, "": 1}
+    (tmp_path / "ok.png").unlink()
+    with pytest.raises(DataError, match=r"only other files: 1 without extension, 3 \.gif, 1 \.heic"):
+        find_images(tmp_path)
+
+
+def test_data_pointing_at_an_image_or_a_binary_file_is_a_clear_error(tmp_path):
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "one.jpg")
+    with pytest.raises(DataError, match="is an image, not a folder or a list of images"):
+        find_images(tmp_path / "one.jpg")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="not a text file listing image paths"):
+        find_images(tmp_path / "blob.bin")
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    import torch
+
+    for i in range(4):
+        Image.fromarray((np.random.default_rng(i).random((40, 48, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png")
+    ds = ImageDataset(find_images(tmp_path), pretrain_transform(16), seed=7)
+    first = ds[2]["image"]
+    torch.manual_seed(123)  # the caller's global generator does not matter ...
+    state = torch.get_rng_state()
+    assert torch.equal(ds[2]["image"], first)
+    assert torch.equal(torch.get_rng_state(), state)  # ... and is left untouched
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2]["image"], first)  # a new epoch, a new crop
+    ds.seed = 8
+    ds.set_epoch(0)
+    assert not torch.equal(ds[2]["image"], first)

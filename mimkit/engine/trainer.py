@@ -430,20 +430,27 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=self.dist.device)
         usable = (len(self.sampler.inner) // cfg.batch_size) // cfg.accum_steps * cfg.accum_steps
         micro = 0
-        for batch in loader:
-            if self.batch_in_epoch >= usable:
-                break
-            batch = self.prepare_batch(batch)
-            micro += 1
-            self.batch_in_epoch += 1
-            self.forward_backward(batch, sync=micro == cfg.accum_steps)
-            if micro < cfg.accum_steps:
-                continue
-            micro = 0
-            applied = self.optimizer_step()
-            self.log_step(applied)
-            if self.maybe_save():
-                return False
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if self.batch_in_epoch >= usable:
+                    break
+                batch = self.prepare_batch(batch)
+                micro += 1
+                self.batch_in_epoch += 1
+                self.forward_backward(batch, sync=micro == cfg.accum_steps)
+                if micro < cfg.accum_steps:
+                    continue
+                micro = 0
+                applied = self.optimizer_step()
+                self.log_step(applied)
+                if self.maybe_save():
+                    return False
+        finally:
+            # an exception's traceback would keep the iterator, and so its worker processes, alive past the run
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         return True
 
     def end_epoch(self) -> None:

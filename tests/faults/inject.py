@@ -5,8 +5,10 @@ FAULT_NAN_FROM=k         the loss is NaN from the k-th forward call on (a diverg
 FAULT_SPIKE_AT=k,...     the loss is multiplied by 1000 at these forward calls
 FAULT_EXPLODE_AT=k       after the k-th optimizer step every weight is multiplied by 1e6 (finite, poisoned)
 FAULT_KILL_IN_SAVE=k     the k-th checkpoint write is cut in the middle by SIGKILL
+FAULT_DISK_FULL_AT=k     the k-th checkpoint write fails half-way with ENOSPC (a full disk)
 Model ``fault_mae_pico``: MAE ViT-Pico/8 at 32 px with a 1-block decoder, with these faults.
 """
+import errno
 import os
 import signal
 import sys
@@ -51,16 +53,18 @@ class FaultyMAE(MAE):
 register_preset("fault_mae_pico", FaultyMAE, "fault injection (tests only)", encoder="vit_pico_patch8_64", img_size=32,
                 decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
-_kill_at = _env_int("FAULT_KILL_IN_SAVE")
-if _kill_at:
+_kill_at, _full_at = _env_int("FAULT_KILL_IN_SAVE"), _env_int("FAULT_DISK_FULL_AT")
+if _kill_at or _full_at:
     _real_save, _count = torch.save, [0]
 
     def _save(obj, f, *args, **kwargs):
         _count[0] += 1
-        if _count[0] == _kill_at and hasattr(f, "write"):
+        if _count[0] in (_kill_at, _full_at) and hasattr(f, "write"):
             f.write(b"PK\x03\x04 half a checkpoint")
             f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            if _count[0] == _kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return _real_save(obj, f, *args, **kwargs)
 
     torch.save = _save

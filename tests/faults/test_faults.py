@@ -164,6 +164,19 @@ def test_corrupt_newest_checkpoint_with_keep_last_1_is_moved_aside_and_the_good_
     assert ckpt_steps(out) == [18]
 
 
+def test_a_full_disk_stops_with_exit_5_and_keeps_the_previous_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = cli(run_args(tiny_folder, out), FAULT_DISK_FULL_AT="2")  # the save at the end of epoch 2
+    assert rc == 5, err[-3000:]
+    no_traceback(err)
+    last = err.strip().splitlines()[-1]
+    assert "checkpoint-000000012.pt: could not be written (No space left on device)" in last
+    assert str(out / "checkpoint-000000006.pt") in last  # names the checkpoint a restart uses
+    assert ckpt_steps(out) == [6] and not list(out.glob(".checkpoint-*"))  # no half file left
+    rc, _, err = cli(run_args(tiny_folder, out))  # space is back: the rerun resumes
+    assert rc == 0 and "resumed from" in err
+
+
 def test_two_runs_into_one_folder_the_second_is_refused_until_the_first_is_dead(tiny_folder, tmp_path):
     out = tmp_path / "run"
     first = start(run_args(tiny_folder, out, epochs=50), FAULT_STEP_SLEEP="0.02")
