@@ -52,7 +52,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-# -- UM-MAE: uniform sampling, secondary masking, compaction (methods.md 4.2-4.4) --------------------------------
+# -- UM-MAE: uniform sampling, secondary masking, compaction (docs/methods.md 4.2-4.4) --------------------------------
 
 def uniform_sampling(batch_size: int, grid: tuple[int, int], device=None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -136,7 +136,7 @@ def random_sampling(batch_size: int, grid: tuple[int, int], device=None,
     return masking_from_noise(torch.rand(batch_size, length, device=device, generator=generator), length // 4).mask
 
 
-# -- LoMaR: local windows (methods.md 5.2) ------------------------------------------------------------------------
+# -- LoMaR: local windows (docs/methods.md 5.2) ------------------------------------------------------------------------
 
 def window_offsets(batch_size: int, grid: tuple[int, int], window: int, num_windows: int, device=None,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

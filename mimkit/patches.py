@@ -1,4 +1,4 @@
-"""Patchify / unpatchify and the reconstruction losses shared by the MIM methods (methods.md 1.1, 1.2)."""
+"""Patchify / unpatchify and the reconstruction losses shared by the MIM methods (docs/methods.md 1.1, 1.2)."""
 from __future__ import annotations
 
 import torch

@@ -67,7 +67,7 @@ def test_gather_compaction_equals_dilated_ones_conv(k):
 @pytest.mark.parametrize("shifted", [False, True])
 def test_compact_window_attention_equals_masked_full_resolution(shifted):
     """Stage-1 Swin block on the compact map (window 8, shift 4) == full-resolution window 16 / shift 8 block with
-    the dropped tokens' keys masked out, at the kept tokens (methods.md 4.5, paper Fig. 3)."""
+    the dropped tokens' keys masked out, at the kept tokens (docs/methods.md 4.5, paper Fig. 3)."""
     torch.manual_seed(0)
     n, c, grid, k = 2, 16, (8, 8), 4  # 8x8 patches of 16 px, 4x4 tokens each: a 32x32 token map
     block = SwinBlock(c, num_heads=2, mlp_ratio=2.0, shifted=shifted).eval()

@@ -1,4 +1,4 @@
-"""End-to-end classification fine-tuning (DeiT/BEiT style, methods.md 1.6) on the shared trainer.
+"""End-to-end classification fine-tuning (DeiT/BEiT style, docs/methods.md 1.6) on the shared trainer.
 
 The encoder comes from a mimkit pretraining checkpoint, a ``mimkit export`` safetensors file, or a registered model at
 random init (the baseline); it becomes a timm classifier (global average pooling, new head). Layer-wise lr decay,

@@ -2,10 +2,10 @@
 mimkit backbone (Swin, PVT) from the timm registry."""
 from __future__ import annotations
 
-import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from mimkit.models import create_encoder
 from mimkit.models.vit import prepare_mae_vit
 
 
@@ -13,10 +13,7 @@ def build_encoder(name: str, img_size: int, drop_path: float = 0.0, encoder_args
     """(encoder, the kwargs that rebuild it with timm). A timm ViT gets MAE's fixed sin-cos positions and init; any
     other encoder's position embedding, if it has one, is kept fixed during pretraining (UM-MAE, paper B.1)."""
     args = {"img_size": img_size, **(encoder_args or {})}
-    try:
-        encoder = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path, **args)
-    except RuntimeError as err:
-        raise ValueError(f"unknown encoder '{name}': {err}") from None
+    encoder = create_encoder(name, drop_path_rate=drop_path, **args)
     if isinstance(encoder, VisionTransformer):
         prepare_mae_vit(encoder, name)
     elif isinstance(getattr(encoder, "pos_embed", None), torch.nn.Parameter):

@@ -1,4 +1,4 @@
-"""LoMaR (Chen et al. 2022): masked reconstruction inside small local windows (methods.md section 5).
+"""LoMaR (Chen et al. 2022): masked reconstruction inside small local windows (docs/methods.md section 5).
 
 Per image, ``num_windows`` windows of ``window_size`` x ``window_size`` patches; inside each window ``mask_ratio`` of
 the patches are replaced by a learned mask token; every window is one short sequence (class token + K*K tokens) through
@@ -11,7 +11,7 @@ Window sampling (``window_sampling``):
   are distinct, and so are column offsets (a random permutation of each, paired), as in the released sampler.
 - ``batch``: one draw of window offsets for the whole batch, every image gets the same windows.
 - ``reference``: the released code's effective behaviour: one draw per batch, and image i gets window (i mod K),
-  K times over, each copy with its own in-window mask (methods.md 5.2).
+  K times over, each copy with its own in-window mask (docs/methods.md 5.2).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch import nn
 from mimkit.masking import gather_tokens, masking_from_noise, window_offsets, window_patch_ids
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
-from mimkit.models import rpb_vit
+from mimkit.models import create_encoder, rpb_vit
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patchify_channels_first
 
@@ -44,11 +44,7 @@ class LoMaR(MIMMethod):
         self.encoder_name = encoder
         self.img_size = img_size
         self.encoder_args = {"img_size": img_size, **(encoder_args or {})}
-        try:
-            enc = timm.create_model(encoder, pretrained=False, num_classes=0, drop_path_rate=drop_path,
-                                    **self.encoder_args)
-        except RuntimeError as err:
-            raise ValueError(f"unknown encoder '{encoder}': {err}") from None
+        enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
             raise ValueError(f"encoder '{encoder}' has no per-block relative position bias; LoMaR needs one of the "
                              f"rpbvit_* models (`mimkit models`)")

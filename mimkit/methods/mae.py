@@ -1,5 +1,5 @@
 """MAE (He et al. 2021) on a plain ViT: per-sample random masking, encoder on visible tokens only,
-lightweight transformer decoder, normalized-pixel MSE on the masked patches (methods.md section 2)."""
+lightweight transformer decoder, normalized-pixel MSE on the masked patches (docs/methods.md section 2)."""
 from __future__ import annotations
 
 import torch

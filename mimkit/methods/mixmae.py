@@ -1,6 +1,6 @@
 """MixMAE (Liu et al. 2022): the masked cells of one image are filled with the visible cells of another, the mixed
 input is encoded once with attention confined to each source image, then unmixed for a dual reconstruction
-(methods.md section 7).
+(docs/methods.md section 7).
 
 Mixing mask: cells of the encoder's total stride (32 px), ``int(cells * mask_ratio)`` taken from the partner.
 Options beyond the released code are documented in docs/design.md:

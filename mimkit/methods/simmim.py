@@ -1,5 +1,5 @@
 """SimMIM (Xie et al. 2021): learnable mask tokens inside the encoder, a linear head + PixelShuffle, L1 on masked
-pixels (methods.md section 3). For Swin, PVT and ViT; the baseline UM-MAE is measured against.
+pixels (docs/methods.md section 3). For Swin, PVT and ViT; the baseline UM-MAE is measured against.
 
 Mask cells of ``mask_unit`` px (32) at ``mask_ratio`` (0.6), exactly ceil(ratio x cells) per sample. UM-MAE's own
 SimMIM baseline used 16 px cells at 0.75: ``--model-arg mask_unit=16 --mask-ratio 0.75`` (recipe

@@ -1,5 +1,6 @@
 """UM-MAE (Li et al. 2022): uniform sampling + secondary masking + compact 2-D input, for Swin, PVT and ViT
-(methods.md section 4; paper in ../shared/papers).
+(docs/methods.md section 4; Li et al. 2022, "Uniform Masking: Enabling MAE Pre-training for Pyramid-based
+Vision Transformers with Locality").
 
 Per sample, one 16 px patch of every 2x2 block is kept (uniform sampling, US); ``sm_ratio`` of the kept patches are
 replaced by a learnable token (secondary masking, SM). Hierarchical encoders see the kept patches re-organized
@@ -9,7 +10,7 @@ on the US-dropped patches only.
 
 Decoder positions of the visible tokens: ``decoder_pos_order="block"`` (default) gives each token the position of the
 patch it came from (the order of the compaction); ``"reference"`` reproduces the released code, which assigns the
-positions of the kept patches in raster order (a mismatch for ~64 % of tokens, methods.md 4.6). See docs/design.md.
+positions of the kept patches in raster order (a mismatch for ~64 % of tokens, docs/methods.md 4.6). See docs/design.md.
 """
 from __future__ import annotations
 

@@ -3,4 +3,20 @@ from mimkit.models.pos_embed import sincos_2d
 from mimkit.models import dyvit, mixswin, pvt, rpb_vit, swin  # noqa: F401  (register with timm)
 from mimkit.models.vit import create_vit_encoder, mae_init_
 
-__all__ = ["TransformerDecoder", "sincos_2d", "create_vit_encoder", "mae_init_"]
+__all__ = ["TransformerDecoder", "sincos_2d", "create_encoder", "create_vit_encoder", "mae_init_"]
+
+
+def create_encoder(name: str, **kwargs):
+    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)`` with one clear error for an unknown
+    name; any other failure (a size the backbone rejects, a bad option) keeps its own message and cause."""
+    import difflib
+
+    import timm
+
+    from mimkit.errors import ConfigError
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown encoder '{name}' (not a timm model).{hint}")
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

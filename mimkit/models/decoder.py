@@ -1,4 +1,4 @@
-"""Lightweight transformer decoder of the MAE family (methods.md 2.3)."""
+"""Lightweight transformer decoder of the MAE family (docs/methods.md 2.3)."""
 from __future__ import annotations
 
 from functools import partial

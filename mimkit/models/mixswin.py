@@ -1,4 +1,4 @@
-"""Swin encoder as MixMAE uses it (methods.md 7.3), with timm's model API.
+"""Swin encoder as MixMAE uses it (docs/methods.md 7.3), with timm's model API.
 
 - Large windows per stage (14-14-14-7 at 224 px), **no shifted windows**, a standard relative-position-bias table per
   block; a stage smaller than its window attends globally.

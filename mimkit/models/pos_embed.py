@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embeddings (methods.md 1.3)."""
+"""Fixed 2-D sin-cos position embeddings (docs/methods.md 1.3)."""
 from __future__ import annotations
 
 import torch

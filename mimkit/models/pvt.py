@@ -1,4 +1,4 @@
-"""PVT with pooling spatial reduction (methods.md 4.5), with timm's model API.
+"""PVT with pooling spatial reduction (docs/methods.md 4.5), with timm's model API.
 
 Keys and values are computed from ``avg_pool2d(x, r) -> Conv1x1 -> LayerNorm`` where the pooling ratio ``r`` is a
 run-time choice, so the same weights serve full-resolution fine-tuning (ratios [8, 4, 2, 1]) and UM-MAE's compact

@@ -1,4 +1,4 @@
-"""Swin Transformer as UM-MAE uses it (methods.md 4.4-4.5), with timm's model API.
+"""Swin Transformer as UM-MAE uses it (docs/methods.md 4.4-4.5), with timm's model API.
 
 - Relative position bias from a small MLP over log-spaced *true* coordinate differences (SwinV2-style continuous
   bias), so the same weights work on the full token grid and on UM-MAE's compact input, where neighbours in the

@@ -62,11 +62,9 @@ def mae_init_(module: nn.Module) -> None:
 
 def create_vit_encoder(name: str, img_size: int, drop_path_rate: float = 0.0, **kwargs) -> VisionTransformer:
     """A timm ViT without classifier, fixed sin-cos position embedding, MAE initialization."""
-    try:
-        encoder = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
-                                    drop_path_rate=drop_path_rate, **kwargs)
-    except RuntimeError as err:
-        raise ValueError(f"unknown encoder '{name}': {err}") from None
+    from mimkit.models import create_encoder
+
+    encoder = create_encoder(name, img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
     return prepare_mae_vit(encoder, name)
 
 
