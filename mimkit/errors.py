@@ -51,6 +51,12 @@ class TrainingDiverged(MimkitError, RuntimeError):
     exit_code = EXIT_DIVERGED
 
 
+class RankLost(MimkitError, RuntimeError):
+    """A collective across ranks failed or timed out: another process of the run died or stopped responding."""
+
+    exit_code = EXIT_FAILED
+
+
 class SaveFailed(MimkitError, RuntimeError):
     """A checkpoint could not be written or did not verify; the previous verified one is untouched."""
 

@@ -28,7 +28,7 @@ from mimkit.engine.optim import absolute_lr, build_optimizer, build_scheduler
 from mimkit.engine.run_folder import RunLock, existing_outputs, move_aside
 from mimkit.engine.signals import StopSignals
 from mimkit.engine.task import Task
-from mimkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from mimkit.errors import CheckpointError, ConfigError, DataError, MimkitError, RankLost, TrainingDiverged
 
 __all__ = ["Trainer", "TrainingDiverged", "autocast_context"]
 
@@ -260,6 +260,13 @@ class Trainer:
         raise TrainingDiverged(f"training diverged at step {self.step + 1}: {reason}; stopping. {where} Lower "
                                "--blr, set --grad-clip, or use --precision bf16 or fp32, then rerun.")
 
+    def restart_hint_local(self) -> str:
+        """Like ``restart_hint`` without a collective (for when the process group is broken)."""
+        found = self.store.newest_verified() if self.dist.is_main else None
+        if found is not None:
+            return f"a restart (--resume auto) continues from {found}."
+        return "a restart continues from the newest verified checkpoint in --output, if any."
+
     def restart_hint(self) -> str:
         path = broadcast_object(str(self.store.newest_verified() or "") if self.dist.is_main else None)
         if path:
@@ -479,6 +486,14 @@ class Trainer:
             self.skipped: dict[str, str] = {}
             self.setup()
             return self.train()
+        except RuntimeError as err:
+            if isinstance(err, MimkitError) or not getattr(self, "dist", None) or not self.dist.distributed \
+                    or not _collective_failure(err):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:240]
+            raise RankLost(f"a collective operation across ranks failed or timed out (--dist-timeout-min "
+                           f"{self.cfg.dist_timeout_min:g}): {first} Another process of this run probably died; "
+                           f"{self.restart_hint_local()}") from err
         finally:
             self.signals.restore()
             if self.lock is not None:
@@ -524,6 +539,17 @@ class Trainer:
         if not math.isfinite(self.last_loss) and self.step > self.start_step:
             self.log.warning("the last logged loss is not finite")
         return summary
+
+
+def _collective_failure(err: BaseException) -> bool:
+    """A failure of the process group (a peer died, a timeout), as opposed to a bug in this process."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out",
+                                   "ProcessGroup"))
 
 
 def run_trainer(trainer: Trainer) -> dict:

@@ -259,3 +259,29 @@ def test_torchrun_two_processes_stopped_by_sigterm_resume_exactly(tiny_folder, t
     rc, _, err = finish(torchrun(tmp_path / "split"), 300)
     assert rc == 0, err[-3000:]
     assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "full"))
+
+
+@pytest.mark.slow
+def test_a_dead_rank_makes_the_other_exit_with_a_message(tiny_folder, tmp_path):
+    """Two ranks wired by environment variables (no torchrun, which would stop the survivor itself)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = []
+    for rank in (0, 1):
+        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", FAULT_STEP_SLEEP="0.05")
+        procs.append(start(run_args(tiny_folder, out, "--num-workers", "0", "--dist-timeout-min", "0.5",
+                                    epochs=50), **env))
+    wait_for_step(procs[0], out, 2)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    finish(procs[1])
+    t0 = time.time()
+    rc, _, err = finish(procs[0], timeout=120)
+    assert rc == 1 and time.time() - t0 < 60, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: a collective operation across ranks failed or timed out"), err[-3000:]
+    no_traceback(err)
