@@ -11,6 +11,7 @@ Everything mimkit uses from torchvision (transforms, datasets, detection models)
 Pillow >= 11 rejects 0 bits with a ValueError (older Pillow returned a black image). The patch gives timm's op the
 old result for 0 bits and leaves every other case to Pillow.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,6 +47,7 @@ def ensure_torchvision() -> None:
     global _LIB
     try:
         import torchvision  # noqa: F401
+
         return
     except RuntimeError as err:
         if "torchvision::nms" not in str(err):

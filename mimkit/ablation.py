@@ -1,5 +1,6 @@
 """Masking ablation (UM-MAE Table 1, scaled down): the same small ViT pretrained with random, grid, uniform and
 uniform + secondary masking for an equal number of steps, then final pretraining loss and kNN top-1."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ VARIANTS = [
     ("UM, SM 25%", dict(sampling="uniform", sm_ratio=0.25)),
     ("UM, SM 35%", dict(sampling="uniform", sm_ratio=0.35)),
 ]
-PAPER_LOSS = {"RS (random, MAE)": 0.4256, "GS (grid)": 0.3682, "US (uniform)": 0.3858, "UM, SM 15%": 0.4171,
-              "UM, SM 25%": 0.4395, "UM, SM 35%": 0.4645}
+PAPER_LOSS = {
+    "RS (random, MAE)": 0.4256,
+    "GS (grid)": 0.3682,
+    "US (uniform)": 0.3858,
+    "UM, SM 15%": 0.4171,
+    "UM, SM 25%": 0.4395,
+    "UM, SM 35%": 0.4645,
+}
 
 
 def final_loss(run: Path, last_records: int = 5) -> float:
@@ -27,25 +34,40 @@ def final_loss(run: Path, last_records: int = 5) -> float:
     return sum(tail) / len(tail)
 
 
-def run_masking_ablation(data: str, output: str, recipe: str = "ablation_vit_nano_cpu", epochs: int | None = None,
-                         knn: bool = True, seed: int = 0) -> list[dict]:
-    from mimkit.pretraining import pretrain
+def run_masking_ablation(
+    data: str,
+    output: str,
+    recipe: str = "ablation_vit_nano_cpu",
+    epochs: int | None = None,
+    knn: bool = True,
+    seed: int = 0,
+) -> list[dict]:
     from mimkit.eval import knn_evaluate
     from mimkit.loading import load_pretrained
+    from mimkit.pretraining import pretrain
 
     rows = []
     for label, args in VARIANTS:
         values = load_recipe(recipe)
-        values.update(data=data, output=str(Path(output) / label.split()[0].lower().replace(",", "") /
-                                             f"sm{int(args['sm_ratio'] * 100)}"), seed=seed)
+        values.update(
+            data=data,
+            output=str(Path(output) / label.split()[0].lower().replace(",", "") / f"sm{int(args['sm_ratio'] * 100)}"),
+            seed=seed,
+        )
         values["model_args"] = {**values.get("model_args", {}), **args}
         if epochs is not None:
             values["epochs"] = epochs
         cfg = config_from_dict(PretrainConfig, values, recipe)
         t0 = time.time()
         summary = pretrain(cfg)
-        row = {"variant": label, **args, "steps": summary["steps"], "final_loss": final_loss(Path(cfg.output)),
-               "paper_loss": PAPER_LOSS[label], "pretrain_s": round(time.time() - t0, 1)}
+        row = {
+            "variant": label,
+            **args,
+            "steps": summary["steps"],
+            "final_loss": final_loss(Path(cfg.output)),
+            "paper_loss": PAPER_LOSS[label],
+            "pretrain_s": round(time.time() - t0, 1),
+        }
         if knn:
             model, saved = load_pretrained(cfg.output)
             row["knn_top1"] = knn_evaluate(model, data, saved.img_size, saved.mean, saved.std)["top1"]
@@ -54,13 +76,22 @@ def run_masking_ablation(data: str, output: str, recipe: str = "ablation_vit_nan
 
 
 def ablation_markdown(rows: list[dict], command: str) -> str:
-    lines = ["| variant | SM ratio | steps | final pretrain loss | paper loss (ViT-B, IN1K, 200 ep) | kNN top-1 (%) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | SM ratio | steps | final pretrain loss | paper loss (ViT-B, IN1K, 200 ep) | kNN top-1 (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         knn = f"{r['knn_top1']:.2f}" if "knn_top1" in r else "-"
-        lines.append(f"| {r['variant']} | {r['sm_ratio']:.2f} | {r['steps']} | {r['final_loss']:.4f} | "
-                     f"{r['paper_loss']:.4f} | {knn} |")
+        lines.append(
+            f"| {r['variant']} | {r['sm_ratio']:.2f} | {r['steps']} | {r['final_loss']:.4f} | "
+            f"{r['paper_loss']:.4f} | {knn} |"
+        )
     order = " < ".join(r["variant"] for r in sorted(rows, key=lambda r: r["final_loss"]))
-    lines += ["", f"Measured loss ordering: {order}.",
-              "Paper ordering: GS < US < UM-15% < RS < UM-25% < UM-35%.", "", f"Command: `{command}`"]
+    lines += [
+        "",
+        f"Measured loss ordering: {order}.",
+        "Paper ordering: GS < US < UM-15% < RS < UM-25% < UM-35%.",
+        "",
+        f"Command: `{command}`",
+    ]
     return "\n".join(lines)

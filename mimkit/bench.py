@@ -1,4 +1,5 @@
 """Training-step benchmark: forward + backward + optimizer step on synthetic batches, several models, one process."""
+
 from __future__ import annotations
 
 import gc
@@ -69,8 +70,18 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     return name, dict(_parse_kv(kv) for kv in opts.split(",") if kv)
 
 
-def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, warmup: int, precision: str,
-                device: torch.device, compile: bool = False, cpu_autocast: bool = False, **model_args) -> dict:
+def bench_model(
+    name: str,
+    batch_size: int,
+    img_size: int | None,
+    steps: int,
+    warmup: int,
+    precision: str,
+    device: torch.device,
+    compile: bool = False,
+    cpu_autocast: bool = False,
+    **model_args,
+) -> dict:
     """Peak memory over the first steps (model, gradients, optimizer state, activations), then the mean time of
     ``steps`` training steps after ``warmup`` untimed ones. ``name`` may carry options: ``name:key=value,...``."""
     gc.collect()
@@ -114,7 +125,7 @@ def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, wa
     if cpu:
         meter.__exit__(None, None, None)
         peak, mem_kind = meter.growth, "cpu_peak_rss_growth"
-        _set_mmap_threshold(64 * 2 ** 20)
+        _set_mmap_threshold(64 * 2**20)
     else:
         torch.cuda.synchronize(device)
         peak, mem_kind = torch.cuda.max_memory_allocated(device) - base_mem, "cuda_peak_allocated"
@@ -129,41 +140,71 @@ def bench_model(name: str, batch_size: int, img_size: int | None, steps: int, wa
     if not cpu:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    result = {"model": spec, "img_size": size, "batch_size": batch_size, "precision": precision,
-              "device": str(device), "steps": steps, "step_time_s": elapsed / steps,
-              "images_per_s": batch_size * steps / elapsed, "peak_memory_mb": peak / 2 ** 20, "memory_kind": mem_kind,
-              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    result = {
+        "model": spec,
+        "img_size": size,
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": str(device),
+        "steps": steps,
+        "step_time_s": elapsed / steps,
+        "images_per_s": batch_size * steps / elapsed,
+        "peak_memory_mb": peak / 2**20,
+        "memory_kind": mem_kind,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
     return result
 
 
-def bench(models: list[str], batch_size: int, img_sizes: list[int | None], steps: int, warmup: int,
-          precision: str, device: str = "auto", compile: bool = False, model_args: dict | None = None,
-          cpu_autocast: bool = False) -> list[dict]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+def bench(
+    models: list[str],
+    batch_size: int,
+    img_sizes: list[int | None],
+    steps: int,
+    warmup: int,
+    precision: str,
+    device: str = "auto",
+    compile: bool = False,
+    model_args: dict | None = None,
+    cpu_autocast: bool = False,
+) -> list[dict]:
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     results = []
     for size in img_sizes:  # ratios against the first model of the same requested resolution
-        group = [bench_model(name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast,
-                             **(model_args or {})) for name in models]
+        group = [
+            bench_model(
+                name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast, **(model_args or {})
+            )
+            for name in models
+        ]
         first = group[0]
         for r in group:
             r["speed_vs_first"] = r["images_per_s"] / first["images_per_s"]
-            r["memory_vs_first"] = (r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0
-                                    else None)
+            r["memory_vs_first"] = (
+                r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0 else None
+            )
         results += group
     return results
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
-            f"{'mem x':>7s}")
+    head = (
+        f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
+        f"{'mem x':>7s}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
-        lines.append(f"{r['model']:44s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
-                     f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
-                     f"{mem_x:>7s}")
+        lines.append(
+            f"{r['model']:44s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
+            f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
+            f"{mem_x:>7s}"
+        )
     r0 = results[0]
-    lines.append(f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
-                 f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory)")
+    lines.append(
+        f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
+        f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory)"
+    )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """The ``mimkit`` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG = ("Run `mimkit COMMAND --help` for the options of a command. Exit codes: 0 done, 2 bad option/file/data, "
-          "3 stopped by a signal after saving (rerun to resume), 4 diverged, 5 checkpoint could not be written.")
+EPILOG = (
+    "Run `mimkit COMMAND --help` for the options of a command. Exit codes: 0 done, 2 bad option/file/data, "
+    "3 stopped by a signal after saving (rerun to resume), 4 diverged, 5 checkpoint could not be written."
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -21,14 +24,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: an int or float within [low, high] (or open bounds); the error states the range."""
+
     def convert(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
-                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if (
+            value != value
+            or (low is not None and (value <= low if low_open else value < low))
+            or (high is not None and (value >= high if high_open else value > high))
+        ):
             parts = []
             if low is not None:
                 parts.append(f"{'>' if low_open else '>='} {low}")
@@ -36,6 +42,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
                 parts.append(f"{'<' if high_open else '<='} {high}")
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(parts)}")
         return value
+
     convert.__name__ = kind.__name__
     convert.bounds = dict(kind=kind, low=low, high=high, low_open=low_open, high_open=high_open)  # for tests/docs
     return convert
@@ -104,16 +111,17 @@ def _check_model_specs(specs: list[str], shared: dict) -> None:
         for option, given in (("--model-arg", shared), (f"--models {spec}:", own)):
             unknown = [k for k in given if k not in accepted and k != "img_size"]
             if unknown:
-                raise ConfigError(f"{option} {', '.join(unknown)}: model '{name}' has no such option "
-                                  f"(`mimkit models {name}` lists them)")
+                raise ConfigError(
+                    f"{option} {', '.join(unknown)}: model '{name}' has no such option "
+                    f"(`mimkit models {name}` lists them)"
+                )
 
 
 def _load_model(args):
     """(model, img_size, mean, std) from a checkpoint, or a randomly initialized model."""
     from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
-    from mimkit.loading import load_pretrained, random_init
-
     from mimkit.errors import ConfigError
+    from mimkit.loading import load_pretrained, random_init
 
     if args.checkpoint and args.random_init:
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
@@ -128,9 +136,8 @@ def _load_model(args):
 
 def cmd_pretrain(args):
     from mimkit.config import PretrainConfig, config_from_args
-    from mimkit.pretraining import pretrain
-
     from mimkit.errors import ConfigError
+    from mimkit.pretraining import pretrain
 
     cfg = config_from_args(args, PretrainConfig)
     if not cfg.data:
@@ -148,9 +155,8 @@ def _run_exit_code(summary: dict) -> int:
 
 def cmd_finetune(args):
     from mimkit.config import config_from_args
-    from mimkit.eval.finetune import FinetuneConfig, finetune
-
     from mimkit.errors import ConfigError
+    from mimkit.eval.finetune import FinetuneConfig, finetune
 
     cfg = config_from_args(args, FinetuneConfig)
     if not cfg.data:
@@ -167,13 +173,27 @@ def cmd_knn(args):
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
-    res = knn_evaluate(model, args.data, img_size, mean, std, k=args.k, temperature=args.temperature,
-                       batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                       pool=args.pool, progress=True)
+    res = knn_evaluate(
+        model,
+        args.data,
+        img_size,
+        mean,
+        std,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=device,
+        pool=args.pool,
+        progress=True,
+    )
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
-    print(json.dumps(res, indent=2) if args.json else
-          f"kNN (k={res['k']}, T={res['temperature']}) top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-          f"({res['n_train']} train / {res['n_val']} val images, {res['classes']} classes, {img_size} px)")
+    print(
+        json.dumps(res, indent=2)
+        if args.json
+        else f"kNN (k={res['k']}, T={res['temperature']}) top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        f"({res['n_train']} train / {res['n_val']} val images, {res['classes']} classes, {img_size} px)"
+    )
     return res
 
 
@@ -187,9 +207,23 @@ def cmd_linprobe(args):
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
-    res = linear_probe(model, args.data, img_size, mean, std, epochs=args.epochs, batch_size=args.batch_size,
-                       blr=args.blr, warmup_epochs=args.warmup_epochs, cache=not args.no_cache, pool=args.pool,
-                       num_workers=args.num_workers, device=device, seed=args.seed, progress=True)
+    res = linear_probe(
+        model,
+        args.data,
+        img_size,
+        mean,
+        std,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        blr=args.blr,
+        warmup_epochs=args.warmup_epochs,
+        cache=not args.no_cache,
+        pool=args.pool,
+        num_workers=args.num_workers,
+        device=device,
+        seed=args.seed,
+        progress=True,
+    )
     head = res.pop("head")
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
     if out is not None:
@@ -199,8 +233,10 @@ def cmd_linprobe(args):
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2))
     else:
-        print(f"linear probe top-1 {res['top1']:.2f}% (best {res['best_top1']:.2f}% at epoch {res['best_epoch']}), "
-              f"top-5 {res['top5']:.2f}% ({res['n_train']} train / {res['n_val']} val, {res['classes']} classes)")
+        print(
+            f"linear probe top-1 {res['top1']:.2f}% (best {res['best_top1']:.2f}% at epoch {res['best_epoch']}), "
+            f"top-5 {res['top5']:.2f}% ({res['n_train']} train / {res['n_val']} val, {res['classes']} classes)"
+        )
     return res
 
 
@@ -213,8 +249,10 @@ def cmd_export(args):
     meta = export_encoder(model, args.out, head_classes=args.head_classes, source=str(args.checkpoint))
     kwargs = json.loads(meta["timm_kwargs"])
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {args.out}\nload it with:\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
-          f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False){extra})")
+    print(
+        f"wrote {args.out}\nload it with:\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False){extra})"
+    )
 
 
 def cmd_visualize(args):
@@ -231,8 +269,7 @@ def cmd_visualize(args):
     ds = ImageDataset(subset, eval_transform(img_size, mean, std), min_image_size=1)
     batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
     title = f"{Path(args.checkpoint).name if args.checkpoint else 'random init'}"
-    path = save_reconstruction_figure(model, batch, mean, std, args.out, stats=args.stats, title=title,
-                                      seed=args.seed)
+    path = save_reconstruction_figure(model, batch, mean, std, args.out, stats=args.stats, title=title, seed=args.seed)
     print(f"wrote {path}")
     return path
 
@@ -250,8 +287,18 @@ def cmd_bench(args):
 
     _device(args.device)
     _check_model_specs(args.models, dict(args.model_arg or []))
-    results = bench(args.models, args.batch_size, args.img_size or [None], args.steps, args.warmup, args.precision,
-                    args.device, args.compile, dict(args.model_arg or []), args.cpu_autocast)
+    results = bench(
+        args.models,
+        args.batch_size,
+        args.img_size or [None],
+        args.steps,
+        args.warmup,
+        args.precision,
+        args.device,
+        args.compile,
+        dict(args.model_arg or []),
+        args.cpu_autocast,
+    )
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -266,8 +313,10 @@ def cmd_models(args):
     if args.name:
         get_preset(args.name)  # an unknown name is a one-line error with suggestions
     if args.name:
-        print(f"{args.name}: {get_preset(args.name).doc}\noptions (set with --model-arg KEY=VALUE or in a recipe's "
-              "model_args):")
+        print(
+            f"{args.name}: {get_preset(args.name).doc}\noptions (set with --model-arg KEY=VALUE or in a recipe's "
+            "model_args):"
+        )
         for key, value in method_options(args.name).items():
             print(f"  {key} = {value!r}")
         return
@@ -298,8 +347,20 @@ def cmd_demo(args):
     cfg = config_from_dict(PretrainConfig, values, "demo")
     print(f"[1/4] pretraining {cfg.model} on {data} for up to {args.minutes} min ...", flush=True)
     summary = pretrain(cfg)
-    ns = argparse.Namespace(checkpoint=str(out), random_init=None, img_size=None, seed=0, data=str(data), k=20,
-                            temperature=0.07, batch_size=128, num_workers=0, device="auto", pool="avg", json=False)
+    ns = argparse.Namespace(
+        checkpoint=str(out),
+        random_init=None,
+        img_size=None,
+        seed=0,
+        data=str(data),
+        k=20,
+        temperature=0.07,
+        batch_size=128,
+        num_workers=0,
+        device="auto",
+        pool="avg",
+        json=False,
+    )
     print("[2/4] kNN evaluation of the pretrained encoder:", flush=True)
     trained = cmd_knn(ns)
     print("[3/4] kNN evaluation of the same encoder at random init (the baseline):", flush=True)
@@ -309,15 +370,22 @@ def cmd_demo(args):
     ns.out = str(out / "reconstruction.png")
     print("[4/4] reconstruction figure:", flush=True)
     fig = cmd_visualize(ns)
-    result = {"pretrain": summary, "knn_top1_pretrained": trained["top1"], "knn_top1_random_init": baseline["top1"],
-              "figure": str(fig), "wall_time_s": round(time.time() - t0, 1)}
+    result = {
+        "pretrain": summary,
+        "knn_top1_pretrained": trained["top1"],
+        "knn_top1_random_init": baseline["top1"],
+        "figure": str(fig),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(f"\nDemo finished in {result['wall_time_s']:.0f} s.\n"
-          f"  kNN top-1: pretrained {trained['top1']:.1f}% vs random init {baseline['top1']:.1f}%\n"
-          f"  checkpoints, config.yaml, metrics.jsonl, train.log: {out}/\n"
-          f"  TensorBoard:           tensorboard --logdir {out}/tensorboard\n"
-          f"  reconstruction figure: {fig}\n"
-          f"  export the encoder:    mimkit export {out} --out {out}/encoder.safetensors")
+    print(
+        f"\nDemo finished in {result['wall_time_s']:.0f} s.\n"
+        f"  kNN top-1: pretrained {trained['top1']:.1f}% vs random init {baseline['top1']:.1f}%\n"
+        f"  checkpoints, config.yaml, metrics.jsonl, train.log: {out}/\n"
+        f"  TensorBoard:           tensorboard --logdir {out}/tensorboard\n"
+        f"  reconstruction figure: {fig}\n"
+        f"  export the encoder:    mimkit export {out} --out {out}/encoder.safetensors"
+    )
 
 
 def cmd_ablate_masking(args):
@@ -346,22 +414,27 @@ def _eval_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from mimkit.config import PretrainConfig, add_config_arguments
 
-    parser = OneLineParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.",
-                                     epilog=EPILOG)
+    parser = OneLineParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="pretrain a model (single process, or under torchrun for DDP)",
-                       description="Pretrain with a recipe and/or flags. Precedence: defaults < --recipe < flags. "
-                                   "Multi-GPU / multi-node: torchrun --nproc-per-node N -m mimkit.cli pretrain ...")
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model (single process, or under torchrun for DDP)",
+        description="Pretrain with a recipe and/or flags. Precedence: defaults < --recipe < flags. "
+        "Multi-GPU / multi-node: torchrun --nproc-per-node N -m mimkit.cli pretrain ...",
+    )
     add_config_arguments(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
     from mimkit.eval.finetune import FinetuneConfig
 
-    p = sub.add_parser("finetune", help="end-to-end classification fine-tuning (layer decay, RandAugment, mixup)",
-                       description="Fine-tune a pretrained encoder (--pretrained RUN|CKPT|EXPORT.safetensors) or a "
-                                   "random-init baseline (--random-init MODEL) on a labelled ImageFolder. Top-1/top-5 "
-                                   "on val after every epoch; best.pt and rotating checkpoints; --resume auto.")
+    p = sub.add_parser(
+        "finetune",
+        help="end-to-end classification fine-tuning (layer decay, RandAugment, mixup)",
+        description="Fine-tune a pretrained encoder (--pretrained RUN|CKPT|EXPORT.safetensors) or a "
+        "random-init baseline (--random-init MODEL) on a labelled ImageFolder. Top-1/top-5 "
+        "on val after every epoch; best.pt and rotating checkpoints; --resume auto.",
+    )
     add_config_arguments(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
 
@@ -377,16 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_knn)
 
-    p = sub.add_parser("linprobe", help="linear probe on frozen features (BatchNorm + Linear, LARS; MAE protocol)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "linprobe",
+        help="linear probe on frozen features (BatchNorm + Linear, LARS; MAE protocol)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _eval_model_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
     p.add_argument("--epochs", type=POS_INT, default=90)
     p.add_argument("--batch-size", type=POS_INT, default=256)
     p.add_argument("--blr", type=POS_FLOAT, default=0.1, help="lr = blr x batch / 256")
     p.add_argument("--warmup-epochs", type=NONNEG_INT, default=10)
-    p.add_argument("--no-cache", action="store_true",
-                   help="augment and re-encode every epoch instead of caching features once (slow on CPU)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="augment and re-encode every epoch instead of caching features once (slow on CPU)",
+    )
     p.add_argument("--pool", choices=["avg", "cls"], default="avg")
     p.add_argument("--num-workers", type=NONNEG_INT, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -397,28 +476,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the encoder as safetensors with timm key names")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--head-classes", type=NONNEG_INT, default=None,
-                   help="include a zero-initialized classifier of this many classes (default: the timm model's, "
-                        "so its default create_model call loads strictly); 0 = encoder only")
+    p.add_argument(
+        "--head-classes",
+        type=NONNEG_INT,
+        default=None,
+        help="include a zero-initialized classifier of this many classes (default: the timm model's, "
+        "so its default create_model call loads strictly); 0 = encoder only",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("visualize", help="reconstruction figure (original, encoder input, reconstruction, pasted)")
     _eval_model_args(p)
     p.add_argument("--data", required=True, help="images to show (val/ of an ImageFolder root if present)")
     p.add_argument("--num", type=_number(int, 1, 64), default=8, help="number of images (1-64)")
-    p.add_argument("--stats", choices=["target", "visible"], default="target",
-                   help="de-normalize norm-pixel predictions with each patch's true statistics (target) or with "
-                        "the visible patches' statistics only (visible, no leakage)")
+    p.add_argument(
+        "--stats",
+        choices=["target", "visible"],
+        default="target",
+        help="de-normalize norm-pixel predictions with each patch's true statistics (target) or with "
+        "the visible patches' statistics only (visible, no leakage)",
+    )
     p.add_argument("--out", default="reconstruction.png")
     p.set_defaults(func=cmd_visualize)
 
-    p = sub.add_parser("bench", help="time training steps of models side by side on synthetic batches",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="registered model names, each optionally "
-                   "with its own options as name:key=value,key=value; ratios are vs the first (at each --img-size)")
+    p = sub.add_parser(
+        "bench",
+        help="time training steps of models side by side on synthetic batches",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        help="registered model names, each optionally "
+        "with its own options as name:key=value,key=value; ratios are vs the first (at each --img-size)",
+    )
     p.add_argument("--batch-size", type=POS_INT, default=32)
-    p.add_argument("--img-size", type=_number(int, 8), nargs="+", help="one or more resolutions (default: each "
-                   "model's)")
+    p.add_argument(
+        "--img-size", type=_number(int, 8), nargs="+", help="one or more resolutions (default: each model's)"
+    )
     p.add_argument("--steps", type=POS_INT, default=10, help="timed steps")
     p.add_argument("--warmup", type=NONNEG_INT, default=3, help="untimed warm-up steps")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
@@ -429,8 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("mask-frequency", help="heat maps of how often each unit is masked: random vs CoMA's "
-                       "complementary masks (CoMA Fig. 2)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "mask-frequency",
+        help="heat maps of how often each unit is masked: random vs CoMA's complementary masks (CoMA Fig. 2)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--grid", type=_number(int, 2, 64), default=7, help="units per side (7 = 224 px / 32 px units)")
     p.add_argument("--ratio", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.6)
     p.add_argument("--iterations", type=POS_INT, default=1600)
@@ -438,8 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="mask_frequency.png")
     p.set_defaults(func=cmd_mask_frequency)
 
-    p = sub.add_parser("ablate-masking", help="UM-MAE Table 1 at small scale: random / grid / uniform / uniform + "
-                       "secondary masking on the same ViT, equal steps; loss and kNN table")
+    p = sub.add_parser(
+        "ablate-masking",
+        help="UM-MAE Table 1 at small scale: random / grid / uniform / uniform + "
+        "secondary masking on the same ViT, equal steps; loss and kNN table",
+    )
     p.add_argument("--data", required=True, help="images (labelled ImageFolder root for the kNN column)")
     p.add_argument("--output", default="runs/ablate_masking")
     p.add_argument("--recipe", default="ablation_vit_nano_cpu", help="base recipe (a UM-MAE ViT model)")

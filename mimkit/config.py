@@ -1,4 +1,5 @@
 """Run configuration: dataclass defaults < recipe YAML < command-line flags. Unknown keys are errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 
 from mimkit.errors import ConfigError
 
@@ -30,84 +30,142 @@ def opt(default, help: str, group: str = "training", **kw):
 @dataclass
 class PretrainConfig:
     # data
-    data: str = opt("", "Images: an ImageFolder root (train/, optional val/), any folder tree of images, or a text "
-                        "file with one image path per line. Labels are never used for pretraining.", "data")
+    data: str = opt(
+        "",
+        "Images: an ImageFolder root (train/, optional val/), any folder tree of images, or a text "
+        "file with one image path per line. Labels are never used for pretraining.",
+        "data",
+    )
     img_size: int | None = opt(None, "Input resolution in px (default: the model's).", "data", min=8)
-    mean: list[float] = opt(None, "Per-channel normalization mean.", "data",
-                            factory=lambda: [0.485, 0.456, 0.406])
+    mean: list[float] = opt(None, "Per-channel normalization mean.", "data", factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = opt(None, "Per-channel normalization std.", "data", factory=lambda: [0.229, 0.224, 0.225])
-    compute_mean_std: bool = opt(False, "Compute mean/std from (a sample of) the data instead of using "
-                                        "mean/std; the values are written to the saved config.", "data")
-    crop_scale: list[float] = opt(None, "RandomResizedCrop scale range: two values, 0 < MIN <= MAX <= 1.", "data",
-                                  factory=lambda: [0.2, 1.0], length=2, gt=0, max=1)
+    compute_mean_std: bool = opt(
+        False,
+        "Compute mean/std from (a sample of) the data instead of using "
+        "mean/std; the values are written to the saved config.",
+        "data",
+    )
+    crop_scale: list[float] = opt(
+        None,
+        "RandomResizedCrop scale range: two values, 0 < MIN <= MAX <= 1.",
+        "data",
+        factory=lambda: [0.2, 1.0],
+        length=2,
+        gt=0,
+        max=1,
+    )
     hflip: float = opt(0.5, "Horizontal-flip probability.", "data", min=0, max=1)
-    min_image_size: int = opt(8, "Images whose shorter side is below this (px) are skipped and reported.", "data",
-                              min=1)
+    min_image_size: int = opt(
+        8, "Images whose shorter side is below this (px) are skipped and reported.", "data", min=1
+    )
     num_workers: int = opt(-1, "Data-loading worker processes per GPU/process (-1: automatic).", "data", min=-1)
     # model
-    model: str = opt("mae_vit_base_patch16", "Pretraining model: method + architecture (`mimkit models`).",
-                     "model")
-    mask_ratio: float | None = opt(None, "Fraction of patches masked (default: the method's).", "model",
-                                   gt=0, lt=1)
+    model: str = opt("mae_vit_base_patch16", "Pretraining model: method + architecture (`mimkit models`).", "model")
+    mask_ratio: float | None = opt(None, "Fraction of patches masked (default: the method's).", "model", gt=0, lt=1)
     norm_pix_loss: bool | None = opt(None, "Per-patch normalized pixel targets (default: the method's).", "model")
     drop_path: float = opt(0.0, "Stochastic depth rate of the encoder.", "model", min=0, lt=1)
-    model_args: dict = opt(None, "Extra model options as a mapping (CLI: --model-arg key=value, repeatable); "
-                                 "`mimkit models NAME` lists them.", "model", factory=dict)
+    model_args: dict = opt(
+        None,
+        "Extra model options as a mapping (CLI: --model-arg key=value, repeatable); `mimkit models NAME` lists them.",
+        "model",
+        factory=dict,
+    )
     # optimization
     epochs: int = opt(400, "Pretraining epochs.", min=1)
     batch_size: int = opt(64, "Images per GPU/process per step.", min=1)
     accum_steps: int = opt(1, "Gradient accumulation steps (effective batch = batch_size x accum x world).", min=1)
-    blr: float = opt(1.5e-4, "Base learning rate: lr = blr x effective_batch / the method's reference batch "
-                             "(256 for the MAE family, 512 for SimMIM); 0 freezes the weights (a control).", min=0)
+    blr: float = opt(
+        1.5e-4,
+        "Base learning rate: lr = blr x effective_batch / the method's reference batch "
+        "(256 for the MAE family, 512 for SimMIM); 0 freezes the weights (a control).",
+        min=0,
+    )
     lr: float | None = opt(None, "Absolute learning rate; overrides blr when set.", min=0)
     min_lr: float = opt(0.0, "Final learning rate of the cosine schedule.", min=0)
     warmup_epochs: float = opt(40, "Linear warm-up epochs (per-iteration schedule).", min=0)
     weight_decay: float = opt(0.05, "AdamW weight decay (not applied to biases and 1-D parameters).", min=0)
-    betas: list[float] | None = opt(None, "AdamW betas (default: the method's, (0.9, 0.95) for MAE).",
-                                   length=2, min=0, lt=1)
-    grad_clip: float | None = opt(None, "Clip the gradient norm to this value (default: the method's; MAE: off).",
-                                   gt=0)
-    precision: str = opt("bf16", "fp32 | bf16 | fp16. bf16/fp16 use autocast on GPU; fp16 adds loss scaling. "
-                                 "On CPU bf16 autocast is used only if `cpu_autocast` is set.",
-                         choices=["fp32", "bf16", "fp16"])
+    betas: list[float] | None = opt(
+        None, "AdamW betas (default: the method's, (0.9, 0.95) for MAE).", length=2, min=0, lt=1
+    )
+    grad_clip: float | None = opt(None, "Clip the gradient norm to this value (default: the method's; MAE: off).", gt=0)
+    precision: str = opt(
+        "bf16",
+        "fp32 | bf16 | fp16. bf16/fp16 use autocast on GPU; fp16 adds loss scaling. "
+        "On CPU bf16 autocast is used only if `cpu_autocast` is set.",
+        choices=["fp32", "bf16", "fp16"],
+    )
     cpu_autocast: bool = opt(False, "Allow bf16 autocast on CPU (often slower than fp32 on CPUs without AMX).")
     compile: bool = opt(False, "torch.compile the model.")
-    max_bad_steps: int = opt(5, "Consecutive skipped steps (non-finite loss or gradient, or a loss spike) after which "
-                                "the run has diverged (see --on-divergence).", "safety", min=1)
-    loss_spike_factor: float = opt(5.0, "Skip a step whose loss exceeds this many times the median of the last 100 "
-                                        "accepted steps (after 20 steps; 0: off).", "safety", min=0)
-    param_norm_factor: float = opt(10.0, "Diverged when the parameter norm exceeds this many times its value at the "
-                                         "last verified checkpoint or run start; never saved (0: only non-finite).",
-                                   "safety", min=0)
-    on_divergence: str = opt("rollback", "rollback: reload the last verified checkpoint with a lower learning rate "
-                                         "(--rollback-lr-factor, at most --max-rollbacks times), then stop; stop: "
-                                         "stop at once.", "safety", choices=["rollback", "stop"])
+    max_bad_steps: int = opt(
+        5,
+        "Consecutive skipped steps (non-finite loss or gradient, or a loss spike) after which "
+        "the run has diverged (see --on-divergence).",
+        "safety",
+        min=1,
+    )
+    loss_spike_factor: float = opt(
+        5.0,
+        "Skip a step whose loss exceeds this many times the median of the last 100 "
+        "accepted steps (after 20 steps; 0: off).",
+        "safety",
+        min=0,
+    )
+    param_norm_factor: float = opt(
+        10.0,
+        "Diverged when the parameter norm exceeds this many times its value at the "
+        "last verified checkpoint or run start; never saved (0: only non-finite).",
+        "safety",
+        min=0,
+    )
+    on_divergence: str = opt(
+        "rollback",
+        "rollback: reload the last verified checkpoint with a lower learning rate "
+        "(--rollback-lr-factor, at most --max-rollbacks times), then stop; stop: "
+        "stop at once.",
+        "safety",
+        choices=["rollback", "stop"],
+    )
     rollback_lr_factor: float = opt(0.5, "Learning-rate multiplier applied at each rollback.", "safety", gt=0, max=1)
     max_rollbacks: int = opt(3, "Rollbacks allowed in one run before the guard stops it.", "safety", min=0)
-    dist_timeout_min: float = opt(30.0, "Timeout of collective operations across ranks: a rank that stopped "
-                                        "responding makes the others exit with a message after this long.", "safety",
-                                  gt=0)
+    dist_timeout_min: float = opt(
+        30.0,
+        "Timeout of collective operations across ranks: a rank that stopped "
+        "responding makes the others exit with a message after this long.",
+        "safety",
+        gt=0,
+    )
     seed: int = opt(0, "Random seed.", min=0)
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (for smoke tests and benchmarks).",
-                                  min=1)
-    time_limit_min: float | None = opt(None, "Stop (with a checkpoint) after this many minutes of training.",
-                                         gt=0)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (for smoke tests and benchmarks).", min=1)
+    time_limit_min: float | None = opt(None, "Stop (with a checkpoint) after this many minutes of training.", gt=0)
     # outputs
-    output: str = opt("runs/pretrain", "Output folder: checkpoints, config.yaml, metrics.jsonl, TensorBoard.",
-                      "output")
-    resume: str = opt("auto", "auto: continue from the newest verified checkpoint in --output if any; a path: that "
-                              "checkpoint; none: start fresh (an error if --output holds checkpoints, unless "
-                              "--overwrite).", "output")
-    overwrite: bool = opt(False, "With --resume none: move the earlier run's outputs in --output into "
-                                 "replaced-<time>/ (nothing is deleted) and start fresh.", "output")
-    save_every_epochs: int = opt(1, "Write a checkpoint every N epochs (and always at the end).", "output",
-                                 min=1)
-    save_every_minutes: float = opt(30.0, "Also write a checkpoint when this many minutes passed since the last.",
-                                    "output", gt=0)
-    keep_epochs_every: int = opt(50, "Also keep a permanent copy (epoch-NNNN.pt) of every Nth epoch's checkpoint "
-                                     "(0: none).", "output", min=0)
-    keep_last: int = opt(2, "Number of verified checkpoint-*.pt files kept; an older file is deleted only "
-                                  "when this many newer verified ones exist.", "output", min=1)
+    output: str = opt("runs/pretrain", "Output folder: checkpoints, config.yaml, metrics.jsonl, TensorBoard.", "output")
+    resume: str = opt(
+        "auto",
+        "auto: continue from the newest verified checkpoint in --output if any; a path: that "
+        "checkpoint; none: start fresh (an error if --output holds checkpoints, unless "
+        "--overwrite).",
+        "output",
+    )
+    overwrite: bool = opt(
+        False,
+        "With --resume none: move the earlier run's outputs in --output into "
+        "replaced-<time>/ (nothing is deleted) and start fresh.",
+        "output",
+    )
+    save_every_epochs: int = opt(1, "Write a checkpoint every N epochs (and always at the end).", "output", min=1)
+    save_every_minutes: float = opt(
+        30.0, "Also write a checkpoint when this many minutes passed since the last.", "output", gt=0
+    )
+    keep_epochs_every: int = opt(
+        50, "Also keep a permanent copy (epoch-NNNN.pt) of every Nth epoch's checkpoint (0: none).", "output", min=0
+    )
+    keep_last: int = opt(
+        2,
+        "Number of verified checkpoint-*.pt files kept; an older file is deleted only "
+        "when this many newer verified ones exist.",
+        "output",
+        min=1,
+    )
     log_every: int = opt(20, "Write metrics every N optimizer steps.", "output", min=1)
     tensorboard: bool = opt(True, "Write TensorBoard scalars.", "output")
     progress: bool = opt(True, "Show a progress bar.", "output")
@@ -119,14 +177,18 @@ class PretrainConfig:
         """Checks that involve several options (after each option's own type and range)."""
         lo, hi = self.crop_scale
         if lo > hi:
-            raise ConfigError(f"crop_scale (--crop-scale) = {self.crop_scale}: MIN must not exceed MAX, "
-                              "e.g. --crop-scale 0.2 1.0")
+            raise ConfigError(
+                f"crop_scale (--crop-scale) = {self.crop_scale}: MIN must not exceed MAX, e.g. --crop-scale 0.2 1.0"
+            )
         if len(self.mean) != len(self.std):
-            raise ConfigError(f"mean (--mean) {self.mean} and std (--std) {self.std}: need the same number of values, "
-                              "one per channel")
+            raise ConfigError(
+                f"mean (--mean) {self.mean} and std (--std) {self.std}: need the same number of values, one per channel"
+            )
         if self.data and ":" not in self.data and not Path(self.data).expanduser().exists():
-            raise ConfigError(f"data (--data) = {self.data!r}: no such file or folder. --data takes a folder of "
-                              "images, an ImageFolder root (train/, optional val/) or a text file listing image paths.")
+            raise ConfigError(
+                f"data (--data) = {self.data!r}: no such file or folder. --data takes a folder of "
+                "images, an ImageFolder root (train/, optional val/) or a text file listing image paths."
+            )
         if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
             raise ConfigError(f"output (--output) = {self.output!r}: is a file, not a folder")
         if any(s <= 0 for s in self.std):
@@ -153,12 +215,18 @@ def _describe_range(meta) -> str:
 def _check_number(name: str, value, kind: str, meta) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
         rng = _describe_range(meta)
-        raise ConfigError(f"{_flag_of(name)} = {value!r}: must be {'an integer' if kind == 'int' else 'a number'}"
-                          f"{' ' + rng if rng else ''}")
+        raise ConfigError(
+            f"{_flag_of(name)} = {value!r}: must be {'an integer' if kind == 'int' else 'a number'}"
+            f"{' ' + rng if rng else ''}"
+        )
     if isinstance(value, float) and value != value:
         raise ConfigError(f"{_flag_of(name)} = nan: must be a number")
-    bad = (("min" in meta and value < meta["min"]) or ("gt" in meta and value <= meta["gt"])
-           or ("max" in meta and value > meta["max"]) or ("lt" in meta and value >= meta["lt"]))
+    bad = (
+        ("min" in meta and value < meta["min"])
+        or ("gt" in meta and value <= meta["gt"])
+        or ("max" in meta and value > meta["max"])
+        or ("lt" in meta and value >= meta["lt"])
+    )
     if bad:
         raise ConfigError(f"{_flag_of(name)} = {value!r}: must be {_describe_range(meta)}")
     return float(value) if kind == "float" else value
@@ -211,8 +279,9 @@ def config_from_dict(cls, values: dict, source: str = "config"):
     unknown = [k for k in values if k not in known]
     if unknown:
         k = unknown[0]
-        raise ConfigError(f"{source}: unknown option '{k}'.{_suggest(k, known)} "
-                          f"`mimkit pretrain --help` lists every option.")
+        raise ConfigError(
+            f"{source}: unknown option '{k}'.{_suggest(k, known)} `mimkit pretrain --help` lists every option."
+        )
     return cls(**values)
 
 
@@ -220,7 +289,7 @@ RECIPE_DIRS = [Path(__file__).resolve().parent.parent / "recipes", Path(__file__
 
 
 def available_recipes() -> list[str]:
-    names = set()
+    names: set[str] = set()
     for d in RECIPE_DIRS:
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
@@ -235,8 +304,10 @@ def resolve_recipe(name_or_path: str) -> Path:
         cand = d / f"{name_or_path}.yaml"
         if cand.is_file():
             return cand
-    raise ConfigError(f"recipe '{name_or_path}' not found (neither a file nor a bundled recipe)."
-                      f"{_suggest(name_or_path, available_recipes())} Bundled: {', '.join(available_recipes())}")
+    raise ConfigError(
+        f"recipe '{name_or_path}' not found (neither a file nor a bundled recipe)."
+        f"{_suggest(name_or_path, available_recipes())} Bundled: {', '.join(available_recipes())}"
+    )
 
 
 def load_recipe(name_or_path: str) -> dict:
@@ -264,8 +335,9 @@ def _parse_kv(text: str) -> tuple[str, Any]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per dataclass field, grouped, defaults shown; all default to None so only given flags override."""
-    parser.add_argument("--recipe", default=None,
-                        help="Recipe name (see `mimkit recipes`) or YAML file; flags given here override it.")
+    parser.add_argument(
+        "--recipe", default=None, help="Recipe name (see `mimkit recipes`) or YAML file; flags given here override it."
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     hidden = set(getattr(cls, "hidden_options", ()))
     for f in fields(cls):
@@ -273,22 +345,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             continue
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"] + " options"))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         help_text = f"{meta['help']} (default: {default})"
         ftype = str(f.type)
         if f.name == "model_args":
-            group.add_argument("--model-arg", dest="model_args", action="append", type=_parse_kv,
-                               metavar="KEY=VALUE", help=help_text)
+            group.add_argument(
+                "--model-arg", dest="model_args", action="append", type=_parse_kv, metavar="KEY=VALUE", help=help_text
+            )
         elif ftype.startswith("bool"):
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            group.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif ftype.startswith("list"):
             group.add_argument(_flag(f.name), dest=f.name, nargs="+", type=float, default=None, help=help_text)
         else:
             base = ftype.split("|")[0].strip()
             conv = {"int": int, "float": float, "str": str}.get(base, str)
-            group.add_argument(_flag(f.name), dest=f.name, type=conv, default=None, choices=meta.get("choices"),
-                               help=help_text)
+            group.add_argument(
+                _flag(f.name), dest=f.name, type=conv, default=None, choices=meta.get("choices"), help=help_text
+            )
 
 
 def config_from_args(args: argparse.Namespace, cls):

@@ -4,6 +4,7 @@
 has the ``out_channels`` attribute torchvision's RetinaNet / Faster R-CNN / FCOS expect. ``anchor_generator`` gives
 anchors matching its levels. (Faster R-CNN needs torchvision's compiled roi_align; RetinaNet and FCOS do not.)
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -21,12 +22,12 @@ class TimmFPNBackbone(nn.Module):
         self.body = body
         channels = body.feature_info.channels()
         self.first = 1 if skip_first else 0  # stride-4 maps are usually too large for detection heads
-        self.fpn = FeaturePyramidNetwork(channels[self.first:], out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(channels[self.first :], out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
-        self.strides = body.feature_info.reduction()[self.first:] + [body.feature_info.reduction()[-1] * 2]
+        self.strides = body.feature_info.reduction()[self.first :] + [body.feature_info.reduction()[-1] * 2]
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feats = self.body(x)[self.first:]
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)[self.first :]
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
@@ -61,20 +62,25 @@ class ViTSimplePyramid(nn.Module):
         dim = vit.embed_dim
         if vit.patch_embed.patch_size[0] != 16:
             raise ValueError("the simple pyramid expects a patch-16 ViT (stride 16)")
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.GroupNorm(1, dim // 2), nn.GELU(),
-                                 nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+            nn.GroupNorm(1, dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+        )
         self.up8 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
         self.feature_info = _FeatureInfo([dim // 4, dim // 2, dim, dim], [4, 8, 16, 32])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]
         h, w = x.shape[2] // 16, x.shape[3] // 16
         m = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return [self.up4(m), self.up8(m), m, nn.functional.max_pool2d(m, 2)]
 
 
-def vit_pyramid_backbone(name: str, weights: str | None = None, out_channels: int = 256, img_size: int = 512,
-                         **kwargs) -> TimmFPNBackbone:
+def vit_pyramid_backbone(
+    name: str, weights: str | None = None, out_channels: int = 256, img_size: int = 512, **kwargs
+) -> TimmFPNBackbone:
     """An FPN backbone from an exported mimkit ViT (strides 8-32 + an extra level), via the simple pyramid."""
     if weights:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), custom_load=False))

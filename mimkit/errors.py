@@ -3,16 +3,17 @@
 Every error here carries a one-line message that names the option or file, what is wrong, and the fix; the CLI
 prints it as ``error: ...`` and exits with the class's ``exit_code``, never with a traceback.
 """
+
 from __future__ import annotations
 
 import re
 
 EXIT_OK = 0
-EXIT_FAILED = 1        # an unexpected internal error (a bug: the traceback is printed)
-EXIT_BAD_INPUT = 2     # a bad option, recipe value, data path, weights or checkpoint file, or a busy output folder
-EXIT_STOPPED = 3       # stopped by SIGTERM / SIGINT / SIGUSR1 (or --requeue's warning) after saving: rerun to resume
-EXIT_DIVERGED = 4      # the divergence guard stopped the run
-EXIT_SAVE_FAILED = 5   # a checkpoint could not be written (disk full, permissions); the previous one is kept
+EXIT_FAILED = 1  # an unexpected internal error (a bug: the traceback is printed)
+EXIT_BAD_INPUT = 2  # a bad option, recipe value, data path, weights or checkpoint file, or a busy output folder
+EXIT_STOPPED = 3  # stopped by SIGTERM / SIGINT / SIGUSR1 (or --requeue's warning) after saving: rerun to resume
+EXIT_DIVERGED = 4  # the divergence guard stopped the run
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, permissions); the previous one is kept
 
 
 class MimkitError(Exception):

@@ -1,4 +1,5 @@
 """Export the pretrained encoder as safetensors with timm key names."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ def export_encoder(model, path: str | Path, head_classes: int | None = None, sou
         dim = model.encoder.num_features
         state["head.weight"] = torch.zeros(head_classes, dim)
         state["head.bias"] = torch.zeros(head_classes)
-    meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "head": str(head_classes or 0),
-            "format": "timm", "mimkit_version": mimkit.__version__, "source": str(source)}
+    meta = {
+        "timm_model": timm_name,
+        "timm_kwargs": json.dumps(timm_kwargs),
+        "head": str(head_classes or 0),
+        "format": "timm",
+        "mimkit_version": mimkit.__version__,
+        "source": str(source),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
@@ -46,4 +53,3 @@ def create_timm_from_export(path: str | Path, num_classes: int | None = None, **
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-

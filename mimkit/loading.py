@@ -1,4 +1,5 @@
 """Rebuild a pretraining model from a mimkit checkpoint (or at random init), with clear errors."""
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,10 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
         raise CheckpointError(f"{path}: its model cannot be built here ({err})") from None
     missing, unexpected = load_weights(model, state["model"], path, cfg.model, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit model '{cfg.model}' (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); was it written by another mimkit version?")
+        raise CheckpointError(
+            f"{path}: weights do not fit model '{cfg.model}' (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); was it written by another mimkit version?"
+        )
     return model.to(map_location), cfg
 
 

@@ -2,6 +2,7 @@
 
 Convention everywhere: ``mask`` is 1 where a patch is removed / to be predicted and 0 where it is visible.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import torch
 
 
 class MaskDraw(NamedTuple):
-    ids_keep: torch.Tensor     # (N, len_keep) indices of visible patches (in shuffled order)
+    ids_keep: torch.Tensor  # (N, len_keep) indices of visible patches (in shuffled order)
     ids_restore: torch.Tensor  # (N, L) inverse permutation: unshuffles [visible, masked] back to raster order
-    mask: torch.Tensor         # (N, L) float, 1 = masked, raster order
+    mask: torch.Tensor  # (N, L) float, 1 = masked, raster order
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -35,8 +36,9 @@ def masking_from_noise(noise: torch.Tensor, len_keep: int) -> MaskDraw:
     return MaskDraw(ids_keep, ids_restore, mask)
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None,
-                   generator: torch.Generator | None = None) -> MaskDraw:
+def random_masking(
+    batch_size: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
+) -> MaskDraw:
     """MAE per-sample random masking: argsort of i.i.d. uniform noise, keep int(L * (1 - ratio))."""
     noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
     return masking_from_noise(noise, num_visible(num_patches, mask_ratio))
@@ -54,14 +56,18 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # -- UM-MAE: uniform sampling, secondary masking, compaction (docs/methods.md 4.2-4.4) --------------------------------
 
-def uniform_sampling(batch_size: int, grid: tuple[int, int], device=None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+
+def uniform_sampling(
+    batch_size: int, grid: tuple[int, int], device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """UM-MAE uniform sampling: exactly one kept patch in every 2x2 block of the patch grid, chosen uniformly and
     independently per block and per sample. Returns the mask (N, rows*cols), 1 = dropped, raster order."""
     rows, cols = grid
     if rows % 2 or cols % 2:
-        raise ValueError(f"uniform masking needs an even patch grid, got {rows}x{cols} patches; use an image size "
-                         "that is a multiple of 2 x the patch size (e.g. 32 px steps for 16 px patches)")
+        raise ValueError(
+            f"uniform masking needs an even patch grid, got {rows}x{cols} patches; use an image size "
+            "that is a multiple of 2 x the patch size (e.g. 32 px steps for 16 px patches)"
+        )
     choice = torch.randint(0, 4, (batch_size, rows // 2, cols // 2), device=device, generator=generator)
     keep = torch.nn.functional.one_hot(choice, 4).view(batch_size, rows // 2, cols // 2, 2, 2)
     keep = keep.permute(0, 1, 3, 2, 4).reshape(batch_size, rows * cols)
@@ -77,13 +83,14 @@ def kept_block_order(us_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
     within = keep.argmax(-1)  # 0..3 = (dy, dx) inside the block
     br = torch.arange(rows // 2, device=us_mask.device).view(1, -1, 1)
     bc = torch.arange(cols // 2, device=us_mask.device).view(1, 1, -1)
-    r = (2 * br + within.view(n, rows // 2, cols // 2) // 2)
-    c = (2 * bc + within.view(n, rows // 2, cols // 2) % 2)
+    r = 2 * br + within.view(n, rows // 2, cols // 2) // 2
+    c = 2 * bc + within.view(n, rows // 2, cols // 2) % 2
     return (r * cols + c).reshape(n, -1)
 
 
-def secondary_masking(num_kept: int, batch_size: int, ratio: float, device=None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def secondary_masking(
+    num_kept: int, batch_size: int, ratio: float, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """UM-MAE secondary masking over the kept patches: (N, num_kept), 1 = replaced by the learnable token.
     Exactly ``num_kept - int(num_kept * (1 - ratio))`` per sample."""
     n_visible = int(num_kept * (1 - ratio))
@@ -91,8 +98,14 @@ def secondary_masking(num_kept: int, batch_size: int, ratio: float, device=None,
     return masking_from_noise(noise, n_visible).mask
 
 
-def block_mask(batch_size: int, grid: tuple[int, int], unit: int, ratio: float, device=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def block_mask(
+    batch_size: int,
+    grid: tuple[int, int],
+    unit: int,
+    ratio: float,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """SimMIM masking: a random ``ceil(ratio * cells)`` of the (rows/unit x cols/unit) cells, each cell ``unit`` x
     ``unit`` patches. Returns (N, rows*cols) at patch resolution, 1 = masked."""
     rows, cols = grid
@@ -129,8 +142,9 @@ def grid_sampling(batch_size: int, grid: tuple[int, int], device=None) -> torch.
     return (1 - keep).reshape(1, -1).expand(batch_size, -1).clone()
 
 
-def random_sampling(batch_size: int, grid: tuple[int, int], device=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def random_sampling(
+    batch_size: int, grid: tuple[int, int], device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """MAE's random sampling with exactly a quarter of the patches kept (UM-MAE Table 1's RS at equal input)."""
     length = grid[0] * grid[1]
     return masking_from_noise(torch.rand(batch_size, length, device=device, generator=generator), length // 4).mask
@@ -138,8 +152,15 @@ def random_sampling(batch_size: int, grid: tuple[int, int], device=None,
 
 # -- LoMaR: local windows (docs/methods.md 5.2) ------------------------------------------------------------------------
 
-def window_offsets(batch_size: int, grid: tuple[int, int], window: int, num_windows: int, device=None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def window_offsets(
+    batch_size: int,
+    grid: tuple[int, int],
+    window: int,
+    num_windows: int,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-left patch offsets (rows, cols), each (N, num_windows), of square windows inside the grid.
 
     As in LoMaR's sampler, the row offsets are the first ``num_windows`` of a random permutation of the valid rows and
@@ -166,13 +187,15 @@ def window_patch_ids(rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, in
 
 # -- CoMA: complementary masks (docs/coma.md section 3) -----------------------------------------------------------
 
+
 def num_masked(num_units: int, ratio: float) -> int:
     """Units masked at ``ratio``: L - int(L * (1 - ratio)), MAE's count."""
     return num_units - num_visible(num_units, ratio)
 
 
-def complementary_pair(batch_size: int, num_units: int, ratio: float, device=None,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def complementary_pair(
+    batch_size: int, num_units: int, ratio: float, device=None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``pair`` mode: per sample a random set of ``num_masked`` units; view A masks it, view B masks the rest.
     Returns (mask_a, mask_b), each (N, L), 1 = masked; mask_a + mask_b = 1 everywhere."""
     noise = torch.rand(batch_size, num_units, device=device, generator=generator)
@@ -193,12 +216,13 @@ def sample_permutations(indices: torch.Tensor, num_units: int, seed: int) -> tor
     (seed, index), identical on every call, process and device."""
     idx = indices.long().view(-1, 1) & 0x7FFFFFFF  # below 2**31, so idx * 2654435761 stays below 2**63
     units = torch.arange(num_units, device=indices.device).view(1, -1)
-    key = _hash32(_hash32(idx * 2654435761 % 2 ** 32 ^ (seed & 0xFFFFFFFF)) ^ units)
+    key = _hash32(_hash32(idx * 2654435761 % 2**32 ^ (seed & 0xFFFFFFFF)) ^ units)
     return torch.argsort(key * num_units + units, dim=1)
 
 
-def cycle_mask(indices: torch.Tensor, visits: torch.Tensor | int, num_units: int, ratio: float,
-               seed: int = 0) -> torch.Tensor:
+def cycle_mask(
+    indices: torch.Tensor, visits: torch.Tensor | int, num_units: int, ratio: float, seed: int = 0
+) -> torch.Tensor:
     """``cycle`` mode: visit k of sample i masks positions [k*m, k*m + m) (cyclically) of sample i's fixed unit
     permutation, m = num_masked. Consecutive visits mask what was visible before, and over N/gcd(N, m) visits every
     unit is masked exactly m/gcd(N, m) times: frequency m/N. Returns (N, L), 1 = masked."""

@@ -1,4 +1,5 @@
 """Patchify / unpatchify and the reconstruction losses shared by the MIM methods (docs/methods.md 1.1, 1.2)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None, cha
     """Inverse of ``patchify``; ``grid`` (rows, cols) defaults to a square grid."""
     n, length, _ = x.shape
     if grid is None:
-        side = int(round(length ** 0.5))
+        side = int(round(length**0.5))
         if side * side != length:
             raise ValueError(f"{length} patches do not form a square grid; pass grid=(rows, cols)")
         grid = (side, side)

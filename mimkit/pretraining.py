@@ -1,5 +1,8 @@
 """Pretraining: builds a registered method (``mimkit models``) as the trainer's task. The engine never sees methods."""
+
 from __future__ import annotations
+
+from typing import cast
 
 from mimkit.config import PretrainConfig
 from mimkit.data import ImageDataset, find_images, pretrain_transform
@@ -32,8 +35,10 @@ def check_model(cfg: PretrainConfig) -> None:
         if key not in accepted:
             from mimkit.config import _suggest
 
-            raise ConfigError(f"model_args (--model-arg): model '{cfg.model}' has no option '{key}'."
-                              f"{_suggest(key, accepted)} `mimkit models {cfg.model}` lists them.")
+            raise ConfigError(
+                f"model_args (--model-arg): model '{cfg.model}' has no option '{key}'."
+                f"{_suggest(key, accepted)} `mimkit models {cfg.model}` lists them."
+            )
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MIMMethod:
@@ -55,8 +60,12 @@ class PretrainTrainer(Trainer):
 
     def build_dataset(self, images) -> ImageDataset:
         cfg = self.cfg
-        return ImageDataset(images, pretrain_transform(cfg.img_size, cfg.mean, cfg.std, cfg.crop_scale,
-                                                       hflip=cfg.hflip), cfg.min_image_size, seed=cfg.seed)
+        return ImageDataset(
+            images,
+            pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip),
+            cfg.min_image_size,
+            seed=cfg.seed,
+        )
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

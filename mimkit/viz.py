@@ -1,4 +1,5 @@
 """Reconstruction figures: original | what the encoder saw | reconstruction | reconstruction + visible patches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,11 @@ from mimkit.patches import patchify, unpatchify
 HIDDEN_GRAY = 0.5
 SECONDARY_TINT = (0.25, 0.35, 0.75)  # masked patches for which the encoder saw a learned mask token instead
 
-LEGEND = {"secondary": "blue = masked (mask token shown)",
-          "outside": "gray in recon. = outside the windows",
-          "encoder_input": "masked area filled with the partner image"}
+LEGEND = {
+    "secondary": "blue = masked (mask token shown)",
+    "outside": "gray in recon. = outside the windows",
+    "encoder_input": "masked area filled with the partner image",
+}
 
 
 def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
@@ -22,8 +25,9 @@ def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
 
 
-def denormalize_predictions(pred: torch.Tensor, target_patches: torch.Tensor, visible: torch.Tensor,
-                            stats: str = "target", eps: float = 1e-6) -> torch.Tensor:
+def denormalize_predictions(
+    pred: torch.Tensor, target_patches: torch.Tensor, visible: torch.Tensor, stats: str = "target", eps: float = 1e-6
+) -> torch.Tensor:
     """Map normalized-pixel predictions (N, L, D) back to image space.
 
     ``stats="target"``: each patch uses the mean/var of its own ground-truth patch (what MAE's and UM-MAE's
@@ -88,16 +92,26 @@ def _reconstruct(model, images, mean, std, stats, seed):
     return (original, seen, recon, pasted), [k for k in LEGEND if k in out]
 
 
-def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target",
-                               title: str = "", seed: int = 0) -> Path:
+def save_reconstruction_figure(
+    model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target", title: str = "", seed: int = 0
+) -> Path:
     panels, keys = _reconstruct(model, images, mean, std, stats, seed)
     n, _, h, w = images.shape
     scale = max(1, 160 // max(h, w))
     cell_w, cell_h = w * scale, h * scale
     pad, header = 4, 18
-    norm_note = ("predictions de-normalized with " + ("each patch's ground-truth mean/var (leaks patch statistics)"
-                 if stats == "target" else "the visible patches' mean/var only (no ground truth from masked area)")
-                 ) if model.norm_pix_loss else "raw-pixel targets: no de-normalization needed"
+    norm_note = (
+        (
+            "predictions de-normalized with "
+            + (
+                "each patch's ground-truth mean/var (leaks patch statistics)"
+                if stats == "target"
+                else "the visible patches' mean/var only (no ground truth from masked area)"
+            )
+        )
+        if model.norm_pix_loss
+        else "raw-pixel targets: no de-normalization needed"
+    )
     footer = 30
     canvas = Image.new("RGB", (4 * (cell_w + pad) + pad, header + n * (cell_h + pad) + pad + footer), "white")
     draw = ImageDraw.Draw(canvas)
@@ -116,8 +130,9 @@ def save_reconstruction_figure(model, images: torch.Tensor, mean, std, path: str
     return path
 
 
-def masking_frequencies(grid: tuple[int, int] = (7, 7), ratio: float = 0.6, iterations: int = 1600,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
+def masking_frequencies(
+    grid: tuple[int, int] = (7, 7), ratio: float = 0.6, iterations: int = 1600, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """How often each unit of one image is masked over ``iterations`` visits (CoMA Fig. 2): MAE's random masking,
     CoMA ``cycle`` and the trained view of CoMA ``pair``. Returns {name: (rows, cols) frequencies}."""
     from mimkit.masking import complementary_pair, cycle_mask, random_masking
@@ -125,8 +140,11 @@ def masking_frequencies(grid: tuple[int, int] = (7, 7), ratio: float = 0.6, iter
     units = grid[0] * grid[1]
     g = torch.Generator().manual_seed(seed)
     idx = torch.zeros(1, dtype=torch.long)
-    out = {"random (MAE)": torch.zeros(units), "complementary, cycle": torch.zeros(units),
-           "complementary, pair (view A)": torch.zeros(units)}
+    out = {
+        "random (MAE)": torch.zeros(units),
+        "complementary, cycle": torch.zeros(units),
+        "complementary, pair (view A)": torch.zeros(units),
+    }
     for k in range(iterations):  # one mask per visit, as training draws them
         out["random (MAE)"] += random_masking(1, units, ratio, generator=g).mask[0]
         out["complementary, cycle"] += cycle_mask(idx, k, units, ratio, seed)[0]
@@ -134,8 +152,9 @@ def masking_frequencies(grid: tuple[int, int] = (7, 7), ratio: float = 0.6, iter
     return {name: (v / iterations).view(*grid) for name, v in out.items()}
 
 
-def save_masking_frequency_figure(path: str | Path, grid=(7, 7), ratio: float = 0.6, iterations: int = 1600,
-                                  seed: int = 0) -> dict[str, dict[str, float]]:
+def save_masking_frequency_figure(
+    path: str | Path, grid=(7, 7), ratio: float = 0.6, iterations: int = 1600, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Heat maps of ``masking_frequencies`` side by side, with each map's mean, standard deviation and range; the
     colour scale spans the mean +- 0.06 (white to dark red) so that a binomial spread is visible. Returns the
     statistics."""
@@ -145,8 +164,12 @@ def save_masking_frequency_figure(path: str | Path, grid=(7, 7), ratio: float = 
     w = len(freqs) * (grid[1] * cell + pad) + pad
     canvas = Image.new("RGB", (w, header + grid[0] * cell + footer), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), f"masking frequency per unit over {iterations} visits, ratio {ratio}; colour: {lo:.2f} "
-              f"(white) to {lo + 0.12:.2f} (dark red)", fill="black")
+    draw.text(
+        (pad, 4),
+        f"masking frequency per unit over {iterations} visits, ratio {ratio}; colour: {lo:.2f} "
+        f"(white) to {lo + 0.12:.2f} (dark red)",
+        fill="black",
+    )
     stats = {}
     for i, (name, f) in enumerate(freqs.items()):
         x0 = pad + i * (grid[1] * cell + pad)
@@ -155,8 +178,9 @@ def save_masking_frequency_figure(path: str | Path, grid=(7, 7), ratio: float = 
             for c in range(grid[1]):
                 v = min(1.0, max(0.0, (float(f[r, c]) - lo) / 0.12))
                 color = (255 - int(100 * v), int(255 * (1 - v)), int(255 * (1 - v)))
-                draw.rectangle([x0 + c * cell, header + r * cell, x0 + (c + 1) * cell - 1,
-                                header + (r + 1) * cell - 1], fill=color)
+                draw.rectangle(
+                    [x0 + c * cell, header + r * cell, x0 + (c + 1) * cell - 1, header + (r + 1) * cell - 1], fill=color
+                )
         stats[name] = {"mean": float(f.mean()), "std": float(f.std()), "min": float(f.min()), "max": float(f.max())}
         s = stats[name]
         draw.text((x0, header + grid[0] * cell + 4), f"mean {s['mean']:.3f} std {s['std']:.4f}", fill="black")

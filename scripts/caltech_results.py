@@ -12,6 +12,7 @@ results.json.
 Fine-tuning uses a short-schedule recipe for every row alike (a few epochs, so no mixup / cutmix / random erasing,
 blr 2e-3); it is a comparison at a tiny budget, not the papers' 100-epoch protocol.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,16 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import mimkit  # noqa: F401
 from mimkit.bench import bench_model
 from mimkit.config import PretrainConfig
 from mimkit.data import find_images
-from mimkit.pretraining import pretrain
 from mimkit.eval import linear_probe
 from mimkit.eval.finetune import FinetuneConfig, finetune
 from mimkit.loading import load_pretrained, random_init
-
-import torch
+from mimkit.pretraining import pretrain
 
 MODELS = [  # (label, preset, base lr, model args); 64 px everywhere
     ("MAE ViT-Nano/8", "mae_vit_nano_patch8", 1e-3, {}),
@@ -48,8 +49,9 @@ def plan_epochs(runs, data: str, img_size: int, minutes: float, batch_size: int 
     n_images = len(find_images(data))
     plan = {}
     for key, preset, args in runs:
-        probe = bench_model(preset, batch_size, img_size, steps=4, warmup=2, precision="fp32",
-                            device=torch.device("cpu"), **args)
+        probe = bench_model(
+            preset, batch_size, img_size, steps=4, warmup=2, precision="fp32", device=torch.device("cpu"), **args
+        )
         # data loading and logging cost ~15 % on this machine: schedule the epochs that fit the budget
         plan[key] = (max(1, round(minutes * 60 * probe["images_per_s"] * 0.85 / n_images)), probe["images_per_s"])
         print(f"probe {key}: {probe['images_per_s']:.1f} img/s -> {plan[key][0]} epochs", flush=True)
@@ -57,13 +59,31 @@ def plan_epochs(runs, data: str, img_size: int, minutes: float, batch_size: int 
 
 
 def pretrain_run(preset: str, args: dict, data: str, img_size: int, epochs: int, blr: float, output: Path) -> dict:
-    cfg = PretrainConfig(data=data, model=preset, img_size=img_size, epochs=epochs, batch_size=64, blr=blr,
-                         warmup_epochs=max(1, epochs // 10), precision="fp32", seed=0, output=str(output),
-                         resume="none", overwrite=True, progress=False, save_every_epochs=max(1, epochs), model_args=args)
+    cfg = PretrainConfig(
+        data=data,
+        model=preset,
+        img_size=img_size,
+        epochs=epochs,
+        batch_size=64,
+        blr=blr,
+        warmup_epochs=max(1, epochs // 10),
+        precision="fp32",
+        seed=0,
+        output=str(output),
+        resume="none",
+        overwrite=True,
+        progress=False,
+        save_every_epochs=max(1, epochs),
+        model_args=args,
+    )
     t0 = time.time()
     summary = pretrain(cfg)
-    return dict(pretrain_epochs=summary["epochs_done"], pretrain_steps=summary["steps"],
-                pretrain_s=round(time.time() - t0, 1), final_loss=summary["final_loss"])
+    return dict(
+        pretrain_epochs=summary["epochs_done"],
+        pretrain_steps=summary["steps"],
+        pretrain_s=round(time.time() - t0, 1),
+        final_loss=summary["final_loss"],
+    )
 
 
 def main():
@@ -88,8 +108,10 @@ def main():
         row = {"label": label, "preset": preset}
         if preset:
             epochs, ips = plan[preset]
-            row.update(pretrain_run(preset, model_args, args.data, args.img_size, epochs, blr, out / preset),
-                       probe_images_per_s=ips)
+            row.update(
+                pretrain_run(preset, model_args, args.data, args.img_size, epochs, blr, out / preset),
+                probe_images_per_s=ips,
+            )
             model, saved = load_pretrained(out / preset)
             source = dict(pretrained=str(out / preset))
             mean, std = saved.mean, saved.std
@@ -97,13 +119,30 @@ def main():
             model = random_init(blr, img_size=args.img_size, seed=0)
             source = dict(random_init=blr)
             mean, std = MEAN, STD
-        lp = linear_probe(model, args.data, args.img_size, mean, std, epochs=args.lp_epochs, batch_size=256,
-                          warmup_epochs=3)
+        lp = linear_probe(
+            model, args.data, args.img_size, mean, std, epochs=args.lp_epochs, batch_size=256, warmup_epochs=3
+        )
         row.update(linprobe_top1=lp["top1"], linprobe_best=lp["best_top1"])
-        ft = finetune(FinetuneConfig(data=args.data, output=str(out / f"ft_{preset or 'random_' + blr}"),
-                                     epochs=args.ft_epochs, img_size=args.img_size, batch_size=64, warmup_epochs=1,
-                                     blr=2e-3, mixup=0.0, cutmix=0.0, reprob=0.0, precision="fp32", seed=0,
-                                     resume="none", overwrite=True, progress=False, **source))
+        ft = finetune(
+            FinetuneConfig(
+                data=args.data,
+                output=str(out / f"ft_{preset or 'random_' + blr}"),
+                epochs=args.ft_epochs,
+                img_size=args.img_size,
+                batch_size=64,
+                warmup_epochs=1,
+                blr=2e-3,
+                mixup=0.0,
+                cutmix=0.0,
+                reprob=0.0,
+                precision="fp32",
+                seed=0,
+                resume="none",
+                overwrite=True,
+                progress=False,
+                **source,
+            )
+        )
         row.update(finetune_top1=ft["val_top1"], finetune_best=ft["best_val_top1"], finetune_s=ft["wall_time_s"])
         rows = [r for r in rows if r["label"] != label] + [row]
         results.write_text(json.dumps(rows, indent=2))

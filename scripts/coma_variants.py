@@ -5,6 +5,7 @@ Caltech-101, then kNN top-1 on val (and the last logged losses). Run from the re
 
 Epoch counts come from throughput probes taken back to back before any training (see caltech_results.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def main():
     for i, (label, model_args) in enumerate(VARIANTS):
         epochs, ips = plan[label]
         run = out / f"v{i}"
-        row = {"label": label, "model_args": model_args, "probe_images_per_s": ips,
-               **pretrain_run(args.preset, model_args, args.data, args.img_size, epochs, 1e-3, run)}
+        row = {
+            "label": label,
+            "model_args": model_args,
+            "probe_images_per_s": ips,
+            **pretrain_run(args.preset, model_args, args.data, args.img_size, epochs, 1e-3, run),
+        }
         model, saved = load_pretrained(run)
         knn = knn_evaluate(model, args.data, saved.img_size, saved.mean, saved.std)
         row.update(knn_top1=knn["top1"], knn_top5=knn["top5"])

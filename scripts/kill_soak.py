@@ -4,6 +4,7 @@ docs/reliability.md. Uses tests/faults/inject.py (the real CLI plus fault switch
 
     .venv/bin/python scripts/kill_soak.py --kills 20 --out runs/kill_soak
 """
+
 import argparse
 import json
 import os
@@ -34,10 +35,37 @@ def make_images(root: Path, n: int = 48) -> None:
 
 
 def args_for(data: Path, out: Path, epochs: int, save_every_minutes: float) -> list[str]:
-    return ["pretrain", "--data", str(data), "--output", str(out), "--model", "fault_mae_pico", "--epochs", str(epochs),
-            "--batch-size", "4", "--precision", "fp32", "--num-workers", "2", "--warmup-epochs", "1",
-            "--save-every-epochs", "1", "--save-every-minutes", str(save_every_minutes), "--keep-last", "2",
-            "--log-every", "1", "--no-progress", "--no-tensorboard", "--blr", "1e-3"]
+    return [
+        "pretrain",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        "fault_mae_pico",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+        "--num-workers",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--save-every-epochs",
+        "1",
+        "--save-every-minutes",
+        str(save_every_minutes),
+        "--keep-last",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--blr",
+        "1e-3",
+    ]
 
 
 def last_step(out: Path) -> int:
@@ -75,8 +103,9 @@ def main() -> None:
     make_images(data)
     steps_per_epoch, total = 12, 12 * args.epochs
     ref = root / "reference"
-    subprocess.run([sys.executable, INJECT, *args_for(data, ref, args.epochs, 30)], env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, INJECT, *args_for(data, ref, args.epochs, 30)], env=ENV, check=True, capture_output=True
+    )
     run = root / "killed"
     rng = random.Random(args.seed)
     report, done = [], 0
@@ -88,8 +117,13 @@ def main() -> None:
         if mid_write:
             env["FAULT_KILL_IN_SAVE"] = "1"
         complete = ckpts(run)
-        proc = subprocess.Popen([sys.executable, INJECT, *args_for(data, run, args.epochs, 30)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, INJECT, *args_for(data, run, args.epochs, 30)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         t0 = time.time()
         if startup:
             time.sleep(rng.uniform(0.5, 3.0))
@@ -105,24 +139,43 @@ def main() -> None:
         restart = max(ckpts(run) or [0])
         truncate_metrics(run / "metrics.jsonl", restart)  # what the next start does; progress is measured after it
         lost_good = [s for s in set(complete) | set(verified_before) if s > restart]
-        report.append({"kill": k, "mid_write": mid_write, "startup": startup, "killed_after_step": killed_after,
-                       "restart_step": restart, "work_lost_steps": max(0, killed_after - restart),
-                       "good_checkpoints_lost": len(lost_good)})
+        report.append(
+            {
+                "kill": k,
+                "mid_write": mid_write,
+                "startup": startup,
+                "killed_after_step": killed_after,
+                "restart_step": restart,
+                "work_lost_steps": max(0, killed_after - restart),
+                "good_checkpoints_lost": len(lost_good),
+            }
+        )
         done = restart
         if killed_after >= total:
             break
-    proc = subprocess.run([sys.executable, INJECT, *args_for(data, run, args.epochs, 30)], env=ENV,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, INJECT, *args_for(data, run, args.epochs, 30)], env=ENV, capture_output=True, text=True
+    )
     a, b = final(ref), final(run)
     exact = a["step"] == b["step"] == total and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     lost = [r["work_lost_steps"] for r in report]
-    print(json.dumps({"kills": len(report), "mid_write_kills": sum(r["mid_write"] for r in report),
-                      "startup_kills": sum(r["startup"] for r in report),
-                      "save_interval_steps": steps_per_epoch, "max_work_lost_steps": max(lost),
-                      "mean_work_lost_steps": round(sum(lost) / len(lost), 2),
-                      "good_checkpoints_lost": sum(r["good_checkpoints_lost"] for r in report),
-                      "final_rc": proc.returncode, "bit_identical_to_uninterrupted": exact,
-                      "per_kill": report}, indent=1))
+    print(
+        json.dumps(
+            {
+                "kills": len(report),
+                "mid_write_kills": sum(r["mid_write"] for r in report),
+                "startup_kills": sum(r["startup"] for r in report),
+                "save_interval_steps": steps_per_epoch,
+                "max_work_lost_steps": max(lost),
+                "mean_work_lost_steps": round(sum(lost) / len(lost), 2),
+                "good_checkpoints_lost": sum(r["good_checkpoints_lost"] for r in report),
+                "final_rc": proc.returncode,
+                "bit_identical_to_uninterrupted": exact,
+                "per_kill": report,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

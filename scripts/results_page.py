@@ -1,7 +1,8 @@
 """Write docs/results.md and its two PNGs (accuracy bars, pretraining loss curves) from caltech_results.py's output.
 
-    .venv/bin/python scripts/results_page.py --runs runs/results --docs docs
+.venv/bin/python scripts/results_page.py --runs runs/results --docs docs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def bars(rows, path: Path):
@@ -73,15 +84,20 @@ def main():
     rows = json.loads((runs / "results.json").read_text())
     bars(rows, docs / "results_accuracy.png")
     curves(runs, rows, docs / "results_loss.png")
-    lines = ["| encoder | probed img/s | epochs (steps) | pretraining | final loss | linear probe top-1 | "
-             "fine-tune top-1 (best epoch) | fine-tuning |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| encoder | probed img/s | epochs (steps) | pretraining | final loss | linear probe top-1 | "
+        "fine-tune top-1 (best epoch) | fine-tuning |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         pre = f"{r['pretrain_s'] / 60:.1f} min" if r.get("preset") else "none"
         ips = f"{r['probe_images_per_s']:.0f}" if r.get("preset") else "-"
         ep = f"{r['pretrain_epochs']} ({r['pretrain_steps']})" if r.get("preset") else "-"
         loss = f"{r['final_loss']:.3f}" if r.get("preset") else "-"
-        lines.append(f"| {r['label']} | {ips} | {ep} | {pre} | {loss} | {r['linprobe_top1']:.2f} % | "
-                     f"{r['finetune_top1']:.2f} % ({r['finetune_best']:.2f} %) | {r['finetune_s'] / 60:.1f} min |")
+        lines.append(
+            f"| {r['label']} | {ips} | {ep} | {pre} | {loss} | {r['linprobe_top1']:.2f} % | "
+            f"{r['finetune_top1']:.2f} % ({r['finetune_best']:.2f} %) | {r['finetune_s'] / 60:.1f} min |"
+        )
     print("\n".join(lines))
 
 

@@ -33,9 +33,23 @@ def tiny_folder(tmp_path_factory) -> Path:
 def pico_config(data, output, **overrides):
     from mimkit.config import PretrainConfig
 
-    values = dict(data=str(data), output=str(output), model="mae_vit_pico_patch8", img_size=32, epochs=2,
-                  batch_size=4, blr=1e-3, warmup_epochs=1, precision="fp32", num_workers=0, resume="none",
-                  progress=False, tensorboard=False, log_every=1, seed=0)
+    values = dict(
+        data=str(data),
+        output=str(output),
+        model="mae_vit_pico_patch8",
+        img_size=32,
+        epochs=2,
+        batch_size=4,
+        blr=1e-3,
+        warmup_epochs=1,
+        precision="fp32",
+        num_workers=0,
+        resume="none",
+        progress=False,
+        tensorboard=False,
+        log_every=1,
+        seed=0,
+    )
     values.update(overrides)
     return PretrainConfig(**values)
 
@@ -68,21 +82,63 @@ def _cli_json(argv: list[str]) -> dict:
     with contextlib.redirect_stdout(out):
         assert main(argv) == 0
     text = out.getvalue()
-    return json.loads(text[text.index("{"):])
+    return json.loads(text[text.index("{") :])
 
 
 def cli_pretrain(data, run, model: str, *extra: str, epochs: int = 1) -> dict:
     """``mimkit pretrain`` on a tiny folder at batch 4 on CPU; returns the printed summary."""
-    return _cli_json(["pretrain", "--data", str(data), "--model", model, "--epochs", str(epochs), "--batch-size", "4",
-                      "--precision", "fp32", "--num-workers", "0", "--output", str(run), "--no-progress",
-                      "--warmup-epochs", "0.5", *extra])
+    return _cli_json(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--model",
+            model,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "4",
+            "--precision",
+            "fp32",
+            "--num-workers",
+            "0",
+            "--output",
+            str(run),
+            "--no-progress",
+            "--warmup-epochs",
+            "0.5",
+            *extra,
+        ]
+    )
 
 
 def cli_finetune(data, pretrained, out, *extra: str) -> dict:
     """``mimkit finetune`` for one epoch at batch 4 on CPU, no mixup; returns the printed summary."""
-    return _cli_json(["finetune", "--data", str(data), "--pretrained", str(pretrained), "--epochs", "1",
-                      "--batch-size", "4", "--precision", "fp32", "--num-workers", "0", "--output", str(out),
-                      "--no-progress", "--mixup", "0", "--cutmix", "0", *extra])
+    return _cli_json(
+        [
+            "finetune",
+            "--data",
+            str(data),
+            "--pretrained",
+            str(pretrained),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--precision",
+            "fp32",
+            "--num-workers",
+            "0",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--mixup",
+            "0",
+            "--cutmix",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def exported_twin(model, path):

@@ -1,4 +1,5 @@
 """Run by test_trainer.py under torchrun (2 processes, gloo): trains, then checks the replicas are identical."""
+
 import faulthandler
 import json
 import sys
@@ -8,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import pico_config  # noqa: E402
-
 from mimkit.pretraining import PretrainTrainer as Trainer  # noqa: E402
+
+from conftest import pico_config  # noqa: E402
 
 
 def main(data, out):
@@ -22,9 +23,16 @@ def main(data, out):
     dist.all_gather(gathered, flat)
     if dist.get_rank() == 0:
         identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
-        Path(out, "ddp_result.json").write_text(json.dumps({
-            "world_size": dist.get_world_size(), "identical": identical, "steps": summary["steps"],
-            "effective_batch": 4 * dist.get_world_size()}))
+        Path(out, "ddp_result.json").write_text(
+            json.dumps(
+                {
+                    "world_size": dist.get_world_size(),
+                    "identical": identical,
+                    "steps": summary["steps"],
+                    "effective_batch": 4 * dist.get_world_size(),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
 """The verified checkpoint store and the divergence guard (units; the faults through the CLI are in tests/faults)."""
+
 import math
 
 import pytest
@@ -56,8 +57,10 @@ def test_start_moves_unusable_checkpoints_aside_and_cleans_temporaries(tmp_path)
     assert fresh.clean_leftovers() == [".checkpoint-000000004.pt.tmp999"]
     path, found = fresh.latest()
     assert found["step"] == 1 and path == checkpoint_path(tmp_path, 1)
-    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["checkpoint-000000002.pt",
-                                                                         "checkpoint-000000003.pt"]
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [
+        "checkpoint-000000002.pt",
+        "checkpoint-000000003.pt",
+    ]
 
 
 def test_untrusted_pickles_are_refused_without_suggesting_to_run_them(tmp_path):

@@ -1,5 +1,6 @@
 """Every option of every subcommand, given bad values, and every kind of bad weights file: one line on stderr
 naming the option or file, exit code 2, no traceback, and no work done (issue: validation before work)."""
+
 import argparse
 import dataclasses
 from pathlib import Path
@@ -22,28 +23,67 @@ def env(tiny_folder, tmp_path_factory):
     a_file.write_text("x")
     a_dir = tmp / "a_dir"
     a_dir.mkdir()
-    from conftest import pico_config
     from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
 
     pretrain(pico_config(tiny_folder, tmp / "run", epochs=1, max_steps=1))
     ckpt = str(sorted((tmp / "run").glob("checkpoint-*.pt"))[-1])
     data = str(tiny_folder)
-    train = ["--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--max-steps", "1",
-             "--no-tensorboard", "--img-size", "32"]
+    train = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--max-steps",
+        "1",
+        "--no-tensorboard",
+        "--img-size",
+        "32",
+    ]
     base = {
         "pretrain": ["--data", data, "--output", str(tmp / "p"), "--model", "mae_vit_pico_patch8", *train],
-        "finetune": ["--data", data, "--output", str(tmp / "f"), "--random-init", "mae_vit_pico_patch8", *train,
-                     "--mixup", "0", "--cutmix", "0", "--randaug", ""],
+        "finetune": [
+            "--data",
+            data,
+            "--output",
+            str(tmp / "f"),
+            "--random-init",
+            "mae_vit_pico_patch8",
+            *train,
+            "--mixup",
+            "0",
+            "--cutmix",
+            "0",
+            "--randaug",
+            "",
+        ],
         "knn": [*PICO, "--data", data],
         "linprobe": [*PICO, "--data", data, "--epochs", "1"],
         "export": [ckpt, "--out", str(tmp / "e.safetensors")],
         "visualize": [*PICO, "--data", data, "--out", str(tmp / "v.png")],
-        "bench": ["--models", "mae_vit_pico_patch8", "--img-size", "32", "--batch-size", "2", "--steps", "1",
-                  "--warmup", "0", "--precision", "fp32"],
+        "bench": [
+            "--models",
+            "mae_vit_pico_patch8",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--precision",
+            "fp32",
+        ],
         "mask-frequency": ["--iterations", "2", "--out", str(tmp / "m.png")],
         "ablate-masking": ["--data", data, "--output", str(tmp / "a"), "--epochs", "1"],
         "demo": ["--data", data, "--output", str(tmp / "d"), "--minutes", "0.01"],
-        "models": [], "recipes": [],
+        "models": [],
+        "recipes": [],
     }
     return dict(base=base, file=str(a_file), dir=str(a_dir), tmp=tmp, ckpt=ckpt, data=data)
 
@@ -51,20 +91,38 @@ def env(tiny_folder, tmp_path_factory):
 def explicit_cases(e) -> dict:
     """Bad values of options whose values are names or paths (the numbers and choices are derived below)."""
     missing = "/nonexistent/mimkit-test"
-    common_train = {"--data": [[missing]], "--recipe": [["no_such_recipe"]], "--resume": [[missing + ".pt"]],
-                    "--output": [[e["file"]]]}
+    common_train = {
+        "--data": [[missing]],
+        "--recipe": [["no_such_recipe"]],
+        "--resume": [[missing + ".pt"]],
+        "--output": [[e["file"]]],
+    }
     return {
-        "pretrain": {**common_train, "--model": [["mae_vit_pico_patchh8"]],
-                     "--model-arg": [["noequals"], ["decoder_layers=2"]]},
-        "finetune": {**common_train, "--random-init": [["no_such_model"]], "--randaug": [["bogus-spec"]],
-                     "--pretrained": [[missing]]},
+        "pretrain": {
+            **common_train,
+            "--model": [["mae_vit_pico_patchh8"]],
+            "--model-arg": [["noequals"], ["decoder_layers=2"]],
+        },
+        "finetune": {
+            **common_train,
+            "--random-init": [["no_such_model"]],
+            "--randaug": [["bogus-spec"]],
+            "--pretrained": [[missing]],
+        },
         "knn": {"--random-init": [["no_such_model"]], "--data": [[missing]], "--device": [["tpu"]]},
-        "linprobe": {"--random-init": [["no_such_model"]], "--data": [[missing]], "--device": [["tpu"]],
-                     "--output": [[e["file"]]]},
+        "linprobe": {
+            "--random-init": [["no_such_model"]],
+            "--data": [[missing]],
+            "--device": [["tpu"]],
+            "--output": [[e["file"]]],
+        },
         "export": {"--out": [[e["dir"]]]},
         "visualize": {"--random-init": [["no_such_model"]], "--data": [[missing]], "--out": [[e["dir"]]]},
-        "bench": {"--models": [["no_such_model"], ["mae_vit_pico_patch8:nope=1"]], "--device": [["tpu"]],
-                  "--model-arg": [["decoder_layers=2"]]},
+        "bench": {
+            "--models": [["no_such_model"], ["mae_vit_pico_patch8:nope=1"]],
+            "--device": [["tpu"]],
+            "--model-arg": [["decoder_layers=2"]],
+        },
         "mask-frequency": {"--out": [[e["dir"]]]},
         "ablate-masking": {"--data": [[missing]], "--output": [[e["file"]]], "--recipe": [["no_such_recipe"]]},
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
@@ -165,13 +223,17 @@ def test_bad_values_of_every_option_are_one_line_errors_with_exit_code_2(env, ca
         base = list(env["base"][command])
         if flag == "--pretrained":  # instead of the base's --random-init
             i = base.index("--random-init")
-            del base[i:i + 2]
+            del base[i : i + 2]
         argv = [command, *base, flag, *values]
         rc = main(argv)
         out, err = capsys.readouterr()
         name = flag[2:].replace("-", "_")
-        ok = (rc == 2 and err.count("\n") == 1 and "Traceback" not in err
-              and (flag in err or name in err or values[0] in err))
+        ok = (
+            rc == 2
+            and err.count("\n") == 1
+            and "Traceback" not in err
+            and (flag in err or name in err or values[0] in err)
+        )
         if not ok:
             failures.append(f"{' '.join(argv[:1] + [flag, *values])}: rc {rc}, stderr {err.strip()[:300]!r}")
     assert not failures, "\n".join(failures)
@@ -211,7 +273,7 @@ def test_bad_weight_files_are_one_line_errors_naming_the_file(env, command, caps
         elif command == "finetune":
             base = [a for a in env["base"]["finetune"]]
             i = base.index("--random-init")
-            del base[i:i + 2]
+            del base[i : i + 2]
             argv = ["finetune", *base, "--pretrained", str(path)]
         else:
             extra = ["--out", str(env["tmp"] / "x.png")] if command == "visualize" else []
@@ -219,8 +281,13 @@ def test_bad_weight_files_are_one_line_errors_naming_the_file(env, command, caps
             argv = [command, str(path), "--data", env["data"], *extra]
         rc = main(argv)
         _, err = capsys.readouterr()
-        ok = (rc == 2 and err.count("\n") == 1 and path.name in err and "Traceback" not in err
-              and "weights_only=False" not in err)
+        ok = (
+            rc == 2
+            and err.count("\n") == 1
+            and path.name in err
+            and "Traceback" not in err
+            and "weights_only=False" not in err
+        )
         if not ok:
             failures.append(f"{kind}: rc {rc}: {err.strip()[:300]!r}")
     assert not failures, "\n".join(failures)
@@ -231,8 +298,26 @@ def test_a_worker_that_raises_gives_one_line(tmp_path, capsys):
     bad.mkdir()
     for i in range(80):
         (bad / f"{i:03d}.jpg").write_bytes(b"not an image")
-    rc = main(["pretrain", "--data", str(bad), "--output", str(tmp_path / "out"), "--model", "mae_vit_pico_patch8",
-               "--img-size", "32", "--batch-size", "4", "--num-workers", "1", "--no-progress", "--epochs", "1"])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(bad),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            "mae_vit_pico_patch8",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "1",
+            "--no-progress",
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "could not be read" in errors[0] and "Traceback" not in err, err

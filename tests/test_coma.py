@@ -4,13 +4,14 @@ import math
 import pytest
 import timm
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.masking import complementary_pair, cycle_mask, num_masked, random_masking
 from mimkit.methods import create_method
+
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 
 
 @settings(max_examples=30, deadline=None)
@@ -25,8 +26,7 @@ def test_complementary_views_partition_the_units(units, ratio, n, seed):
 @given(units=st.integers(2, 120), ratio=st.floats(0.1, 0.9), seed=st.integers(0, 99))
 def test_cycle_gives_every_unit_the_same_frequency_over_full_cycles(units, ratio, seed):
     m = num_masked(units, ratio)
-    if not 0 < m < units:
-        return
+    assume(0 < m < units)
     visits = units // math.gcd(units, m)
     idx = torch.arange(4) + 10 * seed
     total = sum(cycle_mask(idx, k, units, ratio, seed) for k in range(visits))
@@ -40,8 +40,10 @@ def test_frequency_0p6_and_uniformity_vs_random():
     units, iters = 25, 100  # 0.6 * 25 = 15 units: exactly 0.6 over every 5 visits
     idx = torch.zeros(1, dtype=torch.long)
     comp = sum(cycle_mask(idx, k, units, 0.6) for k in range(iters)) / iters
-    rand = sum(random_masking(1, units, 0.6, generator=torch.Generator().manual_seed(k)).mask
-               for k in range(iters)) / iters
+    rand = (
+        sum(random_masking(1, units, 0.6, generator=torch.Generator().manual_seed(k)).mask for k in range(iters))
+        / iters
+    )
     assert torch.allclose(comp, torch.full_like(comp, 0.6))
     assert comp.var() < 1e-12 < rand.var()
 
@@ -127,8 +129,18 @@ def test_bad_options():
 def test_coma_cycle_with_teacher_pretrains_logs_and_finetunes_from_the_cli(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=(8, 4))
     run = tmp_path / "run"
-    summary = cli_pretrain(data, run, "coma_dyvit_pico_128", "--log-every", "1", "--model-arg", "mode=cycle",
-                           "--model-arg", "teacher=ema", epochs=2)
+    summary = cli_pretrain(
+        data,
+        run,
+        "coma_dyvit_pico_128",
+        "--log-every",
+        "1",
+        "--model-arg",
+        "mode=cycle",
+        "--model-arg",
+        "teacher=ema",
+        epochs=2,
+    )
     assert summary["steps"] == 8
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("teacher_loss" in r for r in records) == 8
@@ -148,18 +160,30 @@ def test_mask_frequency_figure_and_cli(tmp_path, capsys):
 
 
 def test_cycle_masks_and_ema_teacher_resume_exactly(tiny_folder, tmp_path, monkeypatch):
-    from conftest import pico_config
     from mimkit.engine.checkpoint import list_checkpoints, load_checkpoint
-    from mimkit.pretraining import pretrain
     from mimkit.methods.coma import CoMA
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
 
     seen = []
     draw = CoMA.draw_views
-    monkeypatch.setattr(CoMA, "draw_views", lambda self, batch, n, device: (
-        seen.append((batch["epoch"], tuple(batch["index"].tolist()))), draw(self, batch, n, device))[1])
+    monkeypatch.setattr(
+        CoMA,
+        "draw_views",
+        lambda self, batch, n, device: (
+            seen.append((batch["epoch"], tuple(batch["index"].tolist()))),
+            draw(self, batch, n, device),
+        )[1],
+    )
 
-    common = dict(model="coma_dyvit_pico_128", img_size=64, epochs=2, save_every_minutes=1e9,
-                  model_args={"mode": "cycle", "teacher": "ema", "teacher_momentum": 0.5})
+    common = dict(
+        model="coma_dyvit_pico_128",
+        img_size=64,
+        epochs=2,
+        save_every_minutes=1e9,
+        model_args={"mode": "cycle", "teacher": "ema", "teacher_momentum": 0.5},
+    )
     full = pretrain(pico_config(tiny_folder, tmp_path / "full", **common))
     assert [e for e, _ in seen] == [0] * 6 + [1] * 6  # the trainer tells the method which visit this is
     assert sorted(i for e, idx in seen if e == 0 for i in idx) == list(range(24))

@@ -2,8 +2,15 @@ import argparse
 
 import pytest
 
-from mimkit.config import (ConfigError, PretrainConfig, add_config_arguments, available_recipes, config_from_args,
-                           config_from_dict, load_recipe)
+from mimkit.config import (
+    ConfigError,
+    PretrainConfig,
+    add_config_arguments,
+    available_recipes,
+    config_from_args,
+    config_from_dict,
+    load_recipe,
+)
 
 
 def parse(argv):
@@ -20,8 +27,21 @@ def test_unknown_key_names_option_and_suggests():
 def test_recipe_then_flags_precedence(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("description: test\nepochs: 7\nbatch_size: 5\nmodel_args: {decoder_depth: 1}\n")
-    cfg = parse(["--recipe", str(r), "--batch-size", "9", "--model-arg", "decoder_dim=32", "--no-tensorboard",
-                 "--mean", "0.5", "0.5", "0.5"])
+    cfg = parse(
+        [
+            "--recipe",
+            str(r),
+            "--batch-size",
+            "9",
+            "--model-arg",
+            "decoder_dim=32",
+            "--no-tensorboard",
+            "--mean",
+            "0.5",
+            "0.5",
+            "0.5",
+        ]
+    )
     assert cfg.epochs == 7 and cfg.batch_size == 9 and cfg.tensorboard is False
     assert cfg.model_args == {"decoder_depth": 1, "decoder_dim": 32}
     assert cfg.mean == [0.5, 0.5, 0.5]

@@ -1,11 +1,21 @@
 import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mimkit.data import (BadImage, DataError, ImageDataset, collate, compute_mean_std, find_images,
-                         labelled_splits, load_rgb, pretrain_transform)
+from mimkit.data import (
+    BadImage,
+    DataError,
+    ImageDataset,
+    collate,
+    compute_mean_std,
+    find_images,
+    labelled_splits,
+    load_rgb,
+    pretrain_transform,
+)
 
 
 def _write_kinds(d):
@@ -48,8 +58,9 @@ def kinds(tmp_path_factory):
     return _write_kinds(tmp_path_factory.mktemp("kinds") / "imgs")
 
 
-@pytest.mark.parametrize("name", ["rgb", "gray", "rgba", "cmyk", "palette", "gray16", "float", "truncated",
-                                  "corrupt", "empty", "tiny"])
+@pytest.mark.parametrize(
+    "name", ["rgb", "gray", "rgba", "cmyk", "palette", "gray16", "float", "truncated", "corrupt", "empty", "tiny"]
+)
 def test_each_image_kind(kinds, name):
     path, readable = kinds[name]
     if readable:
@@ -218,7 +229,8 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
 
     for i in range(4):
         Image.fromarray((np.random.default_rng(i).random((40, 48, 3)) * 255).astype(np.uint8)).save(
-            tmp_path / f"{i}.png")
+            tmp_path / f"{i}.png"
+        )
     ds = ImageDataset(find_images(tmp_path), pretrain_transform(16), seed=7)
     first = ds[2]["image"]
     torch.manual_seed(123)  # the caller's global generator does not matter ...

@@ -39,10 +39,22 @@ def test_linear_probe_learns_and_leaves_the_encoder_untouched(tiny_folder):
     torch.manual_seed(0)
     model = create_method("mae_vit_pico_patch8", img_size=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = linear_probe(model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, epochs=30, batch_size=8, blr=1.0,
-                       warmup_epochs=2)
+    res = linear_probe(
+        model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, epochs=30, batch_size=8, blr=1.0, warmup_epochs=2
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert res["top1"] >= 87.5 and len(res["history"]) == 30  # two colour classes: separable by a linear head
-    res = linear_probe(model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, epochs=2, batch_size=8, cache=False)
+    res = linear_probe(
+        model,
+        str(tiny_folder),
+        32,
+        [0.5] * 3,
+        [0.25] * 3,
+        epochs=10,
+        batch_size=8,
+        blr=1.0,
+        warmup_epochs=2,
+        cache=False,
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert res["cache"] is False and 0 <= res["top1"] <= 100
+    assert res["cache"] is False and res["top1"] >= 75.0 and len(res["history"]) == 10

@@ -35,12 +35,20 @@ def test_encoder_only_export_into_a_real_timm_architecture(tmp_path):
     export_encoder(model, path, head_classes=0)
     assert not any(k.startswith("head") for k in load_file(str(path)))
     # vit_tiny_patch16_224's own pretrained config uses a custom .npz loader, hence custom_load=False
-    net = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=64, depth=2,
-                            pretrained_cfg_overlay=dict(file=str(path), custom_load=False))
+    net = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=True,
+        num_classes=0,
+        img_size=64,
+        depth=2,
+        pretrained_cfg_overlay=dict(file=str(path), custom_load=False),
+    )
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(net.eval().forward_features(x), model.encoder.forward_features(x), atol=1e-5)
     # a new classifier: every encoder weight loaded, only the head is new
     clf = create_timm_from_export(path, num_classes=5)
     assert clf.head.out_features == 5
-    assert torch.equal(clf.state_dict()["blocks.1.mlp.fc2.weight"], model.encoder.state_dict()["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(
+        clf.state_dict()["blocks.1.mlp.fc2.weight"], model.encoder.state_dict()["blocks.1.mlp.fc2.weight"]
+    )

@@ -3,14 +3,29 @@ import json
 import pytest
 import torch
 
-from conftest import make_folder
 from mimkit.cli import main
 from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.eval.finetune import FinetuneConfig, default_layer_decay, finetune
 
-COMMON = dict(img_size=32, batch_size=8, warmup_epochs=1, precision="fp32", num_workers=0, progress=False,
-              tensorboard=False, log_every=1, mixup=0.0, cutmix=0.0, randaug="", reprob=0.0, blr=2e-2,
-              drop_path=0.0, resume="none")
+from conftest import make_folder
+
+COMMON = dict(
+    img_size=32,
+    batch_size=8,
+    warmup_epochs=1,
+    precision="fp32",
+    num_workers=0,
+    progress=False,
+    tensorboard=False,
+    log_every=1,
+    mixup=0.0,
+    cutmix=0.0,
+    randaug="",
+    reprob=0.0,
+    blr=2e-2,
+    drop_path=0.0,
+    resume="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,43 +34,88 @@ def easy(tmp_path_factory):
 
 
 def test_finetuning_raises_val_accuracy(easy, tmp_path):
-    control = finetune(FinetuneConfig(data=str(easy), output=str(tmp_path / "lr0"),
-                                      random_init="mae_vit_pico_patch8", epochs=2,
-                                      **{**COMMON, "blr": 0.0, "min_lr": 0.0}))
-    res = finetune(FinetuneConfig(data=str(easy), output=str(tmp_path / "ft"), random_init="mae_vit_pico_patch8",
-                                  epochs=6, **COMMON))
+    control = finetune(
+        FinetuneConfig(
+            data=str(easy),
+            output=str(tmp_path / "lr0"),
+            random_init="mae_vit_pico_patch8",
+            epochs=2,
+            **{**COMMON, "blr": 0.0, "min_lr": 0.0},
+        )
+    )
+    res = finetune(
+        FinetuneConfig(
+            data=str(easy), output=str(tmp_path / "ft"), random_init="mae_vit_pico_patch8", epochs=6, **COMMON
+        )
+    )
     assert res["epochs_done"] == 6 and res["best_val_top1"] >= 87.5
     assert res["val_top1"] > control["val_top1"]  # the untrained (lr 0) head is at chance level
     assert (tmp_path / "ft" / "best.pt").is_file()
     state = load_checkpoint(tmp_path / "ft" / "best.pt")
     assert state["epoch"] == res["best_epoch"] and state["extra"]["best_val_top1"] == res["best_val_top1"]
     assert state["model"]["net.head.weight"].shape[0] == 2 and not any(k.startswith("encoder.") for k in state["model"])
-    records = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert sum("val_top1" in r for r in records) == 6
 
 
 def test_finetune_from_pretraining_checkpoint_and_export_at_a_new_resolution(easy, tmp_path, capsys):
-    from conftest import pico_config
     from mimkit.pretraining import pretrain
 
+    from conftest import pico_config
+
     pretrain(pico_config(easy, tmp_path / "pre", model="umae_swin_pico_128", img_size=128, epochs=1))
-    res = finetune(FinetuneConfig(data=str(easy), output=str(tmp_path / "ft_swin"), pretrained=str(tmp_path / "pre"),
-                                  epochs=1, **{**COMMON, "img_size": 64}))
+    res = finetune(
+        FinetuneConfig(
+            data=str(easy),
+            output=str(tmp_path / "ft_swin"),
+            pretrained=str(tmp_path / "pre"),
+            epochs=1,
+            **{**COMMON, "img_size": 64},
+        )
+    )
     assert res["model"] == "finetune:mimswin_pico_patch4_window16_128" and res["epochs_done"] == 1
     assert main(["export", str(tmp_path / "pre"), "--out", str(tmp_path / "enc.safetensors")]) == 0
     capsys.readouterr()
-    assert main(["finetune", "--data", str(easy), "--pretrained", str(tmp_path / "enc.safetensors"), "--epochs", "1",
-                 "--img-size", "128", "--batch-size", "8", "--precision", "fp32", "--num-workers", "0",
-                 "--output", str(tmp_path / "ft_export"), "--no-progress", "--mixup", "0", "--cutmix", "0"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--data",
+                str(easy),
+                "--pretrained",
+                str(tmp_path / "enc.safetensors"),
+                "--epochs",
+                "1",
+                "--img-size",
+                "128",
+                "--batch-size",
+                "8",
+                "--precision",
+                "fp32",
+                "--num-workers",
+                "0",
+                "--output",
+                str(tmp_path / "ft_export"),
+                "--no-progress",
+                "--mixup",
+                "0",
+                "--cutmix",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["epochs_done"] == 1
 
 
 def test_finetune_resume_continues(easy, tmp_path):
     out = tmp_path / "ft"
-    finetune(FinetuneConfig(data=str(easy), output=str(out), random_init="mae_vit_pico_patch8", epochs=2,
-                            **COMMON))
-    res = finetune(FinetuneConfig(data=str(easy), output=str(out), random_init="mae_vit_pico_patch8", epochs=3,
-                                  **{**COMMON, "resume": "auto"}))
+    finetune(FinetuneConfig(data=str(easy), output=str(out), random_init="mae_vit_pico_patch8", epochs=2, **COMMON))
+    res = finetune(
+        FinetuneConfig(
+            data=str(easy), output=str(out), random_init="mae_vit_pico_patch8", epochs=3, **{**COMMON, "resume": "auto"}
+        )
+    )
     assert res["epochs_done"] == 3 and res["train_steps_this_run"] == 4  # 32 images / 8 = 4 steps per epoch
     assert "best_val_top1" in res
 
@@ -64,9 +124,15 @@ def test_layer_decay_defaults_and_mixup_path(easy, tmp_path):
     assert default_layer_decay("vit_base_patch16_224") == 0.65
     assert default_layer_decay("mimswin_tiny_patch4_window16_256") == 0.85
     assert default_layer_decay("mimpvt_small_256") == 0.85
-    res = finetune(FinetuneConfig(data=str(easy), output=str(tmp_path), random_init="mae_vit_pico_patch8", epochs=1,
-                                  **{**COMMON, "mixup": 0.8, "cutmix": 1.0, "randaug": "rand-m9-mstd0.5-inc1",
-                                     "reprob": 0.25}))
+    res = finetune(
+        FinetuneConfig(
+            data=str(easy),
+            output=str(tmp_path),
+            random_init="mae_vit_pico_patch8",
+            epochs=1,
+            **{**COMMON, "mixup": 0.8, "cutmix": 1.0, "randaug": "rand-m9-mstd0.5-inc1", "reprob": 0.25},
+        )
+    )
     assert torch.isfinite(torch.tensor(res["final_loss"]))
 
 

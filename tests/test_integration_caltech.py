@@ -1,20 +1,50 @@
 """Short real-data run on ../shared/data/caltech101 (skipped when it is absent)."""
+
 import json
 
 import pytest
 
-from conftest import CALTECH
 from mimkit.cli import main
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow,
-              pytest.mark.skipif(not CALTECH.is_dir(), reason="../shared/data/caltech101 not present")]
+from conftest import CALTECH
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CALTECH.is_dir(), reason="../shared/data/caltech101 not present"),
+]
 
 
 def test_pretrain_then_knn_on_caltech101(tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(["pretrain", "--data", str(CALTECH), "--model", "mae_vit_pico_patch8", "--img-size", "32",
-               "--batch-size", "64", "--epochs", "1", "--max-steps", "40", "--warmup-epochs", "0.2", "--blr", "1e-3",
-               "--precision", "fp32", "--output", str(run), "--no-progress", "--num-workers", "1"])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(CALTECH),
+            "--model",
+            "mae_vit_pico_patch8",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "40",
+            "--warmup-epochs",
+            "0.2",
+            "--blr",
+            "1e-3",
+            "--precision",
+            "fp32",
+            "--output",
+            str(run),
+            "--no-progress",
+            "--num-workers",
+            "1",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 40 and summary["skipped_images"] == 0

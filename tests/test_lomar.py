@@ -2,16 +2,17 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from timm.models.beit import gen_relative_position_index
 
-from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.masking import gather_tokens, window_offsets, window_patch_ids
 from mimkit.methods import create_method
 from mimkit.models.rpb_vit import expand_rel_pos_table
 from mimkit.patches import patchify
+
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 
 
 def _model(**kw):
@@ -23,8 +24,7 @@ def _model(**kw):
 @given(k=st.integers(2, 9), ratio=st.floats(0.3, 0.9), seqs=st.integers(1, 6))
 def test_each_window_masks_round_ratio_k2(k, ratio, seqs):
     n_mask = round(ratio * k * k)
-    if not 0 < n_mask < k * k:
-        return
+    assume(0 < n_mask < k * k)
     model = create_method("lomar_vit_pico_patch8", img_size=max(64, 8 * k), window_size=k, mask_ratio=ratio)
     mask = model.draw_masks(seqs, "cpu", torch.Generator().manual_seed(1))
     assert mask.shape == (seqs, k * k)
@@ -32,14 +32,19 @@ def test_each_window_masks_round_ratio_k2(k, ratio, seqs):
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(4, 12), cols=st.integers(4, 12), k=st.integers(1, 4), nw=st.integers(1, 6),
-       seed=st.integers(0, 1000))
+@given(
+    rows=st.integers(4, 12),
+    cols=st.integers(4, 12),
+    k=st.integers(1, 4),
+    nw=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+)
 def test_windows_are_raster_ordered_inside_the_grid_with_distinct_offsets(rows, cols, k, nw, seed):
     r, c = window_offsets(3, (rows, cols), k, nw, generator=torch.Generator().manual_seed(seed))
     ids = window_patch_ids(r, c, (rows, cols), k)
     assert ids.shape == (3, nw, k * k) and ids.min() >= 0 and ids.max() < rows * cols
     grid = ids.view(3, nw, k, k)
-    assert (grid[..., 1:] - grid[..., :-1] == 1).all()      # consecutive along a window row
+    assert (grid[..., 1:] - grid[..., :-1] == 1).all()  # consecutive along a window row
     assert (grid[..., 1:, :] - grid[..., :-1, :] == cols).all()  # one grid row down
     if nw <= min(rows, cols) - k + 1:
         for row_offsets in (r, c):
@@ -54,12 +59,12 @@ def test_targets_line_up_with_the_window_crops():
     for b in range(2):
         for w in range(4):
             top, left = divmod(int(ids[b, w, 0]), 8)
-            crop = x[b:b + 1, :, top * 8:top * 8 + 32, left * 8:left * 8 + 32]
+            crop = x[b : b + 1, :, top * 8 : top * 8 + 32, left * 8 : left * 8 + 32]
             assert torch.equal(got[b, w], patchify(crop, 8)[0])
     # the embedding of the gathered window equals timm's patch embedding of the crop
     emb = model.embed_windows(x, ids).view(2, 4, 16, -1)
     top, left = divmod(int(ids[1, 2, 0]), 8)
-    ref = model.encoder.patch_embed(x[1:2, :, top * 8:top * 8 + 32, left * 8:left * 8 + 32])
+    ref = model.encoder.patch_embed(x[1:2, :, top * 8 : top * 8 + 32, left * 8 : left * 8 + 32])
     assert torch.allclose(emb[1, 2], ref[0], atol=1e-5)
 
 
@@ -82,7 +87,7 @@ def test_attention_never_crosses_windows():
     pred[1].pow(2).sum().backward()  # sequence 1 = image 0, window 1
     region = torch.zeros(64, 64, dtype=torch.bool)
     top, left = divmod(int(ids[0, 1, 0]), 8)
-    region[top * 8:top * 8 + 32, left * 8:left * 8 + 32] = True
+    region[top * 8 : top * 8 + 32, left * 8 : left * 8 + 32] = True
     g = x.grad.abs().sum(1)
     assert g[1].sum() == 0 and g[0][~region].sum() == 0
     assert g[0][region].sum() > 0
@@ -96,7 +101,7 @@ def test_relative_position_indices_are_symmetric_and_widening_clips():
     assert wide.shape == (11 * 11 + 3, 2) and torch.equal(wide[-3:], table[-3:])
     old = table[:-3].view(7, 7, 2)
     new = wide[:-3].view(11, 11, 2)
-    assert torch.equal(new[2:9, 2:9], old)                   # every trained offset kept
+    assert torch.equal(new[2:9, 2:9], old)  # every trained offset kept
     assert torch.equal(new[0, 10], old[0, 6]) and torch.equal(new[5, 0], old[3, 0])  # beyond: clipped
     assert torch.equal(expand_rel_pos_table(wide, 4), table)
 
@@ -118,10 +123,10 @@ def test_export_and_finetune_at_a_new_resolution(tmp_path):
     assert meta["timm_model"] == "rpbvit_pico_patch8_64"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(net.forward_head(net.forward_features(x), pre_logits=True),
-                              model.extract_features(x), atol=1e-5)
-    from mimkit.eval.finetune import build_classifier
-    from mimkit.eval.finetune import load_encoder_source
+        assert torch.allclose(
+            net.forward_head(net.forward_features(x), pre_logits=True), model.extract_features(x), atol=1e-5
+        )
+    from mimkit.eval.finetune import build_classifier, load_encoder_source
 
     state, name, kwargs = load_encoder_source(str(path))
     clf, size = build_classifier(state, name, kwargs, 3, 96, 0.0)

@@ -8,7 +8,7 @@ shapes = st.tuples(st.integers(1, 6), st.integers(2, 300), st.floats(0.0, 0.95))
 
 
 @settings(max_examples=60, deadline=None)
-@given(shapes, st.integers(0, 2 ** 31 - 1))
+@given(shapes, st.integers(0, 2**31 - 1))
 def test_random_masking_counts_and_inverse(shape, seed):
     n, length, ratio = shape
     g = torch.Generator().manual_seed(seed)
@@ -26,7 +26,7 @@ def test_random_masking_counts_and_inverse(shape, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shapes, st.integers(0, 2 ** 31 - 1))
+@given(shapes, st.integers(0, 2**31 - 1))
 def test_masking_is_a_pure_function_of_the_generator(shape, seed):
     n, length, ratio = shape
     a = random_masking(n, length, ratio, generator=torch.Generator().manual_seed(seed))

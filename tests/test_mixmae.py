@@ -2,10 +2,11 @@ import pytest
 import timm
 import torch
 
-from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 from mimkit.cli import main
 from mimkit.methods import create_method
 from mimkit.patches import normalized_target, patchify
+
+from conftest import cli_finetune, cli_pretrain, exported_twin, fit_fixed_batch, make_folder
 
 
 def _model(**kw):
@@ -133,8 +134,15 @@ def test_mixmae_pretrains_and_finetunes_from_the_cli(tmp_path):
     assert ft["model"] == "finetune:mixswin_pico_patch4_window16_128"
 
 
-@pytest.mark.parametrize("name,kw", [("mixmae_swin_pico_128", {}), ("mixmae_swin_pico_128", {"pairing": "once"}),
-                                     ("lomar_vit_pico_patch8", {}), ("coma_dyvit_pico_128", {"teacher": "ema"})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("mixmae_swin_pico_128", {}),
+        ("mixmae_swin_pico_128", {"pairing": "once"}),
+        ("lomar_vit_pico_patch8", {}),
+        ("coma_dyvit_pico_128", {"teacher": "ema"}),
+    ],
+)
 def test_bf16_autocast_train_and_eval_steps(name, kw):
     from mimkit.engine.trainer import autocast_context
 

@@ -10,8 +10,9 @@ def _scales(model, decay):
     return {name: by_param[id(p)] for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name,blocks", [("vit_pico_patch8_64", 4), ("mimswin_pico_patch4_window16_128", 4),
-                                         ("mimpvt_pico_128", 4)])
+@pytest.mark.parametrize(
+    "name,blocks", [("vit_pico_patch8_64", 4), ("mimswin_pico_patch4_window16_128", 4), ("mimpvt_pico_128", 4)]
+)
 def test_layer_decay_scales_per_block(name, blocks):
     import mimkit  # noqa: F401
 
@@ -21,8 +22,11 @@ def test_layer_decay_scales_per_block(name, blocks):
     assert scales["head.weight"] == 1.0
     stem = [v for k, v in scales.items() if k.startswith(("patch_embed", "cls_token", "stages.0.patch_embed"))]
     assert stem and all(v == pytest.approx(d ** (blocks + 1)) for v in stem)
-    block_keys = {"vit_": "blocks.{i}.mlp.fc1.weight", "mims": "stages.{i}.blocks.0.mlp.fc1.weight",
-                  "mimp": "stages.{i}.blocks.0.mlp.fc1.weight"}[name[:4]]
+    block_keys = {
+        "vit_": "blocks.{i}.mlp.fc1.weight",
+        "mims": "stages.{i}.blocks.0.mlp.fc1.weight",
+        "mimp": "stages.{i}.blocks.0.mlp.fc1.weight",
+    }[name[:4]]
     for i in range(blocks):  # block i (of `blocks`, one per stage for the pyramids) gets d^(blocks - i)
         assert scales[block_keys.format(i=i)] == pytest.approx(d ** (blocks - i)), i
 

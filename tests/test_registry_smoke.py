@@ -2,6 +2,7 @@
 family) run one real forward/backward; the large ViT-family ones run it on the meta device (shapes only, no compute).
 Large pyramids (whose construction is not meta-device ready) are built for real but not run: their code paths are the
 same as their small siblings'."""
+
 import pytest
 import torch
 
@@ -12,8 +13,7 @@ SMALL = 5e6
 
 def _batch(model, n=2, device=None):
     size = model.img_size
-    return {"image": torch.randn(n, 3, size, size, device=device), "index": torch.arange(n, device=device),
-            "epoch": 0}
+    return {"image": torch.randn(n, 3, size, size, device=device), "index": torch.arange(n, device=device), "epoch": 0}
 
 
 def _build(name):

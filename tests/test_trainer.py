@@ -5,12 +5,14 @@ import os
 import pytest
 import torch
 
-from conftest import pico_config
 from mimkit.engine.checkpoint import atomic_save, latest_checkpoint, list_checkpoints, load_checkpoint
 from mimkit.engine.trainer import TrainingDiverged
-from mimkit.pretraining import PretrainTrainer as Trainer, pretrain
 from mimkit.methods.mae import MAE
 from mimkit.methods.registry import register_preset
+from mimkit.pretraining import PretrainTrainer as Trainer
+from mimkit.pretraining import pretrain
+
+from conftest import pico_config
 
 
 def _final_state(out):
@@ -40,7 +42,7 @@ def test_checkpoint_is_plain_data_and_loads_weights_only(tiny_folder, tmp_path):
     assert any(k.startswith("decoder.") for k in state["model"])  # the decoder is kept
     assert state["config"]["model"] == "mae_vit_pico_patch8" and state["epoch"] == 1
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("images_per_s" in r and "lr" in r and "loss" in r for r in records)
 
 
@@ -100,8 +102,16 @@ class FlakyMAE(MAE):
         return loss, out
 
 
-register_preset("test_flaky_mae", FlakyMAE, "test only", encoder="vit_pico_patch8_64", img_size=32,
-                decoder_dim=32, decoder_depth=1, decoder_heads=2)
+register_preset(
+    "test_flaky_mae",
+    FlakyMAE,
+    "test only",
+    encoder="vit_pico_patch8_64",
+    img_size=32,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+)
 
 
 def test_one_nonfinite_step_is_skipped_and_the_run_survives(tiny_folder, tmp_path, caplog):
@@ -116,13 +126,14 @@ def test_one_nonfinite_step_is_skipped_and_the_run_survives(tiny_folder, tmp_pat
 def test_repeated_nonfinite_steps_stop_the_run(tiny_folder, tmp_path):
     FlakyMAE.bad_calls = set(range(4, 100))
     with pytest.raises(TrainingDiverged, match="consecutive"):
-        pretrain(pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=3, max_bad_steps=3, on_divergence="stop"))
+        pretrain(
+            pico_config(tiny_folder, tmp_path, model="test_flaky_mae", epochs=3, max_bad_steps=3, on_divergence="stop")
+        )
     FlakyMAE.bad_calls = set()
 
 
 def test_learning_rate_scaling_and_schedule(tiny_folder, tmp_path):
-    t = Trainer(pico_config(tiny_folder, tmp_path, batch_size=4, accum_steps=2, blr=2.56e-2, warmup_epochs=1,
-                            epochs=4))
+    t = Trainer(pico_config(tiny_folder, tmp_path, batch_size=4, accum_steps=2, blr=2.56e-2, warmup_epochs=1, epochs=4))
     t.setup()
     t.lock.release()
     assert t.lr == pytest.approx(2.56e-2 * 8 / 256)
@@ -145,9 +156,23 @@ def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
 
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           worker, str(tiny_folder), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            worker,
+            str(tiny_folder),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "ddp_result.json").read_text())
     assert result["world_size"] == 2 and result["identical"] and result["steps"] == 3
@@ -157,8 +182,9 @@ def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
 @pytest.mark.parametrize("model", ["mae_vit_pico_patch8", "umae_swin_pico_128"])
 def test_bf16_autocast_training_is_finite(tiny_folder, tmp_path, model):
     kw = {} if model.startswith("mae") else {"img_size": 128}
-    summary = pretrain(pico_config(tiny_folder, tmp_path, model=model, precision="bf16", cpu_autocast=True,
-                                   epochs=1, **kw))
+    summary = pretrain(
+        pico_config(tiny_folder, tmp_path, model=model, precision="bf16", cpu_autocast=True, epochs=1, **kw)
+    )
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
     state = _final_state(tmp_path)
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # master weights stay fp32

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimkit.masking import (compact, kept_block_order, secondary_masking, uniform_sampling)
+from mimkit.masking import compact, kept_block_order, secondary_masking, uniform_sampling
 from mimkit.methods import create_method
 from mimkit.models.swin import SwinBlock, WindowLayout, grid_coords
 
@@ -13,7 +13,7 @@ grids = st.tuples(st.integers(1, 6), st.integers(1, 6)).map(lambda t: (2 * t[0],
 
 
 @settings(max_examples=50, deadline=None)
-@given(grids, st.integers(1, 5), st.integers(0, 2 ** 31 - 1))
+@given(grids, st.integers(1, 5), st.integers(0, 2**31 - 1))
 def test_uniform_sampling_keeps_exactly_one_per_2x2_block(grid, n, seed):
     us = uniform_sampling(n, grid, generator=torch.Generator().manual_seed(seed))
     rows, cols = grid
@@ -96,8 +96,9 @@ def test_decoder_positions_follow_the_compaction_order():
     kept = us == 0
     assert torch.equal(placed[kept], torch.nonzero(kept)[:, 1].float())  # every kept position got its own token
     model.decoder_pos_order = "reference"
-    placed_ref = torch.gather(torch.cat([latent_source, masks], 1), 1,
-                              model.decoder_restore_ids(us, ids).unsqueeze(-1)).squeeze(-1)
+    placed_ref = torch.gather(
+        torch.cat([latent_source, masks], 1), 1, model.decoder_restore_ids(us, ids).unsqueeze(-1)
+    ).squeeze(-1)
     assert (placed_ref[kept] != torch.nonzero(kept)[:, 1].float()).any()  # the released code's mismatch
 
 

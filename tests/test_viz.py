@@ -32,9 +32,20 @@ def test_visible_stats_mode_uses_nothing_from_the_masked_area():
     assert not torch.allclose(a[2], c[2], atol=1e-3)  # the leaking mode does see the masked area
 
 
-@pytest.mark.parametrize("name", ["mae_vit_pico_patch8", "umae_swin_pico_128", "umae_pvt_pico_128",
-                                  "umae_vit_pico_patch8", "simmim_swin_pico_128", "simmim_vit_pico_patch8",
-                                  "lomar_vit_pico_patch8", "mixmae_swin_pico_128", "coma_dyvit_pico_128"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mae_vit_pico_patch8",
+        "umae_swin_pico_128",
+        "umae_pvt_pico_128",
+        "umae_vit_pico_patch8",
+        "simmim_swin_pico_128",
+        "simmim_vit_pico_patch8",
+        "lomar_vit_pico_patch8",
+        "mixmae_swin_pico_128",
+        "coma_dyvit_pico_128",
+    ],
+)
 def test_figure_for_every_method(name, tmp_path):
     torch.manual_seed(0)
     model = create_method(name)

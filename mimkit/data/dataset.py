@@ -1,10 +1,11 @@
 """Datasets that never die on a bad image: it is replaced by another one and reported with the batch."""
+
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import numpy as np
 import torch
@@ -63,8 +64,10 @@ class ImageDataset(Dataset):
                 continue
             label = self.images.labels[i] if self.images.labels is not None else -1
             return {"image": image, "label": label, "index": i, "skipped": skipped}
-        raise DataError(f"{self.images.root}: {len(skipped)} images in a row could not be read "
-                        f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?")
+        raise DataError(
+            f"{self.images.root}: {len(skipped)} images in a row could not be read "
+            f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?"
+        )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -80,7 +83,7 @@ def seeded(seed: int):
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     try:
         yield
     finally:

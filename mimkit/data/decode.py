@@ -1,4 +1,5 @@
 """Robust image decoding: every readable image becomes 8-bit RGB; unreadable ones raise ``BadImage``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,6 +55,8 @@ def load_rgb(path: str, min_size: int = 1) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"cannot decode: {err}") from None
     if min(rgb.size) < min_size:
-        raise BadImage(f"too small: {rgb.size[0]}x{rgb.size[1]} px, the minimum side is {min_size} px "
-                       "(set data.min_image_size to change it)")
+        raise BadImage(
+            f"too small: {rgb.size[0]}x{rgb.size[1]} px, the minimum side is {min_size} px "
+            "(set data.min_image_size to change it)"
+        )
     return rgb

@@ -1,4 +1,5 @@
 """Find images: a labelled ImageFolder root, any folder tree of unlabelled images, or a text file listing paths."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ def scan_tree(root: Path, ignored: Counter | None = None) -> list[str]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs
+        )
         for f in sorted(filenames):
             if f.startswith("."):
                 continue
@@ -62,16 +64,19 @@ def scan_tree(root: Path, ignored: Counter | None = None) -> list[str]:
 def read_file_list(list_file: Path) -> list[str]:
     """One image path per line; blank lines and ``#`` comments ignored; relative paths are relative to the list file."""
     if list_file.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise DataError(f"{list_file}: is an image, not a folder or a list of images. Point --data at the folder "
-                        "that holds it, or at a text file listing image paths.")
+        raise DataError(
+            f"{list_file}: is an image, not a folder or a list of images. Point --data at the folder "
+            "that holds it, or at a text file listing image paths."
+        )
     try:
         text = list_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise DataError(f"{list_file}: not a text file listing image paths (it is not UTF-8 text). --data takes a "
-                        "folder of images, an ImageFolder root, or a text file with one image path per line.") \
-            from None
+        raise DataError(
+            f"{list_file}: not a text file listing image paths (it is not UTF-8 text). --data takes a "
+            "folder of images, an ImageFolder root, or a text file with one image path per line."
+        ) from None
     paths = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -91,8 +96,10 @@ def _class_folder_list(split_dir: Path, classes: list[str] | None = None) -> Ima
     ignored: Counter = Counter()
     for c in class_dirs:
         if c not in index:
-            raise DataError(f"{split_dir / c}: class folder not present in the training split; "
-                            f"val/ must use the class names of train/ ({', '.join(classes[:5])}, ...)")
+            raise DataError(
+                f"{split_dir / c}: class folder not present in the training split; "
+                f"val/ must use the class names of train/ ({', '.join(classes[:5])}, ...)"
+            )
         for p in scan_tree(split_dir / c, ignored):
             paths.append(p)
             labels.append(index[c])
@@ -103,9 +110,11 @@ def _require_images(images: ImageList, where: Path) -> ImageList:
     if len(images) == 0:
         counts = ", ".join(f"{n} {ext or 'without extension'}" for ext, n in sorted(images.ignored.items()))
         other = f" (only other files: {counts})" if counts else ""
-        raise DataError(f"{where}: no images found{other}. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} "
-                        "(case-insensitive, searched recursively). Point --data at a folder of images, an "
-                        "ImageFolder root with train/ (and val/), or a text file with one image path per line.")
+        raise DataError(
+            f"{where}: no images found{other}. Accepted extensions: {', '.join(IMAGE_EXTENSIONS)} "
+            "(case-insensitive, searched recursively). Point --data at a folder of images, an "
+            "ImageFolder root with train/ (and val/), or a text file with one image path per line."
+        )
     return images
 
 
@@ -122,8 +131,10 @@ def find_images(path: str | os.PathLike, split: str = "train") -> ImageList:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or folder. --data takes a folder of images, an ImageFolder root "
-                        "(train/, optional val/) or a text file listing image paths.")
+        raise DataError(
+            f"{p}: no such file or folder. --data takes a folder of images, an ImageFolder root "
+            "(train/, optional val/) or a text file listing image paths."
+        )
     if p.is_file():
         return _require_images(ImageList(read_file_list(p), root=str(p)), p)
     if is_labelled_root(p):
@@ -144,8 +155,10 @@ def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: in
     """
     p = Path(path).expanduser()
     if not is_labelled_root(p):
-        raise DataError(f"{p}: evaluation needs labels: an ImageFolder root with train/<class>/ images "
-                        "(and val/<class>/, or a held-out split is made from train/).")
+        raise DataError(
+            f"{p}: evaluation needs labels: an ImageFolder root with train/<class>/ images "
+            "(and val/<class>/, or a held-out split is made from train/)."
+        )
     train = _require_images(_class_folder_list(p / "train"), p / "train")
     if (p / "val").is_dir():
         return train, _require_images(_class_folder_list(p / "val", train.classes), p / "val")

@@ -1,4 +1,5 @@
 """Image transforms: MAE pretraining augmentation, evaluation resize/crop, and dataset statistics."""
+
 from __future__ import annotations
 
 import random
@@ -11,11 +12,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.2, 1.0),
-                       ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> T.Compose:
+def pretrain_transform(
+    img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5
+) -> T.Compose:
     """MAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ToTensor, Normalize."""
-    steps = [T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio),
-                                 interpolation=InterpolationMode.BICUBIC)]
+    steps = [
+        T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode.BICUBIC)
+    ]
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
@@ -23,12 +26,14 @@ def pretrain_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scal
 
 def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875) -> T.Compose:
     """Resize the shorter side to img_size / crop_pct, then center-crop img_size (the 256/224 convention)."""
-    return T.Compose([
-        T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def compute_mean_std(paths: list[str], max_images: int = 2000, size: int = 64, seed: int = 0):

@@ -1,5 +1,6 @@
 """Checkpoints: plain data (``torch.load(weights_only=True)``), written atomically, read back and verified, rotated
 only behind newer verified ones, unreadable ones moved aside (never deleted). See docs/reliability.md."""
+
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,21 +76,26 @@ def load_checkpoint(path: Path) -> dict:
     """``torch.load(weights_only=True)`` whose every failure is one line naming the file."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder; give a checkpoint file (or a run folder where a run folder is "
-                              "accepted)")
+        raise CheckpointError(
+            f"{path}: is a folder; give a checkpoint file (or a run folder where a run folder is accepted)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds Python objects beyond tensors and plain data; mimkit does not "
-                              "execute pickled code from files. Use a file written by mimkit or a plain state "
-                              "dict.") from None
+        raise CheckpointError(
+            f"{path}: holds Python objects beyond tensors and plain data; mimkit does not "
+            "execute pickled code from files. Use a file written by mimkit or a plain state "
+            "dict."
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.split(". ")[0][:160]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first}); it may be truncated by a kill "
-                              "or a full disk, or not be a PyTorch file") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({first}); it may be truncated by a kill "
+            "or a full disk, or not be a PyTorch file"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dictionary of weights")
     return state
@@ -190,8 +197,11 @@ class CheckpointStore:
                     p.unlink(missing_ok=True)
                     removed.append(p.name)
         if removed:
-            log.info("removed %d leftover temporary file(s) of interrupted writes: %s", len(removed),
-                     ", ".join(sorted(removed)[:5]))
+            log.info(
+                "removed %d leftover temporary file(s) of interrupted writes: %s",
+                len(removed),
+                ", ".join(sorted(removed)[:5]),
+            )
         return removed
 
     def latest(self) -> tuple[Path, dict] | None:
@@ -222,17 +232,21 @@ class CheckpointStore:
         try:
             atomic_save(state, path)
         except OSError as err:
-            raise SaveFailed(f"{path}: could not be written ({err.strerror or err}); free disk space or fix "
-                             f"permissions in {self.folder}, then rerun to resume from "
-                             f"{self.describe_latest()}") from None
+            raise SaveFailed(
+                f"{path}: could not be written ({err.strerror or err}); free disk space or fix "
+                f"permissions in {self.folder}, then rerun to resume from "
+                f"{self.describe_latest()}"
+            ) from None
         try:
             written = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             verify(written, state, path)
             del written
         except Exception as err:  # a file that does not read back equal is not a checkpoint
             path.unlink(missing_ok=True)
-            raise SaveFailed(f"{path}: failed verification after writing and was removed ({err}); the last "
-                             f"verified checkpoint is {self.describe_latest()}") from None
+            raise SaveFailed(
+                f"{path}: failed verification after writing and was removed ({err}); the last "
+                f"verified checkpoint is {self.describe_latest()}"
+            ) from None
         self.verified = [p for p in self.verified if p != path] + [path]
         self.rotate()
         log.debug("wrote and verified %s in %.2f s", path.name, time.time() - t0)
@@ -243,7 +257,9 @@ class CheckpointStore:
         if len(self.verified) < self.keep_last:
             return []
         oldest_kept = checkpoint_step(self.verified[-self.keep_last])
-        removed = []
+        removed: list[Path] = []
+        if oldest_kept is None:
+            return removed
         for path in list_checkpoints(self.folder):
             step = checkpoint_step(path)
             if step is not None and step < oldest_kept:
@@ -267,13 +283,17 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
 
 def capture_rng() -> dict:
     version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple form
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
     }
 
 
@@ -284,5 +304,4 @@ def restore_rng(rng: dict) -> None:
     py = rng["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     nps = rng["numpy"]
-    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
-                         nps["cached"]))
+    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))

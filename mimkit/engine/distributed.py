@@ -1,4 +1,5 @@
 """torchrun-aware process-group setup (LOCAL_RANK / RANK / WORLD_SIZE; nccl on GPU, gloo on CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -40,17 +41,20 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
-                                timeout=timedelta(minutes=timeout_min))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
-                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dev)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            device_id=dev if use_cuda else None,
+            timeout=timedelta(minutes=timeout_min),
+        )
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dev
+    )
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (``op``: sum, max or min); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                    "min": dist.ReduceOp.MIN}[op])
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return tensor
 
 

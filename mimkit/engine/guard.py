@@ -1,4 +1,5 @@
 """The divergence guard: which steps to skip, and when a run has diverged (docs/reliability.md)."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ class DivergenceGuard:
         if not math.isfinite(norm):
             return "the parameters became non-finite"
         if self.param_factor > 0 and self.reference_norm and norm > self.param_factor * self.reference_norm:
-            return (f"the parameter norm exploded ({norm:.4g} > {self.param_factor:g} x {self.reference_norm:.4g} "
-                    "at the last checkpoint)")
+            return (
+                f"the parameter norm exploded ({norm:.4g} > {self.param_factor:g} x {self.reference_norm:.4g} "
+                "at the last checkpoint)"
+            )
         return None
 
     def reset(self, reference_norm: float | None) -> None:

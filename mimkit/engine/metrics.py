@@ -1,4 +1,5 @@
 """Run outputs: a JSON-lines metrics file, TensorBoard scalars and a progress bar (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
@@ -64,12 +66,13 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 class RunRecorder:
-    def __init__(self, output: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 start_step: int):
+    def __init__(
+        self, output: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int
+    ):
         self.enabled = enabled
-        self.writer = None
-        self.bar = None
-        self.metrics_file = None
+        self.writer: Any = None
+        self.bar: Any = None
+        self.metrics_file: IO[str] | None = None
         if not enabled:
             return
         self.metrics_file = open(Path(output) / "metrics.jsonl", "a")
@@ -77,11 +80,17 @@ class RunRecorder:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events past the resume step that an interrupted run wrote
-            self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"),
-                                        purge_step=start_step)
+            self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"), purge_step=start_step)
         if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            smoothing=0.05, file=sys.stderr, mininterval=0.5)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.05,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
 
     def step(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
@@ -94,7 +103,7 @@ class RunRecorder:
             self.bar.set_description(text, refresh=False)
 
     def log(self, record: dict, step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or self.metrics_file is None:
             return
         record = {"time": round(time.time(), 3), **record}
         self.metrics_file.write(json.dumps(record) + "\n")

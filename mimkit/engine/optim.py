@@ -1,4 +1,5 @@
 """Optimizer, learning-rate scaling and the per-iteration warm-up + cosine schedule."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,15 @@ def build_optimizer(param_groups: list[dict], lr: float, betas, device: torch.de
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> CosineLRScheduler:
     """Linear warm-up from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr``; stepped per update."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr,
-                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
 
 
 def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -1,4 +1,5 @@
 """One run per output folder: an advisory lock naming its holder, and moving old outputs aside instead of deleting."""
+
 from __future__ import annotations
 
 import fcntl
@@ -8,14 +9,26 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import IO
 
 from mimkit.errors import RunLockedError
 
 log = logging.getLogger("mimkit")
 LOCK_NAME = ".mimkit.lock"
 # What a run writes into its folder; --overwrite moves these aside (into replaced-<time>/), it never deletes them.
-RUN_OUTPUTS = ("checkpoint-*.pt", "epoch-*.pt", "best.pt", "metrics.jsonl", "summary.json", "train.log",
-               "config.yaml", "skipped_images.tsv", "tensorboard", "linprobe.json", "linprobe_head.pt")
+RUN_OUTPUTS = (
+    "checkpoint-*.pt",
+    "epoch-*.pt",
+    "best.pt",
+    "metrics.jsonl",
+    "summary.json",
+    "train.log",
+    "config.yaml",
+    "skipped_images.tsv",
+    "tensorboard",
+    "linprobe.json",
+    "linprobe_head.pt",
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -37,7 +50,7 @@ class RunLock:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
-        self.fh = None
+        self.fh: IO[str] | None = None
 
     def _holder(self) -> dict:
         try:
@@ -49,21 +62,24 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         holder = self._holder()
-        desc = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
-                f"{holder.get('started', '?')}")
+        desc = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             fh.close()
-            raise RunLockedError(f"{self.path.parent}: output folder is in use by another run ({desc}). Wait for it "
-                                 "to finish, stop it, or give this run another --output.") from None
+            raise RunLockedError(
+                f"{self.path.parent}: output folder is in use by another run ({desc}). Wait for it "
+                "to finish, stop it, or give this run another --output."
+            ) from None
         me = socket.gethostname()
         pid = holder.get("pid")
         if holder and holder.get("host") == me and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
             fh.close()
-            raise RunLockedError(f"{self.path.parent}: output folder is in use by another run ({desc}; the file "
-                                 "system ignores locks). Wait for it, stop it, or use another --output.")
+            raise RunLockedError(
+                f"{self.path.parent}: output folder is in use by another run ({desc}; the file "
+                "system ignores locks). Wait for it, stop it, or use another --output."
+            )
         if holder.get("pid") is not None:
             log.warning("%s: took over the lock of a run that is no longer running (%s)", self.path.parent, desc)
         fh.seek(0)

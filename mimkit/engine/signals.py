@@ -3,6 +3,7 @@ across ranks at the next step; a second signal aborts at once. Data-loader worke
 
 A repeat within ``DUPLICATE_S`` seconds of the first counts as the same request: a scheduler signals the whole
 process group and torchrun then forwards the signal to its workers again, which must not abort the save."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,9 @@ DUPLICATE_S = 3.0
 
 
 class StopSignals:
-    def __init__(self):
+    """The stop request of this process (``received``: the signal's name, or None)."""
+
+    def __init__(self) -> None:
         self.received: str | None = None
         self.received_at = 0.0
         self._old: dict = {}
@@ -35,8 +38,11 @@ class StopSignals:
             os._exit(128 + signum)
         self.received = name
         self.received_at = time.monotonic()
-        os.write(2, f"\n{name} received: stopping after this step with a checkpoint (send it again to abort "
-                    "at once)\n".encode())
+        os.write(
+            2,
+            f"\n{name} received: stopping after this step with a checkpoint (send it again to abort "
+            "at once)\n".encode(),
+        )
 
     def restore(self) -> None:
         for sig, old in self._old.items():

@@ -1,4 +1,5 @@
 """What the trainer asks of the thing it trains: pretraining methods and the fine-tuning classifier both fit it."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -12,10 +13,10 @@ class Task(Protocol):
     averaged into the metrics. The class attributes carry the optimizer conventions of the task's paper, so the
     trainer never asks what it trains."""
 
-    lr_base_batch: int                       # lr = blr x effective batch / lr_base_batch
-    betas: tuple[float, float]               # AdamW betas
-    default_grad_clip: float | None          # gradient-norm clip unless --grad-clip is given
-    img_size: Any                            # the input resolution the task was built for
+    lr_base_batch: int  # lr = blr x effective batch / lr_base_batch
+    betas: tuple[float, float]  # AdamW betas
+    default_grad_clip: float | None  # gradient-norm clip unless --grad-clip is given
+    img_size: Any  # the input resolution the task was built for
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict]: ...
 

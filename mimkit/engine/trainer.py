@@ -5,6 +5,7 @@ It never imports, names or inspects a method: a subclass (``mimkit/pretraining.p
 Run safety (verified checkpoints, one run per folder, clean stops on every rank, the divergence guard, exact resume)
 is described in docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -66,7 +68,7 @@ class Trainer:
         """The images to train on (an ``ImageList``)."""
         raise NotImplementedError
 
-    def build_task(self) -> Task:
+    def build_task(self) -> torch.nn.Module:
         """The task to train (see ``mimkit/engine/task.py``); built after seeding, identical on every rank."""
         raise NotImplementedError
 
@@ -88,9 +90,11 @@ class Trainer:
         if cfg.resume == "none":
             old = [p.name for p in existing_outputs(self.out) if p.suffix == ".pt"]
             if old and not cfg.overwrite:
-                raise ConfigError(f"{self.out}: holds checkpoints of an earlier run ({', '.join(old[:3])}) and "
-                                  "--resume none would mix the two runs. Give another --output, resume with "
-                                  "--resume auto, or pass --overwrite to move the old files aside.")
+                raise ConfigError(
+                    f"{self.out}: holds checkpoints of an earlier run ({', '.join(old[:3])}) and "
+                    "--resume none would mix the two runs. Give another --output, resume with "
+                    "--resume auto, or pass --overwrite to move the old files aside."
+                )
             if cfg.overwrite:
                 move_aside(self.out)
 
@@ -117,39 +121,65 @@ class Trainer:
 
         images = self.training_images()
         if d.is_main and getattr(images, "ignored", None):
-            self.log.info("%s: ignored %d file(s) of unsupported types: %s", images.root,
-                          sum(images.ignored.values()),
-                          ", ".join(f"{ext or '(none)'} {n}" for ext, n in sorted(images.ignored.items())))
+            self.log.info(
+                "%s: ignored %d file(s) of unsupported types: %s",
+                images.root,
+                sum(images.ignored.values()),
+                ", ".join(f"{ext or '(none)'} {n}" for ext, n in sorted(images.ignored.items())),
+            )
         if cfg.compute_mean_std:
             mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed)
             cfg.mean, cfg.std = list(mean), list(std)
             self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = self.build_task().to(d.device)
+        task = self.build_task()
+        if not isinstance(task, Task) or not isinstance(task, torch.nn.Module):
+            missing = [
+                m
+                for m in (
+                    "lr_base_batch",
+                    "betas",
+                    "default_grad_clip",
+                    "img_size",
+                    "param_groups",
+                    "after_optimizer_step",
+                    "describe",
+                )
+                if not hasattr(task, m)
+            ]
+            raise TypeError(
+                f"{type(task).__name__} is not a trainer task (an nn.Module with the Task protocol of "
+                f"mimkit/engine/task.py); missing: {', '.join(missing) or 'nn.Module'}"
+            )
+        self.model: Any = task.to(d.device)
         cfg.img_size = self.model.img_size
         self.dataset = self.build_dataset(images)
         if hasattr(self.dataset, "seed"):
             self.dataset.seed = cfg.seed  # augmentation depends on (seed, epoch, index) only: exact resume
         self.sampler = ResumableSampler(self.dataset, d.world_size, d.rank, cfg.seed)
-        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device,
-                                                                                         d.local_world_size)
+        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device, d.local_world_size)
         batches = len(self.sampler.inner) // cfg.batch_size
         if batches < 1:
-            raise DataError(f"{cfg.data}: {len(images)} images give {len(self.sampler.inner)} per process, fewer "
-                            f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes).")
+            raise DataError(
+                f"{cfg.data}: {len(images)} images give {len(self.sampler.inner)} per process, fewer "
+                f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes)."
+            )
         self.steps_per_epoch = batches // cfg.accum_steps
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"accum_steps (--accum-steps) = {cfg.accum_steps}: larger than the {batches} batches "
-                              "of one epoch; lower --accum-steps or --batch-size")
+            raise ConfigError(
+                f"accum_steps (--accum-steps) = {cfg.accum_steps}: larger than the {batches} batches "
+                "of one epoch; lower --accum-steps or --batch-size"
+            )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.eff_batch = cfg.batch_size * cfg.accum_steps * d.world_size
         self.lr = absolute_lr(cfg.blr, self.eff_batch, self.model.lr_base_batch, cfg.lr)
         betas = cfg.betas or self.model.betas
         self.grad_clip = cfg.grad_clip if cfg.grad_clip is not None else self.model.default_grad_clip
         self.optimizer = build_optimizer(self.model.param_groups(cfg.weight_decay), self.lr, betas, d.device)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps,
-                                         round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr
+        )
         self.fp16 = cfg.precision == "fp16" and d.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.fp16)
         self.guard = DivergenceGuard(cfg.loss_spike_factor, cfg.param_norm_factor)
@@ -163,10 +193,11 @@ class Trainer:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
         self.guard.reset(float(parameter_norm(self.model.parameters())))
 
-        self.train_model = self.model
+        self.train_model: Any = self.model
         if d.distributed:
-            self.train_model = DistributedDataParallel(self.model, device_ids=[d.local_rank]
-                                                       if d.device.type == "cuda" else None)
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
+            )
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         if d.is_main:
@@ -178,12 +209,27 @@ class Trainer:
         info = self.model.describe()
         effective = cfg.precision
         if d.device.type == "cpu" and cfg.precision != "fp32":
-            effective = "bf16 autocast" if cfg.cpu_autocast else f"fp32 ({cfg.precision} autocast is GPU-only " \
-                                                                  "unless --cpu-autocast)"
-        self.log.info("mimkit %s | %s | %.2fM encoder / %.2fM total params | %d images | %d step(s)/epoch | "
-                      "effective batch %d | lr %.3g | %s on %s x%d | workers %d", mimkit.__version__, cfg.model,
-                      info["encoder_params"] / 1e6, info["total_params"] / 1e6, n_images, self.steps_per_epoch,
-                      self.eff_batch, self.lr, effective, d.device.type, d.world_size, self.num_workers)
+            effective = (
+                "bf16 autocast"
+                if cfg.cpu_autocast
+                else f"fp32 ({cfg.precision} autocast is GPU-only unless --cpu-autocast)"
+            )
+        self.log.info(
+            "mimkit %s | %s | %.2fM encoder / %.2fM total params | %d images | %d step(s)/epoch | "
+            "effective batch %d | lr %.3g | %s on %s x%d | workers %d",
+            mimkit.__version__,
+            cfg.model,
+            info["encoder_params"] / 1e6,
+            info["total_params"] / 1e6,
+            n_images,
+            self.steps_per_epoch,
+            self.eff_batch,
+            self.lr,
+            effective,
+            d.device.type,
+            d.world_size,
+            self.num_workers,
+        )
 
     # -- resume and rollback ---------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path | None, dict | None]:
@@ -196,8 +242,11 @@ class Trainer:
                 found = self.store.latest()
                 path, state = found if found else (None, None)
                 if path is None and list((self.out / ckpt.QUARANTINE).glob("checkpoint-*.pt*")):
-                    self.log.warning("%s: no usable checkpoint (unusable ones are in %s/); starting from step 0",
-                                     self.out, ckpt.QUARANTINE)
+                    self.log.warning(
+                        "%s: no usable checkpoint (unusable ones are in %s/); starting from step 0",
+                        self.out,
+                        ckpt.QUARANTINE,
+                    )
             elif cfg.resume != "none":
                 path = Path(cfg.resume)
         path = broadcast_object(str(path) if path is not None else None)
@@ -209,10 +258,17 @@ class Trainer:
         if "model" not in state or "optimizer" not in state:
             raise CheckpointError(f"{path}: not a mimkit training checkpoint (no 'model' or 'optimizer' entry)")
         if state.get("model_name") != cfg.model:
-            raise CheckpointError(f"{path}: checkpoint is for model '{state.get('model_name')}', this run builds "
-                                  f"'{cfg.model}'. Use another --output, or --resume none --overwrite.")
-        ckpt.load_weights(self.model, state["model"], path, cfg.model, hint=" Were the model options changed? Use "
-                          "the same options, or another --output.")
+            raise CheckpointError(
+                f"{path}: checkpoint is for model '{state.get('model_name')}', this run builds "
+                f"'{cfg.model}'. Use another --output, or --resume none --overwrite."
+            )
+        ckpt.load_weights(
+            self.model,
+            state["model"],
+            path,
+            cfg.model,
+            hint=" Were the model options changed? Use the same options, or another --output.",
+        )
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as err:
@@ -246,9 +302,15 @@ class Trainer:
         self.lr_scale *= self.cfg.rollback_lr_factor
         self.guard.reset(float(parameter_norm(self.model.parameters())))
         self.bad_in_a_row = 0
-        self.log.warning("divergence (%s): rolled back to %s (step %d) with the learning rate x %.3g (rollback %d "
-                         "of %d)", reason, Path(path).name, self.step, self.lr_scale, self.rollbacks,
-                         self.cfg.max_rollbacks)
+        self.log.warning(
+            "divergence (%s): rolled back to %s (step %d) with the learning rate x %.3g (rollback %d of %d)",
+            reason,
+            Path(path).name,
+            self.step,
+            self.lr_scale,
+            self.rollbacks,
+            self.cfg.max_rollbacks,
+        )
 
     def diverged(self, reason: str) -> None:
         """Roll back or stop, as configured; never returns."""
@@ -257,8 +319,10 @@ class Trainer:
         if cfg.on_divergence == "rollback" and has_ckpt and self.rollbacks < cfg.max_rollbacks:
             raise _Rollback(reason)
         where = self.restart_hint()
-        raise TrainingDiverged(f"training diverged at step {self.step + 1}: {reason}; stopping. {where} Lower "
-                               "--blr, set --grad-clip, or use --precision bf16 or fp32, then rerun.")
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: {reason}; stopping. {where} Lower "
+            "--blr, set --grad-clip, or use --precision bf16 or fp32, then rerun."
+        )
 
     def restart_hint_local(self) -> str:
         """Like ``restart_hint`` without a collective (for when the process group is broken)."""
@@ -286,11 +350,19 @@ class Trainer:
             self.diverged(problem + " (checkpoint not written)")
         if self.dist.is_main:
             state = {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.fp16 else {}, "epoch": self.epoch, "step": self.step,
-                "batch_in_epoch": self.batch_in_epoch, "rng": rngs, "model_name": self.cfg.model,
-                "config": self.cfg.to_dict(), "mimkit_version": mimkit.__version__,
-                "extra": dict(self.extra_summary), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.fp16 else {},
+                "epoch": self.epoch,
+                "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch,
+                "rng": rngs,
+                "model_name": self.cfg.model,
+                "config": self.cfg.to_dict(),
+                "mimkit_version": mimkit.__version__,
+                "extra": dict(self.extra_summary),
+                "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks,
             }
             path = self.store.save(state, self.step)
             self.last_checkpoint = path
@@ -363,11 +435,15 @@ class Trainer:
                 self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1
-            self.log.warning("step %d: %s; step skipped (%d in a row, limit %d)", self.step + 1,
-                             skip_reason or "another rank skipped it", self.bad_in_a_row, cfg.max_bad_steps)
+            self.log.warning(
+                "step %d: %s; step skipped (%d in a row, limit %d)",
+                self.step + 1,
+                skip_reason or "another rank skipped it",
+                self.bad_in_a_row,
+                cfg.max_bad_steps,
+            )
             if self.bad_in_a_row >= cfg.max_bad_steps:
-                self.diverged(f"{self.bad_in_a_row} consecutive steps skipped (last: "
-                              f"{skip_reason or 'another rank'})")
+                self.diverged(f"{self.bad_in_a_row} consecutive steps skipped (last: {skip_reason or 'another rank'})")
             self.scheduler.step_update(self.step)
             self.apply_lr_scale()
             return False
@@ -408,14 +484,25 @@ class Trainer:
         mean_loss = self.window_loss / max(self.window_n, 1)
         self.rec.step(0, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
         extra = {k: float(v) / max(self.window_steps, 1) for k, v in self.window_extra.items()}
-        self.rec.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": mean_loss,
-                      "lr": lr, "grad_norm": self.last_grad_norm, "images_per_s": ips,
-                      "skipped_images": len(self.skipped), **extra}, self.step)
+        self.rec.log(
+            {
+                "step": self.step,
+                "epoch": round(self.step / self.steps_per_epoch, 4),
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": self.last_grad_norm,
+                "images_per_s": ips,
+                "skipped_images": len(self.skipped),
+                **extra,
+            },
+            self.step,
+        )
         self.reset_window()
 
     def reset_window(self) -> None:
         self.images_seen, self.window_loss, self.window_n, self.window_t0 = 0, 0.0, 0, time.time()
-        self.window_extra, self.window_steps = {}, 0
+        self.window_extra: dict[str, Any] = {}
+        self.window_steps = 0
 
     def maybe_save(self) -> bool:
         """Save when any rank asked for it; True when the run must stop now."""
@@ -430,8 +517,14 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
-        loader = build_loader(self.dataset, cfg.batch_size, self.num_workers, self.sampler, self.dist.device,
-                              cfg.seed * 100003 + self.epoch)
+        loader = build_loader(
+            self.dataset,
+            cfg.batch_size,
+            self.num_workers,
+            self.sampler,
+            self.dist.device,
+            cfg.seed * 100003 + self.epoch,
+        )
         self.rec.describe(f"epoch {self.epoch + 1}/{cfg.epochs}")
         self.model.train()
         self.loss_sum = torch.zeros((), device=self.dist.device)
@@ -466,19 +559,24 @@ class Trainer:
         self.batch_in_epoch = 0
         self.rec.log({"step": self.step, "epoch_done": self.epoch, "last_loss": self.last_loss}, self.step)
         self.keep_after_save = []
-        self.after_epoch(lambda values: self.rec.log({"step": self.step, "epoch_done": self.epoch, **values},
-                                                     self.step))
+        self.after_epoch(
+            lambda values: self.rec.log({"step": self.step, "epoch_done": self.epoch, **values}, self.step)
+        )
         if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
             self.save(f"epoch {self.epoch}")
-            if self.dist.is_main:
+            if self.dist.is_main and self.last_checkpoint is not None:
                 for name in self.keep_after_save:
                     ckpt.keep_copy(self.last_checkpoint, self.out / name)
 
     # -- the run ----------------------------------------------------------------------------------------------
     def finished(self) -> bool:
         cfg = self.cfg
-        return (self.stopped is not None or self.epoch >= cfg.epochs or self.step >= self.total_steps
-                or (cfg.max_steps is not None and self.step >= cfg.max_steps))
+        return (
+            self.stopped is not None
+            or self.epoch >= cfg.epochs
+            or self.step >= self.total_steps
+            or (cfg.max_steps is not None and self.step >= cfg.max_steps)
+        )
 
     def run(self) -> dict:
         self.signals.install()
@@ -487,13 +585,19 @@ class Trainer:
             self.setup()
             return self.train()
         except RuntimeError as err:
-            if isinstance(err, MimkitError) or not getattr(self, "dist", None) or not self.dist.distributed \
-                    or not _collective_failure(err):
+            if (
+                isinstance(err, MimkitError)
+                or not getattr(self, "dist", None)
+                or not self.dist.distributed
+                or not _collective_failure(err)
+            ):
                 raise
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:240]
-            raise RankLost(f"a collective operation across ranks failed or timed out (--dist-timeout-min "
-                           f"{self.cfg.dist_timeout_min:g}): {first} Another process of this run probably died; "
-                           f"{self.restart_hint_local()}") from err
+            raise RankLost(
+                f"a collective operation across ranks failed or timed out (--dist-timeout-min "
+                f"{self.cfg.dist_timeout_min:g}): {first} Another process of this run probably died; "
+                f"{self.restart_hint_local()}"
+            ) from err
         finally:
             self.signals.restore()
             if self.lock is not None:
@@ -524,17 +628,29 @@ class Trainer:
     def finish(self) -> dict:
         cfg, d = self.cfg, self.dist
         stopped = self.stopped if self.stopped and self.stopped.startswith("signal") else None
-        summary = {"model": cfg.model, "steps": self.step, "epochs_done": self.epoch, "final_loss": self.last_loss,
-                   "train_steps_this_run": self.step - self.start_step,
-                   "wall_time_s": round(time.time() - self.start_time, 1), "skipped_images": len(self.skipped),
-                   "rollbacks": self.rollbacks, "stopped_by": stopped,
-                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                   "output": str(self.out), **self.extra_summary}
+        summary = {
+            "model": cfg.model,
+            "steps": self.step,
+            "epochs_done": self.epoch,
+            "final_loss": self.last_loss,
+            "train_steps_this_run": self.step - self.start_step,
+            "wall_time_s": round(time.time() - self.start_time, 1),
+            "skipped_images": len(self.skipped),
+            "rollbacks": self.rollbacks,
+            "stopped_by": stopped,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "output": str(self.out),
+            **self.extra_summary,
+        }
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if stopped:
-                self.log.warning("stopped by %s at step %d; resume with the same command (--resume auto) from %s",
-                                 stopped.split(":")[1], self.step, summary["checkpoint"])
+                self.log.warning(
+                    "stopped by %s at step %d; resume with the same command (--resume auto) from %s",
+                    stopped.split(":")[1],
+                    self.step,
+                    summary["checkpoint"],
+                )
             self.log.info("done: %s", json.dumps(summary))
         if not math.isfinite(self.last_loss) and self.step > self.start_step:
             self.log.warning("the last logged loss is not finite")
@@ -548,8 +664,10 @@ def _collective_failure(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out",
-                                   "ProcessGroup"))
+    return any(
+        s in text
+        for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out", "ProcessGroup")
+    )
 
 
 def run_trainer(trainer: Trainer) -> dict:

@@ -1,4 +1,5 @@
 """Frozen-encoder feature extraction over a labelled image list."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,19 @@ from mimkit.data import ImageDataset, ImageList, collate, eval_transform
 
 
 @torch.no_grad()
-def predict(fn, images: ImageList, img_size: int, mean, std, batch_size: int = 128, num_workers: int = 0,
-            device="cpu", autocast: bool = False, progress: bool = False, desc: str = "features"):
+def predict(
+    fn,
+    images: ImageList,
+    img_size: int,
+    mean,
+    std,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device="cpu",
+    autocast: bool = False,
+    progress: bool = False,
+    desc: str = "features",
+):
     """(stacked float32 outputs of ``fn`` on center-cropped images, labels (N,))."""
     ds = ImageDataset(images, eval_transform(img_size, mean, std), min_image_size=1)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -27,10 +39,30 @@ def predict(fn, images: ImageList, img_size: int, mean, std, batch_size: int = 1
     return torch.cat(outputs), torch.cat(labels)
 
 
-def extract_features(model, images: ImageList, img_size: int, mean, std, batch_size: int = 128,
-                     num_workers: int = 0, device="cpu", pool: str = "avg", progress: bool = False):
+def extract_features(
+    model,
+    images: ImageList,
+    img_size: int,
+    mean,
+    std,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device="cpu",
+    pool: str = "avg",
+    progress: bool = False,
+):
     """(features (N, D) float32, labels (N,)) of center-cropped images through ``model.extract_features``
     (bf16 autocast on GPUs)."""
     model.eval().to(device)
-    return predict(lambda x: model.extract_features(x, pool=pool), images, img_size, mean, std, batch_size,
-                   num_workers, device, autocast=torch.device(device).type == "cuda", progress=progress)
+    return predict(
+        lambda x: model.extract_features(x, pool=pool),
+        images,
+        img_size,
+        mean,
+        std,
+        batch_size,
+        num_workers,
+        device,
+        autocast=torch.device(device).type == "cuda",
+        progress=progress,
+    )

@@ -4,6 +4,7 @@ The encoder comes from a mimkit pretraining checkpoint, a ``mimkit export`` safe
 random init (the baseline); it becomes a timm classifier (global average pooling, new head). Layer-wise lr decay,
 drop path, RandAugment, mixup / cutmix, label smoothing and random erasing are timm's implementations.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 from timm.data import Mixup, create_transform
 from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
+from torch import nn
 
 from mimkit.config import PretrainConfig, opt
 from mimkit.data import ImageDataset, labelled_splits
@@ -33,26 +34,43 @@ from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 def default_layer_decay(timm_name: str) -> float:
     """Per-backbone defaults from the papers: MAE ViT-B 0.65, ViT-L/H 0.75, Swin-T / PVT-S 0.85 (UM-MAE),
     Swin-B 0.8, Swin-L 0.7, LoMaR ViT-B 0.65, MixMAE-B 0.7; 0.75 for mimkit's small CPU models."""
-    table = {"vit_base": 0.65, "rpbvit_base": 0.65, "vit_large": 0.75, "vit_huge": 0.75, "mimswin_tiny": 0.85,
-             "mimpvt_small": 0.85, "mimswin_base": 0.8, "mimswin_large": 0.7, "mixswin_base": 0.7}
+    table = {
+        "vit_base": 0.65,
+        "rpbvit_base": 0.65,
+        "vit_large": 0.75,
+        "vit_huge": 0.75,
+        "mimswin_tiny": 0.85,
+        "mimpvt_small": 0.85,
+        "mimswin_base": 0.8,
+        "mimswin_large": 0.7,
+        "mixswin_base": 0.7,
+    }
     return next((v for k, v in table.items() if timm_name.startswith(k)), 0.75)
 
 
 @dataclass
 class FinetuneConfig(PretrainConfig):
     hidden_options = ("mask_ratio", "norm_pix_loss", "model_args", "crop_scale", "hflip", "model")
-    pretrained: str = opt("", "Encoder to fine-tune: a mimkit pretraining checkpoint or run folder, or a "
-                              "`mimkit export` .safetensors file.", "model")
-    random_init: str = opt("", "Instead of --pretrained: a registered pretraining model (`mimkit models`) at "
-                               "random init (the baseline).", "model")
-    layer_decay: float | None = opt(None, "Layer-wise lr decay (default: the backbone's from the papers; 1 = off).",
-                                    "model", gt=0, max=1)
+    pretrained: str = opt(
+        "",
+        "Encoder to fine-tune: a mimkit pretraining checkpoint or run folder, or a `mimkit export` .safetensors file.",
+        "model",
+    )
+    random_init: str = opt(
+        "",
+        "Instead of --pretrained: a registered pretraining model (`mimkit models`) at random init (the baseline).",
+        "model",
+    )
+    layer_decay: float | None = opt(
+        None, "Layer-wise lr decay (default: the backbone's from the papers; 1 = off).", "model", gt=0, max=1
+    )
     drop_path: float = opt(0.1, "Stochastic depth rate.", "model", min=0, lt=1)
     smoothing: float = opt(0.1, "Label smoothing.", "augmentation", min=0, lt=1)
     mixup: float = opt(0.8, "Mixup alpha (0 = off).", "augmentation", min=0)
     cutmix: float = opt(1.0, "CutMix alpha (0 = off).", "augmentation", min=0)
-    mixup_switch_prob: float = opt(0.5, "Probability of CutMix instead of Mixup when both are on.", "augmentation",
-                                   min=0, max=1)
+    mixup_switch_prob: float = opt(
+        0.5, "Probability of CutMix instead of Mixup when both are on.", "augmentation", min=0, max=1
+    )
     randaug: str = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec ('' = off).", "augmentation")
     reprob: float = opt(0.25, "Random-erasing probability.", "augmentation", min=0, max=1)
     model: str = opt("", "Set automatically from the encoder (finetune:<timm name>).", "model")
@@ -60,15 +78,16 @@ class FinetuneConfig(PretrainConfig):
     blr: float = opt(5e-4, "Base learning rate: lr = blr x effective_batch / 256.", min=0)
     min_lr: float = opt(1e-6, "Final learning rate of the cosine schedule.", min=0)
     warmup_epochs: float = opt(5, "Linear warm-up epochs.", min=0)
-    output: str = opt("runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.",
-                      "output")
-
+    output: str = opt(
+        "runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.", "output"
+    )
 
     def check_pairs(self) -> None:
         super().check_pairs()
         if bool(self.pretrained) == bool(self.random_init):
-            raise ConfigError("give exactly one of --pretrained (checkpoint, run folder or .safetensors) and "
-                              "--random-init MODEL")
+            raise ConfigError(
+                "give exactly one of --pretrained (checkpoint, run folder or .safetensors) and --random-init MODEL"
+            )
         if self.pretrained and not Path(self.pretrained).expanduser().exists():
             raise ConfigError(f"pretrained (--pretrained) = {self.pretrained!r}: no such file or folder")
         if self.randaug:
@@ -77,8 +96,10 @@ class FinetuneConfig(PretrainConfig):
             try:
                 rand_augment_transform(self.randaug, {})
             except Exception as err:
-                raise ConfigError(f"randaug (--randaug) = {self.randaug!r}: not a timm RandAugment spec ({err}); "
-                                  "e.g. rand-m9-mstd0.5-inc1, or '' for none") from None
+                raise ConfigError(
+                    f"randaug (--randaug) = {self.randaug!r}: not a timm RandAugment spec ({err}); "
+                    "e.g. rand-m9-mstd0.5-inc1, or '' for none"
+                ) from None
 
 
 def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0):
@@ -96,8 +117,9 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
         except Exception as err:  # safetensors raises its own error types for a damaged header
             raise ckpt.CheckpointError(f"{pretrained}: not a readable safetensors file ({err})") from None
         if "timm_model" not in meta or "timm_kwargs" not in meta:
-            raise ckpt.CheckpointError(f"{pretrained}: no mimkit export metadata (timm_model); write it with "
-                                       "`mimkit export`")
+            raise ckpt.CheckpointError(
+                f"{pretrained}: no mimkit export metadata (timm_model); write it with `mimkit export`"
+            )
         return state, meta["timm_model"], json.loads(meta["timm_kwargs"])
     if pretrained:
         from mimkit.loading import load_pretrained
@@ -118,8 +140,16 @@ class ClassifierTask(nn.Module):
     betas = (0.9, 0.999)
     default_grad_clip = None
 
-    def __init__(self, net: nn.Module, timm_name: str, timm_kwargs: dict, img_size: int, layer_decay: float,
-                 mixup: Mixup | None, smoothing: float):
+    def __init__(
+        self,
+        net: nn.Module,
+        timm_name: str,
+        timm_kwargs: dict,
+        img_size: int,
+        layer_decay: float,
+        mixup: Mixup | None,
+        smoothing: float,
+    ):
         super().__init__()
         self.net = net
         self.timm_name, self.timm_kwargs, self.img_size = timm_name, timm_kwargs, img_size
@@ -160,25 +190,29 @@ class ClassifierTask(nn.Module):
         return {"encoder_params": n, "total_params": n}
 
 
-def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: int | None,
-                     drop_path: float) -> tuple[nn.Module, int]:
+def build_classifier(
+    state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: int | None, drop_path: float
+) -> tuple[nn.Module, int]:
     kwargs = dict(timm_kwargs)
     if img_size:
         kwargs["img_size"] = img_size
     if timm_name.startswith("vit_"):
         kwargs.update(global_pool="avg", fc_norm=False)  # average of the final normed patch tokens
     try:
-        net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                                **kwargs)
+        net = timm.create_model(
+            timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs
+        )
     except RuntimeError as err:  # timm: "Unknown model"
-        raise ckpt.CheckpointError(f"encoder '{timm_name}' named by the weights file cannot be built ({err})") \
-            from None
+        raise ckpt.CheckpointError(f"encoder '{timm_name}' named by the weights file cannot be built ({err})") from None
     state = dict(state)
     pos = getattr(net, "pos_embed", None)
     if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
         prefix = net.num_prefix_tokens if isinstance(net, VisionTransformer) else 0
-        grid = list(net.patch_embed.grid_size) if isinstance(net, VisionTransformer) else \
-            [int(round((pos.shape[1]) ** 0.5))] * 2
+        grid = (
+            list(net.patch_embed.grid_size)
+            if isinstance(net, VisionTransformer)
+            else [int(round((pos.shape[1]) ** 0.5))] * 2
+        )
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, num_prefix_tokens=prefix)
     own = net.state_dict()
     for k, v in state.items():  # relative position tables of another window size (e.g. LoMaR at a new resolution)
@@ -187,8 +221,9 @@ def build_classifier(state: dict, timm_name: str, timm_kwargs: dict, num_classes
     missing, unexpected = ckpt.load_weights(net, state, Path(timm_name), timm_name, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        raise ckpt.CheckpointError(f"encoder weights do not fit {timm_name}: missing {missing[:5]}, unexpected "
-                                   f"{unexpected[:5]}")
+        raise ckpt.CheckpointError(
+            f"encoder weights do not fit {timm_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for p in net.parameters():
         p.requires_grad_(True)  # e.g. the position embedding, fixed during pretraining, is learned now
     with torch.no_grad():
@@ -207,32 +242,53 @@ class FinetuneTrainer(Trainer):
     def build_task(self) -> ClassifierTask:
         cfg = self.cfg
         state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed)
-        net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size,
-                                         cfg.drop_path)
+        net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size, cfg.drop_path)
         cfg.model = f"finetune:{name}"
         decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(name)
         cfg.layer_decay = decay
         mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             if cfg.batch_size % 2:
-                raise ConfigError(f"batch_size (--batch-size) = {cfg.batch_size}: mixup / cutmix need an even "
-                                  "batch; use an even size or --mixup 0 --cutmix 0")
-            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
-                          label_smoothing=cfg.smoothing, num_classes=len(self.train_list.classes))
+                raise ConfigError(
+                    f"batch_size (--batch-size) = {cfg.batch_size}: mixup / cutmix need an even "
+                    "batch; use an even size or --mixup 0 --cutmix 0"
+                )
+            mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                switch_prob=cfg.mixup_switch_prob,
+                label_smoothing=cfg.smoothing,
+                num_classes=len(self.train_list.classes),
+            )
         return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
 
     def build_dataset(self, images):
         cfg = self.cfg
-        transform = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.randaug or None,
-                                     re_prob=cfg.reprob, re_mode="pixel", interpolation="bicubic",
-                                     mean=tuple(cfg.mean), std=tuple(cfg.std))
+        transform = create_transform(
+            cfg.img_size,
+            is_training=True,
+            auto_augment=cfg.randaug or None,
+            re_prob=cfg.reprob,
+            re_mode="pixel",
+            interpolation="bicubic",
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+        )
         return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed)
 
     def after_epoch(self, record) -> None:
         cfg = self.cfg
         self.model.eval()
-        logits, labels = predict(self.model.net, self.val_list, cfg.img_size, cfg.mean, cfg.std,
-                                 max(64, cfg.batch_size), self.num_workers, self.dist.device)
+        logits, labels = predict(
+            self.model.net,
+            self.val_list,
+            cfg.img_size,
+            cfg.mean,
+            cfg.std,
+            max(64, cfg.batch_size),
+            self.num_workers,
+            self.dist.device,
+        )
         self.model.train()
         acc = topk_accuracy(logits, labels)
         record({"val_top1": acc["top1"], "val_top5": acc["top5"]})

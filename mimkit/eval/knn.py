@@ -1,4 +1,5 @@
 """Weighted cosine k-nearest-neighbour classification on frozen features (k=20, T=0.07; the DINO protocol)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,15 +9,22 @@ from mimkit.data import labelled_splits
 from mimkit.eval.features import extract_features
 
 
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 512) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 512,
+) -> torch.Tensor:
     """Class scores (Q, C): each of the k most cosine-similar training samples votes exp(sim / T)."""
     train = F.normalize(train_feats.float(), dim=1)
     query = F.normalize(query_feats.float(), dim=1)
     k = min(k, train.shape[0])
     scores = []
     for start in range(0, query.shape[0], chunk):
-        sim = query[start:start + chunk] @ train.T
+        sim = query[start : start + chunk] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
@@ -34,14 +42,41 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return out
 
 
-def knn_evaluate(model, data: str, img_size: int, mean, std, k: int = 20, temperature: float = 0.07,
-                 batch_size: int = 128, num_workers: int = 0, device="cpu", pool: str = "avg",
-                 progress: bool = False) -> dict:
+def knn_evaluate(
+    model,
+    data: str,
+    img_size: int,
+    mean,
+    std,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device="cpu",
+    pool: str = "avg",
+    progress: bool = False,
+) -> dict:
     train, val = labelled_splits(data)
-    args = dict(img_size=img_size, mean=mean, std=std, batch_size=batch_size, num_workers=num_workers,
-                device=device, pool=pool, progress=progress)
+    args = dict(
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        pool=pool,
+        progress=progress,
+    )
     tr_f, tr_y = extract_features(model, train, **args)
     va_f, va_y = extract_features(model, val, **args)
     scores = knn_predict(tr_f, tr_y, va_f, len(train.classes), k, temperature)
-    return {**topk_accuracy(scores, va_y), "k": k, "temperature": temperature, "n_train": len(tr_y),
-            "n_val": len(va_y), "classes": len(train.classes), "img_size": img_size, "pool": pool}
+    return {
+        **topk_accuracy(scores, va_y),
+        "k": k,
+        "temperature": temperature,
+        "n_train": len(tr_y),
+        "n_val": len(va_y),
+        "classes": len(train.classes),
+        "img_size": img_size,
+        "pool": pool,
+    }

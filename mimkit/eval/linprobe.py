@@ -4,12 +4,13 @@ With ``cache=True`` (default) the features of center-cropped images are computed
 which makes probing on a CPU quick. With ``cache=False`` every epoch passes augmented images (RandomResizedCrop +
 flip, as MAE's linear probe) through the frozen encoder.
 """
+
 from __future__ import annotations
 
 import torch
+from timm.optim import Lars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from timm.optim import Lars
 
 from mimkit.data import ImageDataset, collate, labelled_splits
 from mimkit.data.transforms import pretrain_transform
@@ -30,26 +31,58 @@ class ProbeHead(nn.Module):
         return self.fc(self.bn(x))
 
 
-def linear_probe(model, data: str, img_size: int, mean, std, epochs: int = 90, batch_size: int = 256,
-                 blr: float = 0.1, warmup_epochs: int = 10, cache: bool = True, pool: str = "avg",
-                 num_workers: int = 0, device="cpu", seed: int = 0, progress: bool = False) -> dict:
+def linear_probe(
+    model,
+    data: str,
+    img_size: int,
+    mean,
+    std,
+    epochs: int = 90,
+    batch_size: int = 256,
+    blr: float = 0.1,
+    warmup_epochs: int = 10,
+    cache: bool = True,
+    pool: str = "avg",
+    num_workers: int = 0,
+    device="cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     torch.manual_seed(seed)
     device = torch.device(device)
     train, val = labelled_splits(data)
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    feat_args = dict(img_size=img_size, mean=mean, std=std, batch_size=128, num_workers=num_workers, device=device,
-                     pool=pool, progress=progress)
+    feat_args = dict(
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        batch_size=128,
+        num_workers=num_workers,
+        device=device,
+        pool=pool,
+        progress=progress,
+    )
     va_f, va_y = extract_features(model, val, **feat_args)
     if cache:
         tr_f, tr_y = extract_features(model, train, **feat_args)
-        loader = DataLoader(TensorDataset(tr_f, tr_y), batch_size=min(batch_size, len(tr_y)), shuffle=True,
-                            drop_last=len(tr_y) > batch_size)
+        loader = DataLoader(
+            TensorDataset(tr_f, tr_y),
+            batch_size=min(batch_size, len(tr_y)),
+            shuffle=True,
+            drop_last=len(tr_y) > batch_size,
+        )
     else:
         ds = ImageDataset(train, pretrain_transform(img_size, mean, std, scale=(0.08, 1.0)), min_image_size=1)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collate,
-                            drop_last=len(ds) > batch_size)
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=len(ds) > batch_size,
+        )
     head = ProbeHead(va_f.shape[1], len(train.classes)).to(device)
     lr = blr * batch_size / 256
     opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
@@ -75,7 +108,17 @@ def linear_probe(model, data: str, img_size: int, mean, std, epochs: int = 90, b
             acc = topk_accuracy(head(va_f.to(device)).cpu(), va_y)
         history.append({"epoch": epoch + 1, "loss": loss.item(), **acc})
     best = max(history, key=lambda h: h["top1"])
-    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "best_top1": best["top1"],
-            "best_epoch": best["epoch"], "epochs": epochs, "cache": cache, "n_train": len(train),
-            "n_val": len(val), "classes": len(train.classes), "img_size": img_size, "history": history,
-            "head": head.state_dict()}
+    return {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "epochs": epochs,
+        "cache": cache,
+        "n_train": len(train),
+        "n_val": len(val),
+        "classes": len(train.classes),
+        "img_size": img_size,
+        "history": history,
+        "head": head.state_dict(),
+    }

@@ -1,5 +1,6 @@
 """Build any encoder a method can use: a plain timm ViT (fixed sin-cos positions, MAE init) or a hierarchical
 mimkit backbone (Swin, PVT) from the timm registry."""
+
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,10 @@
 """What every pretraining method provides to the trainer, evaluation, export and visualization."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.optim import param_groups_weight_decay
+from torch import nn
 
 from mimkit.patches import normalized_target, patchify
 
@@ -20,7 +21,7 @@ class MIMMethod(nn.Module):
     method it runs.
     """
 
-    lr_base_batch: int = 256          # lr = blr * effective_batch / lr_base_batch
+    lr_base_batch: int = 256  # lr = blr * effective_batch / lr_base_batch
     betas: tuple[float, float] = (0.9, 0.95)
     default_grad_clip: float | None = None
 

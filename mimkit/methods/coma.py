@@ -17,6 +17,7 @@ abstract and captions state from mimkit's design. In short:
 - Encoder: DyViT (masked units dropped exactly, no mask tokens) or a plain timm ViT (MAE-style dropping); an MAE
   transformer decoder over units; normalized-pixel MSE on masked units.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from mimkit.masking import (complementary_pair, cycle_mask, gather_tokens, keep_restore, num_masked,
-                            random_masking)
+from mimkit.masking import complementary_pair, cycle_mask, gather_tokens, keep_restore, num_masked, random_masking
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
@@ -38,11 +38,23 @@ TEACHERS = ("none", "copy", "ema")
 
 
 class CoMA(MIMMethod):
-    def __init__(self, encoder: str = "dyvit_base_224", img_size: int = 224, mask_ratio: float = 0.6,
-                 mode: str = "cycle", teacher: str = "none", teacher_momentum: float = 0.996,
-                 teacher_weight: float = 0.0, mask_seed: int = 0, norm_pix_loss: bool = True,
-                 decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16, drop_path: float = 0.0,
-                 encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "dyvit_base_224",
+        img_size: int = 224,
+        mask_ratio: float = 0.6,
+        mode: str = "cycle",
+        teacher: str = "none",
+        teacher_momentum: float = 0.996,
+        teacher_weight: float = 0.0,
+        mask_seed: int = 0,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
@@ -60,22 +72,31 @@ class CoMA(MIMMethod):
             self.patch_size = self.encoder.unit
             self.grid = (img_size // self.patch_size,) * 2
         else:
-            raise ValueError(f"encoder '{encoder}' cannot encode visible units only; CoMA needs a plain timm ViT or "
-                             f"a dyvit_* model (`mimkit models`)")
+            raise ValueError(
+                f"encoder '{encoder}' cannot encode visible units only; CoMA needs a plain timm ViT or "
+                f"a dyvit_* model (`mimkit models`)"
+            )
         self.num_units = self.grid[0] * self.grid[1]
         if not 0 < num_masked(self.num_units, mask_ratio) < self.num_units:
             raise ValueError(f"mask_ratio {mask_ratio} masks none or all of the {self.num_units} units")
         self.mask_ratio, self.mode, self.mask_seed = mask_ratio, mode, mask_seed
         self.teacher_mode, self.teacher_momentum, self.teacher_weight = teacher, teacher_momentum, teacher_weight
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = TransformerDecoder(self.encoder.num_features if not self.vit else self.encoder.embed_dim,
-                                          self.grid, self.patch_size ** 2 * 3, decoder_dim, decoder_depth,
-                                          decoder_heads, cls_token=self.vit)
+        self.decoder = TransformerDecoder(
+            self.encoder.num_features if not self.vit else self.encoder.embed_dim,
+            self.grid,
+            self.patch_size**2 * 3,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            cls_token=self.vit,
+        )
         mae_init_(self.decoder)
         self.teacher = None
         if teacher != "none":
-            self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
-                                          "decoder": copy.deepcopy(self.decoder)}).requires_grad_(False)
+            self.teacher = nn.ModuleDict(
+                {"encoder": copy.deepcopy(self.encoder), "decoder": copy.deepcopy(self.decoder)}
+            ).requires_grad_(False)
 
     # -- masks --------------------------------------------------------------------------------------------------
     def draw_views(self, batch: dict, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +112,9 @@ class CoMA(MIMMethod):
         return a, 1 - a
 
     # -- model --------------------------------------------------------------------------------------------------
-    def reconstruct(self, encoder: nn.Module, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor,
-                    n_visible: int) -> torch.Tensor:
+    def reconstruct(
+        self, encoder: nn.Module, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor, n_visible: int
+    ) -> torch.Tensor:
         """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * 3)."""
         ids_keep, ids_restore = keep_restore(mask, n_visible)
         if self.vit:
@@ -148,16 +170,39 @@ class CoMA(MIMMethod):
         return self
 
 
-register_preset("coma_dyvit_pico_128", CoMA, "CPU-sized CoMA: DyViT-Pico at 128 px (4x4 units of 32 px), decoder "
-                "128-d x 2", encoder="dyvit_pico_128", img_size=128, decoder_dim=128, decoder_depth=2,
-                decoder_heads=4)
-register_preset("coma_vit_pico_patch8", CoMA, "CPU-sized CoMA on ViT-Pico/8 at 64 px (8 px units), decoder 64-d x 2",
-                encoder="vit_pico_patch8_64", img_size=64, decoder_dim=64, decoder_depth=2, decoder_heads=4)
-register_preset("coma_dyvit_tiny_224", CoMA, "CoMA DyViT-T at 224 px, decoder 512-d x 8",
-                encoder="dyvit_tiny_224", img_size=224)
-register_preset("coma_dyvit_small_224", CoMA, "CoMA DyViT-S at 224 px, decoder 512-d x 8",
-                encoder="dyvit_small_224", img_size=224)
-register_preset("coma_dyvit_base_224", CoMA, "CoMA DyViT-B at 224 px, decoder 512-d x 8",
-                encoder="dyvit_base_224", img_size=224)
-register_preset("coma_vit_base_patch16", CoMA, "CoMA on ViT-B/16 (16 px units), decoder 512-d x 8: the masking "
-                "strategy on MAE's backbone", encoder="vit_base_patch16_224", img_size=224)
+register_preset(
+    "coma_dyvit_pico_128",
+    CoMA,
+    "CPU-sized CoMA: DyViT-Pico at 128 px (4x4 units of 32 px), decoder 128-d x 2",
+    encoder="dyvit_pico_128",
+    img_size=128,
+    decoder_dim=128,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "coma_vit_pico_patch8",
+    CoMA,
+    "CPU-sized CoMA on ViT-Pico/8 at 64 px (8 px units), decoder 64-d x 2",
+    encoder="vit_pico_patch8_64",
+    img_size=64,
+    decoder_dim=64,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "coma_dyvit_tiny_224", CoMA, "CoMA DyViT-T at 224 px, decoder 512-d x 8", encoder="dyvit_tiny_224", img_size=224
+)
+register_preset(
+    "coma_dyvit_small_224", CoMA, "CoMA DyViT-S at 224 px, decoder 512-d x 8", encoder="dyvit_small_224", img_size=224
+)
+register_preset(
+    "coma_dyvit_base_224", CoMA, "CoMA DyViT-B at 224 px, decoder 512-d x 8", encoder="dyvit_base_224", img_size=224
+)
+register_preset(
+    "coma_vit_base_patch16",
+    CoMA,
+    "CoMA on ViT-B/16 (16 px units), decoder 512-d x 8: the masking strategy on MAE's backbone",
+    encoder="vit_base_patch16_224",
+    img_size=224,
+)

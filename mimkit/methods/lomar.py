@@ -13,6 +13,7 @@ Window sampling (``window_sampling``):
 - ``reference``: the released code's effective behaviour: one draw per batch, and image i gets window (i mod K),
   K times over, each copy with its own in-window mask (docs/methods.md 5.2).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -33,9 +34,18 @@ WINDOW_SAMPLING = ("image", "batch", "reference")
 
 
 class LoMaR(MIMMethod):
-    def __init__(self, encoder: str = "rpbvit_base_patch16_224", img_size: int = 224, window_size: int = 7,
-                 num_windows: int = 4, mask_ratio: float = 0.8, window_sampling: str = "image",
-                 norm_pix_loss: bool = True, drop_path: float = 0.0, encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "rpbvit_base_patch16_224",
+        img_size: int = 224,
+        window_size: int = 7,
+        num_windows: int = 4,
+        mask_ratio: float = 0.8,
+        window_sampling: str = "image",
+        norm_pix_loss: bool = True,
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         if window_sampling not in WINDOW_SAMPLING:
             raise ValueError(f"window_sampling must be one of {', '.join(WINDOW_SAMPLING)}, got '{window_sampling}'")
@@ -46,13 +56,17 @@ class LoMaR(MIMMethod):
         self.encoder_args = {"img_size": img_size, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
-            raise ValueError(f"encoder '{encoder}' has no per-block relative position bias; LoMaR needs one of the "
-                             f"rpbvit_* models (`mimkit models`)")
+            raise ValueError(
+                f"encoder '{encoder}' has no per-block relative position bias; LoMaR needs one of the "
+                f"rpbvit_* models (`mimkit models`)"
+            )
         self.patch_size = enc.patch_embed.patch_size[0]
         self.grid = tuple(enc.patch_embed.grid_size)
         if window_size > min(self.grid):
-            raise ValueError(f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
-                             f"{img_size} px images; use window_size <= {min(self.grid)} or a larger --img-size")
+            raise ValueError(
+                f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
+                f"{img_size} px images; use window_size <= {min(self.grid)} or a larger --img-size"
+            )
         # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets (they are
         # untrained here, so timm's resampling warnings are silenced)
         with warnings.catch_warnings():
@@ -61,17 +75,18 @@ class LoMaR(MIMMethod):
         self.encoder = enc
         self.window_size = window_size
         self.num_windows = num_windows
-        self.n_mask = round(mask_ratio * window_size ** 2)
-        if not 0 < self.n_mask < window_size ** 2:
-            raise ValueError(f"mask_ratio {mask_ratio} leaves no visible or no masked patch in a {window_size}x"
-                             f"{window_size} window")
+        self.n_mask = round(mask_ratio * window_size**2)
+        if not 0 < self.n_mask < window_size**2:
+            raise ValueError(
+                f"mask_ratio {mask_ratio} leaves no visible or no masked patch in a {window_size}x{window_size} window"
+            )
         self.mask_ratio = mask_ratio
         self.window_sampling = window_sampling
         self.norm_pix_loss = norm_pix_loss
         dim = enc.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pred_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, self.patch_size ** 2 * 3)
+        self.pred = nn.Linear(dim, self.patch_size**2 * 3)
         mae_init_(self)
         w = enc.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -99,8 +114,8 @@ class LoMaR(MIMMethod):
 
     def draw_masks(self, num_sequences: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(S, K*K) in-window masks, 1 = replaced by the mask token; exactly ``round(ratio * K*K)`` per window."""
-        noise = torch.rand(num_sequences, self.window_size ** 2, device=device, generator=generator)
-        return masking_from_noise(noise, self.window_size ** 2 - self.n_mask).mask
+        noise = torch.rand(num_sequences, self.window_size**2, device=device, generator=generator)
+        return masking_from_noise(noise, self.window_size**2 - self.n_mask).mask
 
     # -- model ----------------------------------------------------------------------------------------------------
     def embed_windows(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -125,7 +140,7 @@ class LoMaR(MIMMethod):
     def forward(self, batch: dict):
         imgs = batch["image"]
         n = imgs.shape[0]
-        ids = self.draw_windows(n, imgs.device)                    # (N, W, K*K)
+        ids = self.draw_windows(n, imgs.device)  # (N, W, K*K)
         mask = self.draw_masks(n * self.num_windows, imgs.device)  # (N*W, K*K)
         pred = self.encode_windows(self.embed_windows(imgs, ids), mask)
         target = gather_tokens(self.target(imgs), ids.flatten(1)).view_as(pred)
@@ -140,11 +155,18 @@ class LoMaR(MIMMethod):
         length = self.grid[0] * self.grid[1]
         flat = ids.reshape(n, -1)
         full = pred.new_zeros(n, length, pred.shape[-1]).scatter(
-            1, flat.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred.reshape(n, -1, pred.shape[-1]))
+            1, flat.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred.reshape(n, -1, pred.shape[-1])
+        )
         masked = mask.new_zeros(n, length).scatter(1, flat, mask.reshape(n, -1))
         inside = mask.new_zeros(n, length).scatter(1, flat, torch.ones_like(flat, dtype=mask.dtype))
-        return {"pred": full, "mask": masked, "secondary": masked, "hidden": 1 - inside + masked,
-                "outside": 1 - inside, "window_ids": ids}
+        return {
+            "pred": full,
+            "mask": masked,
+            "secondary": masked,
+            "hidden": 1 - inside + masked,
+            "outside": 1 - inside,
+            "window_ids": ids,
+        }
 
     # -- features and export: the whole image, global attention ---------------------------------------------------
     def full_image_state(self) -> dict[str, torch.Tensor]:
@@ -165,8 +187,11 @@ class LoMaR(MIMMethod):
         version = sum(p._version for p in self.encoder.parameters())
         key = (version, self.encoder.patch_embed.proj.weight.device, self.encoder.patch_embed.proj.weight.dtype)
         if self._full is None or self._full[0] != key:
-            full = self._full[1] if self._full is not None else timm.create_model(
-                self.encoder_name, pretrained=False, num_classes=0, **self.encoder_args)
+            full = (
+                self._full[1]
+                if self._full is not None
+                else timm.create_model(self.encoder_name, pretrained=False, num_classes=0, **self.encoder_args)
+            )
             full.load_state_dict(self.full_image_state())
             full.to(device=key[1], dtype=key[2]).eval()
             self._full = (key, full)
@@ -179,14 +204,32 @@ class LoMaR(MIMMethod):
         return out[:, 0] if pool == "cls" else enc.forward_head(out, pre_logits=True)
 
 
-register_preset("lomar_vit_pico_patch8", LoMaR, "CPU-sized LoMaR: relative-position ViT-Pico/8 at 64 px, 4 windows "
-                "of 4x4 patches", encoder="rpbvit_pico_patch8_64", img_size=64, window_size=4)
-register_preset("lomar_vit_nano_patch8", LoMaR, "small-image LoMaR: relative-position ViT-Nano/8 at 96 px, 4 windows "
-                "of 5x5 patches (fits grids from 5x5, i.e. 40 px)", encoder="rpbvit_nano_patch8_96", img_size=96,
-                window_size=5)
-register_preset("lomar_vit_small_patch16", LoMaR, "LoMaR ViT-S/16, 4 windows of 7x7 patches",
-                encoder="rpbvit_small_patch16_224")
-register_preset("lomar_vit_base_patch16", LoMaR, "LoMaR ViT-B/16, 4 windows of 7x7 patches, 80 % masked (the "
-                "paper's base)", encoder="rpbvit_base_patch16_224")
-register_preset("lomar_vit_large_patch16", LoMaR, "LoMaR ViT-L/16, 4 windows of 7x7 patches",
-                encoder="rpbvit_large_patch16_224")
+register_preset(
+    "lomar_vit_pico_patch8",
+    LoMaR,
+    "CPU-sized LoMaR: relative-position ViT-Pico/8 at 64 px, 4 windows of 4x4 patches",
+    encoder="rpbvit_pico_patch8_64",
+    img_size=64,
+    window_size=4,
+)
+register_preset(
+    "lomar_vit_nano_patch8",
+    LoMaR,
+    "small-image LoMaR: relative-position ViT-Nano/8 at 96 px, 4 windows "
+    "of 5x5 patches (fits grids from 5x5, i.e. 40 px)",
+    encoder="rpbvit_nano_patch8_96",
+    img_size=96,
+    window_size=5,
+)
+register_preset(
+    "lomar_vit_small_patch16", LoMaR, "LoMaR ViT-S/16, 4 windows of 7x7 patches", encoder="rpbvit_small_patch16_224"
+)
+register_preset(
+    "lomar_vit_base_patch16",
+    LoMaR,
+    "LoMaR ViT-B/16, 4 windows of 7x7 patches, 80 % masked (the paper's base)",
+    encoder="rpbvit_base_patch16_224",
+)
+register_preset(
+    "lomar_vit_large_patch16", LoMaR, "LoMaR ViT-L/16, 4 windows of 7x7 patches", encoder="rpbvit_large_patch16_224"
+)

@@ -1,22 +1,32 @@
 """MAE (He et al. 2021) on a plain ViT: per-sample random masking, encoder on visible tokens only,
 lightweight transformer decoder, normalized-pixel MSE on the masked patches (docs/methods.md section 2)."""
+
 from __future__ import annotations
 
 import torch
 
 from mimkit.masking import gather_tokens, random_masking
+from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse
 
 
 class MAE(MIMMethod):
-    def __init__(self, encoder: str = "vit_base_patch16_224", img_size: int = 224, mask_ratio: float = 0.75,
-                 norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, drop_path: float = 0.0, encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "vit_base_patch16_224",
+        img_size: int = 224,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         self.encoder_name = encoder
         self.img_size = img_size
@@ -27,8 +37,9 @@ class MAE(MIMMethod):
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = TransformerDecoder(self.encoder.embed_dim, self.grid, self.patch_size ** 2 * 3,
-                                          decoder_dim, decoder_depth, decoder_heads)
+        self.decoder = TransformerDecoder(
+            self.encoder.embed_dim, self.grid, self.patch_size**2 * 3, decoder_dim, decoder_depth, decoder_heads
+        )
         mae_init_(self.decoder)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
@@ -47,17 +58,60 @@ class MAE(MIMMethod):
 
 _DEC8 = dict(decoder_dim=512, decoder_depth=8, decoder_heads=16)
 
-register_preset("mae_vit_pico_patch8", MAE, "CPU-sized MAE: ViT-Pico/8 at 64 px (96-d x 4), decoder 64-d x 2",
-                encoder="vit_pico_patch8_64", img_size=64, decoder_dim=64, decoder_depth=2, decoder_heads=4)
-register_preset("mae_vit_nano_patch8", MAE, "small-image MAE: ViT-Nano/8 at 96 px (192-d x 6), decoder 128-d x 2",
-                encoder="vit_nano_patch8_96", img_size=96, decoder_dim=128, decoder_depth=2, decoder_heads=4)
-register_preset("mae_vit_tiny_patch16", MAE, "MAE ViT-Ti/16 (192-d x 12), decoder 256-d x 4",
-                encoder="vit_tiny_patch16_224", decoder_dim=256, decoder_depth=4, decoder_heads=8)
-register_preset("mae_vit_small_patch16", MAE, "MAE ViT-S/16 (384-d x 12), decoder 512-d x 8",
-                encoder="vit_small_patch16_224", **_DEC8)
-register_preset("mae_vit_base_patch16", MAE, "MAE ViT-B/16 (768-d x 12), decoder 512-d x 8 (the paper's base)",
-                encoder="vit_base_patch16_224", **_DEC8)
-register_preset("mae_vit_large_patch16", MAE, "MAE ViT-L/16 (1024-d x 24), decoder 512-d x 8",
-                encoder="vit_large_patch16_224", **_DEC8)
-register_preset("mae_vit_huge_patch14", MAE, "MAE ViT-H/14 (1280-d x 32), decoder 512-d x 8",
-                encoder="vit_huge_patch14_224", **_DEC8)
+register_preset(
+    "mae_vit_pico_patch8",
+    MAE,
+    "CPU-sized MAE: ViT-Pico/8 at 64 px (96-d x 4), decoder 64-d x 2",
+    encoder="vit_pico_patch8_64",
+    img_size=64,
+    decoder_dim=64,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "mae_vit_nano_patch8",
+    MAE,
+    "small-image MAE: ViT-Nano/8 at 96 px (192-d x 6), decoder 128-d x 2",
+    encoder="vit_nano_patch8_96",
+    img_size=96,
+    decoder_dim=128,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "mae_vit_tiny_patch16",
+    MAE,
+    "MAE ViT-Ti/16 (192-d x 12), decoder 256-d x 4",
+    encoder="vit_tiny_patch16_224",
+    decoder_dim=256,
+    decoder_depth=4,
+    decoder_heads=8,
+)
+register_preset(
+    "mae_vit_small_patch16",
+    MAE,
+    "MAE ViT-S/16 (384-d x 12), decoder 512-d x 8",
+    encoder="vit_small_patch16_224",
+    **_DEC8,
+)
+register_preset(
+    "mae_vit_base_patch16",
+    MAE,
+    "MAE ViT-B/16 (768-d x 12), decoder 512-d x 8 (the paper's base)",
+    encoder="vit_base_patch16_224",
+    **_DEC8,
+)
+register_preset(
+    "mae_vit_large_patch16",
+    MAE,
+    "MAE ViT-L/16 (1024-d x 24), decoder 512-d x 8",
+    encoder="vit_large_patch16_224",
+    **_DEC8,
+)
+register_preset(
+    "mae_vit_huge_patch14",
+    MAE,
+    "MAE ViT-H/14 (1280-d x 32), decoder 512-d x 8",
+    encoder="vit_huge_patch14_224",
+    **_DEC8,
+)

@@ -11,6 +11,7 @@ Options beyond the released code are documented in docs/design.md:
 - ``mask_granularity``: ``batch`` (released code: one mask per forward call and process) or ``pair`` (one mask per
   pair of images; the attention mask then carries a batch dimension and costs memory).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,20 @@ GRANULARITIES = ("batch", "pair")
 
 
 class MixMAE(MIMMethod):
-    def __init__(self, encoder: str = "mixswin_base_patch4_window14_224", img_size: int = 224,
-                 mask_ratio: float = 0.5, pairing: str = "flip", mask_granularity: str = "batch",
-                 norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 drop_path: float = 0.0, encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "mixswin_base_patch4_window14_224",
+        img_size: int = 224,
+        mask_ratio: float = 0.5,
+        pairing: str = "flip",
+        mask_granularity: str = "batch",
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got '{pairing}'")
@@ -39,20 +50,31 @@ class MixMAE(MIMMethod):
             raise ValueError(f"mask_granularity must be one of {', '.join(GRANULARITIES)}, got '{mask_granularity}'")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
         if not hasattr(self.encoder, "forward_tokens") or not hasattr(self.encoder, "window_sizes"):
-            raise ValueError(f"encoder '{encoder}' cannot confine attention to one source image; MixMAE needs one "
-                             f"of the mixswin_* models (`mimkit models`)")
+            raise ValueError(
+                f"encoder '{encoder}' cannot confine attention to one source image; MixMAE needs one "
+                f"of the mixswin_* models (`mimkit models`)"
+            )
         self.encoder_name, self.img_size = encoder, img_size
         self.patch_size = self.encoder.stride  # one mask cell = one decoder token = one predicted patch
         self.grid = (img_size // self.patch_size,) * 2
         cells = self.grid[0] * self.grid[1]
         self.n_mix = int(cells * mask_ratio)
         if not 0 < self.n_mix < cells:
-            raise ValueError(f"mask_ratio {mask_ratio} mixes {self.n_mix} of {cells} cells; it must mix at least one "
-                             f"and keep at least one")
+            raise ValueError(
+                f"mask_ratio {mask_ratio} mixes {self.n_mix} of {cells} cells; it must mix at least one "
+                f"and keep at least one"
+            )
         self.mask_ratio, self.pairing, self.mask_granularity = mask_ratio, pairing, mask_granularity
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = TransformerDecoder(self.encoder.num_features, self.grid, self.patch_size ** 2 * 3,
-                                          decoder_dim, decoder_depth, decoder_heads, cls_token=False)
+        self.decoder = TransformerDecoder(
+            self.encoder.num_features,
+            self.grid,
+            self.patch_size**2 * 3,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            cls_token=False,
+        )
         mae_init_(self.decoder)
 
     def pair_indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,18 +97,18 @@ class MixMAE(MIMMethod):
         imgs = batch["image"]
         n = imgs.shape[0]
         a, b = self.pair_indices(n, imgs.device)
-        mask = self.draw_mask(n, imgs.device)                               # (1 or S, cells)
+        mask = self.draw_mask(n, imgs.device)  # (1 or S, cells)
         groups = mask.view(-1, *self.grid)
-        tokens = self.encoder.embed(imgs)                                   # (N, H/4, W/4, C)
+        tokens = self.encoder.embed(imgs)  # (N, H/4, W/4, C)
         k = tokens.shape[1] // self.grid[0]
         m_tok = upsample_cells(groups, k).unsqueeze(-1).to(tokens.dtype)
         mixed = tokens[a] * (1 - m_tok) + tokens[b] * m_tok
-        feat = self.encoder.forward_tokens(mixed, groups)                    # (S, h, w, C_last)
-        z = self.decoder.embed(feat.flatten(1, 2))                          # (S, cells, D)
+        feat = self.encoder.forward_tokens(mixed, groups)  # (S, h, w, C_last)
+        z = self.decoder.embed(feat.flatten(1, 2))  # (S, cells, D)
         m = mask.unsqueeze(-1).to(z.dtype)
         token = self.decoder.mask_token.to(z.dtype)
-        own = z * (1 - m) + token * m       # image a's tokens; predicts a where it was hidden (mask 1)
-        partner = z * m + token * (1 - m)   # image b's tokens; predicts b where it was hidden (mask 0)
+        own = z * (1 - m) + token * m  # image a's tokens; predicts a where it was hidden (mask 1)
+        partner = z * m + token * (1 - m)  # image b's tokens; predicts b where it was hidden (mask 0)
         rec = self.decoder.decode(torch.cat([own, partner]))
         pred_a, pred_b = rec.split(len(a))
         target = self.target(imgs)
@@ -119,12 +141,34 @@ class MixMAE(MIMMethod):
         return out
 
 
-register_preset("mixmae_swin_pico_128", MixMAE, "CPU-sized MixMAE: Swin-Pico (no shift, windows 16) at 128 px, "
-                "decoder 128-d x 2", encoder="mixswin_pico_patch4_window16_128", img_size=128, decoder_dim=128,
-                decoder_depth=2, decoder_heads=4)
-register_preset("mixmae_swin_base_224", MixMAE, "MixMAE-B: Swin-B/W14 at 224 px, mask 0.5, decoder 512-d x 8",
-                encoder="mixswin_base_patch4_window14_224", img_size=224)
-register_preset("mixmae_swin_large_224", MixMAE, "MixMAE-L: Swin-L/W14 at 224 px, decoder 512-d x 8",
-                encoder="mixswin_large_patch4_window14_224", img_size=224)
-register_preset("mixmae_swin_huge_224", MixMAE, "MixMAE-H: Swin-H/W14 at 224 px, decoder 512-d x 8",
-                encoder="mixswin_huge_patch4_window14_224", img_size=224)
+register_preset(
+    "mixmae_swin_pico_128",
+    MixMAE,
+    "CPU-sized MixMAE: Swin-Pico (no shift, windows 16) at 128 px, decoder 128-d x 2",
+    encoder="mixswin_pico_patch4_window16_128",
+    img_size=128,
+    decoder_dim=128,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "mixmae_swin_base_224",
+    MixMAE,
+    "MixMAE-B: Swin-B/W14 at 224 px, mask 0.5, decoder 512-d x 8",
+    encoder="mixswin_base_patch4_window14_224",
+    img_size=224,
+)
+register_preset(
+    "mixmae_swin_large_224",
+    MixMAE,
+    "MixMAE-L: Swin-L/W14 at 224 px, decoder 512-d x 8",
+    encoder="mixswin_large_patch4_window14_224",
+    img_size=224,
+)
+register_preset(
+    "mixmae_swin_huge_224",
+    MixMAE,
+    "MixMAE-H: Swin-H/W14 at 224 px, decoder 512-d x 8",
+    encoder="mixswin_huge_patch4_window14_224",
+    img_size=224,
+)

@@ -1,4 +1,5 @@
 """Registry of named pretraining models: a method class plus preset defaults, e.g. ``mae_vit_base_patch16``."""
+
 from __future__ import annotations
 
 import difflib
@@ -49,8 +50,10 @@ def create_method(name: str, **kwargs) -> MIMMethod:
     accepted = method_options(name)
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
-        raise ConfigError(f"model '{name}' has no option {', '.join(unknown)}; its options are: "
-                         f"{', '.join(accepted)} (`mimkit models {name}` shows the defaults)")
+        raise ConfigError(
+            f"model '{name}' has no option {', '.join(unknown)}; its options are: "
+            f"{', '.join(accepted)} (`mimkit models {name}` shows the defaults)"
+        )
     try:
         return preset.cls(**{**preset.defaults, **kwargs})
     except ConfigError:

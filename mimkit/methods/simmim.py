@@ -6,6 +6,7 @@ SimMIM baseline used 16 px cells at 0.75: ``--model-arg mask_unit=16 --mask-rati
 ``simmim_swin_tiny_ummae_baseline``). Optimizer conventions follow the SimMIM code: lr = blr x batch / 512, AdamW
 betas (0.9, 0.999), gradient clipping at 5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,9 +26,16 @@ class SimMIM(MIMMethod):
     betas = (0.9, 0.999)
     default_grad_clip = 5.0
 
-    def __init__(self, encoder: str = "mimswin_tiny_patch4_window16_256", img_size: int = 256,
-                 mask_ratio: float = 0.6, mask_unit: int = 32, norm_pix_loss: bool = False, drop_path: float = 0.0,
-                 encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "mimswin_tiny_patch4_window16_256",
+        img_size: int = 256,
+        mask_ratio: float = 0.6,
+        mask_unit: int = 32,
+        norm_pix_loss: bool = False,
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
         self.encoder_name, self.img_size = encoder, img_size
@@ -41,12 +49,14 @@ class SimMIM(MIMMethod):
             self.stride = self.patch_size * 2 ** (len(self.encoder.embed_dims) - 1)
             dim0, dim_last = self.encoder.embed_dims[0], self.encoder.num_features
         if mask_unit % self.patch_size or img_size % mask_unit:
-            raise ValueError(f"mask_unit ({mask_unit} px) must be a multiple of the token size ({self.patch_size} px) "
-                             f"and divide the image size ({img_size} px)")
+            raise ValueError(
+                f"mask_unit ({mask_unit} px) must be a multiple of the token size ({self.patch_size} px) "
+                f"and divide the image size ({img_size} px)"
+            )
         self.grid = (img_size // self.patch_size, img_size // self.patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim0))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(dim_last, self.stride ** 2 * 3)  # a 1x1 conv on the final map
+        self.head = nn.Linear(dim_last, self.stride**2 * 3)  # a 1x1 conv on the final map
 
     def forward(self, batch: dict):
         imgs = batch["image"]
@@ -63,22 +73,61 @@ class SimMIM(MIMMethod):
         return loss, {"pred": pred, "mask": mask, "hidden": mask}
 
 
-register_preset("simmim_swin_pico_128", SimMIM, "CPU-sized SimMIM: Swin-Pico at 128 px, 32 px cells at 0.6",
-                encoder="mimswin_pico_patch4_window16_128", img_size=128)
-register_preset("simmim_pvt_pico_128", SimMIM, "CPU-sized SimMIM: PVT-Pico at 128 px, 32 px cells at 0.6",
-                encoder="mimpvt_pico_128", img_size=128)
-register_preset("simmim_vit_pico_patch8", SimMIM, "CPU-sized SimMIM on ViT-Pico/8 at 64 px, 16 px cells at 0.6",
-                encoder="vit_pico_patch8_64", img_size=64, mask_unit=16)
-register_preset("simmim_swin_tiny_256", SimMIM, "SimMIM Swin-T (mimkit's UM-MAE Swin, window 16) at 256 px",
-                encoder="mimswin_tiny_patch4_window16_256", img_size=256)
-register_preset("simmim_swin_base_256", SimMIM, "SimMIM Swin-B (window 16) at 256 px",
-                encoder="mimswin_base_patch4_window16_256", img_size=256)
-register_preset("simmim_pvt_small_256", SimMIM, "SimMIM PVT-S at 256 px",
-                encoder="mimpvt_small_256", img_size=256)
-register_preset("simmim_vit_base_patch16", SimMIM, "SimMIM ViT-B/16 at 224 px (fixed sin-cos positions)",
-                encoder="vit_base_patch16_224", img_size=224)
-register_preset("simmim_mixswin_pico_128", SimMIM, "CPU-sized SimMIM on MixMAE's Swin-Pico (no shift, windows 16), "
-                "128 px: the side-by-side baseline of MixMAE", encoder="mixswin_pico_patch4_window16_128",
-                img_size=128)
-register_preset("simmim_mixswin_base_224", SimMIM, "SimMIM on MixMAE's Swin-B/W14 at 224 px: the side-by-side "
-                "baseline of MixMAE", encoder="mixswin_base_patch4_window14_224", img_size=224)
+register_preset(
+    "simmim_swin_pico_128",
+    SimMIM,
+    "CPU-sized SimMIM: Swin-Pico at 128 px, 32 px cells at 0.6",
+    encoder="mimswin_pico_patch4_window16_128",
+    img_size=128,
+)
+register_preset(
+    "simmim_pvt_pico_128",
+    SimMIM,
+    "CPU-sized SimMIM: PVT-Pico at 128 px, 32 px cells at 0.6",
+    encoder="mimpvt_pico_128",
+    img_size=128,
+)
+register_preset(
+    "simmim_vit_pico_patch8",
+    SimMIM,
+    "CPU-sized SimMIM on ViT-Pico/8 at 64 px, 16 px cells at 0.6",
+    encoder="vit_pico_patch8_64",
+    img_size=64,
+    mask_unit=16,
+)
+register_preset(
+    "simmim_swin_tiny_256",
+    SimMIM,
+    "SimMIM Swin-T (mimkit's UM-MAE Swin, window 16) at 256 px",
+    encoder="mimswin_tiny_patch4_window16_256",
+    img_size=256,
+)
+register_preset(
+    "simmim_swin_base_256",
+    SimMIM,
+    "SimMIM Swin-B (window 16) at 256 px",
+    encoder="mimswin_base_patch4_window16_256",
+    img_size=256,
+)
+register_preset("simmim_pvt_small_256", SimMIM, "SimMIM PVT-S at 256 px", encoder="mimpvt_small_256", img_size=256)
+register_preset(
+    "simmim_vit_base_patch16",
+    SimMIM,
+    "SimMIM ViT-B/16 at 224 px (fixed sin-cos positions)",
+    encoder="vit_base_patch16_224",
+    img_size=224,
+)
+register_preset(
+    "simmim_mixswin_pico_128",
+    SimMIM,
+    "CPU-sized SimMIM on MixMAE's Swin-Pico (no shift, windows 16), 128 px: the side-by-side baseline of MixMAE",
+    encoder="mixswin_pico_patch4_window16_128",
+    img_size=128,
+)
+register_preset(
+    "simmim_mixswin_base_224",
+    SimMIM,
+    "SimMIM on MixMAE's Swin-B/W14 at 224 px: the side-by-side baseline of MixMAE",
+    encoder="mixswin_base_patch4_window14_224",
+    img_size=224,
+)

@@ -12,14 +12,23 @@ Decoder positions of the visible tokens: ``decoder_pos_order="block"`` (default)
 patch it came from (the order of the compaction); ``"reference"`` reproduces the released code, which assigns the
 positions of the kept patches in raster order (a mismatch for ~64 % of tokens, docs/methods.md 4.6). See docs/design.md.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.masking import (compact, gather_tokens, grid_sampling, kept_block_order, random_sampling,
-                            secondary_masking, uniform_sampling, upsample_cells)
+from mimkit.masking import (
+    compact,
+    gather_tokens,
+    grid_sampling,
+    kept_block_order,
+    random_sampling,
+    secondary_masking,
+    uniform_sampling,
+    upsample_cells,
+)
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
@@ -29,10 +38,20 @@ from mimkit.patches import masked_mse
 
 
 class UMMAE(MIMMethod):
-    def __init__(self, encoder: str = "mimswin_tiny_patch4_window16_256", img_size: int = 256,
-                 sm_ratio: float = 0.25, norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 2,
-                 decoder_heads: int = 16, decoder_pos_order: str = "block", sampling: str = "uniform",
-                 drop_path: float = 0.0, encoder_args: dict | None = None):
+    def __init__(
+        self,
+        encoder: str = "mimswin_tiny_patch4_window16_256",
+        img_size: int = 256,
+        sm_ratio: float = 0.25,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 2,
+        decoder_heads: int = 16,
+        decoder_pos_order: str = "block",
+        sampling: str = "uniform",
+        drop_path: float = 0.0,
+        encoder_args: dict | None = None,
+    ):
         super().__init__()
         if sampling not in ("uniform", "grid", "random"):
             raise ValueError("sampling must be 'uniform', 'grid' or 'random'")
@@ -46,14 +65,18 @@ class UMMAE(MIMMethod):
         self.vit = is_vit(self.encoder)
         self.sampling = sampling
         if sampling != "uniform" and not self.vit:
-            raise ValueError(f"sampling='{sampling}' keeps an uneven number of patches per window; only a plain ViT "
-                             "encoder can take it (pyramid encoders need sampling='uniform')")
+            raise ValueError(
+                f"sampling='{sampling}' keeps an uneven number of patches per window; only a plain ViT "
+                "encoder can take it (pyramid encoders need sampling='uniform')"
+            )
         self.patch_size = self.encoder.patch_embed.patch_size[0] if self.vit else 16
         if img_size % (2 * self.patch_size) or (not self.vit and img_size % 64):
             need = 2 * self.patch_size if self.vit else 64
-            raise ValueError(f"UM-MAE needs an image size divisible by {need} px (2x2 blocks of {self.patch_size} px "
-                             f"patches{'' if self.vit else ', compact map of stride 32'}); got {img_size}, try "
-                             f"{max(need, img_size // need * need)} or {(img_size // need + 1) * need}")
+            raise ValueError(
+                f"UM-MAE needs an image size divisible by {need} px (2x2 blocks of {self.patch_size} px "
+                f"patches{'' if self.vit else ', compact map of stride 32'}); got {img_size}, try "
+                f"{max(need, img_size // need * need)} or {(img_size // need + 1) * need}"
+            )
         if not self.vit and hasattr(self.encoder, "window_size"):
             self.encoder.check_size(img_size, compact=True)
         self.grid = (img_size // self.patch_size, img_size // self.patch_size)
@@ -62,12 +85,20 @@ class UMMAE(MIMMethod):
         nn.init.normal_(self.vis_mask_token, std=0.02)
         if self.vit:
             self.to_decoder = nn.Identity()
-            self.decoder = TransformerDecoder(self.encoder.embed_dim, self.grid, self.patch_size ** 2 * 3,
-                                              decoder_dim, decoder_depth, decoder_heads, cls_token=True)
+            self.decoder = TransformerDecoder(
+                self.encoder.embed_dim,
+                self.grid,
+                self.patch_size**2 * 3,
+                decoder_dim,
+                decoder_depth,
+                decoder_heads,
+                cls_token=True,
+            )
         else:
             self.to_decoder = nn.Linear(self.encoder.num_features, 4 * decoder_dim)
-            self.decoder = TransformerDecoder(None, self.grid, self.patch_size ** 2 * 3, decoder_dim, decoder_depth,
-                                              decoder_heads, cls_token=False)
+            self.decoder = TransformerDecoder(
+                None, self.grid, self.patch_size**2 * 3, decoder_dim, decoder_depth, decoder_heads, cls_token=False
+            )
         mae_init_(self.decoder)
 
     def draw_masks(self, n: int, device):
@@ -76,7 +107,11 @@ class UMMAE(MIMMethod):
             us = uniform_sampling(n, self.grid, device=device)
             ids = kept_block_order(us, self.grid)
         else:
-            us = grid_sampling(n, self.grid, device) if self.sampling == "grid" else random_sampling(n, self.grid, device)
+            us = (
+                grid_sampling(n, self.grid, device)
+                if self.sampling == "grid"
+                else random_sampling(n, self.grid, device)
+            )
             ids = torch.nonzero(us == 0)[:, 1].view(n, -1)  # raster order (no compaction for ViT)
         sm = secondary_masking(ids.shape[1], n, self.sm_ratio, device=device)
         return us, ids, sm
@@ -119,23 +154,85 @@ class UMMAE(MIMMethod):
 
 
 _DEC2 = dict(decoder_dim=512, decoder_depth=2, decoder_heads=16)
-register_preset("umae_swin_pico_128", UMMAE, "CPU-sized UM-MAE: Swin-Pico at 128 px, decoder 128-d x 1",
-                encoder="mimswin_pico_patch4_window16_128", img_size=128, decoder_dim=128, decoder_depth=1,
-                decoder_heads=4)
-register_preset("umae_pvt_pico_128", UMMAE, "CPU-sized UM-MAE: PVT-Pico at 128 px, decoder 128-d x 1",
-                encoder="mimpvt_pico_128", img_size=128, decoder_dim=128, decoder_depth=1, decoder_heads=4)
-register_preset("umae_vit_pico_patch8", UMMAE, "CPU-sized UM-MAE on ViT-Pico/8 at 64 px (the pilot, scaled down)",
-                encoder="vit_pico_patch8_64", img_size=64, decoder_dim=64, decoder_depth=2, decoder_heads=4)
-register_preset("umae_vit_nano_patch8", UMMAE, "CPU-sized UM-MAE on ViT-Nano/8 at 64 px (the masking ablation)",
-                encoder="vit_nano_patch8_96", img_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4)
-register_preset("umae_swin_tiny_256", UMMAE, "UM-MAE Swin-T, 256 px (compact 128), window 16/8, decoder 512-d x 2",
-                encoder="mimswin_tiny_patch4_window16_256", img_size=256, **_DEC2)
-register_preset("umae_swin_base_256", UMMAE, "UM-MAE Swin-B, 256 px, decoder 512-d x 2",
-                encoder="mimswin_base_patch4_window16_256", img_size=256, **_DEC2)
-register_preset("umae_swin_large_256", UMMAE, "UM-MAE Swin-L, 256 px, position MLP 64, decoder 512-d x 8",
-                encoder="mimswin_large_patch4_window16_256", img_size=256, decoder_dim=512, decoder_depth=8,
-                decoder_heads=16)
-register_preset("umae_pvt_small_256", UMMAE, "UM-MAE PVT-S, 256 px, SR ratios 4-2-1-1 on compact input, dec 512 x 2",
-                encoder="mimpvt_small_256", img_size=256, **_DEC2)
-register_preset("umae_vit_base_patch16", UMMAE, "UM-MAE pilot on ViT-B/16 at 224 px, decoder 512-d x 2",
-                encoder="vit_base_patch16_224", img_size=224, **_DEC2)
+register_preset(
+    "umae_swin_pico_128",
+    UMMAE,
+    "CPU-sized UM-MAE: Swin-Pico at 128 px, decoder 128-d x 1",
+    encoder="mimswin_pico_patch4_window16_128",
+    img_size=128,
+    decoder_dim=128,
+    decoder_depth=1,
+    decoder_heads=4,
+)
+register_preset(
+    "umae_pvt_pico_128",
+    UMMAE,
+    "CPU-sized UM-MAE: PVT-Pico at 128 px, decoder 128-d x 1",
+    encoder="mimpvt_pico_128",
+    img_size=128,
+    decoder_dim=128,
+    decoder_depth=1,
+    decoder_heads=4,
+)
+register_preset(
+    "umae_vit_pico_patch8",
+    UMMAE,
+    "CPU-sized UM-MAE on ViT-Pico/8 at 64 px (the pilot, scaled down)",
+    encoder="vit_pico_patch8_64",
+    img_size=64,
+    decoder_dim=64,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "umae_vit_nano_patch8",
+    UMMAE,
+    "CPU-sized UM-MAE on ViT-Nano/8 at 64 px (the masking ablation)",
+    encoder="vit_nano_patch8_96",
+    img_size=64,
+    decoder_dim=128,
+    decoder_depth=2,
+    decoder_heads=4,
+)
+register_preset(
+    "umae_swin_tiny_256",
+    UMMAE,
+    "UM-MAE Swin-T, 256 px (compact 128), window 16/8, decoder 512-d x 2",
+    encoder="mimswin_tiny_patch4_window16_256",
+    img_size=256,
+    **_DEC2,
+)
+register_preset(
+    "umae_swin_base_256",
+    UMMAE,
+    "UM-MAE Swin-B, 256 px, decoder 512-d x 2",
+    encoder="mimswin_base_patch4_window16_256",
+    img_size=256,
+    **_DEC2,
+)
+register_preset(
+    "umae_swin_large_256",
+    UMMAE,
+    "UM-MAE Swin-L, 256 px, position MLP 64, decoder 512-d x 8",
+    encoder="mimswin_large_patch4_window16_256",
+    img_size=256,
+    decoder_dim=512,
+    decoder_depth=8,
+    decoder_heads=16,
+)
+register_preset(
+    "umae_pvt_small_256",
+    UMMAE,
+    "UM-MAE PVT-S, 256 px, SR ratios 4-2-1-1 on compact input, dec 512 x 2",
+    encoder="mimpvt_small_256",
+    img_size=256,
+    **_DEC2,
+)
+register_preset(
+    "umae_vit_base_patch16",
+    UMMAE,
+    "UM-MAE pilot on ViT-B/16 at 224 px, decoder 512-d x 2",
+    encoder="vit_base_patch16_224",
+    img_size=224,
+    **_DEC2,
+)

@@ -1,22 +1,14 @@
+import importlib
+import pkgutil
+
+from mimkit.models._create import create_encoder
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models import dyvit, mixswin, pvt, rpb_vit, swin  # noqa: F401  (register with timm)
 from mimkit.models.vit import create_vit_encoder, mae_init_
 
+# every public module registers its backbones with timm when imported: a new backbone is one new file (plus its test)
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = ["TransformerDecoder", "sincos_2d", "create_encoder", "create_vit_encoder", "mae_init_"]
-
-
-def create_encoder(name: str, **kwargs):
-    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)`` with one clear error for an unknown
-    name; any other failure (a size the backbone rejects, a bad option) keeps its own message and cause."""
-    import difflib
-
-    import timm
-
-    from mimkit.errors import ConfigError
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown encoder '{name}' (not a timm model).{hint}")
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -1,15 +1,24 @@
 """What the pyramid encoders (Swin, PVT) share: timm's classifier API, initialization, SimMIM's masked forward."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models._features import feature_take_indices
+from torch import nn
 
 
 def pyramid_cfg(img_size: int, first_conv: str) -> dict:
-    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv=first_conv, classifier="head",
-                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.9,
-                license="apache-2.0")
+    return dict(
+        num_classes=1000,
+        input_size=(3, img_size, img_size),
+        first_conv=first_conv,
+        classifier="head",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        interpolation="bicubic",
+        crop_pct=0.9,
+        license="apache-2.0",
+    )
 
 
 class PyramidEncoder(nn.Module):
@@ -18,17 +27,22 @@ class PyramidEncoder(nn.Module):
 
     num_features: int
     head: nn.Module
-    group_stem: str = r"^patch_embed"   # regex of the stem (lr-decay group 0)
-    group_merge: str = "downsample"     # name of a stage's merge module: it joins that stage's first block
+    group_stem: str = r"^patch_embed"  # regex of the stem (lr-decay group 0)
+    group_merge: str = "downsample"  # name of a stage's merge module: it joins that stage's first block
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for layer-wise lr decay: blocks counted across stages; a stage's patch merge belongs to that
         stage's first block (the MixMIM / timm Swin rule)."""
-        return dict(stem=self.group_stem, blocks=r"^stages\.(\d+)" if coarse else [
-            (rf"^stages\.(\d+)\.{self.group_merge}", (0,)),
-            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^norm", (99999,)),
-        ])
+        return dict(
+            stem=self.group_stem,
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (rf"^stages\.(\d+)\.{self.group_merge}", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
 
     @staticmethod
     def init_weights(m: nn.Module) -> None:
@@ -57,8 +71,15 @@ class PyramidEncoder(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))
 
-    def forward_intermediates(self, x, indices=None, norm: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x,
+        indices=None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's API behind ``features_only=True``: the selected stage maps as NCHW."""
         take, _ = feature_take_indices(len(self.stages), indices)
         last, outs = self.stage_outputs(x)

@@ -1,11 +1,12 @@
 """Lightweight transformer decoder of the MAE family (docs/methods.md 2.3)."""
+
 from __future__ import annotations
 
 from functools import partial
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from mimkit.masking import gather_tokens
 from mimkit.models.pos_embed import sincos_2d
@@ -18,17 +19,29 @@ class TransformerDecoder(nn.Module):
     ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position.
     """
 
-    def __init__(self, in_dim: int | None, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, cls_token: bool = True):
+    def __init__(
+        self,
+        in_dim: int | None,
+        grid: tuple[int, int],
+        out_dim: int,
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        cls_token: bool = True,
+    ):
         super().__init__()
         self.grid = tuple(grid)
         self.has_cls = cls_token
         self.embed = nn.Linear(in_dim, dim) if in_dim else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0),
-                             persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True,
-                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0), persistent=False)
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)

@@ -12,14 +12,15 @@ method section was not available; see docs/coma.md).
 Because nothing crosses a unit before stage 4, encoding only the visible units (``forward_visible(img, ids)``) is
 exactly the full-image computation restricted to them: pretraining drops masked units with no mask tokens.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from mimkit.masking import gather_tokens
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -43,8 +44,9 @@ class DMMSA(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.tables = nn.ParameterList([nn.Parameter(torch.zeros((2 * w - 1) ** 2, self.group_heads))
-                                        for w in self.windows])
+        self.tables = nn.ParameterList(
+            [nn.Parameter(torch.zeros((2 * w - 1) ** 2, self.group_heads)) for w in self.windows]
+        )
         for t in self.tables:
             nn.init.trunc_normal_(t, std=0.02)
         hidden = max(dim // fusion_reduction, 8)
@@ -87,31 +89,54 @@ class DyBlock(nn.Module):
 
 
 class DyStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, windows, mlp_ratio: float, drop_paths,
-                 merge: bool, global_attention: bool):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        windows,
+        mlp_ratio: float,
+        drop_paths,
+        merge: bool,
+        global_attention: bool,
+    ):
         super().__init__()
         self.downsample = PatchMerging(in_dim, dim) if merge else nn.Identity()
         self.global_attention = global_attention
         if global_attention:
-            self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_paths[i])
-                                         for i in range(depth)])
+            self.blocks = nn.ModuleList(
+                [Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_paths[i]) for i in range(depth)]
+            )
         else:
-            self.blocks = nn.ModuleList([DyBlock(dim, num_heads, windows, mlp_ratio, drop_paths[i])
-                                         for i in range(depth)])
+            self.blocks = nn.ModuleList(
+                [DyBlock(dim, num_heads, windows, mlp_ratio, drop_paths[i]) for i in range(depth)]
+            )
 
 
 class DyViT(PyramidEncoder):
     """Mask-unit hierarchical ViT with DM-MSA; timm's classifier API, features_only at strides 4-32."""
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), windows=((2, 4, 8), (2, 2, 4), (2, 2, 2)),
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, global_pool: str = "avg", **kwargs):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        windows=((2, 4, 8), (2, 2, 4), (2, 2, 2)),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
         super().__init__()
         if len(depths) != 4 or len(windows) != 3:
             raise ValueError("DyViT has four stages (three DM-MSA stages with a window set each, one global stage)")
         self.img_size, self.patch_size, self.unit = img_size, 4, UNIT
         self.num_classes, self.global_pool = num_classes, global_pool
-        dims = [embed_dim * 2 ** i for i in range(4)]
+        dims = [embed_dim * 2**i for i in range(4)]
         self.embed_dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
         self.check_size(img_size)
@@ -124,24 +149,35 @@ class DyViT(PyramidEncoder):
         self.stages = nn.ModuleList()
         for i in range(4):
             start = sum(depths[:i])
-            self.stages.append(DyStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i],
-                                       windows[i] if i < 3 else None, mlp_ratio, dpr[start:start + depths[i]],
-                                       merge=i > 0, global_attention=i == 3))
+            self.stages.append(
+                DyStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depths[i],
+                    num_heads[i],
+                    windows[i] if i < 3 else None,
+                    mlp_ratio,
+                    dpr[start : start + depths[i]],
+                    merge=i > 0,
+                    global_attention=i == 3,
+                )
+            )
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
-        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}") for i, d in enumerate(dims)]
+        self.feature_info = [dict(num_chs=d, reduction=4 * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)]
         self.apply(self.init_weights)
 
     @staticmethod
     def check_size(img_size: int) -> None:
         if img_size % UNIT or img_size < UNIT:
-            raise ValueError(f"image size {img_size} px is not a whole number of DyViT's {UNIT} px units; use a "
-                             f"multiple of {UNIT} (e.g. {max(UNIT, img_size // UNIT * UNIT)} or "
-                             f"{(img_size // UNIT + 1) * UNIT})")
+            raise ValueError(
+                f"image size {img_size} px is not a whole number of DyViT's {UNIT} px units; use a "
+                f"multiple of {UNIT} (e.g. {max(UNIT, img_size // UNIT * UNIT)} or "
+                f"{(img_size // UNIT + 1) * UNIT})"
+            )
 
     def no_weight_decay(self):
         return {n for n, _ in self.named_parameters() if ".tables." in n}
-
 
     def unit_grid(self, img: torch.Tensor) -> tuple[int, int]:
         h, w = img.shape[-2:]
@@ -206,43 +242,60 @@ class DyViT(PyramidEncoder):
         return last, maps + [last]
 
 
-default_cfgs = generate_default_cfgs({
-    "dyvit_pico_128.untrained": pyramid_cfg(128, "patch_embed.proj"),
-    "dyvit_tiny_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-    "dyvit_small_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-    "dyvit_base_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "dyvit_pico_128.untrained": pyramid_cfg(128, "patch_embed.proj"),
+        "dyvit_tiny_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+        "dyvit_small_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+        "dyvit_base_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> DyViT:
-    return build_model_with_cfg(DyViT, variant, pretrained,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **{**arch, **kwargs})
+    return build_model_with_cfg(
+        DyViT,
+        variant,
+        pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **{**arch, **kwargs},
+    )
 
 
 @register_model
 def dyvit_pico_128(pretrained=False, **kwargs) -> DyViT:
     """CPU-sized DyViT (24-d, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create("dyvit_pico_128", pretrained, dict(img_size=128, embed_dim=24, depths=(1, 1, 1, 1),
-                                                       num_heads=(3, 3, 6, 6)), **kwargs)
+    return _create(
+        "dyvit_pico_128",
+        pretrained,
+        dict(img_size=128, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(3, 3, 6, 6)),
+        **kwargs,
+    )
 
 
 @register_model
 def dyvit_tiny_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-T: Swin-T budget (96-d, depths 2-2-6-2, heads 3-6-12-24)."""
-    return _create("dyvit_tiny_224", pretrained, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-                   **kwargs)
+    return _create(
+        "dyvit_tiny_224", pretrained, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), **kwargs
+    )
 
 
 @register_model
 def dyvit_small_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-S: 96-d, depths 2-2-18-2."""
-    return _create("dyvit_small_224", pretrained, dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-                   **kwargs)
+    return _create(
+        "dyvit_small_224", pretrained, dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)), **kwargs
+    )
 
 
 @register_model
 def dyvit_base_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-B: 128-d, depths 2-2-18-2, heads 4-8-16-32; two window groups per stage (4 and 8 tokens at stage 1),
     since 128-d heads do not split into three groups."""
-    return _create("dyvit_base_224", pretrained, dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                                       windows=((4, 8), (2, 4), (2, 2))), **kwargs)
+    return _create(
+        "dyvit_base_224",
+        pretrained,
+        dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), windows=((4, 8), (2, 4), (2, 2))),
+        **kwargs,
+    )

@@ -8,15 +8,16 @@
   of a mixed input came from; attention is then restricted to tokens of the same group in every block. The mask unit
   equals the total stride, so no 2x2 merge ever combines two groups.
 """
+
 from __future__ import annotations
 
 import functools
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 from mimkit.masking import upsample_cells
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -93,8 +94,9 @@ class PatchMerging(nn.Module):
 
 
 class MixStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float,
-                 drop_paths, merge: bool):
+    def __init__(
+        self, in_dim: int, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, drop_paths, merge: bool
+    ):
         super().__init__()
         self.window = window
         self.downsample = PatchMerging(in_dim, dim) if merge else nn.Identity()
@@ -117,13 +119,25 @@ class MixStage(nn.Module):
 class MixSwin(PyramidEncoder):
     """Hierarchical Swin without shifted windows, whose attention can be confined to the tokens of one source image."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_sizes=(14, 14, 14, 7),
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, global_pool: str = "avg", **kwargs):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+        window_sizes=(14, 14, 14, 7),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
         super().__init__()
         self.img_size, self.patch_size, self.window_sizes = img_size, patch_size, tuple(window_sizes)
         self.num_classes, self.global_pool = num_classes, global_pool
-        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        dims = [embed_dim * 2**i for i in range(len(depths))]
         self.embed_dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
         self.stride = patch_size * 2 ** (len(depths) - 1)
@@ -137,12 +151,23 @@ class MixSwin(PyramidEncoder):
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
-            self.stages.append(MixStage(dims[max(i - 1, 0)], dims[i], depth, heads, self.window_sizes[i], mlp_ratio,
-                                        dpr[start:start + depth], merge=i > 0))
+            self.stages.append(
+                MixStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depth,
+                    heads,
+                    self.window_sizes[i],
+                    mlp_ratio,
+                    dpr[start : start + depth],
+                    merge=i > 0,
+                )
+            )
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
-        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
-                             for i, d in enumerate(dims)]
+        self.feature_info = [
+            dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)
+        ]
         self.apply(self.init_weights)
 
     def fits(self, img_size: int) -> bool:
@@ -160,13 +185,14 @@ class MixSwin(PyramidEncoder):
     def check_size(self, img_size: int) -> None:
         if not self.fits(img_size):
             sizes = [s for s in range(32, 1025, 32) if self.fits(s)]
-            raise ValueError(f"image size {img_size} px does not fit this MixMAE Swin (windows {self.window_sizes}, "
-                             f"total stride {self.stride} px): every stage must be one window or a whole number of "
-                             f"windows. Valid sizes up to 1024 px: {sizes}")
+            raise ValueError(
+                f"image size {img_size} px does not fit this MixMAE Swin (windows {self.window_sizes}, "
+                f"total stride {self.stride} px): every stage must be one window or a whole number of "
+                f"windows. Valid sizes up to 1024 px: {sizes}"
+            )
 
     def no_weight_decay(self):
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
-
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Patch embedding + its LayerNorm, before the position embedding: (B, H, W, C). Mixing happens here."""
@@ -195,43 +221,65 @@ class MixSwin(PyramidEncoder):
         return self.norm(last), outs
 
 
-default_cfgs = generate_default_cfgs({
-    "mixswin_pico_patch4_window16_128.untrained": pyramid_cfg(128, "patch_embed.proj"),
-    "mixswin_base_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-    "mixswin_large_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-    "mixswin_huge_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "mixswin_pico_patch4_window16_128.untrained": pyramid_cfg(128, "patch_embed.proj"),
+        "mixswin_base_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+        "mixswin_large_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+        "mixswin_huge_patch4_window14_224.untrained": pyramid_cfg(224, "patch_embed.proj"),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> MixSwin:
-    return build_model_with_cfg(MixSwin, variant, pretrained,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **{**arch, **kwargs})
+    return build_model_with_cfg(
+        MixSwin,
+        variant,
+        pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **{**arch, **kwargs},
+    )
 
 
 @register_model
 def mixswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> MixSwin:
     """CPU-sized MixMAE Swin (32-d, depths 1-1-1-1, windows 16-16-16-8) at 128 px: tests and demos."""
-    return _create("mixswin_pico_patch4_window16_128", pretrained, dict(
-        img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_sizes=(16, 16, 16, 8)),
-        **kwargs)
+    return _create(
+        "mixswin_pico_patch4_window16_128",
+        pretrained,
+        dict(img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_sizes=(16, 16, 16, 8)),
+        **kwargs,
+    )
 
 
 @register_model
 def mixswin_base_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-B: Swin-B/W14 (128-d, depths 2-2-18-2, windows 14-14-14-7), 224 px."""
-    return _create("mixswin_base_patch4_window14_224", pretrained, dict(
-        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)), **kwargs)
+    return _create(
+        "mixswin_base_patch4_window14_224",
+        pretrained,
+        dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+        **kwargs,
+    )
 
 
 @register_model
 def mixswin_large_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-L: 192-d, depths 2-2-18-2, windows 14-14-14-7, 224 px."""
-    return _create("mixswin_large_patch4_window14_224", pretrained, dict(
-        embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)), **kwargs)
+    return _create(
+        "mixswin_large_patch4_window14_224",
+        pretrained,
+        dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+        **kwargs,
+    )
 
 
 @register_model
 def mixswin_huge_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-H: 352-d, depths 2-2-18-2, windows 14-14-14-7, 224 px."""
-    return _create("mixswin_huge_patch4_window14_224", pretrained, dict(
-        embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)), **kwargs)
+    return _create(
+        "mixswin_huge_patch4_window14_224",
+        pretrained,
+        dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
+        **kwargs,
+    )

@@ -1,4 +1,5 @@
 """Fixed 2-D sin-cos position embeddings (docs/methods.md 1.3)."""
+
 from __future__ import annotations
 
 import torch

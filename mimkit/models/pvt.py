@@ -7,13 +7,14 @@ is applied in both modes (with pooling 1 where the halved ratio is 1), so it is 
 A fixed sin-cos position embedding is added at the input of stage 1 only (UM-MAE, paper B.1); it is a parameter so
 that fine-tuning may learn it. One LayerNorm follows the last stage (PVT v1); intermediate features are not normed.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -90,10 +91,21 @@ class PVT(PyramidEncoder):
     group_stem = r"^stages\.0\.patch_embed|^pos_embed"
     group_merge = "patch_embed"
 
-    def __init__(self, img_size: int = 256, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
-                 mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), patch_size: int = 4, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg", **kwargs):
+    def __init__(
+        self,
+        img_size: int = 256,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims=(64, 128, 320, 512),
+        depths=(3, 4, 6, 3),
+        num_heads=(1, 2, 5, 8),
+        mlp_ratios=(8, 8, 4, 4),
+        sr_ratios=(8, 4, 2, 1),
+        patch_size: int = 4,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
         super().__init__()
         self.img_size, self.patch_size, self.num_classes = img_size, patch_size, num_classes
         self.embed_dims = list(embed_dims)
@@ -104,15 +116,25 @@ class PVT(PyramidEncoder):
         self.stages = nn.ModuleList()
         for i in range(len(depths)):
             start = sum(depths[:i])
-            self.stages.append(PVTStage(in_chans if i == 0 else embed_dims[i - 1], embed_dims[i], depths[i],
-                                        num_heads[i], mlp_ratios[i], sr_ratios[i], patch_size if i == 0 else 2,
-                                        dpr[start:start + depths[i]]))
+            self.stages.append(
+                PVTStage(
+                    in_chans if i == 0 else embed_dims[i - 1],
+                    embed_dims[i],
+                    depths[i],
+                    num_heads[i],
+                    mlp_ratios[i],
+                    sr_ratios[i],
+                    patch_size if i == 0 else 2,
+                    dpr[start : start + depths[i]],
+                )
+            )
         self.norm = nn.LayerNorm(embed_dims[-1])
         grid = img_size // patch_size
         self.pos_embed = nn.Parameter(sincos_2d(embed_dims[0], (grid, grid)).unsqueeze(0))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
-        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
-                             for i, d in enumerate(embed_dims)]
+        self.feature_info = [
+            dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(embed_dims)
+        ]
         self.apply(self.init_weights)
 
     def _fits(self, img_size: int) -> bool:
@@ -130,18 +152,19 @@ class PVT(PyramidEncoder):
     def check_size(self, img_size: int) -> None:
         if not self._fits(img_size):
             valid = [s for s in range(32, 513, 32) if self._fits(s)]
-            raise ValueError(f"image size {img_size} px does not fit this PVT: every stage's map must halve evenly "
-                             f"and be divisible by its spatial-reduction ratio {list(self.sr_ratios)}. Valid sizes up "
-                             f"to 512 px: {valid}")
+            raise ValueError(
+                f"image size {img_size} px does not fit this PVT: every stage's map must halve evenly "
+                f"and be divisible by its spatial-reduction ratio {list(self.sr_ratios)}. Valid sizes up "
+                f"to 512 px: {valid}"
+            )
 
     def no_weight_decay(self):
         return {"pos_embed"}
 
-
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C) position embedding, resampled bicubically when the grid differs from the trained one."""
         n = self.pos_embed.shape[1]
-        side = int(round(n ** 0.5))
+        side = int(round(n**0.5))
         pe = self.pos_embed.view(1, side, side, -1)
         if (h, w) != (side, side):
             pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
@@ -188,24 +211,35 @@ def _cfg(img_size: int) -> dict:
     return pyramid_cfg(img_size, "stages.0.patch_embed.proj")
 
 
-default_cfgs = generate_default_cfgs({
-    "mimpvt_pico_128.untrained": _cfg(128),
-    "mimpvt_small_256.untrained": _cfg(256),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "mimpvt_pico_128.untrained": _cfg(128),
+        "mimpvt_small_256.untrained": _cfg(256),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> PVT:
-    return build_model_with_cfg(PVT, variant, pretrained, feature_cfg=dict(feature_cls="getter",
-                                                                           out_indices=(0, 1, 2, 3)),
-                                **{**arch, **kwargs})
+    return build_model_with_cfg(
+        PVT, variant, pretrained, feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **{**arch, **kwargs}
+    )
 
 
 @register_model
 def mimpvt_pico_128(pretrained=False, **kwargs) -> PVT:
     """CPU-sized PVT (dims 32-64-128-256, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create("mimpvt_pico_128", pretrained, dict(img_size=128, embed_dims=(32, 64, 128, 256),
-                                                       depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                                                       mlp_ratios=(4, 4, 4, 4)), **kwargs)
+    return _create(
+        "mimpvt_pico_128",
+        pretrained,
+        dict(
+            img_size=128,
+            embed_dims=(32, 64, 128, 256),
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 2, 4, 8),
+            mlp_ratios=(4, 4, 4, 4),
+        ),
+        **kwargs,
+    )
 
 
 @register_model

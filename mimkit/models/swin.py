@@ -8,13 +8,14 @@
 - ``forward_features(img)``: full resolution (fine-tuning, features). ``forward_compact(tokens, coords)``: UM-MAE
   pretraining on the compact map with half-size windows. ``forward_masked(img, mask, token)``: SimMIM.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -112,8 +113,9 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, shifted: bool, drop_path: float = 0.0,
-                 pos_hidden: int = 32):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, shifted: bool, drop_path: float = 0.0, pos_hidden: int = 32
+    ):
         super().__init__()
         self.shifted = shifted
         self.norm1 = nn.LayerNorm(dim)
@@ -132,8 +134,9 @@ class SwinBlock(nn.Module):
         if key_mask_map is not None:
             km = torch.roll(key_mask_map, (-s, -s), (1, 2)) if s else key_mask_map
             key_mask = window_partition(km.unsqueeze(-1), layout.wh, layout.ww).squeeze(-1)[:, :, None, None, :]
-        y = window_reverse(self.attn(window_partition(y, layout.wh, layout.ww), layout, key_mask),
-                           layout.wh, layout.ww, h, w)
+        y = window_reverse(
+            self.attn(window_partition(y, layout.wh, layout.ww), layout, key_mask), layout.wh, layout.ww, h, w
+        )
         if s:
             y = torch.roll(y, (s, s), (1, 2))
         x = x + self.drop_path(y)
@@ -153,14 +156,26 @@ class PatchMerge(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_paths, merge: bool,
-                 pos_hidden: int):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_paths,
+        merge: bool,
+        pos_hidden: int,
+    ):
         super().__init__()
         self.downsample = PatchMerge(in_dim, dim) if merge else nn.Identity()
         self.merge = merge
-        self.blocks = nn.ModuleList([SwinBlock(dim, num_heads, mlp_ratio, shifted=i % 2 == 1,
-                                               drop_path=drop_paths[i], pos_hidden=pos_hidden)
-                                     for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                SwinBlock(dim, num_heads, mlp_ratio, shifted=i % 2 == 1, drop_path=drop_paths[i], pos_hidden=pos_hidden)
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x, coords, window: int, key_mask_map=None):
         if self.merge:
@@ -182,14 +197,26 @@ def grid_coords(h: int, w: int, device=None) -> torch.Tensor:
 class SwinUM(PyramidEncoder):
     """Hierarchical Swin encoder usable at full resolution and on UM-MAE's compact input."""
 
-    def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 16,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pos_hidden: int = 32, global_pool: str = "avg",
-                 **kwargs):
+    def __init__(
+        self,
+        img_size: int = 256,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size: int = 16,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        pos_hidden: int = 32,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
         super().__init__()
         self.img_size, self.patch_size, self.window_size = img_size, patch_size, window_size
         self.num_classes, self.global_pool = num_classes, global_pool
-        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        dims = [embed_dim * 2**i for i in range(len(depths))]
         self.embed_dims = dims
         self.num_features = self.head_hidden_size = dims[-1]
         self.check_size(img_size)
@@ -200,12 +227,23 @@ class SwinUM(PyramidEncoder):
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
-            self.stages.append(SwinStage(dims[max(i - 1, 0)], dims[i], depth, heads, mlp_ratio,
-                                         dpr[start:start + depth], merge=i > 0, pos_hidden=pos_hidden))
+            self.stages.append(
+                SwinStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depth,
+                    heads,
+                    mlp_ratio,
+                    dpr[start : start + depth],
+                    merge=i > 0,
+                    pos_hidden=pos_hidden,
+                )
+            )
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
-        self.feature_info = [dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
-                             for i, d in enumerate(dims)]
+        self.feature_info = [
+            dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)
+        ]
         self.apply(self.init_weights)
 
     def fits(self, img_size: int, compact: bool = False) -> bool:
@@ -225,13 +263,14 @@ class SwinUM(PyramidEncoder):
         if not self.fits(img_size, compact):
             sizes = [size for size in range(32, 513, 32) if self.fits(size, compact)]
             mode = "UM-MAE's compact input (window halved)" if compact else "full resolution"
-            raise ValueError(f"image size {img_size} px does not fit window {self.window_size} of this Swin at "
-                             f"{mode}: every stage must be one window or a whole number of windows. Valid sizes "
-                             f"up to 512 px: {sizes}")
+            raise ValueError(
+                f"image size {img_size} px does not fit window {self.window_size} of this Swin at "
+                f"{mode}: every stage must be one window or a whole number of windows. Valid sizes "
+                f"up to 512 px: {sizes}"
+            )
 
     def no_weight_decay(self):
         return set()
-
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))  # (B, H, W, C)
@@ -273,43 +312,67 @@ def _cfg(img_size: int) -> dict:
     return pyramid_cfg(img_size, "patch_embed.proj")
 
 
-default_cfgs = generate_default_cfgs({
-    "mimswin_pico_patch4_window16_128.untrained": _cfg(128),
-    "mimswin_tiny_patch4_window16_256.untrained": _cfg(256),
-    "mimswin_base_patch4_window16_256.untrained": _cfg(256),
-    "mimswin_large_patch4_window16_256.untrained": _cfg(256),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "mimswin_pico_patch4_window16_128.untrained": _cfg(128),
+        "mimswin_tiny_patch4_window16_256.untrained": _cfg(256),
+        "mimswin_base_patch4_window16_256.untrained": _cfg(256),
+        "mimswin_large_patch4_window16_256.untrained": _cfg(256),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> SwinUM:
-    return build_model_with_cfg(SwinUM, variant, pretrained, feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-                                **{**arch, **kwargs})
+    return build_model_with_cfg(
+        SwinUM,
+        variant,
+        pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **{**arch, **kwargs},
+    )
 
 
 @register_model
 def mimswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> SwinUM:
     """CPU-sized Swin (32-d, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create("mimswin_pico_patch4_window16_128", pretrained, dict(
-        img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=16), **kwargs)
+    return _create(
+        "mimswin_pico_patch4_window16_128",
+        pretrained,
+        dict(img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=16),
+        **kwargs,
+    )
 
 
 @register_model
 def mimswin_tiny_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-T as in UM-MAE: 96-d, depths 2-2-6-2, window 16 at 256 px (8 on the compact input)."""
-    return _create("mimswin_tiny_patch4_window16_256", pretrained, dict(
-        img_size=256, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=16), **kwargs)
+    return _create(
+        "mimswin_tiny_patch4_window16_256",
+        pretrained,
+        dict(img_size=256, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=16),
+        **kwargs,
+    )
 
 
 @register_model
 def mimswin_base_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-B: 128-d, depths 2-2-18-2, window 16 at 256 px."""
-    return _create("mimswin_base_patch4_window16_256", pretrained, dict(
-        img_size=256, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=16), **kwargs)
+    return _create(
+        "mimswin_base_patch4_window16_256",
+        pretrained,
+        dict(img_size=256, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=16),
+        **kwargs,
+    )
 
 
 @register_model
 def mimswin_large_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-L as in UM-MAE: 192-d, depths 2-2-18-2, window 16 at 256 px, 64-wide position MLP."""
-    return _create("mimswin_large_patch4_window16_256", pretrained, dict(
-        img_size=256, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=16,
-        pos_hidden=64), **kwargs)
+    return _create(
+        "mimswin_large_patch4_window16_256",
+        pretrained,
+        dict(
+            img_size=256, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=16, pos_hidden=64
+        ),
+        **kwargs,
+    )

@@ -3,33 +3,44 @@
 The encoder is a real timm model, so its state dict already uses timm's key names; small CPU-sized variants are
 registered with timm here so that exported weights load with ``timm.create_model(name, pretrained=True, ...)``.
 """
+
 from __future__ import annotations
 
-import timm
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
 from mimkit.models.pos_embed import sincos_2d
 
 
 def vit_cfg(img_size: int) -> dict:
-    return dict(num_classes=1000, input_size=(3, img_size, img_size), first_conv="patch_embed.proj",
-                classifier="head", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                interpolation="bicubic", crop_pct=0.875, license="apache-2.0")
+    return dict(
+        num_classes=1000,
+        input_size=(3, img_size, img_size),
+        first_conv="patch_embed.proj",
+        classifier="head",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        interpolation="bicubic",
+        crop_pct=0.875,
+        license="apache-2.0",
+    )
 
 
 # Read by timm's @register_model: pretrained configs for the small variants (weights come from your own export).
-default_cfgs = generate_default_cfgs({
-    "vit_pico_patch8_64.untrained": vit_cfg(64),
-    "vit_nano_patch8_96.untrained": vit_cfg(96),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_pico_patch8_64.untrained": vit_cfg(64),
+        "vit_nano_patch8_96.untrained": vit_cfg(96),
+    }
+)
 
 
 def _small_vit(variant: str, pretrained: bool, arch: dict, **kwargs) -> VisionTransformer:
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **{**arch, **kwargs})
+    return build_model_with_cfg(
+        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**arch, **kwargs}
+    )
 
 
 @register_model
@@ -90,8 +101,9 @@ def vit_encode(encoder: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor
     return encoder.norm(encoder.blocks(torch.cat([cls, tokens], dim=1)))
 
 
-def vit_masked_tokens(encoder: VisionTransformer, img: torch.Tensor, mask: torch.Tensor,
-                      mask_token: torch.Tensor) -> torch.Tensor:
+def vit_masked_tokens(
+    encoder: VisionTransformer, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
     """SimMIM on a ViT: patch tokens where ``mask`` (N, L) is 1 are replaced by ``mask_token`` before the position
     embedding; returns the final patch-token map (N, h, w, C)."""
     x = encoder.patch_embed(img)

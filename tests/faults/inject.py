@@ -8,6 +8,7 @@ FAULT_KILL_IN_SAVE=k     the k-th checkpoint write is cut in the middle by SIGKI
 FAULT_DISK_FULL_AT=k     the k-th checkpoint write fails half-way with ENOSPC (a full disk)
 Model ``fault_mae_pico``: MAE ViT-Pico/8 at 32 px with a 1-block decoder, with these faults.
 """
+
 import errno
 import os
 import signal
@@ -50,8 +51,16 @@ class FaultyMAE(MAE):
                     p.mul_(1e6)
 
 
-register_preset("fault_mae_pico", FaultyMAE, "fault injection (tests only)", encoder="vit_pico_patch8_64", img_size=32,
-                decoder_dim=32, decoder_depth=1, decoder_heads=2)
+register_preset(
+    "fault_mae_pico",
+    FaultyMAE,
+    "fault injection (tests only)",
+    encoder="vit_pico_patch8_64",
+    img_size=32,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+)
 
 _kill_at, _full_at = _env_int("FAULT_KILL_IN_SAVE"), _env_int("FAULT_DISK_FULL_AT")
 if _kill_at or _full_at:

@@ -4,6 +4,7 @@ corrupt checkpoints, two runs in one folder, --resume none into a used folder, d
 Each test asserts what was kept, the exit code, and (where the run goes on) that the resumed run ends bit-identical
 to an uninterrupted one (CPU, fp32, 2 data-loader workers). docs/reliability.md lists them.
 """
+
 import json
 import os
 import random
@@ -23,16 +24,48 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_args(data, out, *extra, model="fault_mae_pico", epochs=4):
-    return ["pretrain", "--data", str(data), "--output", str(out), "--model", model, "--epochs", str(epochs),
-            "--batch-size", "4", "--precision", "fp32", "--num-workers", "2", "--warmup-epochs", "1",
-            "--save-every-epochs", "1", "--keep-last", "2", "--log-every", "1", "--no-progress", "--no-tensorboard",
-            "--blr", "1e-3", *extra]
+    return [
+        "pretrain",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+        "--num-workers",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--save-every-epochs",
+        "1",
+        "--keep-last",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--blr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def start(args, **env):
     """A `mimkit` process (through inject.py, the real CLI plus optional faults) in its own process group."""
-    return subprocess.Popen([sys.executable, INJECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**ENV, **env}, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, INJECT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, **env},
+        start_new_session=True,
+    )
 
 
 def finish(proc, timeout=240):
@@ -114,8 +147,13 @@ def test_kill9_at_random_steps_and_mid_write_loses_at_most_one_interval(tiny_fol
         finish(proc)
         resumed_from = max(ckpt_steps(out) or [0])
         assert resumed_from >= max(complete or [0])  # no finished checkpoint was lost
-        report.append({"killed_after_step": done_before, "restart_step": resumed_from,
-                       "work_lost_steps": done_before - resumed_from})
+        report.append(
+            {
+                "killed_after_step": done_before,
+                "restart_step": resumed_from,
+                "work_lost_steps": done_before - resumed_from,
+            }
+        )
     # a kill in the middle of the second checkpoint write of the next attempt
     proc = start(run_args(tiny_folder, out), FAULT_KILL_IN_SAVE="2")
     rc, _, _ = finish(proc)
@@ -140,7 +178,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tin
     rc, out_text, err = finish(proc)
     assert rc == 3, err[-3000:]
     no_traceback(err)
-    summary = json.loads(out_text[out_text.index("{"):])
+    summary = json.loads(out_text[out_text.index("{") :])
     assert summary["stopped_by"] == "signal:SIGTERM"
     stop_step = summary["steps"]
     assert ckpt_steps(out)[-1] == stop_step and 8 <= stop_step < TOTAL_STEPS
@@ -160,7 +198,7 @@ def test_corrupt_newest_checkpoint_with_keep_last_1_is_moved_aside_and_the_good_
     assert rc == 0, err[-3000:]
     assert "moved unusable checkpoint checkpoint-000000099.pt" in err
     assert (out / "corrupt" / "checkpoint-000000099.pt").is_file()  # kept, not deleted
-    assert json.loads(out_text[out_text.index("{"):])["train_steps_this_run"] == 6  # resumed at 12, not 0
+    assert json.loads(out_text[out_text.index("{") :])["train_steps_this_run"] == 6  # resumed at 12, not 0
     assert ckpt_steps(out) == [18]
 
 
@@ -199,8 +237,21 @@ def test_resume_none_into_a_used_folder_needs_overwrite_which_moves_files_aside(
     rc, _, err = cli(run_args(tiny_folder, out, "--resume", "none", model="mae_vit_pico_patch8", epochs=1))
     assert rc == 2 and "--overwrite" in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pt")} == before  # untouched
-    rc, _, err = cli(run_args(tiny_folder, out, "--resume", "none", "--overwrite", "--img-size", "32",
-                              "--model-arg", "decoder_depth=1", model="mae_vit_pico_patch8", epochs=1))
+    rc, _, err = cli(
+        run_args(
+            tiny_folder,
+            out,
+            "--resume",
+            "none",
+            "--overwrite",
+            "--img-size",
+            "32",
+            "--model-arg",
+            "decoder_depth=1",
+            model="mae_vit_pico_patch8",
+            epochs=1,
+        )
+    )
     assert rc == 0, err[-3000:]
     moved = list(out.glob("replaced-*/checkpoint-*.pt"))
     assert {p.name: p.read_bytes() for p in moved} == before  # the old run's files, byte for byte
@@ -235,16 +286,21 @@ def test_one_loss_spike_is_skipped_and_the_run_survives(tiny_folder, tmp_path):
     rc, out_text, err = cli(run_args(tiny_folder, out, epochs=5), FAULT_SPIKE_AT="23")
     assert rc == 0, err[-3000:]
     assert "step 23: loss spike" in err
-    assert json.loads(out_text[out_text.index("{"):])["steps"] == 5 * 6 - 1
+    assert json.loads(out_text[out_text.index("{") :])["steps"] == 5 * 6 - 1
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_stopped_by_sigterm_resume_exactly(tiny_folder, tmp_path):
     def torchrun(out, **env):
         args = run_args(tiny_folder, out, "--num-workers", "1")
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                 "2", INJECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**ENV, **env}, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", INJECT, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**ENV, **env},
+            start_new_session=True,
+        )
 
     rc, _, err = finish(torchrun(tmp_path / "full"), 300)
     assert rc == 0, err[-3000:]
@@ -272,10 +328,18 @@ def test_a_dead_rank_makes_the_other_exit_with_a_message(tiny_folder, tmp_path):
     out = tmp_path / "run"
     procs = []
     for rank in (0, 1):
-        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", FAULT_STEP_SLEEP="0.05")
-        procs.append(start(run_args(tiny_folder, out, "--num-workers", "0", "--dist-timeout-min", "0.5",
-                                    epochs=50), **env))
+        env = dict(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            FAULT_STEP_SLEEP="0.05",
+        )
+        procs.append(
+            start(run_args(tiny_folder, out, "--num-workers", "0", "--dist-timeout-min", "0.5", epochs=50), **env)
+        )
     wait_for_step(procs[0], out, 2)
     os.killpg(procs[1].pid, signal.SIGKILL)
     finish(procs[1])
