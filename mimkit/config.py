@@ -134,6 +134,12 @@ class PretrainConfig:
         "safety",
         gt=0,
     )
+    requeue: bool = opt(
+        False,
+        "On SIGUSR1 (SLURM's warning signal: sbatch --signal=USR1@120) save, then requeue the job with `scontrol "
+        "requeue $SLURM_JOB_ID`; the requeued job resumes from that checkpoint (docs/clusters.md).",
+        "safety",
+    )
     seed: int = opt(0, "Random seed.", min=0)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (for smoke tests and benchmarks).", min=1)
     time_limit_min: float | None = opt(None, "Stop (with a checkpoint) after this many minutes of training.", gt=0)

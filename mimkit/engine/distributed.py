@@ -1,4 +1,5 @@
-"""torchrun-aware process-group setup (LOCAL_RANK / RANK / WORLD_SIZE; nccl on GPU, gloo on CPU)."""
+"""Process-group setup for torchrun (LOCAL_RANK / RANK / WORLD_SIZE) and for SLURM's srun without torchrun
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST); nccl on GPU, gloo on CPU. docs/clusters.md."""
 
 from __future__ import annotations
 
@@ -27,10 +28,55 @@ class DistInfo:
         return self.world_size > 1
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    first = nodelist.strip()
+    depth, cut = 0, len(first)
+    for i, ch in enumerate(first):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            cut = i
+            break
+    first = first[:cut]
+    if "[" not in first:
+        return first
+    prefix, inner = first.split("[", 1)
+    head = inner.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + head
+
+
+def _tasks_per_node(text: str) -> int:
+    """SLURM_TASKS_PER_NODE / SLURM_NTASKS_PER_NODE (``8(x2)``, ``4,2``, ``8``) -> this job's first count."""
+    return int(text.split(",")[0].split("(")[0])
+
+
+def env_from_slurm(env=os.environ) -> bool:
+    """Under ``srun`` without torchrun, set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT from SLURM's variables (values already set win). True when SLURM describes several tasks."""
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return False
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    per_node = (
+        env.get("SLURM_STEP_TASKS_PER_NODE")
+        or env.get("SLURM_TASKS_PER_NODE")
+        or env.get("SLURM_NTASKS_PER_NODE")
+        or env["SLURM_NTASKS"]
+    )
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("LOCAL_WORLD_SIZE", str(_tasks_per_node(per_node)))
+    env.setdefault("MASTER_ADDR", first_host(nodes))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
 def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
-    """Join the process group torchrun describes; collectives time out after ``timeout_min`` so that a dead rank
-    makes the others fail with a message instead of waiting forever."""
+    """Join the process group torchrun (or srun, see ``env_from_slurm``) describes; collectives time out after
+    ``timeout_min`` so that a dead rank makes the others fail with a message instead of waiting forever."""
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))

@@ -642,6 +642,8 @@ class Trainer:
             "output": str(self.out),
             **self.extra_summary,
         }
+        if d.is_main and stopped == "signal:SIGUSR1" and cfg.requeue:
+            summary["requeued"] = requeue_slurm_job(self.log)
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if stopped:
@@ -655,6 +657,32 @@ class Trainer:
         if not math.isfinite(self.last_loss) and self.step > self.start_step:
             self.log.warning("the last logged loss is not finite")
         return summary
+
+
+def requeue_slurm_job(log) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` (rank 0, after the checkpoint); True when SLURM accepted it."""
+    import os
+    import subprocess
+
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("--requeue: not inside a SLURM job (no SLURM_JOB_ID); nothing requeued")
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("--requeue: scontrol requeue %s failed (%s); resubmit the job to resume", job, err)
+        return False
+    if done.returncode != 0:
+        log.warning(
+            "--requeue: scontrol requeue %s said: %s; resubmit the job to resume",
+            job,
+            (done.stderr or done.stdout).strip()[:200],
+        )
+        return False
+    log.info("requeued SLURM job %s; it resumes from the checkpoint just written", job)
+    return True
 
 
 def _collective_failure(err: BaseException) -> bool:
