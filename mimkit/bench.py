@@ -88,6 +88,7 @@ def bench_model(
     spec = name
     name, own_args = parse_model_spec(spec)
     kwargs = {**model_args, **own_args}
+    checkpointing = bool(kwargs.pop("grad_checkpointing", False))  # a bench option, not a model option
     if img_size is not None:
         kwargs["img_size"] = img_size
     cpu = device.type == "cpu"
@@ -101,6 +102,8 @@ def bench_model(
     torch.manual_seed(0)
     try:
         model = create_method(name, **kwargs).to(device)
+        if checkpointing:
+            model.set_grad_checkpointing(True)
     except Exception:
         if cpu:
             meter.__exit__(None, None, None)
@@ -152,6 +155,7 @@ def bench_model(
         "peak_memory_mb": peak / 2**20,
         "memory_kind": mem_kind,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "grad_checkpointing": checkpointing,
     }
     return result
 

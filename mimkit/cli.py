@@ -109,7 +109,7 @@ def _check_model_specs(specs: list[str], shared: dict) -> None:
         except ConfigError as err:
             raise ConfigError(f"--models {spec}: {err}") from None
         for option, given in (("--model-arg", shared), (f"--models {spec}:", own)):
-            unknown = [k for k in given if k not in accepted and k != "img_size"]
+            unknown = [k for k in given if k not in accepted and k not in ("img_size", "grad_checkpointing")]
             if unknown:
                 raise ConfigError(
                     f"{option} {', '.join(unknown)}: model '{name}' has no such option "
@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         help="registered model names, each optionally "
-        "with its own options as name:key=value,key=value; ratios are vs the first (at each --img-size)",
+        "with its own options as name:key=value,key=value (grad_checkpointing=true turns activation "
+        "checkpointing on for that model); ratios are vs the first (at each --img-size)",
     )
     p.add_argument("--batch-size", type=POS_INT, default=32)
     p.add_argument(

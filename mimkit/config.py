@@ -96,6 +96,11 @@ class PretrainConfig:
     )
     cpu_autocast: bool = opt(False, "Allow bf16 autocast on CPU (often slower than fp32 on CPUs without AMX).")
     compile: bool = opt(False, "torch.compile the model.")
+    grad_checkpointing: bool = opt(
+        False,
+        "Activation checkpointing in every encoder and decoder block: activations are recomputed in the backward "
+        "(less memory for larger models or batches, about one more forward pass of compute; same results).",
+    )
     max_bad_steps: int = opt(
         5,
         "Consecutive skipped steps (non-finite loss or gradient, or a loss spike) after which "

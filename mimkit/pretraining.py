@@ -56,7 +56,10 @@ class PretrainTrainer(Trainer):
         return find_images(self.cfg.data)
 
     def build_task(self) -> MIMMethod:
-        return build_pretrain_model(self.cfg)
+        model = build_pretrain_model(self.cfg)
+        if self.cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
 
     def build_dataset(self, images) -> ImageDataset:
         cfg = self.cfg

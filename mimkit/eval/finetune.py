@@ -260,6 +260,8 @@ class FinetuneTrainer(Trainer):
                 label_smoothing=cfg.smoothing,
                 num_classes=len(self.train_list.classes),
             )
+        if cfg.grad_checkpointing:
+            net.set_grad_checkpointing(True)  # timm's API; mimkit's pyramids implement it too
         return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
 
     def build_dataset(self, images):

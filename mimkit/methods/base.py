@@ -41,6 +41,13 @@ class MIMMethod(nn.Module):
         patches = patchify(imgs, self.patch_size)
         return normalized_target(patches) if self.norm_pix_loss else patches
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the encoder's and decoder's blocks (timm's convention): less memory, about
+        one more forward pass of compute; the same loss and gradients."""
+        from mimkit.models._checkpoint import set_grad_checkpointing
+
+        set_grad_checkpointing(self, enable)
+
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step (e.g. to refresh a frozen model); nothing by default."""
 

@@ -27,6 +27,7 @@ from mimkit.masking import gather_tokens, masking_from_noise, window_offsets, wi
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models import create_encoder, rpb_vit
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patchify_channels_first
 
@@ -132,9 +133,7 @@ class LoMaR(MIMMethod):
         w = mask.unsqueeze(-1).to(tokens.dtype)
         x = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
         x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = enc.pos_drop(x)
-        for blk in enc.blocks:
-            x = blk(x)
+        x = run_blocks(enc.blocks, enc.pos_drop(x), enabled=enc.grad_checkpointing)
         return self.pred(self.pred_norm(x[:, 1:]))
 
     def forward(self, batch: dict):

@@ -29,6 +29,14 @@ class PyramidEncoder(nn.Module):
     head: nn.Module
     group_stem: str = r"^patch_embed"  # regex of the stem (lr-decay group 0)
     group_merge: str = "downsample"  # name of a stage's merge module: it joins that stage's first block
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's API: recompute each block's activations in the backward instead of keeping them."""
+        from mimkit.models._checkpoint import set_grad_checkpointing
+
+        self.grad_checkpointing = enable
+        set_grad_checkpointing(self, enable)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for layer-wise lr decay: blocks counted across stages; a stage's patch merge belongs to that

@@ -9,6 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.masking import gather_tokens
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -18,6 +19,8 @@ class TransformerDecoder(nn.Module):
     ``forward(latent, ids_restore)`` takes encoder tokens ``[cls?, visible...]`` in the order given by
     ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position.
     """
+
+    grad_checkpointing = False
 
     def __init__(
         self,
@@ -58,5 +61,5 @@ class TransformerDecoder(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens at every position (N, [1 +] L, dim), mask tokens already in place -> predictions."""
         prefix = 1 if self.has_cls else 0
-        x = self.norm(self.blocks(x + self.pos_embed.to(x.dtype)))
+        x = self.norm(run_blocks(self.blocks, x + self.pos_embed.to(x.dtype), enabled=self.grad_checkpointing))
         return self.pred(x[:, prefix:])

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.masking import gather_tokens
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.mixswin import PatchMerging, relative_index
 from mimkit.models.pos_embed import sincos_2d
@@ -203,8 +204,7 @@ class DyViT(PyramidEncoder):
         outs = []
         for stage in self.stages[:3]:
             x = stage.downsample(x)
-            for blk in stage.blocks:
-                x = blk(x)
+            x = run_blocks(stage.blocks, x, enabled=self.grad_checkpointing)
             outs.append(x)
         return x, outs
 
@@ -218,8 +218,7 @@ class DyViT(PyramidEncoder):
         x = last.downsample(x).reshape(b, -1, self.num_features)
         pos = self.positions(grid, x).unsqueeze(0).expand(b, -1, -1)
         x = x + (gather_tokens(pos, ids) if ids is not None else pos)
-        for blk in last.blocks:
-            x = blk(x)
+        x = run_blocks(last.blocks, x, enabled=self.grad_checkpointing)
         x = self.norm(x)
         return (x, outs) if collect else x
 

@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mimkit.masking import upsample_cells
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
@@ -94,6 +95,8 @@ class PatchMerging(nn.Module):
 
 
 class MixStage(nn.Module):
+    grad_checkpointing = False
+
     def __init__(
         self, in_dim: int, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, drop_paths, merge: bool
     ):
@@ -111,9 +114,7 @@ class MixStage(nn.Module):
         if groups is not None:  # nearest-upsample the cell map to this stage's resolution
             gmap = upsample_cells(groups, h // groups.shape[1], w // groups.shape[2])
             group_mask = group_attention_mask(gmap, *win)
-        for blk in self.blocks:
-            x = blk(x, win, index, group_mask)
-        return x
+        return run_blocks(self.blocks, x, win, index, group_mask, enabled=self.grad_checkpointing)
 
 
 class MixSwin(PyramidEncoder):

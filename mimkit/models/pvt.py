@@ -17,6 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from mimkit.masking import compact
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models.pos_embed import sincos_2d
 
@@ -64,6 +65,8 @@ class PVTBlock(nn.Module):
 
 
 class PVTStage(nn.Module):
+    grad_checkpointing = False
+
     def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, sr_ratio, patch, drop_paths):
         super().__init__()
         self.sr_ratio = sr_ratio
@@ -80,9 +83,7 @@ class PVTStage(nn.Module):
         pool = max(1, self.sr_ratio // 2) if compact else self.sr_ratio
         if self.sr_ratio > 1 and (x.shape[1] % pool or x.shape[2] % pool):
             raise ValueError(f"a {x.shape[1]}x{x.shape[2]} map is not divisible by the spatial-reduction ratio {pool}")
-        for blk in self.blocks:
-            x = blk(x, pool)
-        return x
+        return run_blocks(self.blocks, x, pool, enabled=self.grad_checkpointing)
 
 
 class PVT(PyramidEncoder):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
@@ -156,6 +157,8 @@ class PatchMerge(nn.Module):
 
 
 class SwinStage(nn.Module):
+    grad_checkpointing = False
+
     def __init__(
         self,
         in_dim: int,
@@ -184,8 +187,10 @@ class SwinStage(nn.Module):
             if key_mask_map is not None:
                 key_mask_map = key_mask_map[:, ::2, ::2]
         layouts = [WindowLayout(coords, window, 0), WindowLayout(coords, window, window // 2)]
+        use = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, layouts[1] if blk.shifted else layouts[0], key_mask_map)
+            layout = layouts[1] if blk.shifted else layouts[0]
+            x = checkpoint(blk, x, layout, key_mask_map, use_reentrant=False) if use else blk(x, layout, key_mask_map)
         return x, coords, key_mask_map
 
 

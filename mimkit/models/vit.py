@@ -11,6 +11,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from mimkit.models._checkpoint import run_blocks
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -98,7 +99,8 @@ def vit_encode(encoder: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor
     """Patch tokens that already carry their position embedding (any subset, any order) -> prepend the class token
     (with its position), run the blocks and the final norm: (N, 1 + K, C)."""
     cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-    return encoder.norm(encoder.blocks(torch.cat([cls, tokens], dim=1)))
+    x = torch.cat([cls, tokens], dim=1)
+    return encoder.norm(run_blocks(encoder.blocks, x, enabled=encoder.grad_checkpointing))
 
 
 def vit_masked_tokens(

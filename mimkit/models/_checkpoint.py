@@ -1,0 +1,29 @@
+"""Activation checkpointing, timm's convention: a module that runs blocks has a ``grad_checkpointing`` flag;
+``set_grad_checkpointing(model, enable)`` sets every flag below a model (timm ViTs, BEiT, mimkit's stages, decoder)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args, enabled: bool = False) -> torch.Tensor:
+    """``x = blk(x, *args)`` for each block; with ``enabled`` (and gradients on) each block's activations are dropped
+    after the forward and recomputed in the backward (same results: the RNG state is replayed)."""
+    use = enabled and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
+    return x
+
+
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Set ``grad_checkpointing`` on every submodule that has the flag; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if m is not model and hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = enable
+            n += 1
+    return n
