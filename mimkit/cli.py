@@ -306,6 +306,26 @@ def cmd_bench(args):
     return results
 
 
+def cmd_shards(args):
+    from mimkit.data.pack import pack_shards
+
+    _out_dir(args.out, "--out")
+    index = pack_shards(args.data, args.out, args.shard_size, progress=not args.no_progress)
+    print(
+        json.dumps(
+            {k: v for k, v in index.items() if k != "shards"}
+            | {
+                "shards": len(index["shards"]),
+                "skipped": len(index["skipped"]),
+                "index": str(Path(args.out) / "mimkit-shards.json"),
+            },
+            indent=2,
+        )
+    )
+    if index["skipped"]:
+        print(f"skipped {len(index['skipped'])} unreadable file(s), listed in the index", file=sys.stderr)
+
+
 def cmd_models(args):
     from mimkit.methods import list_methods, method_options
     from mimkit.methods.registry import get_preset
@@ -550,6 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-knn", action="store_true", help="skip the kNN column (unlabelled data)")
     p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.set_defaults(func=cmd_ablate_masking)
+
+    p = sub.add_parser(
+        "shards",
+        help="pack a folder tree or a file list into WebDataset tar shards (the way past ~1 M files)",
+        description="Packs the images of --data (a folder tree, an ImageFolder root's train/, or a file list) into "
+        "OUT/shard-NNNNNN.tar with OUT/mimkit-shards.json (per-shard counts, skipped files). Every image is "
+        "decoded once to check it; unreadable ones are skipped and listed. Then: mimkit pretrain --data OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="images to pack")
+    p.add_argument("--out", required=True, help="a new folder for the shards")
+    p.add_argument("--shard-size", type=POS_INT, default=5000, help="images per shard")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("models", help="list registered pretraining models, or the options of one")
     p.add_argument("name", nargs="?")

@@ -32,8 +32,9 @@ class PretrainConfig:
     # data
     data: str = opt(
         "",
-        "Images: an ImageFolder root (train/, optional val/), any folder tree of images, or a text "
-        "file with one image path per line. Labels are never used for pretraining.",
+        "Images: an ImageFolder root (train/, optional val/), any folder tree of images, a text file with one image "
+        "path per line, or WebDataset tar shards (a folder of .tar files, train-{000000..000099}.tar, "
+        "pipe:COMMAND; see `mimkit shards`). Labels are never used for pretraining.",
         "data",
     )
     img_size: int | None = opt(None, "Input resolution in px (default: the model's).", "data", min=8)
@@ -59,6 +60,12 @@ class PretrainConfig:
         8, "Images whose shorter side is below this (px) are skipped and reported.", "data", min=1
     )
     num_workers: int = opt(-1, "Data-loading worker processes per GPU/process (-1: automatic).", "data", min=-1)
+    shard_index: str = opt(
+        "", "Tar shards: the mimkit-shards.json with their sample counts (needed for pipe: sources).", "data"
+    )
+    shuffle_buffer: int = opt(
+        1000, "Tar shards: samples each loader worker holds in its shuffle buffer (1: shard order only).", "data", min=1
+    )
     # model
     model: str = opt("mae_vit_base_patch16", "Pretraining model: method + architecture (`mimkit models`).", "model")
     mask_ratio: float | None = opt(None, "Fraction of patches masked (default: the method's).", "model", gt=0, lt=1)
@@ -195,11 +202,15 @@ class PretrainConfig:
             raise ConfigError(
                 f"mean (--mean) {self.mean} and std (--std) {self.std}: need the same number of values, one per channel"
             )
-        if self.data and ":" not in self.data and not Path(self.data).expanduser().exists():
+        pattern = self.data.startswith("pipe:") or "{" in self.data or ":" in self.data
+        if self.data and not pattern and not Path(self.data).expanduser().exists():
             raise ConfigError(
                 f"data (--data) = {self.data!r}: no such file or folder. --data takes a folder of "
-                "images, an ImageFolder root (train/, optional val/) or a text file listing image paths."
+                "images, an ImageFolder root (train/, optional val/), a text file listing image paths, or tar shards "
+                "(a folder of .tar files, a brace pattern, pipe:COMMAND)."
             )
+        if self.shard_index and not Path(self.shard_index).expanduser().is_file():
+            raise ConfigError(f"shard_index (--shard-index) = {self.shard_index!r}: no such file")
         if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
             raise ConfigError(f"output (--output) = {self.output!r}: is a file, not a folder")
         if any(s <= 0 for s in self.std):

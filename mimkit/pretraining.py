@@ -6,6 +6,7 @@ from typing import cast
 
 from mimkit.config import PretrainConfig
 from mimkit.data import ImageDataset, find_images, pretrain_transform
+from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
 from mimkit.methods import create_method, method_options
@@ -53,6 +54,8 @@ class PretrainTrainer(Trainer):
         super().__init__(cfg)
 
     def training_images(self):
+        if is_shard_source(self.cfg.data):
+            return find_shards(self.cfg.data, self.cfg.shard_index)
         return find_images(self.cfg.data)
 
     def build_task(self) -> MIMMethod:
@@ -61,14 +64,12 @@ class PretrainTrainer(Trainer):
             model.set_grad_checkpointing(True)
         return model
 
-    def build_dataset(self, images) -> ImageDataset:
+    def build_dataset(self, images) -> ImageDataset | ShardDataset:
         cfg = self.cfg
-        return ImageDataset(
-            images,
-            pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip),
-            cfg.min_image_size,
-            seed=cfg.seed,
-        )
+        transform = pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip)
+        if isinstance(images, ShardList):
+            return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer)
+        return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

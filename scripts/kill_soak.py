@@ -23,8 +23,8 @@ from PIL import Image
 from mimkit.engine.metrics import truncate_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-INJECT = str(REPO / "tests" / "faults" / "inject.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+sys.path.insert(0, str(REPO / "tests" / "faults"))
+from harness import ENV, INJECT, ckpt_steps, final_weights, logged_steps, run_args  # noqa: E402
 
 
 def make_images(root: Path, n: int = 48) -> None:
@@ -34,60 +34,12 @@ def make_images(root: Path, n: int = 48) -> None:
         Image.fromarray((rng.random((40, 44, 3)) * 255).astype(np.uint8)).save(root / f"{i:03d}.png")
 
 
-def args_for(data: Path, out: Path, epochs: int, save_every_minutes: float) -> list[str]:
-    return [
-        "pretrain",
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--model",
-        "fault_mae_pico",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "4",
-        "--precision",
-        "fp32",
-        "--num-workers",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--save-every-epochs",
-        "1",
-        "--save-every-minutes",
-        str(save_every_minutes),
-        "--keep-last",
-        "2",
-        "--log-every",
-        "1",
-        "--no-progress",
-        "--no-tensorboard",
-        "--blr",
-        "1e-3",
-    ]
+def args_for(data: Path, out: Path, epochs: int) -> list[str]:
+    return run_args(data, out, epochs=epochs)
 
 
 def last_step(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    steps = [0]
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in rec:
-                steps.append(rec["step"])
-    return steps[-1]
-
-
-def ckpts(out: Path) -> list[int]:
-    return sorted(int(p.name[11:20]) for p in out.glob("checkpoint-*.pt"))
-
-
-def final(out: Path) -> dict:
-    return torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)
+    return (logged_steps(out) or [0])[-1]
 
 
 def main() -> None:
@@ -104,7 +56,7 @@ def main() -> None:
     steps_per_epoch, total = 12, 12 * args.epochs
     ref = root / "reference"
     subprocess.run(
-        [sys.executable, INJECT, *args_for(data, ref, args.epochs, 30)], env=ENV, check=True, capture_output=True
+        [sys.executable, INJECT, *args_for(data, ref, args.epochs)], env=ENV, check=True, capture_output=True
     )
     run = root / "killed"
     rng = random.Random(args.seed)
@@ -116,9 +68,9 @@ def main() -> None:
         mid_write = k == args.kills // 2
         if mid_write:
             env["FAULT_KILL_IN_SAVE"] = "1"
-        complete = ckpts(run)
+        complete = ckpt_steps(run)
         proc = subprocess.Popen(
-            [sys.executable, INJECT, *args_for(data, run, args.epochs, 30)],
+            [sys.executable, INJECT, *args_for(data, run, args.epochs)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -132,11 +84,11 @@ def main() -> None:
                 break
             time.sleep(0.005)
         killed_after = last_step(run)
-        verified_before = ckpts(run)
+        verified_before = ckpt_steps(run)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        restart = max(ckpts(run) or [0])
+        restart = max(ckpt_steps(run) or [0])
         truncate_metrics(run / "metrics.jsonl", restart)  # what the next start does; progress is measured after it
         lost_good = [s for s in set(complete) | set(verified_before) if s > restart]
         report.append(
@@ -154,9 +106,9 @@ def main() -> None:
         if killed_after >= total:
             break
     proc = subprocess.run(
-        [sys.executable, INJECT, *args_for(data, run, args.epochs, 30)], env=ENV, capture_output=True, text=True
+        [sys.executable, INJECT, *args_for(data, run, args.epochs)], env=ENV, capture_output=True, text=True
     )
-    a, b = final(ref), final(run)
+    a, b = final_weights(ref), final_weights(run)
     exact = a["step"] == b["step"] == total and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     lost = [r["work_lost_steps"] for r in report]
     print(

@@ -82,6 +82,7 @@ def env(tiny_folder, tmp_path_factory):
         "mask-frequency": ["--iterations", "2", "--out", str(tmp / "m.png")],
         "ablate-masking": ["--data", data, "--output", str(tmp / "a"), "--epochs", "1"],
         "demo": ["--data", data, "--output", str(tmp / "d"), "--minutes", "0.01"],
+        "shards": ["--data", data, "--out", str(tmp / "s"), "--no-progress"],
         "models": [],
         "recipes": [],
     }
@@ -96,6 +97,7 @@ def explicit_cases(e) -> dict:
         "--recipe": [["no_such_recipe"]],
         "--resume": [[missing + ".pt"]],
         "--output": [[e["file"]]],
+        "--shard-index": [[missing + ".json"]],
     }
     return {
         "pretrain": {
@@ -126,6 +128,7 @@ def explicit_cases(e) -> dict:
         "mask-frequency": {"--out": [[e["dir"]]]},
         "ablate-masking": {"--data": [[missing]], "--output": [[e["file"]]], "--recipe": [["no_such_recipe"]]},
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
+        "shards": {"--data": [[missing]], "--out": [[e["file"]]]},
     }
 
 

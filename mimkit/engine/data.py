@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from mimkit.data import ImageDataset, collate
 from mimkit.data.sources import DataError
@@ -79,3 +79,60 @@ def build_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+class MapEpochs:
+    """A map-style dataset: a seeded distributed sampler that can start mid-epoch."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int):
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.sampler = ResumableSampler(dataset, world, rank, seed)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler.inner) // self.batch_size
+
+    def per_rank(self) -> int:
+        return len(self.sampler.inner)
+
+    def loader(self, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
+        self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return build_loader(
+            self.dataset, self.batch_size, self.num_workers, self.sampler, device, self.seed * 100003 + epoch
+        )
+
+
+class StreamEpochs:
+    """An iterable dataset with a fixed plan (``dataset.plan``): tar shards (``mimkit/data/shards.py``)."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int):
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.batches = dataset.plan(rank, world, max(1, num_workers), batch_size)
+
+    def batches_per_epoch(self) -> int:
+        return self.batches
+
+    def per_rank(self) -> int:
+        return self.batches * self.batch_size
+
+    def loader(self, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
+        self.dataset.set_epoch(epoch, skip_batches)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            worker_init_fn=_seed_worker,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+            # its own generator: drawing worker seeds from the global one would shift the masks after a resume
+            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
+        )
+
+
+def epoch_data(dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int):
+    """How the trainer draws an epoch's batches from ``dataset`` (map-style or streaming)."""
+    cls = StreamEpochs if isinstance(dataset, IterableDataset) else MapEpochs
+    return cls(dataset, batch_size, num_workers, rank, world, seed)

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
 import mimkit
 from mimkit.config import PretrainConfig, save_yaml
-from mimkit.data import ImageDataset, compute_mean_std
+from mimkit.data import compute_mean_std
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.data import ResumableSampler, build_loader, default_workers
+from mimkit.engine.data import default_workers, epoch_data
 from mimkit.engine.distributed import all_reduce_, broadcast_object, cleanup, gather_objects, init_distributed
 from mimkit.engine.guard import DivergenceGuard, parameter_norm
 from mimkit.engine.metrics import RunRecorder, setup_logging, truncate_metrics
@@ -72,7 +73,8 @@ class Trainer:
         """The task to train (see ``mimkit/engine/task.py``); built after seeding, identical on every rank."""
         raise NotImplementedError
 
-    def build_dataset(self, images) -> ImageDataset:
+    def build_dataset(self, images) -> Dataset:
+        """A map-style dataset (``ImageDataset``) or an iterable one with a plan (``ShardDataset``)."""
         raise NotImplementedError
 
     def after_epoch(self, record) -> None:
@@ -157,13 +159,13 @@ class Trainer:
         self.dataset = self.build_dataset(images)
         if hasattr(self.dataset, "seed"):
             self.dataset.seed = cfg.seed  # augmentation depends on (seed, epoch, index) only: exact resume
-        self.sampler = ResumableSampler(self.dataset, d.world_size, d.rank, cfg.seed)
         self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(d.device, d.local_world_size)
-        batches = len(self.sampler.inner) // cfg.batch_size
+        self.data = epoch_data(self.dataset, cfg.batch_size, self.num_workers, d.rank, d.world_size, cfg.seed)
+        batches = self.data.batches_per_epoch()
         if batches < 1:
             raise DataError(
-                f"{cfg.data}: {len(images)} images give {len(self.sampler.inner)} per process, fewer "
-                f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes)."
+                f"{cfg.data}: {len(images)} images give {self.data.per_rank()} per process, fewer "
+                f"than one batch of {cfg.batch_size}. Lower --batch-size (or use fewer processes or workers)."
             )
         self.steps_per_epoch = batches // cfg.accum_steps
         if self.steps_per_epoch < 1:
@@ -514,21 +516,11 @@ class Trainer:
     def train_one_epoch(self) -> bool:
         """Train until the end of the epoch (True) or a stop request (False)."""
         cfg = self.cfg
-        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * cfg.batch_size)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        loader = build_loader(
-            self.dataset,
-            cfg.batch_size,
-            self.num_workers,
-            self.sampler,
-            self.dist.device,
-            cfg.seed * 100003 + self.epoch,
-        )
+        loader = self.data.loader(self.epoch, self.batch_in_epoch, self.dist.device)
         self.rec.describe(f"epoch {self.epoch + 1}/{cfg.epochs}")
         self.model.train()
         self.loss_sum = torch.zeros((), device=self.dist.device)
-        usable = (len(self.sampler.inner) // cfg.batch_size) // cfg.accum_steps * cfg.accum_steps
+        usable = self.data.batches_per_epoch() // cfg.accum_steps * cfg.accum_steps
         micro = 0
         batches = iter(loader)
         try:

@@ -7,7 +7,7 @@ import signal
 import socket
 
 import pytest
-from test_faults import ckpt_steps, finish, run_args, start, wait_for_step
+from harness import ckpt_steps, finish, run_args, start, wait_for_step
 
 from mimkit.engine.distributed import env_from_slurm, first_host
 
