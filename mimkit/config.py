@@ -187,6 +187,25 @@ class PretrainConfig:
     log_every: int = opt(20, "Write metrics every N optimizer steps.", "output", min=1)
     tensorboard: bool = opt(True, "Write TensorBoard scalars.", "output")
     progress: bool = opt(True, "Show a progress bar.", "output")
+    logger: str = opt(
+        "",
+        "Extra metric sinks, comma-separated: csv (DIR/metrics.csv), wandb, mlflow (optional installs; wandb follows "
+        "WANDB_MODE, e.g. offline; mlflow writes DIR/mlruns unless MLFLOW_TRACKING_URI is set). metrics.jsonl and "
+        "TensorBoard are always written (unless --no-tensorboard).",
+        "output",
+    )
+    recon_every: int = opt(
+        0,
+        "Every N epochs, a reconstruction grid of 8 fixed images to DIR/recon/ and the loggers (0: off).",
+        "output",
+        min=0,
+    )
+    monitor_data: str = opt(
+        "",
+        "A labelled ImageFolder root: the kNN top-1 of the encoder is logged every --monitor-every epochs.",
+        "output",
+    )
+    monitor_every: int = opt(1, "Epochs between kNN evaluations on --monitor-data.", "output", min=1)
 
     def __post_init__(self):
         validate_config(self)
@@ -208,6 +227,20 @@ class PretrainConfig:
                 f"data (--data) = {self.data!r}: no such file or folder. --data takes a folder of "
                 "images, an ImageFolder root (train/, optional val/), a text file listing image paths, or tar shards "
                 "(a folder of .tar files, a brace pattern, pipe:COMMAND)."
+            )
+        import importlib.util
+
+        for name in (x.strip() for x in self.logger.split(",") if x.strip()):
+            if name not in ("csv", "wandb", "mlflow"):
+                raise ConfigError(
+                    f"logger (--logger) = {self.logger!r}: unknown logger {name!r}; use csv, wandb, mlflow"
+                )
+            if name != "csv" and importlib.util.find_spec(name) is None:
+                raise ConfigError(f"logger (--logger) = {self.logger!r}: {name} is not installed; pip install {name}")
+        if self.monitor_data and not (Path(self.monitor_data).expanduser() / "train").is_dir():
+            raise ConfigError(
+                f"monitor_data (--monitor-data) = {self.monitor_data!r}: not a labelled ImageFolder root "
+                "(train/<class>/..., optional val/<class>/...)"
             )
         if self.shard_index and not Path(self.shard_index).expanduser().is_file():
             raise ConfigError(f"shard_index (--shard-index) = {self.shard_index!r}: no such file")

@@ -6,6 +6,7 @@ from typing import cast
 
 from mimkit.config import PretrainConfig
 from mimkit.data import ImageDataset, find_images, pretrain_transform
+from mimkit.data.decode import BadImage, load_rgb
 from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
@@ -55,8 +56,74 @@ class PretrainTrainer(Trainer):
 
     def training_images(self):
         if is_shard_source(self.cfg.data):
-            return find_shards(self.cfg.data, self.cfg.shard_index)
-        return find_images(self.cfg.data)
+            self.images = find_shards(self.cfg.data, self.cfg.shard_index)
+        else:
+            self.images = find_images(self.cfg.data)
+        return self.images
+
+    def after_epoch(self, record) -> None:
+        """The kNN monitor (--monitor-data) and the reconstruction grid (--recon-every), on rank 0. Both run under a
+        saved-and-restored random state, so that they do not change the training run."""
+        cfg = self.cfg
+        monitor = bool(cfg.monitor_data) and self.epoch % cfg.monitor_every == 0
+        recon = cfg.recon_every > 0 and self.epoch % cfg.recon_every == 0
+        if not self.dist.is_main or not (monitor or recon):
+            return
+        from mimkit.data.dataset import seeded
+
+        self.model.eval()
+        try:
+            with seeded(cfg.seed):
+                if monitor:
+                    from mimkit.eval import knn_evaluate
+
+                    res = knn_evaluate(
+                        self.model,
+                        cfg.monitor_data,
+                        cast(int, cfg.img_size),
+                        cfg.mean,
+                        cfg.std,
+                        device=self.dist.device,
+                    )
+                    record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})
+                    self.log.info("epoch %d: kNN top-1 %.2f%% on %s", self.epoch, res["top1"], cfg.monitor_data)
+                if recon:
+                    self.reconstruction_grid()
+        finally:
+            self.model.train()
+
+    def reconstruction_grid(self) -> None:
+        """8 fixed images (the same every time) through the model: DIR/recon/epoch-NNNN.png and the loggers."""
+        import torch
+
+        from mimkit.data import eval_transform
+        from mimkit.viz import save_reconstruction_figure
+
+        cfg = self.cfg
+        if not hasattr(self, "recon_images"):
+            files = self.images.paths
+            step = max(1, len(files) // 8)
+            transform = eval_transform(cast(int, cfg.img_size), cfg.mean, cfg.std)
+            picked = []
+            for f in files[::step]:
+                try:
+                    picked.append(transform(load_rgb(f, cfg.min_image_size)))
+                except BadImage:
+                    continue
+                if len(picked) == 8:
+                    break
+            self.recon_images = torch.stack(picked)
+        path = self.out / "recon" / f"epoch-{self.epoch:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_reconstruction_figure(
+            self.model,
+            self.recon_images.to(self.dist.device),
+            cfg.mean,
+            cfg.std,
+            path,
+            title=f"{cfg.model}, epoch {self.epoch}, step {self.step}",
+        )
+        self.rec.image("reconstruction", path, self.step)
 
     def build_task(self) -> MIMMethod:
         model = build_pretrain_model(self.cfg)

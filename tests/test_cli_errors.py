@@ -98,12 +98,14 @@ def explicit_cases(e) -> dict:
         "--resume": [[missing + ".pt"]],
         "--output": [[e["file"]]],
         "--shard-index": [[missing + ".json"]],
+        "--logger": [["bogus"], ["csv,nope"]],
     }
     return {
         "pretrain": {
             **common_train,
             "--model": [["mae_vit_pico_patchh8"]],
             "--model-arg": [["noequals"], ["decoder_layers=2"]],
+            "--monitor-data": [[missing]],
         },
         "finetune": {
             **common_train,

@@ -65,17 +65,58 @@ def truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+LOGGERS = ("csv", "wandb", "mlflow")
+
+
 class RunRecorder:
+    """Rank 0's outputs: metrics.jsonl (always), TensorBoard, the progress bar, and the extra ``loggers``: csv
+    (``metrics.csv``, one row per value: time, step, key, value), wandb and mlflow (both optional installs; wandb
+    follows ``WANDB_MODE``, e.g. offline; mlflow logs to the file store ``DIR/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set)."""
+
     def __init__(
-        self, output: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int
+        self,
+        output: Path,
+        enabled: bool,
+        tensorboard: bool,
+        progress: bool,
+        total_steps: int,
+        start_step: int,
+        loggers: tuple[str, ...] = (),
+        config: dict | None = None,
     ):
         self.enabled = enabled
         self.writer: Any = None
         self.bar: Any = None
         self.metrics_file: IO[str] | None = None
+        self.csv: IO[str] | None = None
+        self.wandb: Any = None
+        self.mlflow: Any = None
         if not enabled:
             return
-        self.metrics_file = open(Path(output) / "metrics.jsonl", "a")
+        output = Path(output)
+        self.metrics_file = open(output / "metrics.jsonl", "a")
+        if "csv" in loggers:
+            new = not (output / "metrics.csv").is_file()
+            self.csv = open(output / "metrics.csv", "a")
+            if new:
+                self.csv.write("time,step,key,value\n")
+        if "wandb" in loggers:
+            import wandb
+
+            wandb.init(dir=str(output), config=config or {}, name=output.name, resume="allow")
+            self.wandb = wandb
+        if "mlflow" in loggers:
+            import os
+
+            import mlflow
+
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                # a local file store: offline, no server; MLflow 3 asks for an explicit opt-in to it
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri((output / "mlruns").resolve().as_uri())
+            mlflow.start_run(run_name=output.name)
+            mlflow.log_params({k: str(v)[:250] for k, v in (config or {}).items()})
+            self.mlflow = mlflow
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -108,10 +149,31 @@ class RunRecorder:
         record = {"time": round(time.time(), 3), **record}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("time", "step"):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.csv is not None:
+            self.csv.write("".join(f"{record['time']},{step},{k},{v}\n" for k, v in scalars.items()))
+            self.csv.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=step)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A PNG (e.g. the reconstruction grid) to TensorBoard, wandb and mlflow; the file itself stays in DIR."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            self.wandb.log({tag: self.wandb.Image(str(path))}, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_artifact(str(path), artifact_path=tag)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -120,3 +182,9 @@ class RunRecorder:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        if self.csv is not None:
+            self.csv.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()

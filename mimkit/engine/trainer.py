@@ -599,7 +599,10 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         self.last_save = self.start_time = time.time()
         self.start_step = self.step
-        self.rec = RunRecorder(self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step)
+        loggers = tuple(x.strip() for x in cfg.logger.split(",") if x.strip())
+        self.rec = RunRecorder(
+            self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step, loggers, cfg.to_dict()
+        )
         self.bad_in_a_row, self.last_loss, self.last_grad_norm = 0, float("nan"), float("nan")
         self.reset_window()
         self.scheduler.step_update(self.step)

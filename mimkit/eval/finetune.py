@@ -50,7 +50,19 @@ def default_layer_decay(timm_name: str) -> float:
 
 @dataclass
 class FinetuneConfig(PretrainConfig):
-    hidden_options = ("mask_ratio", "norm_pix_loss", "model_args", "crop_scale", "hflip", "model")
+    hidden_options = (
+        "mask_ratio",
+        "norm_pix_loss",
+        "model_args",
+        "crop_scale",
+        "hflip",
+        "model",
+        "recon_every",
+        "monitor_data",
+        "monitor_every",
+        "shard_index",
+        "shuffle_buffer",
+    )
     pretrained: str = opt(
         "",
         "Encoder to fine-tune: a mimkit pretraining checkpoint or run folder, or a `mimkit export` .safetensors file.",
