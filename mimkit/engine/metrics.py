@@ -71,7 +71,8 @@ LOGGERS = ("csv", "wandb", "mlflow")
 class RunRecorder:
     """Rank 0's outputs: metrics.jsonl (always), TensorBoard, the progress bar, and the extra ``loggers``: csv
     (``metrics.csv``, one row per value: time, step, key, value), wandb and mlflow (both optional installs; wandb
-    follows ``WANDB_MODE``, e.g. offline; mlflow logs to the file store ``DIR/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set)."""
+    follows ``WANDB_MODE``, e.g. offline; mlflow logs to the file store ``DIR/mlruns`` unless
+    ``MLFLOW_TRACKING_URI`` is set)."""
 
     def __init__(
         self,
