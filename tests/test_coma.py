@@ -54,20 +54,27 @@ def _model(name="coma_dyvit_pico_128", **kw):
 
 
 @pytest.mark.parametrize("teacher", ["copy", "ema"])
-def test_teacher_gets_no_gradient_and_follows_its_rule(teacher):
+def test_teacher_is_one_step_behind_and_gets_no_gradient(teacher):
+    """M_{t-1} (paper Fig. 3): after a step, the frozen model holds M_t's parameters from before that update (copy),
+    or an average that lags by the same step (ema); it differs from the updated M_t."""
     model = _model(teacher=teacher, teacher_momentum=0.9)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    before = [p.detach().clone() for p in model.teacher.parameters()]
+    frozen_before = [p.detach().clone() for p in model.teacher.parameters()]
+    student = list(model.encoder.parameters()) + list(model.decoder.parameters())
     loss, out = model({"image": torch.randn(2, 3, 128, 128)})
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert "teacher_loss" in out["log"]
+    student_before = [p.detach().clone() for p in student]
+    model.before_optimizer_step()  # what the trainer calls, in this order
     opt.step()
     model.after_optimizer_step()
-    student = list(model.encoder.parameters()) + list(model.decoder.parameters())
-    for t, s, b in zip(model.teacher.parameters(), student, before):
-        expected = s if teacher == "copy" else 0.9 * b + 0.1 * s
+    moved = 0
+    for t, s_new, s_old, f_old in zip(model.teacher.parameters(), student, student_before, frozen_before):
+        expected = s_old if teacher == "copy" else 0.9 * f_old + 0.1 * s_old
         assert torch.allclose(t, expected, atol=1e-6)
+        moved += not torch.equal(t, s_new)
+    assert moved > 10  # the updated M_t and M_{t-1} differ
     model.train()
     assert not model.teacher.training
 

@@ -24,6 +24,10 @@ class Task(Protocol):
         """Optimizer parameter groups (weight decay, optional per-group ``lr_scale``)."""
         ...
 
+    def before_optimizer_step(self) -> None:
+        """Called right before every applied optimizer step (e.g. to keep the parameters of the step before)."""
+        ...
+
     def after_optimizer_step(self) -> None:
         """Called after every applied optimizer step (e.g. to refresh a frozen or EMA model)."""
         ...

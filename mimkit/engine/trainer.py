@@ -145,6 +145,7 @@ class Trainer:
                     "default_grad_clip",
                     "img_size",
                     "param_groups",
+                    "before_optimizer_step",
                     "after_optimizer_step",
                     "describe",
                 )
@@ -449,6 +450,7 @@ class Trainer:
             self.scheduler.step_update(self.step)
             self.apply_lr_scale()
             return False
+        self.model.before_optimizer_step()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

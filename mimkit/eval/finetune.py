@@ -194,6 +194,9 @@ class ClassifierTask(nn.Module):
         logits = self.net(images)
         return nn.functional.cross_entropy(logits, labels), {"logits": logits}
 
+    def before_optimizer_step(self) -> None:
+        """Nothing to keep before a step."""
+
     def after_optimizer_step(self) -> None:
         """Nothing to refresh after a step."""
 

@@ -48,6 +48,10 @@ class MIMMethod(nn.Module):
 
         set_grad_checkpointing(self, enable)
 
+    def before_optimizer_step(self) -> None:
+        """Called by the trainer right before every applied optimizer step (the gradients are final); nothing by
+        default."""
+
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step (e.g. to refresh a frozen model); nothing by default."""
 

@@ -152,8 +152,9 @@ class CoMA(MIMMethod):
 
     # -- the evaluation model -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Refresh M_{t-1} from M_t: a copy, or an exponential moving average."""
+    def before_optimizer_step(self) -> None:
+        """Refresh M_{t-1} from M_t *before* M_t is updated (a copy, or an exponential moving average), so that at the
+        next step the frozen model holds the parameters of the step before: M_{t-1} of the paper's Fig. 3."""
         if self.teacher is None:
             return
         student = list(self.encoder.parameters()) + list(self.decoder.parameters())
