@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 from mimkit.config import PretrainConfig
-from mimkit.data import ImageDataset, find_images, pretrain_transform
+from mimkit.data import ImageDataset, pretrain_transform
 from mimkit.data.decode import BadImage, load_rgb
 from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
@@ -58,8 +58,25 @@ class PretrainTrainer(Trainer):
         if is_shard_source(self.cfg.data):
             self.images = find_shards(self.cfg.data, self.cfg.shard_index)
         else:
-            self.images = find_images(self.cfg.data)
+            self.images = self.shared_index()
         return self.images
+
+    def shared_index(self):
+        """Rank 0 scans (or reuses DIR/data-index.npz), then the other ranks read that index."""
+        from mimkit.data.index import indexed_images
+        from mimkit.engine.distributed import broadcast_object
+        from mimkit.errors import DataError
+
+        error, images = None, None
+        if self.dist.is_main:
+            try:
+                images = indexed_images(self.cfg.data, self.out)
+            except DataError as err:
+                error = str(err)
+        error = broadcast_object(error)  # also the barrier: the index is written when rank 0 gets here
+        if error is not None:
+            raise DataError(error)
+        return images if images is not None else indexed_images(self.cfg.data, self.out)
 
     def after_epoch(self, record) -> None:
         """The kNN monitor (--monitor-data) and the reconstruction grid (--recon-every), on rank 0. Both run under a

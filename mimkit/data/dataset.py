@@ -62,7 +62,7 @@ class ImageDataset(Dataset):
             except Exception as err:  # a rare augmentation failure must not end a long run; 64 in a row still do
                 skipped.append((path, f"transform failed: {type(err).__name__}: {err}"))
                 continue
-            label = self.images.labels[i] if self.images.labels is not None else -1
+            label = int(self.images.labels[i]) if self.images.labels is not None else -1
             return {"image": image, "label": label, "index": i, "skipped": skipped}
         raise DataError(
             f"{self.images.root}: {len(skipped)} images in a row could not be read "

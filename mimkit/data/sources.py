@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from mimkit.data.patharray import PathArray
 from mimkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -15,13 +19,20 @@ __all__ = ["IMAGE_EXTENSIONS", "DataError", "ImageList", "find_images", "labelle
 
 @dataclass
 class ImageList:
-    """Image paths with optional integer labels (``labels`` is None for unlabelled data)."""
+    """Image paths with optional integer labels (``labels`` is None for unlabelled data). Paths are kept in a
+    ``PathArray`` and labels in a numpy array, which forked data-loader workers share instead of copying."""
 
-    paths: list[str]
-    labels: list[int] | None = None
+    paths: Sequence[str]
+    labels: Sequence[int] | None = None
     classes: list[str] = field(default_factory=list)
     root: str = ""
     ignored: dict[str, int] = field(default_factory=dict)  # files skipped for an unsupported type, by extension
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.paths, PathArray):
+            self.paths = PathArray(self.paths)
+        if self.labels is not None and not isinstance(self.labels, np.ndarray):
+            self.labels = np.asarray(self.labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -31,33 +42,48 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def scan_tree(root: Path, ignored: Counter | None = None) -> list[str]:
-    """All image files below ``root`` (recursive, sorted, hidden folders skipped, symlinked folders followed).
+def scan_tree(root: Path, ignored: Counter | None = None, dirs: list | None = None) -> list[str]:
+    """All image files below ``root`` (recursive, sorted, hidden entries skipped, symlinked folders followed).
 
-    Each real folder is visited once and each real file listed once, so symlink loops and links to folders already
-    seen add nothing. Other files are counted by extension in ``ignored`` when given."""
-    found, seen_dirs, seen_files = [], set(), set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
+    Each real folder is visited once and each real file listed once, so symlink loops and links to folders or files
+    already seen add nothing; only symlinks pay for resolving their target. Other files are counted by extension in
+    ``ignored``; ``dirs`` receives (folder, modification time in ns) of every folder visited (for index caching)."""
+    found: list[str] = []
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
         if real in seen_dirs:
-            dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs
-        )
-        for f in sorted(filenames):
-            if f.startswith("."):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            if dirs is not None:
+                dirs.append((folder, os.stat(folder).st_mtime_ns))
+        except OSError:  # unreadable folder: nothing to list
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            path = os.path.join(dirpath, f)
-            if not _is_image(f):
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                continue
+            if is_dir:
+                subdirs.append(entry.path)
+                continue
+            if not _is_image(entry.name):
                 if ignored is not None:
-                    ignored[os.path.splitext(f)[1].lower()] += 1
+                    ignored[os.path.splitext(entry.name)[1].lower()] += 1
                 continue
-            real_file = os.path.realpath(path)
-            if real_file not in seen_files:
-                seen_files.add(real_file)
-                found.append(path)
+            key = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+            if key not in seen_files:
+                seen_files.add(key)
+                found.append(entry.path)
+        stack.extend(reversed(subdirs))  # depth first, in sorted order (as os.walk with sorted folders)
     return found
 
 
@@ -87,7 +113,7 @@ def read_file_list(list_file: Path) -> list[str]:
     return paths
 
 
-def _class_folder_list(split_dir: Path, classes: list[str] | None = None) -> ImageList:
+def _class_folder_list(split_dir: Path, classes: list[str] | None = None, dirs: list | None = None) -> ImageList:
     class_dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes is None:
         classes = class_dirs
@@ -100,7 +126,7 @@ def _class_folder_list(split_dir: Path, classes: list[str] | None = None) -> Ima
                 f"{split_dir / c}: class folder not present in the training split; "
                 f"val/ must use the class names of train/ ({', '.join(classes[:5])}, ...)"
             )
-        for p in scan_tree(split_dir / c, ignored):
+        for p in scan_tree(split_dir / c, ignored, dirs):
             paths.append(p)
             labels.append(index[c])
     return ImageList(paths, labels, classes, str(split_dir), dict(ignored))
@@ -123,7 +149,7 @@ def is_labelled_root(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "train").is_dir()
 
 
-def find_images(path: str | os.PathLike, split: str = "train") -> ImageList:
+def find_images(path: str | os.PathLike, split: str = "train", dirs: list | None = None) -> ImageList:
     """Images for pretraining (labels kept when the source has them).
 
     ``path`` may be an ImageFolder root (``train/`` and optional ``val/``: the named split is used), any folder tree
@@ -136,14 +162,18 @@ def find_images(path: str | os.PathLike, split: str = "train") -> ImageList:
             "(train/, optional val/) or a text file listing image paths."
         )
     if p.is_file():
+        if dirs is not None:
+            dirs.append((str(p), os.stat(p).st_mtime_ns))
         return _require_images(ImageList(read_file_list(p), root=str(p)), p)
     if is_labelled_root(p):
         split_dir = p / split
         if not split_dir.is_dir():
             raise DataError(f"{p}: has no {split}/ folder")
-        return _require_images(_class_folder_list(split_dir), split_dir)
+        if dirs is not None:
+            dirs.append((str(split_dir), os.stat(split_dir).st_mtime_ns))
+        return _require_images(_class_folder_list(split_dir, dirs=dirs), split_dir)
     ignored: Counter = Counter()
-    images = ImageList(scan_tree(p, ignored), root=str(p), ignored=dict(ignored))
+    images = ImageList(scan_tree(p, ignored, dirs), root=str(p), ignored=dict(ignored))
     return _require_images(images, p)
 
 
@@ -165,15 +195,17 @@ def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: in
     import random
 
     rng = random.Random(seed)
-    tr, va = ImageList([], [], train.classes, train.root), ImageList([], [], train.classes, train.root + " (held out)")
+    split: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], [])}
     by_class: dict[int, list[str]] = {}
     for path_, label in zip(train.paths, train.labels):
-        by_class.setdefault(label, []).append(path_)
+        by_class.setdefault(int(label), []).append(path_)
     for label, items in sorted(by_class.items()):
         rng.shuffle(items)
         n_val = max(1, round(len(items) * val_fraction)) if len(items) > 1 else 0
         for i, item in enumerate(items):
-            target = va if i < n_val else tr
-            target.paths.append(item)
-            target.labels.append(label)
+            paths, labels = split["val" if i < n_val else "train"]
+            paths.append(item)
+            labels.append(label)
+    tr = ImageList(*split["train"], train.classes, train.root)
+    va = ImageList(*split["val"], train.classes, train.root + " (held out)")
     return tr, va
