@@ -359,8 +359,11 @@ def cmd_demo(args):
     from mimkit.pretraining import pretrain
 
     t0 = time.time()
-    here = Path(__file__).resolve().parent.parent
-    data = Path(args.data) if args.data else here / "examples" / "sample_images"
+    here = Path(__file__).resolve().parent
+    bundled = here / "sample_images"  # an installed wheel
+    if not bundled.is_dir():
+        bundled = here.parent / "examples" / "sample_images"  # a checkout (editable install)
+    data = Path(args.data) if args.data else bundled
     out = _out_dir(args.output, "--output")
     values = load_recipe("demo_cpu")
     values.update(data=str(data), output=str(out), time_limit_min=args.minutes)
