@@ -31,7 +31,15 @@ from mimkit.engine.optim import absolute_lr, build_optimizer, build_scheduler
 from mimkit.engine.run_folder import RunLock, existing_outputs, move_aside
 from mimkit.engine.signals import StopSignals
 from mimkit.engine.task import Task
-from mimkit.errors import CheckpointError, ConfigError, DataError, MimkitError, RankLost, TrainingDiverged
+from mimkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MimkitError,
+    RankLost,
+    SaveFailed,
+    TrainingDiverged,
+)
 
 __all__ = ["Trainer", "TrainingDiverged", "autocast_context"]
 
@@ -351,34 +359,45 @@ class Trainer:
         problem = self.guard.check_params(norm)
         if problem:  # every rank holds the same weights, so every rank takes this branch
             self.diverged(problem + " (checkpoint not written)")
+        failure = None
         if self.dist.is_main:
-            state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.fp16 else {},
-                "epoch": self.epoch,
-                "step": self.step,
-                "batch_in_epoch": self.batch_in_epoch,
-                "rng": rngs,
-                "model_name": self.cfg.model,
-                "config": self.cfg.to_dict(),
-                "mimkit_version": mimkit.__version__,
-                "extra": dict(self.extra_summary),
-                "lr_scale": self.lr_scale,
-                "rollbacks": self.rollbacks,
-            }
-            path = self.store.save(state, self.step)
-            self.last_checkpoint = path
-            cfg = self.cfg
-            if cfg.keep_epochs_every and self.epoch % cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
-                ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
-            merged = dict(kv for rank_items in skipped for kv in rank_items)
-            if merged:
-                (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
-            self.log.info("saved %s (%s)", path.name, reason)
+            try:
+                self.write_checkpoint(reason, rngs, skipped)
+            except SaveFailed as err:
+                failure = str(err)
+        failure = broadcast_object(failure)  # every rank stops with the same message, none waits for rank 0
+        if failure is not None:
+            raise SaveFailed(failure)
         self.saved_step = (self.step, self.epoch)
         self.guard.reference_norm = norm
         self.last_save = time.time()
+
+    def write_checkpoint(self, reason: str, rngs: list, skipped: list) -> None:
+        """Rank 0: the checkpoint file (verified), the permanent epoch copy, skipped_images.tsv."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.fp16 else {},
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": rngs,
+            "model_name": self.cfg.model,
+            "config": self.cfg.to_dict(),
+            "mimkit_version": mimkit.__version__,
+            "extra": dict(self.extra_summary),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+        }
+        path = self.store.save(state, self.step)
+        self.last_checkpoint = path
+        cfg = self.cfg
+        if cfg.keep_epochs_every and self.epoch % cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
+            ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
+        merged = dict(kv for rank_items in skipped for kv in rank_items)
+        if merged:
+            (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
+        self.log.info("saved %s (%s)", path.name, reason)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:

@@ -67,8 +67,10 @@ if _kill_at or _full_at:
     _real_save, _count = torch.save, [0]
 
     def _save(obj, f, *args, **kwargs):
+        if ".checkpoint-" not in str(getattr(f, "name", "")):  # not a checkpoint (e.g. all_gather_object's pickles)
+            return _real_save(obj, f, *args, **kwargs)
         _count[0] += 1
-        if _count[0] in (_kill_at, _full_at) and hasattr(f, "write"):
+        if _count[0] in (_kill_at, _full_at):
             f.write(b"PK\x03\x04 half a checkpoint")
             f.flush()
             if _count[0] == _kill_at:

@@ -257,3 +257,23 @@ def test_a_dead_rank_makes_the_other_exit_with_a_message(tiny_folder, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: a collective operation across ranks failed or timed out"), err[-3000:]
     no_traceback(err)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_torchrun_stops_every_rank_with_the_same_message(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_folder, out, "--num-workers", "0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", INJECT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, "FAULT_DISK_FULL_AT": "2"},
+        start_new_session=True,
+    )
+    t0 = time.time()
+    rc, _, err = finish(proc, 300)
+    assert rc != 0 and time.time() - t0 < 120, err[-3000:]
+    # rank 0 and rank 1 (their stderr may interleave on one line), no rank left waiting
+    assert err.count("error: ") >= 2 and err.count("could not be written (No space left on device)") == 2, err[-3000:]
+    assert ckpt_steps(out) == [3]  # 2 ranks x batch 4: 3 steps per epoch; the first checkpoint is kept
