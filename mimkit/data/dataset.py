@@ -70,8 +70,8 @@ class ImageDataset(Dataset):
         )
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed from (seed, epoch, index), independent of the process that asks."""
+def sample_seed(seed: int, epoch: int, index: int | str) -> int:
+    """A 63-bit seed from (seed, epoch, index or a sample's name), independent of the process that asks."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mimkit.data.dataset import sample_seed, seeded
 from mimkit.data.decode import BadImage, load_rgb
 from mimkit.errors import DataError
 
@@ -144,13 +145,6 @@ def assign_slots(counts: list[int], slots: int) -> list[list[int]]:
     return bins
 
 
-def _sample_seed(seed: int, epoch: int, key: str) -> int:
-    import hashlib
-
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class ShardDataset(IterableDataset):
     """Decoded, augmented samples from tar shards: ``{"image", "label": -1, "index", "skipped"}`` like
     ``ImageDataset``. Call ``plan(rank, world, workers, batch_size)`` once and ``set_epoch(epoch, skip_batches)``
@@ -221,9 +215,7 @@ class ShardDataset(IterableDataset):
         if data is None:
             raise BadImage(f"no image member ({', '.join(k for k in sample if not k.startswith('__'))})")
         img = load_rgb(io.BytesIO(data), self.min_image_size)
-        from mimkit.data.dataset import seeded
-
-        with seeded(_sample_seed(self.seed, self.epoch, key)):
+        with seeded(sample_seed(self.seed, self.epoch, key)):
             return self.transform(img)
 
     def __iter__(self):
@@ -263,7 +255,7 @@ class ShardDataset(IterableDataset):
                     continue
                 delivered += 1
                 readable += 1
-                index = _sample_seed(0, 0, key) % 2**62  # stable per sample (CoMA keys its masks on it)
+                index = sample_seed(0, 0, key) % 2**62  # stable per sample (CoMA keys its masks on it)
                 yield {"image": image, "label": -1, "index": index, "skipped": skipped}
                 skipped = []
             if readable == 0:

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
-from mimkit.data import ImageDataset, collate
-from mimkit.data.sources import DataError
+from mimkit.data import collate
 from mimkit.engine.signals import ignore_stop_signals
 
 
@@ -53,19 +52,15 @@ def default_workers(device: torch.device, local_world_size: int) -> int:
 
 
 def build_loader(
-    dataset: ImageDataset,
+    dataset,
     batch_size: int,
     num_workers: int,
-    sampler: ResumableSampler,
+    sampler: ResumableSampler | None,
     device: torch.device,
     epoch_seed: int,
 ) -> DataLoader:
-    per_rank = len(sampler.inner)
-    if per_rank < batch_size:
-        raise DataError(
-            f"{dataset.images.root}: {len(dataset)} images give {per_rank} per process, fewer than "
-            f"one batch of {batch_size}. Lower --batch-size (or use fewer processes)."
-        )
+    """One epoch's loader (a map-style dataset with its sampler, or an iterable one with ``sampler=None``). It has its
+    own generator: drawing worker seeds from the global one would shift the masks after a resume."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -118,18 +113,7 @@ class StreamEpochs:
 
     def loader(self, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
         self.dataset.set_epoch(epoch, skip_batches)
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            worker_init_fn=_seed_worker,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-            # its own generator: drawing worker seeds from the global one would shift the masks after a resume
-            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
-        )
+        return build_loader(self.dataset, self.batch_size, self.num_workers, None, device, self.seed * 100003 + epoch)
 
 
 def epoch_data(dataset, batch_size: int, num_workers: int, rank: int, world: int, seed: int):

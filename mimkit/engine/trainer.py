@@ -71,6 +71,8 @@ class Trainer:
         self.signals = StopSignals()
         self.lock: RunLock | None = None
         self.stopped: str | None = None  # "signal:SIGTERM", "time limit", "max steps"
+        self.param_norm = 0.0  # of the current weights (measure_params)
+        self.loss_sum: torch.Tensor  # the losses of the micro-batches of the current step
 
     # -- what a task provides ----------------------------------------------------------------------------------
     def training_images(self):
@@ -202,7 +204,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + 1000 * d.rank)  # masks and augmentation differ across ranks
         if d.is_main:  # records an interrupted attempt wrote past the step this run starts from
             truncate_metrics(self.out / "metrics.jsonl", self.step)
-        self.guard.reset(float(parameter_norm(self.model.parameters())))
+        self.guard.reset(self.measure_params())
 
         self.train_model: Any = self.model
         if d.distributed:
@@ -311,7 +313,7 @@ class Trainer:
         self.load_state(Path(path))
         self.rollbacks += 1
         self.lr_scale *= self.cfg.rollback_lr_factor
-        self.guard.reset(float(parameter_norm(self.model.parameters())))
+        self.guard.reset(self.measure_params())
         self.bad_in_a_row = 0
         self.log.warning(
             "divergence (%s): rolled back to %s (step %d) with the learning rate x %.3g (rollback %d of %d)",
@@ -355,7 +357,7 @@ class Trainer:
         skipped = gather_objects(sorted(self.skipped.items()))
         if (self.step, self.epoch) == self.saved_step:
             return
-        norm = float(parameter_norm(self.model.parameters()))
+        norm = self.param_norm  # of exactly these weights: measured after the last change to them
         problem = self.guard.check_params(norm)
         if problem:  # every rank holds the same weights, so every rank takes this branch
             self.diverged(problem + " (checkpoint not written)")
@@ -480,7 +482,7 @@ class Trainer:
         self.last_loss = loss
         self.window_loss += loss
         self.window_n += 1
-        problem = self.guard.check_params(float(parameter_norm(self.model.parameters())))
+        problem = self.guard.check_params(self.measure_params())
         if problem:
             self.diverged(problem)
         if cfg.max_steps is not None and self.step >= cfg.max_steps:  # the same on every rank
@@ -489,6 +491,11 @@ class Trainer:
         self.scheduler.step_update(self.step)
         self.apply_lr_scale()
         return True
+
+    def measure_params(self) -> float:
+        """The parameter norm, kept in ``param_norm`` for the next save (the weights change only in a step)."""
+        self.param_norm = float(parameter_norm(self.model.parameters()))
+        return self.param_norm
 
     def apply_lr_scale(self) -> None:
         if self.lr_scale != 1.0:
