@@ -127,6 +127,7 @@ def _load_model(args):
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
         model, cfg = load_pretrained(args.checkpoint)
+        args._viz_bands = cfg.viz_bands  # the run's display bands, for figures of more than 3 channels
         return model, cfg.img_size, cfg.mean, cfg.std
     if not args.random_init:
         raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
@@ -259,17 +260,23 @@ def cmd_visualize(args):
     import torch
 
     from mimkit.data import ImageDataset, eval_transform, find_images
+    from mimkit.errors import ConfigError
     from mimkit.viz import save_reconstruction_figure
 
     _out_file(args.out, "--out")
     model, img_size, mean, std = _load_model(args)
+    bands = args.bands or getattr(args, "_viz_bands", None)
+    if bands and max(bands) >= model.in_chans:
+        raise ConfigError(f"--bands {' '.join(map(str, bands))}: the model takes {model.in_chans} channel(s)")
     images = find_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train")
     step = max(1, len(images) // args.num)
     subset = type(images)(images.paths[::step][: args.num], None, [], images.root)
-    ds = ImageDataset(subset, eval_transform(img_size, mean, std), min_image_size=1)
+    ds = ImageDataset(subset, eval_transform(img_size, mean, std), min_image_size=1, in_chans=model.in_chans)
     batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
     title = f"{Path(args.checkpoint).name if args.checkpoint else 'random init'}"
-    path = save_reconstruction_figure(model, batch, mean, std, args.out, stats=args.stats, title=title, seed=args.seed)
+    path = save_reconstruction_figure(
+        model, batch, mean, std, args.out, stats=args.stats, title=title, seed=args.seed, bands=bands
+    )
     print(f"wrote {path}")
     return path
 
@@ -389,7 +396,7 @@ def cmd_demo(args):
     print("[3/4] kNN evaluation of the same encoder at random init (the baseline):", flush=True)
     ns.checkpoint, ns.random_init, ns.img_size = None, cfg.model, cfg.img_size
     baseline = cmd_knn(ns)
-    ns.checkpoint, ns.random_init, ns.num, ns.stats = str(out), None, 8, "target"
+    ns.checkpoint, ns.random_init, ns.num, ns.stats, ns.bands = str(out), None, 8, "target", None
     ns.out = str(out / "reconstruction.png")
     print("[4/4] reconstruction figure:", flush=True)
     fig = cmd_visualize(ns)
@@ -518,6 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="target",
         help="de-normalize norm-pixel predictions with each patch's true statistics (target) or with "
         "the visible patches' statistics only (visible, no leakage)",
+    )
+    p.add_argument(
+        "--bands",
+        type=_number(int, 0),
+        nargs=3,
+        default=None,
+        metavar="B",
+        help="images of more than 3 channels: the bands shown as red, green, blue (default: the run's --viz-bands, "
+        "else 0 1 2)",
     )
     p.add_argument("--out", default="reconstruction.png")
     p.set_defaults(func=cmd_visualize)

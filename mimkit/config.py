@@ -38,13 +38,35 @@ class PretrainConfig:
         "data",
     )
     img_size: int | None = opt(None, "Input resolution in px (default: the model's).", "data", min=8)
-    mean: list[float] = opt(None, "Per-channel normalization mean.", "data", factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = opt(None, "Per-channel normalization std.", "data", factory=lambda: [0.229, 0.224, 0.225])
+    in_chans: int = opt(
+        3,
+        "Image channels the model takes. 3: every image becomes 8-bit RGB. Any other number: images are read at full "
+        "bit depth (8/16/32-bit, float; multi-band TIFF through tifffile) and must have exactly this many channels; "
+        "others are skipped and counted (docs/data.md).",
+        "data",
+        min=1,
+        max=1024,
+    )
+    mean: list[float] = opt(
+        None,
+        "Per-channel normalization mean, one value per channel (default: ImageNet's for 3 channels, computed from "
+        "the data for any other --in-chans).",
+        "data",
+    )
+    std: list[float] = opt(None, "Per-channel normalization std (default: as --mean).", "data")
     compute_mean_std: bool = opt(
         False,
         "Compute mean/std from (a sample of) the data instead of using "
         "mean/std; the values are written to the saved config.",
         "data",
+    )
+    viz_bands: list[int] = opt(
+        None,
+        "Reconstruction figures of images with more than 3 channels: the three bands shown as red, green, blue "
+        "(default 0 1 2; 1-channel images are shown grey).",
+        "output",
+        length=3,
+        min=0,
     )
     crop_scale: list[float] = opt(
         None,
@@ -221,6 +243,16 @@ class PretrainConfig:
             raise ConfigError(
                 f"mean (--mean) {self.mean} and std (--std) {self.std}: need the same number of values, one per channel"
             )
+        if len(self.mean) not in (1, self.in_chans):
+            raise ConfigError(
+                f"mean (--mean) {self.mean}: {len(self.mean)} values for --in-chans {self.in_chans}; give one value "
+                "per channel (or one for all), or --compute-mean-std"
+            )
+        if self.viz_bands and max(self.viz_bands) >= self.in_chans:
+            raise ConfigError(
+                f"viz_bands (--viz-bands) = {self.viz_bands}: band numbers start at 0 and must be below --in-chans "
+                f"{self.in_chans}"
+            )
         pattern = self.data.startswith("pipe:") or "{" in self.data or ":" in self.data
         if self.data and not pattern and not Path(self.data).expanduser().exists():
             raise ConfigError(
@@ -297,7 +329,16 @@ def validate_config(cfg) -> None:
         optional = ftype.endswith("|None")
         base = ftype.removesuffix("|None")
         if value is None:
-            if optional or f.name in ("mean", "std", "crop_scale", "model_args"):
+            if f.name in ("mean", "std") and cfg.in_chans != 3:  # no standard statistics: measured on the data
+                cfg.compute_mean_std = True
+                setattr(cfg, f.name, [0.5 if f.name == "mean" else 0.25] * cfg.in_chans)  # until measured
+                continue
+            if f.name in ("mean", "std"):
+                setattr(cfg, f.name, [0.485, 0.456, 0.406] if f.name == "mean" else [0.229, 0.224, 0.225])  # ImageNet
+                continue
+            if f.name == "viz_bands":
+                continue
+            if optional or f.name in ("crop_scale", "model_args"):
                 if not optional:
                     setattr(cfg, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
                 continue
@@ -317,7 +358,8 @@ def validate_config(cfg) -> None:
                 raise ConfigError(f"{_flag_of(f.name)} = {value!r}: must be a list of numbers")
             if "length" in meta and len(value) != meta["length"]:
                 raise ConfigError(f"{_flag_of(f.name)} = {list(value)}: needs exactly {meta['length']} values")
-            setattr(cfg, f.name, [_check_number(f.name, v, "float", meta) for v in value])
+            kind = "int" if base == "list[int]" else "float"
+            setattr(cfg, f.name, [_check_number(f.name, v, kind, meta) for v in value])
         elif base == "dict":
             if not isinstance(value, dict):
                 raise ConfigError(f"{_flag_of(f.name)} = {value!r}: must be a mapping of key: value")
@@ -401,7 +443,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"] + " options"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-        help_text = f"{meta['help']} (default: {default})"
+        help_text = meta["help"] if "(default" in meta["help"] else f"{meta['help']} (default: {default})"
         ftype = str(f.type)
         if f.name == "model_args":
             group.add_argument(
@@ -412,7 +454,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         elif ftype.startswith("list"):
-            group.add_argument(_flag(f.name), dest=f.name, nargs="+", type=float, default=None, help=help_text)
+            kind = int if ftype.startswith("list[int]") else float
+            group.add_argument(_flag(f.name), dest=f.name, nargs="+", type=kind, default=None, help=help_text)
         else:
             base = ftype.split("|")[0].strip()
             conv = {"int": int, "float": float, "str": str}.get(base, str)

@@ -6,7 +6,7 @@ from typing import cast
 
 from mimkit.config import PretrainConfig
 from mimkit.data import ImageDataset, pretrain_transform
-from mimkit.data.decode import BadImage, load_rgb
+from mimkit.data.decode import BadImage, load_image
 from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
@@ -23,6 +23,8 @@ def method_kwargs(cfg: PretrainConfig) -> dict:
             kwargs[key] = getattr(cfg, key)
     if cfg.drop_path:
         kwargs["drop_path"] = cfg.drop_path
+    if cfg.in_chans != 3:
+        kwargs["in_chans"] = cfg.in_chans
     return kwargs
 
 
@@ -124,7 +126,7 @@ class PretrainTrainer(Trainer):
             picked = []
             for f in files[::step]:
                 try:
-                    picked.append(transform(load_rgb(f, cfg.min_image_size)))
+                    picked.append(transform(load_image(f, cfg.min_image_size, cfg.in_chans)))
                 except BadImage:
                     continue
                 if len(picked) == 8:
@@ -139,6 +141,7 @@ class PretrainTrainer(Trainer):
             cfg.std,
             path,
             title=f"{cfg.model}, epoch {self.epoch}, step {self.step}",
+            bands=cfg.viz_bands,
         )
         self.rec.image("reconstruction", path, self.step)
 
@@ -152,8 +155,8 @@ class PretrainTrainer(Trainer):
         cfg = self.cfg
         transform = pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip)
         if isinstance(images, ShardList):
-            return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer)
-        return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed)
+            return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
+        return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

@@ -19,6 +19,18 @@ LEGEND = {
 }
 
 
+def display_bands(images: torch.Tensor, bands=None) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 3, H, W) for display: RGB as it is, 1 channel as grey, more than 3 channels as the
+    ``bands`` triplet (default 0, 1, 2) in red, green, blue; 2 channels show the first as grey. Figures of
+    other than 3 channels are contrast-stretched per image and band (1st-99th percentile of the original)."""
+    c = images.shape[1]
+    if bands is None:
+        bands = (0, 1, 2) if c >= 3 else (0, 0, 0)
+    if max(bands) >= c:
+        raise ValueError(f"bands {list(bands)}: the images have {c} channel(s) (bands count from 0)")
+    return images[:, list(bands)]
+
+
 def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
     arr = (img01.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
     im = Image.fromarray(arr)
@@ -48,13 +60,16 @@ def denormalize_predictions(
     return pred * (var + eps) ** 0.5 + mean
 
 
-def reconstruction_panels(model, images: torch.Tensor, mean, std, stats: str = "target", seed: int = 0):
-    """Four (N, 3, H, W) tensors in [0, 1]: original, encoder input, reconstruction, reconstruction + visible."""
-    return _reconstruct(model, images, mean, std, stats, seed)[0]
+def reconstruction_panels(
+    model, images: torch.Tensor, mean, std, stats: str = "target", seed: int = 0, bands=None
+) -> tuple[torch.Tensor, ...]:
+    """Four (N, 3, H, W) tensors in [0, 1]: original, encoder input, reconstruction, reconstruction + visible
+    (channels other than RGB shown as ``display_bands`` says)."""
+    return _reconstruct(model, images, mean, std, stats, seed, bands)[0]
 
 
 @torch.no_grad()
-def _reconstruct(model, images, mean, std, stats, seed):
+def _reconstruct(model, images, mean, std, stats, seed, bands=None):
     model.eval()
     torch.manual_seed(seed)
     _, out = model({"image": images})
@@ -65,37 +80,58 @@ def _reconstruct(model, images, mean, std, stats, seed):
     pred = out["pred"].float()
     if model.norm_pix_loss:
         pred = denormalize_predictions(pred, target, 1 - hidden, stats)
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    c = images.shape[1]
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
 
     def to01(x):
         return x * s + m
 
     def to_px(m):
-        return unpatchify(m.float().unsqueeze(-1).expand(-1, -1, p * p * 3), p, grid)
+        return unpatchify(m.float().unsqueeze(-1).expand(-1, -1, p * p * c), p, grid, c)
 
     hidden_px = to_px(hidden)
     original = to01(images)
     seen = original * (1 - hidden_px) + HIDDEN_GRAY * hidden_px
-    if "secondary" in out:
-        sec_px = to_px(out["secondary"])
-        tint = torch.tensor(SECONDARY_TINT, device=images.device).view(1, 3, 1, 1)
-        seen = seen * (1 - sec_px) + tint * sec_px
     if "encoder_input" in out:  # e.g. MixMAE: the encoder saw another image in the masked area
         seen = to01(out["encoder_input"].float())
-    recon = to01(unpatchify(pred, p, grid))
+    seen = display_bands(seen, bands)
+    if "secondary" in out and "encoder_input" not in out:
+        sec_px = display_bands(to_px(out["secondary"]), bands)
+        tint = torch.tensor(SECONDARY_TINT, device=images.device).view(1, 3, 1, 1)
+        seen = seen * (1 - sec_px) + tint * sec_px
+    recon = to01(unpatchify(pred, p, grid, c))
     pasted = original * (1 - hidden_px) + recon * hidden_px
     if "outside" in out:  # e.g. LoMaR: patches outside every window are neither seen nor predicted
         out_px = to_px(out["outside"])
         recon = recon * (1 - out_px) + HIDDEN_GRAY * out_px
         pasted = pasted * (1 - out_px) + HIDDEN_GRAY * out_px
-    return (original, seen, recon, pasted), [k for k in LEGEND if k in out]
+    panels = (display_bands(original, bands), seen, display_bands(recon, bands), display_bands(pasted, bands))
+    if c != 3:  # scientific images rarely fill [0, 1]: stretch each shown band by the original's 1-99th percentile
+        flat = panels[0].flatten(2)
+        lo, hi = flat.quantile(0.01, dim=-1)[..., None, None], flat.quantile(0.99, dim=-1)[..., None, None]
+        scale = (hi - lo).clamp(min=1e-6)
+        gray_at = hidden_px[:, :1].expand_as(panels[1]) > 0 if "encoder_input" not in out else None
+        stretched = [(x - lo) / scale for x in panels]
+        if gray_at is not None:  # keep the dropped area gray (and tinted) in the encoder-input panel
+            stretched[1] = torch.where(gray_at, panels[1], stretched[1])
+        panels = tuple(stretched)
+    return panels, [k for k in LEGEND if k in out]
 
 
 def save_reconstruction_figure(
-    model, images: torch.Tensor, mean, std, path: str | Path, stats: str = "target", title: str = "", seed: int = 0
+    model,
+    images: torch.Tensor,
+    mean,
+    std,
+    path: str | Path,
+    stats: str = "target",
+    title: str = "",
+    seed: int = 0,
+    bands=None,
 ) -> Path:
-    panels, keys = _reconstruct(model, images, mean, std, stats, seed)
+    """The four panels of ``reconstruction_panels`` for every image as one PNG with a legend; returns its path."""
+    panels, keys = _reconstruct(model, images, mean, std, stats, seed, bands)
     n, _, h, w = images.shape
     scale = max(1, 160 // max(h, w))
     cell_w, cell_h = w * scale, h * scale

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mimkit.data.decode import BadImage, load_rgb
+from mimkit.data.decode import BadImage, load_image
 from mimkit.data.sources import DataError, ImageList
 
 MAX_REPLACEMENT_TRIES = 64
@@ -25,10 +25,21 @@ class ImageDataset(Dataset):
 
     With ``seed`` set, the random augmentation of a sample depends only on (seed, epoch, index): the same in any
     worker process and after a resume, which makes a resumed run continue exactly.
+
+    ``in_chans`` 3 reads every image as 8-bit RGB; any other value reads images at full precision with exactly that
+    many channels (``mimkit.data.decode.load_image``); an image with another channel count is skipped like a bad one.
     """
 
-    def __init__(self, images: ImageList, transform: Callable, min_image_size: int = 8, seed: int | None = None):
+    def __init__(
+        self,
+        images: ImageList,
+        transform: Callable,
+        min_image_size: int = 8,
+        seed: int | None = None,
+        in_chans: int = 3,
+    ):
         self.images = images
+        self.in_chans = in_chans
         self.transform = transform
         self.min_image_size = min_image_size
         self.seed = seed
@@ -53,7 +64,7 @@ class ImageDataset(Dataset):
             i = (index + attempt * 7919) % n  # a prime stride spreads replacements over the dataset
             path = self.images.paths[i]
             try:
-                img = load_rgb(path, self.min_image_size)
+                img = load_image(path, self.min_image_size, self.in_chans)
             except BadImage as err:
                 skipped.append((path, str(err)))
                 continue
@@ -100,7 +111,7 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def synthetic_batch(batch_size: int, img_size: int, device="cpu", seed: int = 0) -> dict:
+def synthetic_batch(batch_size: int, img_size: int, device="cpu", seed: int = 0, in_chans: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, img_size, img_size, generator=g)
+    images = torch.randn(batch_size, in_chans, img_size, img_size, generator=g)
     return {"image": images.to(device), "label": torch.zeros(batch_size, dtype=torch.long, device=device)}

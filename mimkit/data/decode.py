@@ -60,3 +60,89 @@ def load_rgb(path: str, min_size: int = 1) -> Image.Image:
             "(set data.min_image_size to change it)"
         )
     return rgb
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+# Integer images are divided by this to lie in [0, 1]; PIL reads 16-bit PNGs as 32-bit integers ('I').
+INTEGER_SCALE = {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0, "int32": 65535.0, "uint32": 65535.0}
+
+
+def _is_tiff(src) -> bool:
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        if str(src).lower().endswith((".tif", ".tiff")):
+            return True
+        try:
+            with open(src, "rb") as f:
+                return f.read(4) in TIFF_MAGIC
+        except OSError:
+            return False
+    pos = src.tell()
+    head = src.read(4)
+    src.seek(pos)
+    return head in TIFF_MAGIC
+
+
+def _read_array(src) -> np.ndarray:
+    if _is_tiff(src):
+        import tifffile
+
+        return np.asarray(tifffile.imread(src))  # the first series: all bands of a planar or page-per-band file
+    with Image.open(src) as im:
+        im.load()
+        if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+            im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+        return np.asarray(im)
+
+
+def to_chw(arr: np.ndarray, in_chans: int) -> np.ndarray:
+    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W). With three dimensions the channel axis is the one of length
+    ``in_chans`` (the last when both are), else the shorter of the first and last."""
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim != 3:
+        raise BadImage(f"unsupported array shape {tuple(arr.shape)} (need H x W, H x W x C or C x H x W)")
+    if arr.shape[-1] == in_chans or (arr.shape[0] != in_chans and arr.shape[-1] <= arr.shape[0]):
+        return np.moveaxis(arr, -1, 0)
+    return arr
+
+
+def load_array(src, min_size: int = 1, in_chans: int | None = 1):
+    """Any image at full precision as a float32 tensor (C, H, W), C == ``in_chans``: 8/16/32-bit, grey, RGB(A), or
+    multi-band TIFF (tifffile). Integers are divided by their type's full scale (``INTEGER_SCALE``: 8-bit by 255,
+    16-bit by 65535), floats are kept as they are. Raises ``BadImage`` when unreadable, too small, or of another
+    channel count (docs/data.md, "Channels and bit depth"); ``in_chans=None`` takes any count."""
+    import torch
+
+    try:
+        arr = _read_array(src)
+    except FileNotFoundError as err:
+        raise BadImage(f"file not found ({err.strerror})") from None
+    except BadImage:
+        raise
+    except Exception as err:  # PIL and tifffile raise many types for damaged files
+        raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
+    if arr.size == 0:
+        raise BadImage("cannot decode: the file holds no image data")
+    chw = to_chw(arr, in_chans or 0)
+    if in_chans is not None and chw.shape[0] != in_chans:
+        raise BadImage(f"has {chw.shape[0]} channel(s), the model takes --in-chans {in_chans}")
+    if min(chw.shape[1:]) < min_size:
+        raise BadImage(
+            f"too small: {chw.shape[2]}x{chw.shape[1]} px, the minimum side is {min_size} px "
+            "(set data.min_image_size to change it)"
+        )
+    if chw.dtype == np.bool_:
+        out = chw.astype(np.float32)
+    elif chw.dtype.kind in "iu":
+        scale = INTEGER_SCALE.get(chw.dtype.name, float(np.iinfo(chw.dtype).max))
+        out = chw.astype(np.float32) / scale
+    else:
+        out = chw.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise BadImage("holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def load_image(src, min_size: int = 1, in_chans: int = 3):
+    """What a model with ``in_chans`` channels reads: 8-bit RGB (PIL) for 3, a float tensor (C, H, W) otherwise."""
+    return load_rgb(src, min_size) if in_chans == 3 else load_array(src, min_size, in_chans)

@@ -8,10 +8,20 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mimkit.data.decode import BadImage, load_rgb
+from mimkit.data.decode import BadImage, _is_tiff, load_array, load_rgb
 from mimkit.data.shards import INDEX_NAME
 from mimkit.data.sources import find_images
 from mimkit.errors import ConfigError
+
+
+def _check_image(path: str) -> None:
+    """Raise ``BadImage`` unless ``path`` decodes: as RGB, or (TIFF with any number of bands) at full precision."""
+    try:
+        load_rgb(path, 1)
+    except BadImage:
+        if not _is_tiff(path):
+            raise
+        load_array(path, 1, in_chans=None)
 
 
 def pack_shards(data: str, out: str, shard_size: int = 5000, progress: bool = True) -> dict:
@@ -30,7 +40,7 @@ def pack_shards(data: str, out: str, shard_size: int = 5000, progress: bool = Tr
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=1e15, verbose=0) as sink:
         for path in tqdm(images.paths, desc="packing", unit="img", disable=not progress):
             try:
-                load_rgb(path, 1)
+                _check_image(path)
             except BadImage as err:
                 skipped.append([path, str(err)])
                 continue

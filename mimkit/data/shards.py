@@ -25,7 +25,7 @@ from pathlib import Path
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mimkit.data.dataset import sample_seed, seeded
-from mimkit.data.decode import BadImage, load_rgb
+from mimkit.data.decode import BadImage, load_image
 from mimkit.errors import DataError
 
 INDEX_NAME = "mimkit-shards.json"
@@ -151,9 +151,16 @@ class ShardDataset(IterableDataset):
     before each epoch's iterator."""
 
     def __init__(
-        self, shards: ShardList, transform, min_image_size: int = 8, seed: int = 0, shuffle_buffer: int = 1000
+        self,
+        shards: ShardList,
+        transform,
+        min_image_size: int = 8,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        in_chans: int = 3,
     ):
         self.shards = shards
+        self.in_chans = in_chans
         self.transform = transform
         self.min_image_size = min_image_size
         self.seed = seed
@@ -214,7 +221,7 @@ class ShardDataset(IterableDataset):
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise BadImage(f"no image member ({', '.join(k for k in sample if not k.startswith('__'))})")
-        img = load_rgb(io.BytesIO(data), self.min_image_size)
+        img = load_image(io.BytesIO(data), self.min_image_size, self.in_chans)
         with seeded(sample_seed(self.seed, self.epoch, key)):
             return self.transform(img)
 

@@ -12,16 +12,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ToFloatTensor:
+    """PIL images to (C, H, W) floats in [0, 1] (``ToTensor``); tensors (already full-precision floats from
+    ``load_array``) pass unchanged. Every transform here works on both."""
+
+    def __call__(self, img):
+        return img if isinstance(img, torch.Tensor) else T.functional.to_tensor(img)
+
+    def __repr__(self) -> str:
+        return "ToFloatTensor()"
+
+
 def pretrain_transform(
     img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5
 ) -> T.Compose:
-    """MAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ToTensor, Normalize."""
+    """MAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ToTensor, Normalize. Takes a PIL
+    image or a float tensor (C, H, W) of any channel count."""
     steps = [
         T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode.BICUBIC)
     ]
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(steps + [ToFloatTensor(), T.Normalize(mean, std)])
 
 
 def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875) -> T.Compose:
@@ -30,26 +42,30 @@ def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct
         [
             T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
             T.CenterCrop(img_size),
-            T.ToTensor(),
+            ToFloatTensor(),
             T.Normalize(mean, std),
         ]
     )
 
 
-def compute_mean_std(paths: list[str], max_images: int = 2000, size: int = 64, seed: int = 0):
-    """Per-channel mean and std of ``paths`` (a seeded sample of at most ``max_images``, each resized to size px)."""
-    from mimkit.data.decode import BadImage, load_rgb
+def compute_mean_std(paths, max_images: int = 2000, size: int = 64, seed: int = 0, in_chans: int = 3):
+    """Per-channel mean and std of ``paths`` (a seeded sample of at most ``max_images``, each resized to size px), in
+    the units the model sees (``load_image``: [0, 1] for integer images)."""
+    from mimkit.data.decode import BadImage, load_image
 
     rng = random.Random(seed)
-    sample = paths if len(paths) <= max_images else rng.sample(paths, max_images)
-    to_tensor = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for p in sample:
+    picked = sorted(rng.sample(range(len(paths)), max_images)) if len(paths) > max_images else range(len(paths))
+    to_tensor = T.Compose(
+        [T.Resize(size, interpolation=InterpolationMode.BILINEAR), T.CenterCrop(size), ToFloatTensor()]
+    )
+    total = torch.zeros(in_chans, dtype=torch.float64)
+    total_sq = torch.zeros(in_chans, dtype=torch.float64)
+    count, last = 0, ""
+    for i in picked:
         try:
-            x = to_tensor(load_rgb(p)).double().flatten(1)
-        except BadImage:
+            x = to_tensor(load_image(paths[i], 1, in_chans)).double().flatten(1)
+        except BadImage as err:
+            last = f"; last: {paths[i] if isinstance(paths[i], str) else 'a shard member'}: {err}"
             continue
         total += x.sum(1)
         total_sq += (x * x).sum(1)
@@ -57,7 +73,7 @@ def compute_mean_std(paths: list[str], max_images: int = 2000, size: int = 64, s
     if count == 0:
         from mimkit.errors import DataError
 
-        raise DataError("--compute-mean-std: none of the sampled images could be read")
+        raise DataError(f"--compute-mean-std: none of the {len(picked)} sampled images could be read{last}")
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=1e-12).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())

@@ -140,7 +140,7 @@ class Trainer:
                 ", ".join(f"{ext or '(none)'} {n}" for ext, n in sorted(images.ignored.items())),
             )
         if cfg.compute_mean_std:
-            mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed)
+            mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed, in_chans=cfg.in_chans)
             cfg.mean, cfg.std = list(mean), list(std)
             self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 

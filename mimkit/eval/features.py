@@ -21,9 +21,11 @@ def predict(
     autocast: bool = False,
     progress: bool = False,
     desc: str = "features",
+    in_chans: int = 3,
 ):
-    """(stacked float32 outputs of ``fn`` on center-cropped images, labels (N,))."""
-    ds = ImageDataset(images, eval_transform(img_size, mean, std), min_image_size=1)
+    """(stacked float32 outputs of ``fn`` on center-cropped images, labels (N,)); images read for a model of
+    ``in_chans`` channels."""
+    ds = ImageDataset(images, eval_transform(img_size, mean, std), min_image_size=1, in_chans=in_chans)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     if progress:
         from tqdm.auto import tqdm
@@ -65,4 +67,5 @@ def extract_features(
         device,
         autocast=torch.device(device).type == "cuda",
         progress=progress,
+        in_chans=getattr(model, "in_chans", 3),
     )

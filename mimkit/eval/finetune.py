@@ -257,6 +257,11 @@ class FinetuneTrainer(Trainer):
     def build_task(self) -> ClassifierTask:
         cfg = self.cfg
         state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed)
+        if kwargs.get("in_chans", 3) != cfg.in_chans:
+            raise ConfigError(
+                f"in_chans (--in-chans) = {cfg.in_chans}: the encoder of {cfg.pretrained or cfg.random_init} takes "
+                f"{kwargs.get('in_chans', 3)} channel(s); pass --in-chans {kwargs.get('in_chans', 3)}"
+            )
         net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size, cfg.drop_path)
         cfg.model = f"finetune:{name}"
         decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(name)
@@ -281,6 +286,18 @@ class FinetuneTrainer(Trainer):
 
     def build_dataset(self, images):
         cfg = self.cfg
+        if cfg.in_chans != 3:  # RandAugment is defined on RGB images; N-channel tensors get crop, flip, erasing
+            from timm.data.random_erasing import RandomErasing
+            from torchvision.transforms import Compose
+
+            from mimkit.data.transforms import pretrain_transform
+
+            if cfg.randaug:
+                self.log.info("--in-chans %d: RandAugment (RGB only) is not applied", cfg.in_chans)
+            steps = pretrain_transform(cfg.img_size, cfg.mean, cfg.std, scale=(0.08, 1.0)).transforms
+            if cfg.reprob > 0:
+                steps.append(RandomErasing(cfg.reprob, mode="pixel", device="cpu"))
+            return ImageDataset(images, Compose(steps), cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)
         transform = create_transform(
             cfg.img_size,
             is_training=True,
@@ -305,6 +322,7 @@ class FinetuneTrainer(Trainer):
             max(64, cfg.batch_size),
             self.num_workers,
             self.dist.device,
+            in_chans=cfg.in_chans,
         )
         self.model.train()
         acc = topk_accuracy(logits, labels)

@@ -74,7 +74,12 @@ def linear_probe(
             drop_last=len(tr_y) > batch_size,
         )
     else:
-        ds = ImageDataset(train, pretrain_transform(img_size, mean, std, scale=(0.08, 1.0)), min_image_size=1)
+        ds = ImageDataset(
+            train,
+            pretrain_transform(img_size, mean, std, scale=(0.08, 1.0)),
+            min_image_size=1,
+            in_chans=getattr(model, "in_chans", 3),
+        )
         loader = DataLoader(
             ds,
             batch_size=batch_size,

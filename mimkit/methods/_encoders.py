@@ -10,10 +10,14 @@ from mimkit.models import create_encoder
 from mimkit.models.vit import prepare_mae_vit
 
 
-def build_encoder(name: str, img_size: int, drop_path: float = 0.0, encoder_args: dict | None = None):
-    """(encoder, the kwargs that rebuild it with timm). A timm ViT gets MAE's fixed sin-cos positions and init; any
+def build_encoder(
+    name: str, img_size: int, drop_path: float = 0.0, encoder_args: dict | None = None, in_chans: int = 3
+):
+    """(encoder, the kwargs that rebuild it with timm); ``in_chans`` input channels (in the kwargs unless 3).
+
+    A timm ViT gets MAE's fixed sin-cos positions and init; any
     other encoder's position embedding, if it has one, is kept fixed during pretraining (UM-MAE, paper B.1)."""
-    args = {"img_size": img_size, **(encoder_args or {})}
+    args = {"img_size": img_size, **({"in_chans": in_chans} if in_chans != 3 else {}), **(encoder_args or {})}
     encoder = create_encoder(name, drop_path_rate=drop_path, **args)
     if isinstance(encoder, VisionTransformer):
         prepare_mae_vit(encoder, name)

@@ -12,8 +12,8 @@ from mimkit.patches import normalized_target, patchify
 class MIMMethod(nn.Module):
     """A masked-image-modeling method: ``forward(batch) -> (loss, outputs)``.
 
-    ``batch`` is a dict with at least ``"image"`` (N, 3, H, W), normalized. ``outputs`` is a dict of tensors the
-    method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*3), ``mask`` (N, L; 1 = in the loss)
+    ``batch`` is a dict with at least ``"image"`` (N, C, H, W), normalized. ``outputs`` is a dict of tensors the
+    method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*C), ``mask`` (N, L; 1 = in the loss)
     and ``hidden`` (N, L; 1 = not shown to the encoder), which is what ``mimkit.viz`` draws; an optional ``log``
     dict of scalar tensors is averaged and logged by the trainer.
 
@@ -30,6 +30,7 @@ class MIMMethod(nn.Module):
     encoder_args: dict
     img_size: int
     patch_size: int
+    in_chans: int = 3
     norm_pix_loss: bool = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -37,7 +38,7 @@ class MIMMethod(nn.Module):
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Reconstruction target: patchified images (N, L, p*p*3), per-patch normalized when ``norm_pix_loss``."""
+        """Reconstruction target: patchified images (N, L, p*p*C), per-patch normalized when ``norm_pix_loss``."""
         patches = patchify(imgs, self.patch_size)
         return normalized_target(patches) if self.norm_pix_loss else patches
 

@@ -42,6 +42,7 @@ class CoMA(MIMMethod):
         self,
         encoder: str = "dyvit_base_224",
         img_size: int = 224,
+        in_chans: int = 3,
         mask_ratio: float = 0.6,
         mode: str = "cycle",
         teacher: str = "none",
@@ -56,13 +57,14 @@ class CoMA(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
+        self.in_chans = in_chans
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got '{teacher}'")
         if teacher_weight and teacher == "none":
             raise ValueError("teacher_weight needs a teacher: set teacher to copy or ema")
-        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
         self.vit = is_vit(self.encoder)
         if self.vit:
@@ -85,7 +87,7 @@ class CoMA(MIMMethod):
         self.decoder = TransformerDecoder(
             self.encoder.num_features if not self.vit else self.encoder.embed_dim,
             self.grid,
-            self.patch_size**2 * 3,
+            self.patch_size**2 * in_chans,
             decoder_dim,
             decoder_depth,
             decoder_heads,
@@ -115,7 +117,7 @@ class CoMA(MIMMethod):
     def reconstruct(
         self, encoder: nn.Module, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor, n_visible: int
     ) -> torch.Tensor:
-        """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * 3)."""
+        """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * C)."""
         ids_keep, ids_restore = keep_restore(mask, n_visible)
         if self.vit:
             x = encoder.patch_embed(imgs) + encoder.pos_embed[:, 1:]

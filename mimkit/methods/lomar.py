@@ -39,6 +39,7 @@ class LoMaR(MIMMethod):
         self,
         encoder: str = "rpbvit_base_patch16_224",
         img_size: int = 224,
+        in_chans: int = 3,
         window_size: int = 7,
         num_windows: int = 4,
         mask_ratio: float = 0.8,
@@ -48,13 +49,14 @@ class LoMaR(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
+        self.in_chans = in_chans
         if window_sampling not in WINDOW_SAMPLING:
             raise ValueError(f"window_sampling must be one of {', '.join(WINDOW_SAMPLING)}, got '{window_sampling}'")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder_name = encoder
         self.img_size = img_size
-        self.encoder_args = {"img_size": img_size, **(encoder_args or {})}
+        self.encoder_args = {"img_size": img_size, "in_chans": in_chans, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
             raise ValueError(
@@ -87,7 +89,7 @@ class LoMaR(MIMMethod):
         dim = enc.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pred_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, self.patch_size**2 * 3)
+        self.pred = nn.Linear(dim, self.patch_size**2 * in_chans)
         mae_init_(self)
         w = enc.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -128,7 +130,7 @@ class LoMaR(MIMMethod):
         return self.encoder.patch_embed.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
 
     def encode_windows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Window token sequences with masked tokens replaced -> predictions for every window token (S, K*K, p*p*3)."""
+        """Window token sequences with masked tokens replaced -> predictions for every window token (S, K*K, p*p*C)."""
         enc = self.encoder
         w = mask.unsqueeze(-1).to(tokens.dtype)
         x = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w

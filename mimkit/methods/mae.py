@@ -19,6 +19,7 @@ class MAE(MIMMethod):
         self,
         encoder: str = "vit_base_patch16_224",
         img_size: int = 224,
+        in_chans: int = 3,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         decoder_dim: int = 512,
@@ -28,9 +29,10 @@ class MAE(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
+        self.in_chans = in_chans
         self.encoder_name = encoder
         self.img_size = img_size
-        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         if not is_vit(self.encoder):
             raise ValueError(f"encoder '{encoder}' is not a plain timm ViT with a class token; MAE needs one")
         self.patch_size = self.encoder.patch_embed.patch_size[0]
@@ -38,7 +40,7 @@ class MAE(MIMMethod):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder = TransformerDecoder(
-            self.encoder.embed_dim, self.grid, self.patch_size**2 * 3, decoder_dim, decoder_depth, decoder_heads
+            self.encoder.embed_dim, self.grid, self.patch_size**2 * in_chans, decoder_dim, decoder_depth, decoder_heads
         )
         mae_init_(self.decoder)
 

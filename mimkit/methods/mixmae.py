@@ -33,6 +33,7 @@ class MixMAE(MIMMethod):
         self,
         encoder: str = "mixswin_base_patch4_window14_224",
         img_size: int = 224,
+        in_chans: int = 3,
         mask_ratio: float = 0.5,
         pairing: str = "flip",
         mask_granularity: str = "batch",
@@ -44,11 +45,12 @@ class MixMAE(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
+        self.in_chans = in_chans
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got '{pairing}'")
         if mask_granularity not in GRANULARITIES:
             raise ValueError(f"mask_granularity must be one of {', '.join(GRANULARITIES)}, got '{mask_granularity}'")
-        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         if not hasattr(self.encoder, "forward_tokens") or not hasattr(self.encoder, "window_sizes"):
             raise ValueError(
                 f"encoder '{encoder}' cannot confine attention to one source image; MixMAE needs one "
@@ -69,7 +71,7 @@ class MixMAE(MIMMethod):
         self.decoder = TransformerDecoder(
             self.encoder.num_features,
             self.grid,
-            self.patch_size**2 * 3,
+            self.patch_size**2 * in_chans,
             decoder_dim,
             decoder_depth,
             decoder_heads,

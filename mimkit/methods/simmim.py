@@ -30,6 +30,7 @@ class SimMIM(MIMMethod):
         self,
         encoder: str = "mimswin_tiny_patch4_window16_256",
         img_size: int = 256,
+        in_chans: int = 3,
         mask_ratio: float = 0.6,
         mask_unit: int = 32,
         norm_pix_loss: bool = False,
@@ -37,7 +38,8 @@ class SimMIM(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
-        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.in_chans = in_chans
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
         self.mask_ratio, self.mask_unit, self.norm_pix_loss = mask_ratio, mask_unit, norm_pix_loss
         self.vit = is_vit(self.encoder)
@@ -56,7 +58,7 @@ class SimMIM(MIMMethod):
         self.grid = (img_size // self.patch_size, img_size // self.patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim0))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(dim_last, self.stride**2 * 3)  # a 1x1 conv on the final map
+        self.head = nn.Linear(dim_last, self.stride**2 * in_chans)  # a 1x1 conv on the final map
 
     def forward(self, batch: dict):
         imgs = batch["image"]

@@ -42,6 +42,7 @@ class UMMAE(MIMMethod):
         self,
         encoder: str = "mimswin_tiny_patch4_window16_256",
         img_size: int = 256,
+        in_chans: int = 3,
         sm_ratio: float = 0.25,
         norm_pix_loss: bool = True,
         decoder_dim: int = 512,
@@ -53,13 +54,14 @@ class UMMAE(MIMMethod):
         encoder_args: dict | None = None,
     ):
         super().__init__()
+        self.in_chans = in_chans
         if sampling not in ("uniform", "grid", "random"):
             raise ValueError("sampling must be 'uniform', 'grid' or 'random'")
         if decoder_pos_order not in ("block", "reference"):
             raise ValueError("decoder_pos_order must be 'block' or 'reference'")
         if not 0.0 <= sm_ratio < 1.0:
             raise ValueError(f"sm_ratio must be in [0, 1), got {sm_ratio}")
-        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args)
+        self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
         self.sm_ratio, self.norm_pix_loss, self.decoder_pos_order = sm_ratio, norm_pix_loss, decoder_pos_order
         self.vit = is_vit(self.encoder)
@@ -88,7 +90,7 @@ class UMMAE(MIMMethod):
             self.decoder = TransformerDecoder(
                 self.encoder.embed_dim,
                 self.grid,
-                self.patch_size**2 * 3,
+                self.patch_size**2 * in_chans,
                 decoder_dim,
                 decoder_depth,
                 decoder_heads,
@@ -97,7 +99,13 @@ class UMMAE(MIMMethod):
         else:
             self.to_decoder = nn.Linear(self.encoder.num_features, 4 * decoder_dim)
             self.decoder = TransformerDecoder(
-                None, self.grid, self.patch_size**2 * 3, decoder_dim, decoder_depth, decoder_heads, cls_token=False
+                None,
+                self.grid,
+                self.patch_size**2 * in_chans,
+                decoder_dim,
+                decoder_depth,
+                decoder_heads,
+                cls_token=False,
             )
         mae_init_(self.decoder)
 

@@ -1,0 +1,159 @@
+"""Any number of channels at full bit depth: decoding, statistics, every method's targets, figures, the real CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from mimkit.data.decode import BadImage, load_array, load_image
+from mimkit.data.transforms import compute_mean_std, eval_transform, pretrain_transform
+from mimkit.methods import create_method
+from mimkit.methods.registry import _REGISTRY
+from mimkit.viz import display_bands, reconstruction_panels
+
+
+def _gray16(path, h=40, w=48, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((h, w)) * 60000 + 1000).astype(np.uint16)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _bands(path, c=6, h=40, w=48, seed=0, planar=True, dtype=np.uint16):
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((c, h, w)) * 4000 + np.arange(c)[:, None, None] * 1000).astype(dtype)
+    if planar:
+        tifffile.imwrite(path, arr, photometric="minisblack", planarconfig="separate")
+    else:
+        tifffile.imwrite(path, np.moveaxis(arr, 0, -1), photometric="minisblack", planarconfig="contig")
+    return arr
+
+
+def test_16_bit_grey_keeps_full_precision(tmp_path):
+    arr = _gray16(tmp_path / "a.png")
+    x = load_array(tmp_path / "a.png", in_chans=1)
+    assert x.shape == (1, 40, 48) and x.dtype == torch.float32
+    np.testing.assert_allclose(x[0].numpy(), arr / 65535.0, rtol=1e-6)
+    assert len(torch.unique(x)) > 1000  # 8-bit would leave at most 256 levels
+
+
+@pytest.mark.parametrize("planar", [True, False])
+def test_multiband_tiff_planar_or_interleaved(tmp_path, planar):
+    arr = _bands(tmp_path / "b.tif", planar=planar)
+    x = load_array(tmp_path / "b.tif", in_chans=6)
+    assert x.shape == (6, 40, 48)
+    np.testing.assert_allclose(x.numpy(), arr / 65535.0, rtol=1e-6)
+
+
+def test_float_tiff_values_are_kept_and_shards_read_tiff_bytes(tmp_path):
+    import io
+
+    arr = _bands(tmp_path / "f.tif", c=4, dtype=np.float32)
+    x = load_array(io.BytesIO((tmp_path / "f.tif").read_bytes()), in_chans=4)  # a shard member, no file name
+    np.testing.assert_allclose(x.numpy(), arr)
+
+
+def test_other_channel_counts_and_damage_are_bad_images(tmp_path):
+    _bands(tmp_path / "b.tif")
+    with pytest.raises(BadImage, match="has 6 channel.*--in-chans 4"):
+        load_array(tmp_path / "b.tif", in_chans=4)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 40)
+    with pytest.raises(BadImage, match="cannot decode"):
+        load_array(tmp_path / "bad.tif", in_chans=6)
+    nan = np.full((3, 16, 16), np.nan, np.float32)
+    tifffile.imwrite(tmp_path / "nan.tif", nan, photometric="minisblack")
+    with pytest.raises(BadImage, match="NaN"):
+        load_array(tmp_path / "nan.tif", in_chans=3)
+    with pytest.raises(BadImage, match="too small"):
+        load_array(tmp_path / "b.tif", min_size=64, in_chans=6)
+
+
+def test_three_channels_keep_the_rgb_path(tmp_path):
+    _gray16(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png", 1, in_chans=3)
+    assert isinstance(img, Image.Image) and img.mode == "RGB"
+
+
+def test_transforms_and_statistics_for_n_channels(tmp_path):
+    paths = []
+    for i in range(3):
+        arr = np.full((5, 32, 32), (i + 1) * 6553, np.uint16)  # constant bands: mean known, std from the 3 images
+        arr[1] = 65535
+        tifffile.imwrite(tmp_path / f"{i}.tif", arr, photometric="minisblack")
+        paths.append(str(tmp_path / f"{i}.tif"))
+    mean, std = compute_mean_std(paths, in_chans=5)
+    assert mean[0] == pytest.approx(0.2, abs=1e-3) and mean[1] == pytest.approx(1.0, abs=1e-3)
+    assert std[1] < 1e-3 < std[0]
+    x = load_array(paths[0], in_chans=5)
+    out = pretrain_transform(16, mean, [s or 1.0 for s in std])(x)
+    assert out.shape == (5, 16, 16)
+    assert eval_transform(16, [0.5] * 5, [0.25] * 5)(x).shape == (5, 16, 16)
+
+
+PICO = sorted(n for n in _REGISTRY if "pico" in n)
+
+
+@pytest.mark.parametrize("name", PICO)
+def test_every_method_predicts_p_p_n_pixels(name):
+    torch.manual_seed(0)
+    net = create_method(name, in_chans=2)
+    s = net.img_size
+    images = torch.randn(2, 2, s, s)
+    loss, out = net({"image": images, "index": torch.arange(2)})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert out["pred"].shape[-1] == net.target(images).shape[-1]
+    assert net.target(images).shape[-1] % 2 == 0 and net.target(images).shape[-1] == net.patch_size**2 * 2
+    state, timm_name, kwargs = net.export_encoder()
+    assert kwargs["in_chans"] == 2  # the exported encoder rebuilds with its channel count
+
+
+def test_display_bands_grey_and_triplets():
+    x = torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 2, 2)
+    assert display_bands(x, [3, 2, 1])[0, :, 0, 0].tolist() == [3.0, 2.0, 1.0]
+    grey = display_bands(x[:, :1])
+    assert grey.shape[1] == 3 and torch.equal(grey[:, 0], grey[:, 2])
+    with pytest.raises(ValueError, match="6 channel"):
+        display_bands(x, [0, 1, 6])
+    net = create_method("mae_vit_pico_patch8", in_chans=6, img_size=32).eval()
+    panels = reconstruction_panels(net, torch.randn(2, 6, 32, 32), [0.0] * 6, [1.0] * 6, bands=[5, 0, 1])
+    assert all(p.shape == (2, 3, 32, 32) for p in panels)
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mimkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_cli_pretrains_16_bit_grey_and_6_band_tiff(tmp_path):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "b").mkdir()
+    for i in range(8):
+        _gray16(tmp_path / "g" / f"{i}.png", seed=i)
+        _bands(tmp_path / "b" / f"{i}.tif", seed=i)
+    common = ["--img-size", "64", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress"]
+    for data, n, model in (("g", 1, "umae_swin_pico_128"), ("b", 6, "mae_vit_pico_patch8")):
+        out = tmp_path / f"run-{data}"
+        r = _cli("pretrain", "--data", str(tmp_path / data), "--in-chans", str(n), "--model", model, *common,
+                 "--recon-every", "1", "--output", str(out), cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout)["steps"] == 2
+        ckpt = torch.load(next(out.glob("checkpoint-*.pt")), map_location="cpu", weights_only=True)
+        assert ckpt["config"]["in_chans"] == n and len(ckpt["config"]["mean"]) == n  # measured, one per channel
+        assert ckpt["config"]["compute_mean_std"] is True
+        assert (out / "recon" / "epoch-0001.png").is_file()
+        r = _cli("visualize", str(out), "--data", str(tmp_path / data), "--num", "2", "--out", str(tmp_path / "v.png"),
+                 *(["--bands", "5", "0", "1"] if n == 6 else []), cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    # a 4-channel model on 6-band images: every image is skipped, and the run says why in one line
+    r = _cli("pretrain", "--data", str(tmp_path / "b"), "--in-chans", "4", "--model", "mae_vit_pico_patch8", *common,
+             "--output", str(tmp_path / "run-x"), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and "has 6 channel(s), the model takes --in-chans 4" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
