@@ -33,8 +33,9 @@ class PretrainConfig:
     data: str = opt(
         "",
         "Images: an ImageFolder root (train/, optional val/), any folder tree of images, a text file with one image "
-        "path per line, or WebDataset tar shards (a folder of .tar files, train-{000000..000099}.tar, "
-        "pipe:COMMAND; see `mimkit shards`). Labels are never used for pretraining.",
+        "path per line, WebDataset tar shards (a folder of .tar files, train-{000000..000099}.tar, "
+        "pipe:COMMAND; see `mimkit shards`), or a Hugging Face dataset hf:NAME_OR_PATH[:SPLIT] (Parquet/Arrow; "
+        "see --image-column, --hf-streaming). Labels are never used for pretraining.",
         "data",
     )
     img_size: int | None = opt(None, "Input resolution in px (default: the model's).", "data", min=8)
@@ -85,8 +86,20 @@ class PretrainConfig:
     shard_index: str = opt(
         "", "Tar shards: the mimkit-shards.json with their sample counts (needed for pipe: sources).", "data"
     )
+    image_column: str = opt(
+        "", "hf: sources: the column holding the images (default: the first of Image type, or named image/img).", "data"
+    )
+    hf_streaming: bool = opt(
+        False,
+        "hf: sources: stream the rows (datasets' streaming=True) instead of converting them to a memory-mapped Arrow "
+        "cache first; for collections too large to copy, or remote ones.",
+        "data",
+    )
     shuffle_buffer: int = opt(
-        1000, "Tar shards: samples each loader worker holds in its shuffle buffer (1: shard order only).", "data", min=1
+        1000,
+        "Tar shards and streamed hf: sources: samples held in the shuffle buffer (1: shard order only).",
+        "data",
+        min=1,
     )
     # model
     model: str = opt("mae_vit_base_patch16", "Pretraining model: method + architecture (`mimkit models`).", "model")
@@ -274,6 +287,11 @@ class PretrainConfig:
                 f"monitor_data (--monitor-data) = {self.monitor_data!r}: not a labelled ImageFolder root "
                 "(train/<class>/..., optional val/<class>/...)"
             )
+        for name in ("image_column", "hf_streaming"):
+            if getattr(self, name) and not self.data.startswith("hf:"):
+                raise ConfigError(
+                    f"{_flag_of(name)}: only for Hugging Face sources (--data hf:NAME_OR_PATH), not {self.data!r}"
+                )
         if self.shard_index and not Path(self.shard_index).expanduser().is_file():
             raise ConfigError(f"shard_index (--shard-index) = {self.shard_index!r}: no such file")
         if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():

@@ -7,6 +7,7 @@ from typing import cast
 from mimkit.config import PretrainConfig
 from mimkit.data import ImageDataset, pretrain_transform
 from mimkit.data.decode import BadImage, load_image
+from mimkit.data.hf import HFStream, HFStreamDataset, is_hf_source
 from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
@@ -57,11 +58,34 @@ class PretrainTrainer(Trainer):
         super().__init__(cfg)
 
     def training_images(self):
-        if is_shard_source(self.cfg.data):
+        if is_hf_source(self.cfg.data):
+            self.images = self.hf_source()
+        elif is_shard_source(self.cfg.data):
             self.images = find_shards(self.cfg.data, self.cfg.shard_index)
         else:
             self.images = self.shared_index()
         return self.images
+
+    def hf_source(self):
+        """A Hugging Face dataset; for streaming, rank 0 counts the rows (when the dataset's info does not say) and
+        the other ranks take its count."""
+        from mimkit.data.hf import hf_images, hf_stream
+        from mimkit.engine.distributed import broadcast_object
+        from mimkit.errors import DataError
+
+        cfg = self.cfg
+        if not cfg.hf_streaming:
+            return hf_images(cfg.data, cfg.image_column)
+        error, stream = None, None
+        if self.dist.is_main:
+            try:
+                stream = hf_stream(cfg.data, cfg.image_column)
+            except DataError as err:
+                error = str(err)
+        error, count = broadcast_object((error, len(stream) if stream is not None else None))
+        if error is not None:
+            raise DataError(error)
+        return stream if stream is not None else hf_stream(cfg.data, cfg.image_column, count)
 
     def shared_index(self):
         """Rank 0 scans (or reuses DIR/data-index.npz), then the other ranks read that index."""
@@ -154,6 +178,9 @@ class PretrainTrainer(Trainer):
     def build_dataset(self, images) -> ImageDataset | ShardDataset:
         cfg = self.cfg
         transform = pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip)
+        if isinstance(images, HFStream):
+            stream = cast(ShardList, images)  # ShardDataset's plan and resume, over rows instead of tar members
+            return HFStreamDataset(stream, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
         if isinstance(images, ShardList):
             return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
         return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)

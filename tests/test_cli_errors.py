@@ -99,6 +99,7 @@ def explicit_cases(e) -> dict:
         "--output": [[e["file"]]],
         "--shard-index": [[missing + ".json"]],
         "--logger": [["bogus"], ["csv,nope"]],
+        "--image-column": [["image"]],  # the base's --data is a folder, not an hf: source
     }
     return {
         "pretrain": {

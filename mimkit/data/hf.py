@@ -1,0 +1,281 @@
+"""Hugging Face datasets as image sources: ``--data hf:NAME_OR_PATH[:SPLIT]`` (a Hub name, a local folder of
+Parquet/Arrow/image files, or a folder written by ``Dataset.save_to_disk``), map-style (memory-mapped Arrow, the
+default) or streaming (``--hf-streaming``: datasets' own ``streaming=True``, nothing converted or cached).
+
+Reading is the ``datasets`` library's; decoding is mimkit's own (``mimkit/data/decode.py``): the image column is cast
+to undecoded bytes, so bad images are skipped and counted like files, and 16-bit or multi-band images keep their
+precision. How a streaming epoch is split and resumed: docs/data.md, "Hugging Face datasets".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mimkit.data.shards import ShardDataset
+from mimkit.errors import DataError
+
+PREFIX = "hf:"
+IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "pixel_values")
+
+
+def is_hf_source(data: str) -> bool:
+    return str(data).startswith(PREFIX)
+
+
+def parse_hf_source(data: str) -> tuple[str, str]:
+    """``hf:NAME_OR_PATH[:SPLIT]`` -> (name or path, split; default ``train``)."""
+    body = str(data)[len(PREFIX) :]
+    name, split = body, "train"
+    if ":" in body:
+        head, tail = body.rsplit(":", 1)
+        if tail and "/" not in tail and not os.path.exists(body):
+            name, split = head, tail
+    if not name:
+        raise DataError(
+            f"--data {data}: give a dataset after hf:, e.g. hf:/data/my-parquet-folder or hf:user/name:train"
+        )
+    return name, split
+
+
+class NamedBytes(io.BytesIO):
+    """Image bytes from a dataset row; ``str()`` names the row for logs and ``skipped_images.tsv``."""
+
+    def __init__(self, data: bytes, label: str):
+        super().__init__(data)
+        self.label = label
+
+    def __str__(self) -> str:
+        return self.label
+
+    __repr__ = __str__
+
+
+def _to_source(value, label: str):
+    """A row's image value (undecoded ``{"bytes", "path"}``, raw bytes, or a file path) -> something
+    ``load_image`` opens."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return NamedBytes(value["bytes"], f"{label} ({value.get('path') or 'bytes'})")
+        if value.get("path"):
+            return value["path"]
+        raise DataError(f"{label}: the image cell is empty")
+    if isinstance(value, (bytes, bytearray)):
+        return NamedBytes(bytes(value), label)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return NamedBytes(b"", f"{label} (empty cell)")  # decodes as a bad image: skipped and counted
+    raise DataError(
+        f"{label}: the image column holds {type(value).__name__} values; it needs images, bytes or file paths "
+        "(choose another with --image-column)"
+    )
+
+
+def _image_column(ds, column: str, where: str) -> str:
+    import datasets
+
+    names = list(ds.features or {})
+    if column:
+        if column not in names:
+            raise DataError(f"--image-column {column}: {where} has no such column (columns: {', '.join(names)})")
+        feature = ds.features[column]
+        kind = getattr(feature, "dtype", "")
+        if not isinstance(feature, datasets.Image) and kind not in ("binary", "large_binary", "string", "large_string"):
+            raise DataError(
+                f"--image-column {column}: {where} holds {kind or type(feature).__name__} values there; it needs "
+                "images, bytes or file paths"
+            )
+        return column
+    typed = [n for n in names if isinstance(ds.features[n], datasets.Image)]
+    guess = typed or [n for n in names if n.lower() in IMAGE_COLUMN_GUESSES]
+    if not guess:
+        raise DataError(
+            f"{where}: no image column found (columns: {', '.join(names)}); name it with --image-column COLUMN"
+        )
+    return guess[0]
+
+
+def _undecoded(ds, column: str):
+    import datasets
+
+    if isinstance((ds.features or {}).get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds.select_columns([column])
+
+
+def load_hf(data: str, streaming: bool = False):
+    """The ``datasets`` object named by ``--data hf:...`` with only its image column, undecoded; (dataset, column)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data {data}: needs the datasets package; pip install 'mimkit[hf]'") from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    name, split = parse_hf_source(data)
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"--data {data}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            if streaming:
+                ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000)))
+        else:
+            ds = datasets.load_dataset(str(local) if local.exists() else name, split=split, streaming=streaming)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types for missing, malformed or unreachable sources
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"--data {data}: cannot load it with datasets ({type(err).__name__}: {first})") from None
+    return ds
+
+
+@dataclass
+class HFColumn:
+    """Lazy, index-addressed image cells of a map-style dataset (what ``ImageDataset`` reads as ``paths``)."""
+
+    dataset: object
+    column: str
+    root: str
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self.dataset[int(i)]  # type: ignore[index]
+        return _to_source(row[self.column], f"{self.root}[{int(i)}]")
+
+
+@dataclass
+class HFImages:
+    """A map-style Hugging Face dataset as the trainer's image list (labels unused by pretraining)."""
+
+    paths: HFColumn
+    root: str
+    labels: None = None
+    classes: list = field(default_factory=list)
+    ignored: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def hf_images(data: str, image_column: str = "") -> HFImages:
+    ds = load_hf(data, streaming=False)
+    column = _image_column(ds, image_column, f"--data {data}")
+    ds = _undecoded(ds, column)
+    if len(ds) == 0:
+        raise DataError(f"--data {data}: the split holds no rows")
+    return HFImages(HFColumn(ds, column, data), data)
+
+
+@dataclass
+class HFStream:
+    """A streaming Hugging Face dataset with its number of rows (from the dataset's info, else counted once)."""
+
+    dataset: object
+    column: str
+    root: str
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, seed: int | None, buffer: int) -> Iterator:
+        """All image cells, shuffled (shard order and a ``buffer``-row window, seeded) unless ``seed`` is None.
+        ``IterableDataset.iter`` reads the whole stream in this process, not datasets' per-worker share."""
+        ds = self.dataset if seed is None else self.dataset.shuffle(seed=seed, buffer_size=buffer)  # type: ignore[attr-defined]
+        for batch in ds.iter(batch_size=256):
+            yield from batch[self.column]
+
+    @property
+    def paths(self) -> list:
+        """Up to 1,000 images from the start of the stream (``--compute-mean-std``, reconstruction figures)."""
+        files = []
+        for i, value in enumerate(self.rows(None, 1)):
+            files.append(_to_source(value, f"{self.root}[{i}]"))
+            if len(files) >= 1000:
+                break
+        return files
+
+
+def hf_stream(data: str, image_column: str = "", count: int | None = None) -> HFStream:
+    """The streaming source with its row count: ``count`` when known (rank 0 counted it), else from the dataset's
+    info, else one pass over the undecoded image column."""
+    ds = load_hf(data, streaming=True)
+    column = _image_column(ds, image_column, f"--data {data}")
+    ds = _undecoded(ds, column)
+    name, split = parse_hf_source(data)
+    splits = getattr(ds.info, "splits", None) or {}
+    if count is None and split in splits and splits[split].num_examples:
+        count = splits[split].num_examples
+    if count is None:  # local Parquet/Arrow: one pass over the undecoded column
+        count = sum(len(batch[column]) for batch in ds.iter(batch_size=1024))
+    if count == 0:
+        raise DataError(f"--data {data}: the split holds no rows")
+    return HFStream(ds, column, data, count)
+
+
+class HFStreamDataset(ShardDataset):
+    """A streaming Hugging Face dataset in ``ShardDataset``'s epoch plan: the (rank, worker) slots take every
+    ``slots``-th row of one seeded, shuffled stream, so no row is read twice in an epoch; resume and the equal
+    number of batches per rank work as for tar shards (docs/data.md)."""
+
+    shards: HFStream  # type: ignore[assignment]
+
+    def plan(self, rank: int, world: int, workers: int, batch_size: int) -> int:
+        self.rank, self.world, self.workers, self.batch_size = rank, world, max(1, workers), batch_size
+        slots = world * self.workers
+        n = len(self.shards)
+        per_slot = [n // slots + (1 if k < n % slots else 0) for k in range(slots)]
+        self.slots = [[k] for k in range(slots)]
+        self.batches = min(
+            sum(per_slot[r * self.workers + w] // batch_size for w in range(self.workers)) for r in range(world)
+        )
+        if self.batches == 0:
+            raise DataError(
+                f"{self.shards.root}: {n} rows are too few for {world} rank(s) x {self.workers} loader worker(s) "
+                f"x batch {batch_size}; use fewer workers (--num-workers) or a smaller --batch-size"
+            )
+        return self.batches
+
+    def _raw_samples(self, worker: int, repeat: int = 0):
+        slot, slots = self.slots[self.rank * self.workers + worker][0], self.world * self.workers
+        seed = int.from_bytes(hashlib.blake2b(f"{self.seed}:{self.epoch}".encode(), digest_size=4).digest(), "little")
+        try:
+            for j, value in enumerate(self.shards.rows(seed, self.shuffle_buffer)):
+                if j % slots == slot:
+                    yield {"__url__": self.shards.root, "__key__": _row_key(value, j), "cell": value}
+        except DataError:
+            raise
+        except Exception as err:  # a damaged Parquet file or a lost connection: the stream cannot go on
+            raise DataError(f"{self.shards.root}: reading the stream failed ({type(err).__name__}: {err})") from None
+
+    def _decode(self, sample: dict, key: str):
+        from mimkit.data.dataset import sample_seed, seeded
+        from mimkit.data.decode import load_image
+
+        img = load_image(_to_source(sample["cell"], key), self.min_image_size, self.in_chans)
+        with seeded(sample_seed(self.seed, self.epoch, key)):
+            return self.transform(img)
+
+
+def _row_key(value, position: int) -> str:
+    """A stable name for a row (the shuffled position changes every epoch): its file name and a digest of its
+    bytes, so that its augmentation seed and its index (CoMA keys masks on it) do not depend on the epoch."""
+    if isinstance(value, dict):
+        data, name = value.get("bytes") or b"", value.get("path") or ""
+    elif isinstance(value, (bytes, bytearray)):
+        data, name = bytes(value), ""
+    else:
+        data, name = str(value).encode(), str(value)
+    return f"{name}:{hashlib.blake2b(data, digest_size=8).hexdigest()}" if data or name else f"row{position}"

@@ -1,0 +1,165 @@
+"""Hugging Face datasets (tiny Parquet and save_to_disk folders written here, no network): the same images as the
+folder they were made from, map-style and streaming; no row twice in an epoch across 2 ranks x 2 workers; bad
+cells skipped and counted; an exact mid-epoch resume; pretraining through the real CLI; one-line errors."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from mimkit.data import ImageDataset, collate, find_images
+from mimkit.data.hf import HFStreamDataset, hf_images, hf_stream, is_hf_source, parse_hf_source
+from mimkit.errors import DataError
+
+datasets = pytest.importorskip("datasets")
+
+
+def _rows(folder, broken=()):
+    paths = list(find_images(folder).paths)
+    cells = []
+    for i, p in enumerate(paths):
+        data = b"\x89PNG broken" if i in broken else open(p, "rb").read()
+        cells.append({"bytes": data, "path": p.rsplit("/", 1)[-1]})
+    return paths, cells
+
+
+def _write(folder, out, broken=(), parts=3):
+    _, cells = _rows(folder, broken)
+    features = datasets.Features({"image": datasets.Image(), "idx": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": cells, "idx": list(range(len(cells)))}, features=features)
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(parts):
+        ds.shard(parts, k, contiguous=True).to_parquet(str(out / f"train-{k:03d}.parquet"))
+    return ds
+
+
+@pytest.fixture(scope="module")
+def parquet(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pq")
+    _write(tiny_folder, out)
+    return out
+
+
+def _plain():
+    return T.Compose([T.Resize((16, 16)), T.ToTensor()])
+
+
+def _epoch(ds, rank, world, workers, batch, epoch=0, skip=0):
+    ds.plan(rank, world, workers, batch)
+    ds.set_epoch(epoch, skip)
+    return list(DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate, drop_last=True))
+
+
+def _folder_sums(folder):
+    to_tensor = _plain()
+    return sorted(to_tensor(Image.open(p).convert("RGB")).sum().item() for p in find_images(folder).paths)
+
+
+def test_source_names():
+    assert is_hf_source("hf:/data/x") and not is_hf_source("/data/x")
+    assert parse_hf_source("hf:user/name") == ("user/name", "train")
+    assert parse_hf_source("hf:user/name:validation") == ("user/name", "validation")
+    assert parse_hf_source("hf:/data/pq:test") == ("/data/pq", "test")
+
+
+def test_map_style_parquet_and_saved_dataset_give_the_folders_images(tiny_folder, parquet, tmp_path):
+    expected = _folder_sums(tiny_folder)
+    images = hf_images(f"hf:{parquet}")
+    assert len(images) == len(expected) == 24
+    ds = ImageDataset(images, _plain(), min_image_size=1)
+    assert sorted(ds[i]["image"].sum().item() for i in range(len(ds))) == pytest.approx(expected)
+    saved = tmp_path / "saved"
+    _write(tiny_folder, tmp_path / "unused").save_to_disk(str(saved))
+    ds = ImageDataset(hf_images(f"hf:{saved}"), _plain(), min_image_size=1)
+    assert sorted(ds[i]["image"].sum().item() for i in range(len(ds))) == pytest.approx(expected)
+
+
+def test_streaming_gives_the_folders_images_and_counts_rows(tiny_folder, parquet):
+    stream = hf_stream(f"hf:{parquet}")
+    assert len(stream) == 24
+    ds = HFStreamDataset(stream, _plain(), min_image_size=1, seed=0, shuffle_buffer=5)
+    batches = _epoch(ds, 0, 1, 1, 4)
+    got = sorted(x.sum().item() for b in batches for x in b["image"])
+    assert got == pytest.approx(_folder_sums(tiny_folder))
+
+
+def test_two_ranks_two_workers_never_see_a_row_twice(parquet):
+    stream = hf_stream(f"hf:{parquet}")
+    seen = []
+    for rank in (0, 1):
+        ds = HFStreamDataset(stream, _plain(), min_image_size=1, seed=1, shuffle_buffer=4)
+        batches = _epoch(ds, rank, 2, 2, 2)
+        assert len(batches) == ds.batches == 6  # 24 rows, 4 slots of 6, batch 2: every row used
+        seen += [int(i) for b in batches for i in b["index"]]
+    assert len(seen) == len(set(seen)) == 24
+
+
+def test_epochs_reshuffle_and_resume_mid_epoch_is_exact(parquet):
+    stream = hf_stream(f"hf:{parquet}")
+    ds = HFStreamDataset(stream, T.Compose([T.RandomResizedCrop(16), T.ToTensor()]), 1, seed=3, shuffle_buffer=4)
+    full = _epoch(ds, 0, 1, 2, 3, epoch=1)
+    order = [int(i) for b in full for i in b["index"]]
+    assert order == [int(i) for b in _epoch(ds, 0, 1, 2, 3, epoch=1) for i in b["index"]]
+    assert order != [int(i) for b in _epoch(ds, 0, 1, 2, 3, epoch=2) for i in b["index"]]
+    for skip in (3,):  # odd: the workers swap roles
+        rest = _epoch(ds, 0, 1, 2, 3, epoch=1, skip=skip)
+        assert len(rest) == len(full) - skip
+        for a, b in zip(full[skip:], rest):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+
+
+def test_bad_cells_are_skipped_and_counted(tiny_folder, tmp_path):
+    _write(tiny_folder, tmp_path / "pq", broken=(2, 7))
+    ds = ImageDataset(hf_images(f"hf:{tmp_path / 'pq'}"), _plain(), min_image_size=1)
+    skipped = [s for i in range(len(ds)) for s in ds[i]["skipped"]]
+    assert len(skipped) == 2 and all("cannot decode" in reason for _, reason in skipped)
+    assert all(str(tmp_path / "pq") in str(name) for name, _ in skipped)
+    stream = HFStreamDataset(hf_stream(f"hf:{tmp_path / 'pq'}"), _plain(), 1, seed=0, shuffle_buffer=3)
+    batches = _epoch(stream, 0, 1, 1, 4)
+    assert sum(len(b["skipped"]) for b in batches) >= 2 and sum(len(b["image"]) for b in batches) == 24
+
+
+def test_one_line_errors_for_bad_sources(parquet, tmp_path):
+    with pytest.raises(DataError, match="cannot load it with datasets"):
+        hf_images(f"hf:{tmp_path / 'nothing-here'}")
+    with pytest.raises(DataError, match="--image-column nope: .* no such column"):
+        hf_images(f"hf:{parquet}", "nope")
+    with pytest.raises(DataError, match="--image-column idx: .*int64"):
+        hf_images(f"hf:{parquet}", "idx")
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mimkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_cli_pretrains_from_parquet_map_style_and_streaming(parquet, tmp_path):
+    common = ["--model", "mae_vit_pico_patch8", "--img-size", "32", "--epochs", "1", "--batch-size", "4"]
+    for extra in ([], ["--hf-streaming"]):
+        out = tmp_path / f"run{len(extra)}"
+        r = _cli("pretrain", "--data", f"hf:{parquet}", *common, "--num-workers", "2", "--no-progress",
+                 "--output", str(out), *extra, cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert '"steps": 6' in r.stdout
+    r = _cli("pretrain", "--data", f"hf:{parquet}", "--image-column", "nope", *common, "--output",
+             str(tmp_path / "bad"), cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--image-column nope" in r.stderr
+
+
+def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
+    paths, cells = _rows(tiny_folder)
+    ds = datasets.Dataset.from_dict({"png": [c["bytes"] for c in cells], "file": paths})
+    ds.to_parquet(str(tmp_path / "bytes.parquet"))
+    images = hf_images(f"hf:{tmp_path}", "png")  # a binary column named by --image-column
+    assert isinstance(images.paths[0], io.BytesIO)
+    (tmp_path / "bytes.parquet").unlink()
+    ds.to_parquet(str(tmp_path / "paths.parquet"))
+    images = hf_images(f"hf:{tmp_path}", "file")  # a column of file paths
+    assert images.paths[3] == paths[3]
