@@ -12,6 +12,7 @@ import torch
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.trainer import autocast_context
 from mimkit.methods import create_method
+from mimkit.models._size import pair
 
 
 def _set_mmap_threshold(nbytes: int) -> None:
@@ -112,7 +113,8 @@ def bench_model(
     opt = build_optimizer(model.param_groups(0.05), 1e-4, model.betas, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     run = torch.compile(model) if compile else model
-    batch = {"image": torch.randn(batch_size, 3, size, size, device=device)}
+    height, width = pair(size)
+    batch = {"image": torch.randn(batch_size, model.in_chans, height, width, device=device)}
 
     def train_step():
         with autocast_context(precision, device, cpu_autocast):
@@ -211,4 +213,68 @@ def format_table(results: list[dict]) -> str:
         f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
         f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory)"
     )
+    return "\n".join(lines)
+
+
+def bench_data(cfg, workers: list[int], batches: int, warmup: int = 2) -> list[dict]:
+    """Decoded + augmented images per second from ``cfg.data`` through the training dataset and loader (the same
+    code as pretraining: decoding, skip-and-count, augmentation, collation), for each number of loader ``workers``.
+    The first ``warmup`` batches (worker start-up, file-system cache) are timed apart."""
+    from mimkit.engine.data import epoch_data
+    from mimkit.pretraining import pretrain_dataset, source_images
+
+    images = source_images(cfg)
+    rows = []
+    for n in workers:
+        dataset = pretrain_dataset(cfg, images)
+        data = epoch_data(dataset, cfg.batch_size, n, 0, 1, cfg.seed)
+        if data.batches_per_epoch() < warmup + batches:
+            from mimkit.errors import ConfigError
+
+            raise ConfigError(
+                f"--batches {batches}: {cfg.data} gives {data.batches_per_epoch()} batches of {cfg.batch_size} with "
+                f"{n} worker(s), fewer than {warmup} warm-up + {batches} timed; lower --batches or --batch-size"
+            )
+        start = time.perf_counter()
+        it = iter(data.loader(0, 0, torch.device("cpu")))
+        skipped = sum(len(next(it)["skipped"]) for _ in range(warmup))
+        first = time.perf_counter()
+        got = 0
+        for _ in range(batches):
+            batch = next(it)
+            got += len(batch["image"])
+            skipped += len(batch["skipped"])
+        end = time.perf_counter()
+        del it
+        timed = end - first
+        rows.append(
+            {
+                "source": cfg.data,
+                "workers": n,
+                "batch_size": cfg.batch_size,
+                "img_size": cfg.img_size,
+                "images": got,
+                "startup_s": round(first - start, 2),
+                "images_per_s": round(got / timed, 1) if timed > 0 and got else 0.0,
+                "per_worker": round(got / timed / max(1, n), 1) if timed > 0 and got else 0.0,
+                "skipped": skipped,
+            }
+        )
+    return rows
+
+
+def format_data_table(rows: list[dict], model_rate: dict | None = None) -> str:
+    lines = [f"{'source':40s} {'workers':>7s} {'img/s':>8s} {'per worker':>10s} {'start-up s':>10s} {'skipped':>7s}"]
+    for r in rows:
+        lines.append(
+            f"{r['source'][-40:]:40s} {r['workers']:7d} {r['images_per_s']:8.1f} {r['per_worker']:10.1f} "
+            f"{r['startup_s']:10.2f} {r['skipped']:7d}"
+        )
+    if model_rate:
+        best = max(r["images_per_s"] for r in rows)
+        verdict = "keeps up" if best >= model_rate["images_per_s"] else "is the bottleneck"
+        lines.append(
+            f"model {model_rate['model']} at {model_rate['img_size']} px on {model_rate['device']}: "
+            f"{model_rate['images_per_s']:.1f} img/s per process; the loader at its best ({best:.1f} img/s) {verdict}"
+        )
     return "\n".join(lines)

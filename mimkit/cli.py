@@ -169,6 +169,7 @@ def cmd_finetune(args):
 
 def cmd_knn(args):
     from mimkit.eval import knn_evaluate
+    from mimkit.models._size import size_text
 
     device = _device(args.device)
     model, img_size, mean, std = _load_model(args)
@@ -193,7 +194,7 @@ def cmd_knn(args):
         json.dumps(res, indent=2)
         if args.json
         else f"kNN (k={res['k']}, T={res['temperature']}) top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-        f"({res['n_train']} train / {res['n_val']} val images, {res['classes']} classes, {img_size} px)"
+        f"({res['n_train']} train / {res['n_val']} val images, {res['classes']} classes, {size_text(img_size)})"
     )
     return res
 
@@ -311,6 +312,37 @@ def cmd_bench(args):
     else:
         print(format_table(results))
     return results
+
+
+def cmd_bench_data(args):
+    from mimkit.bench import bench_data, bench_model, format_data_table
+    from mimkit.config import PretrainConfig, config_from_dict
+
+    model_rate = None
+    img_size = args.img_size
+    dev = _device(args.device)
+    if args.model:
+        _check_model_specs([args.model], {})
+        extra = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
+        model_rate = bench_model(args.model, args.batch_size, img_size, args.steps, 2, args.precision, dev, **extra)
+        img_size = model_rate["img_size"]
+    values = dict(
+        data=args.data,
+        img_size=img_size or 224,
+        batch_size=args.batch_size,
+        in_chans=args.in_chans,
+        image_column=args.image_column,
+        hf_streaming=args.hf_streaming,
+        shard_index=args.shard_index,
+        seed=0,
+    )
+    cfg = config_from_dict(PretrainConfig, values, "bench-data")
+    rows = bench_data(cfg, args.workers, args.batches, args.warmup)
+    if args.json:
+        print(json.dumps({"loader": rows, "model": model_rate}, indent=2))
+    else:
+        print(format_data_table(rows, model_rate))
+    return rows, model_rate
 
 
 def cmd_shards(args):
@@ -564,6 +596,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-data",
+        help="decoded + augmented images/s of a data source through the training loader, per number of workers, "
+        "next to a model's training-step rate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="any --data source of `mimkit pretrain`")
+    p.add_argument("--img-size", type=_number(int, 8), default=None, help="crop size (default: --model's, else 224)")
+    p.add_argument("--batch-size", type=POS_INT, default=64)
+    p.add_argument("--workers", type=NONNEG_INT, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
+    p.add_argument("--batches", type=POS_INT, default=10, help="timed batches per worker count")
+    p.add_argument("--warmup", type=NONNEG_INT, default=2, help="batches before timing (start-up, caches)")
+    p.add_argument("--in-chans", type=_number(int, 1, 1024), default=3, help="as pretrain --in-chans")
+    p.add_argument("--image-column", default="", help="hf: sources: as pretrain --image-column")
+    p.add_argument("--hf-streaming", action="store_true", help="hf: sources: stream")
+    p.add_argument("--shard-index", default="", help="tar shards: as pretrain --shard-index")
+    p.add_argument("--model", default=None, help="also time this model's training step (images/s per process)")
+    p.add_argument("--steps", type=POS_INT, default=5, help="timed model steps")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (for --model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_data)
 
     p = sub.add_parser(
         "mask-frequency",

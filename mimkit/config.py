@@ -38,7 +38,13 @@ class PretrainConfig:
         "see --image-column, --hf-streaming). Labels are never used for pretraining.",
         "data",
     )
-    img_size: int | None = opt(None, "Input resolution in px (default: the model's).", "data", min=8)
+    img_size: int | list[int] | None = opt(
+        None,
+        "Input size in px: one value (square) or HEIGHT WIDTH (MAE, SimMIM, LoMaR, UM-MAE; each side must fit the "
+        "backbone's window rules) (default: the model's).",
+        "data",
+        min=8,
+    )
     in_chans: int = opt(
         3,
         "Image channels the model takes. 3: every image becomes 8-bit RGB. Any other number: images are read at full "
@@ -106,6 +112,14 @@ class PretrainConfig:
     mask_ratio: float | None = opt(None, "Fraction of patches masked (default: the method's).", "model", gt=0, lt=1)
     norm_pix_loss: bool | None = opt(None, "Per-patch normalized pixel targets (default: the method's).", "model")
     drop_path: float = opt(0.0, "Stochastic depth rate of the encoder.", "model", min=0, lt=1)
+    init: str = opt(
+        "",
+        "Start from these weights instead of a random initialization (a fresh run only; a resume uses its "
+        "checkpoint): MAE's released ViT files (encoder or *_full), timm ViT weights, UM-MAE's Swin/PVT/ViT files, "
+        "SimMIM's Swin files, or a mimkit checkpoint/export. Loaded, new and ignored tensors are reported in "
+        "DIR/init-report.json (docs/transfer.md).",
+        "model",
+    )
     model_args: dict = opt(
         None,
         "Extra model options as a mapping (CLI: --model-arg key=value, repeatable); `mimkit models NAME` lists them.",
@@ -174,6 +188,15 @@ class PretrainConfig:
     )
     rollback_lr_factor: float = opt(0.5, "Learning-rate multiplier applied at each rollback.", "safety", gt=0, max=1)
     max_rollbacks: int = opt(3, "Rollbacks allowed in one run before the guard stops it.", "safety", min=0)
+    strategy: str = opt(
+        "ddp",
+        "Several processes: ddp (a full replica per GPU) or fsdp (PyTorch FSDP2: parameters, gradients and optimizer "
+        "state sharded over the ranks, every transformer block gathered for its own compute; bf16 compute with fp32 "
+        "gradient reduction under --precision bf16). Checkpoints are the same single file either way "
+        "(docs/clusters.md).",
+        "training",
+        choices=["ddp", "fsdp"],
+    )
     dist_timeout_min: float = opt(
         30.0,
         "Timeout of collective operations across ranks: a rank that stopped "
@@ -292,6 +315,8 @@ class PretrainConfig:
                 raise ConfigError(
                     f"{_flag_of(name)}: only for Hugging Face sources (--data hf:NAME_OR_PATH), not {self.data!r}"
                 )
+        if self.init and not Path(self.init).expanduser().is_file():
+            raise ConfigError(f"init (--init) = {self.init!r}: no such weights file")
         if self.shard_index and not Path(self.shard_index).expanduser().is_file():
             raise ConfigError(f"shard_index (--shard-index) = {self.shard_index!r}: no such file")
         if Path(self.output).expanduser().exists() and not Path(self.output).expanduser().is_dir():
@@ -337,6 +362,15 @@ def _check_number(name: str, value, kind: str, meta) -> float | int:
     return float(value) if kind == "float" else value
 
 
+def _check_img_size(value, meta) -> int | list[int]:
+    """``img_size``: an int, or one or two ints (HEIGHT WIDTH); an int when square, as saved configs have it."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not 1 <= len(values) <= 2:
+        raise ConfigError(f"img_size (--img-size) = {value!r}: give one size (square) or two: HEIGHT WIDTH")
+    sides = [int(_check_number("img_size", v, "int", meta)) for v in values]
+    return sides[0] if len(set(sides)) == 1 else sides
+
+
 def validate_config(cfg) -> None:
     """Check the type and range of every option, then the pairs (``cfg.check_pairs()``); raises ``ConfigError``
     naming the option, its value and what is valid. Numbers given as int for float options become floats."""
@@ -361,7 +395,9 @@ def validate_config(cfg) -> None:
                     setattr(cfg, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
                 continue
             raise ConfigError(f"{_flag_of(f.name)} = null: a value is required")
-        if base in ("int", "float"):
+        if f.name == "img_size":
+            setattr(cfg, f.name, _check_img_size(value, meta))
+        elif base in ("int", "float"):
             setattr(cfg, f.name, _check_number(f.name, value, base, meta))
         elif base == "bool":
             if not isinstance(value, bool):
@@ -470,6 +506,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif ftype.startswith("bool"):
             group.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif f.name == "img_size":
+            group.add_argument(
+                _flag(f.name), dest=f.name, nargs="+", type=int, default=None, metavar="PX", help=help_text
             )
         elif ftype.startswith("list"):
             kind = int if ftype.startswith("list[int]") else float

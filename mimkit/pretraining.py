@@ -105,12 +105,13 @@ class PretrainTrainer(Trainer):
         return images if images is not None else indexed_images(self.cfg.data, self.out)
 
     def after_epoch(self, record) -> None:
-        """The kNN monitor (--monitor-data) and the reconstruction grid (--recon-every), on rank 0. Both run under a
+        """The kNN monitor (--monitor-data) and the reconstruction grid (--recon-every), on rank 0 (on every rank under
+        FSDP, whose forward passes gather weights from all ranks; rank 0 records). Both run under a
         saved-and-restored random state, so that they do not change the training run."""
         cfg = self.cfg
         monitor = bool(cfg.monitor_data) and self.epoch % cfg.monitor_every == 0
         recon = cfg.recon_every > 0 and self.epoch % cfg.recon_every == 0
-        if not self.dist.is_main or not (monitor or recon):
+        if not (self.dist.is_main or self.fsdp) or not (monitor or recon):
             return
         from mimkit.data.dataset import seeded
 
@@ -128,7 +129,8 @@ class PretrainTrainer(Trainer):
                         cfg.std,
                         device=self.dist.device,
                     )
-                    record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})
+                    if self.dist.is_main:
+                        record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})
                     self.log.info("epoch %d: kNN top-1 %.2f%% on %s", self.epoch, res["top1"], cfg.monitor_data)
                 if recon:
                     self.reconstruction_grid()
@@ -156,6 +158,11 @@ class PretrainTrainer(Trainer):
                 if len(picked) == 8:
                     break
             self.recon_images = torch.stack(picked)
+        if not self.dist.is_main:  # under FSDP: take part in the forward passes, draw nothing
+            from mimkit.viz import reconstruction_panels
+
+            reconstruction_panels(self.model, self.recon_images.to(self.dist.device), cfg.mean, cfg.std)
+            return
         path = self.out / "recon" / f"epoch-{self.epoch:04d}.png"
         path.parent.mkdir(exist_ok=True)
         save_reconstruction_figure(
@@ -175,15 +182,44 @@ class PretrainTrainer(Trainer):
             model.set_grad_checkpointing(True)
         return model
 
+    def initial_weights(self) -> None:
+        """--init: public or mimkit weights mapped onto the model; the report goes to the log and DIR."""
+        if not self.cfg.init:
+            return
+        import json
+
+        from mimkit.weights import load_public_weights
+
+        report = load_public_weights(self.model, self.cfg.init)
+        self.log.info("%s", report.summary())
+        if self.dist.is_main:
+            (self.out / "init-report.json").write_text(json.dumps(report.to_dict(), indent=1))
+
     def build_dataset(self, images) -> ImageDataset | ShardDataset:
-        cfg = self.cfg
-        transform = pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip)
-        if isinstance(images, HFStream):
-            stream = cast(ShardList, images)  # ShardDataset's plan and resume, over rows instead of tar members
-            return HFStreamDataset(stream, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
-        if isinstance(images, ShardList):
-            return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
-        return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)
+        return pretrain_dataset(self.cfg, images)
+
+
+def pretrain_dataset(cfg: PretrainConfig, images) -> ImageDataset | ShardDataset:
+    """The augmented training dataset over ``images`` (a folder/list index, tar shards or a Hugging Face source)."""
+    transform = pretrain_transform(cast(int, cfg.img_size), cfg.mean, cfg.std, cfg.crop_scale, hflip=cfg.hflip)
+    if isinstance(images, HFStream):
+        stream = cast(ShardList, images)  # ShardDataset's plan and resume, over rows instead of tar members
+        return HFStreamDataset(stream, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
+    if isinstance(images, ShardList):
+        return ShardDataset(images, transform, cfg.min_image_size, cfg.seed, cfg.shuffle_buffer, cfg.in_chans)
+    return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)
+
+
+def source_images(cfg: PretrainConfig):
+    """The images of ``cfg.data`` in one process (no shared index): for benchmarks and tools."""
+    from mimkit.data import find_images
+    from mimkit.data.hf import hf_images, hf_stream
+
+    if is_hf_source(cfg.data):
+        return hf_stream(cfg.data, cfg.image_column) if cfg.hf_streaming else hf_images(cfg.data, cfg.image_column)
+    if is_shard_source(cfg.data):
+        return find_shards(cfg.data, cfg.shard_index)
+    return find_images(cfg.data)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

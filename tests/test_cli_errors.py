@@ -83,6 +83,7 @@ def env(tiny_folder, tmp_path_factory):
         "ablate-masking": ["--data", data, "--output", str(tmp / "a"), "--epochs", "1"],
         "demo": ["--data", data, "--output", str(tmp / "d"), "--minutes", "0.01"],
         "shards": ["--data", data, "--out", str(tmp / "s"), "--no-progress"],
+        "bench-data": ["--data", data, "--img-size", "32", "--batch-size", "2", "--batches", "1", "--workers", "0"],
         "models": [],
         "recipes": [],
     }
@@ -132,6 +133,13 @@ def explicit_cases(e) -> dict:
         "ablate-masking": {"--data": [[missing]], "--output": [[e["file"]]], "--recipe": [["no_such_recipe"]]},
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
         "shards": {"--data": [[missing]], "--out": [[e["file"]]]},
+        "bench-data": {
+            "--data": [[missing]],
+            "--image-column": [["image"]],  # the base's --data is a folder, not an hf: source
+            "--shard-index": [[missing + ".json"]],
+            "--model": [["no_such_model"]],
+            "--device": [["tpu"]],
+        },
     }
 
 

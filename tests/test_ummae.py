@@ -65,11 +65,13 @@ def test_gather_compaction_equals_dilated_ones_conv(k):
 
 
 @pytest.mark.parametrize("shifted", [False, True])
-def test_compact_window_attention_equals_masked_full_resolution(shifted):
+@pytest.mark.parametrize("grid", [(8, 8), (8, 16)])
+def test_compact_window_attention_equals_masked_full_resolution(shifted, grid):
     """Stage-1 Swin block on the compact map (window 8, shift 4) == full-resolution window 16 / shift 8 block with
-    the dropped tokens' keys masked out, at the kept tokens (docs/methods.md 4.5, paper Fig. 3)."""
+    the dropped tokens' keys masked out, at the kept tokens (docs/methods.md 4.5, paper Fig. 3); square and
+    rectangular grids."""
     torch.manual_seed(0)
-    n, c, grid, k = 2, 16, (8, 8), 4  # 8x8 patches of 16 px, 4x4 tokens each: a 32x32 token map
+    n, c, k = 2, 16, 4  # patches of 16 px, 4x4 tokens each: a 32x32 (or 32x64) token map
     block = SwinBlock(c, num_heads=2, mlp_ratio=2.0, shifted=shifted).eval()
     for p in block.attn.pos_mlp.parameters():
         torch.nn.init.normal_(p, std=0.5)  # a clearly non-trivial position bias
@@ -102,12 +104,22 @@ def test_decoder_positions_follow_the_compaction_order():
     assert (placed_ref[kept] != torch.nonzero(kept)[:, 1].float()).any()  # the released code's mismatch
 
 
-@pytest.mark.parametrize("name", ["umae_swin_pico_128", "umae_pvt_pico_128", "umae_vit_pico_patch8"])
-def test_ummae_forward_loss_on_dropped_only_and_encoder_ignores_dropped_pixels(name):
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("umae_swin_pico_128", None),
+        ("umae_pvt_pico_128", None),
+        ("umae_vit_pico_patch8", None),
+        ("umae_swin_pico_128", (64, 128)),
+        ("umae_pvt_pico_128", (128, 64)),
+        ("umae_vit_pico_patch8", (32, 48)),
+    ],
+)
+def test_ummae_forward_loss_on_dropped_only_and_encoder_ignores_dropped_pixels(name, size):
     torch.manual_seed(0)
-    model = create_method(name).eval()
-    s = model.img_size
-    x = torch.randn(2, 3, s, s)
+    model = create_method(name, **({"img_size": size} if size else {})).eval()
+    h, w = (model.img_size,) * 2 if isinstance(model.img_size, int) else model.img_size
+    x = torch.randn(2, 3, h, w)
     torch.manual_seed(7)
     us, ids, sm = model.draw_masks(2, "cpu")
     lat = model.encode(x, ids, sm)
@@ -121,11 +133,19 @@ def test_ummae_forward_loss_on_dropped_only_and_encoder_ignores_dropped_pixels(n
 
 
 def test_sizes_that_break_window_rules_name_valid_sizes():
-    with pytest.raises(ValueError, match=r"Valid sizes up to 512 px: \[32, 64, 128, 256, 512\]"):
+    with pytest.raises(ValueError, match=r"Valid sides up to 512 px: \[32, 64, 128, 256, 512\]"):
         timm.create_model("mimswin_tiny_patch4_window16_256", img_size=224)
+    with pytest.raises(ValueError, match=r"224x256 px does not fit .* Valid sides"):
+        timm.create_model("mimswin_tiny_patch4_window16_256", img_size=(224, 256))
     with pytest.raises(ValueError, match="divisible by 64"):
         create_method("umae_swin_pico_128", img_size=32)
-    with pytest.raises(ValueError, match="Valid sizes"):
+    with pytest.raises(ValueError, match="divisible by 64 .* 96x128 px"):
+        create_method("umae_pvt_pico_128", img_size=(96, 128))
+    with pytest.raises(ValueError, match="Valid sides"):
         timm.create_model("mimpvt_small_256", img_size=200)
+    with pytest.raises(ValueError, match="square images only"):
+        create_method("mixmae_swin_pico_128", img_size=(64, 128))
+    with pytest.raises(ValueError, match="square images only"):
+        create_method("coma_dyvit_pico_128", img_size=(64, 128))
     with pytest.raises(ValueError, match="only a plain ViT"):
         create_method("umae_swin_pico_128", sampling="random")

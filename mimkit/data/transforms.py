@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 from torchvision import transforms as T
@@ -24,24 +25,35 @@ class ToFloatTensor:
 
 
 def pretrain_transform(
-    img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5
+    img_size: int | Sequence[int],
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    scale=(0.2, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip: float = 0.5,
 ) -> T.Compose:
     """MAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip, ToTensor, Normalize. Takes a PIL
     image or a float tensor (C, H, W) of any channel count."""
-    steps = [
-        T.RandomResizedCrop(img_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode.BICUBIC)
-    ]
+    size = img_size if isinstance(img_size, int) else tuple(img_size)  # (height, width) for rectangles
+    if not isinstance(size, int):  # crop aspect ratios around the output's (width / height), not around square
+        ratio = (ratio[0] * size[1] / size[0], ratio[1] * size[1] / size[0])
+    steps = [T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), interpolation=InterpolationMode.BICUBIC)]
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
     return T.Compose(steps + [ToFloatTensor(), T.Normalize(mean, std)])
 
 
-def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875) -> T.Compose:
-    """Resize the shorter side to img_size / crop_pct, then center-crop img_size (the 256/224 convention)."""
+def eval_transform(
+    img_size: int | Sequence[int], mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875
+) -> T.Compose:
+    """Resize the shorter side to img_size / crop_pct, then center-crop img_size (the 256/224 convention); for a
+    (height, width) size, the shorter side goes to the longer of the two / crop_pct."""
+    side = img_size if isinstance(img_size, int) else max(img_size)
+    crop = img_size if isinstance(img_size, int) else tuple(img_size)
     return T.Compose(
         [
-            T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
-            T.CenterCrop(img_size),
+            T.Resize(int(round(side / crop_pct)), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(crop),
             ToFloatTensor(),
             T.Normalize(mean, std),
         ]

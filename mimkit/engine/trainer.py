@@ -166,7 +166,19 @@ class Trainer:
                 f"mimkit/engine/task.py); missing: {', '.join(missing) or 'nn.Module'}"
             )
         self.model: Any = task.to(d.device)
-        cfg.img_size = self.model.img_size
+        # A fresh run's starting weights go in before sharding; a resume loads its checkpoint after it.
+        self.resume_from = self.find_checkpoint()
+        if self.resume_from[0] is None:
+            self.initial_weights()
+        self.fsdp = cfg.strategy == "fsdp" and d.distributed
+        if self.fsdp:
+            from mimkit.engine.fsdp import shard_model
+
+            bf16 = cfg.precision == "bf16" and d.device.type == "cuda"
+            blocks = shard_model(self.model, d.device, bf16=bf16)
+            self.log.info("FSDP: %d blocks and the model sharded over %d ranks", blocks, d.world_size)
+        size = self.model.img_size
+        cfg.img_size = list(size) if isinstance(size, tuple) else size  # (height, width) saved as a YAML list
         self.dataset = self.build_dataset(images)
         if hasattr(self.dataset, "seed"):
             self.dataset.seed = cfg.seed  # augmentation depends on (seed, epoch, index) only: exact resume
@@ -207,7 +219,7 @@ class Trainer:
         self.guard.reset(self.measure_params())
 
         self.train_model: Any = self.model
-        if d.distributed:
+        if d.distributed and not self.fsdp:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
             )
@@ -275,17 +287,29 @@ class Trainer:
                 f"{path}: checkpoint is for model '{state.get('model_name')}', this run builds "
                 f"'{cfg.model}'. Use another --output, or --resume none --overwrite."
             )
-        ckpt.load_weights(
-            self.model,
-            state["model"],
-            path,
-            cfg.model,
-            hint=" Were the model options changed? Use the same options, or another --output.",
-        )
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
+        if self.fsdp:
+            from mimkit.engine.fsdp import load_full_state
+
+            try:
+                load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            except (ValueError, KeyError, RuntimeError, IndexError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CheckpointError(
+                    f"{path}: does not fit this model and optimizer ({first}). Were the model options changed? "
+                    "Use the same options, or another --output."
+                ) from None
+        else:
+            ckpt.load_weights(
+                self.model,
+                state["model"],
+                path,
+                cfg.model,
+                hint=" Were the model options changed? Use the same options, or another --output.",
+            )
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -298,8 +322,11 @@ class Trainer:
         if rng is not None:
             ckpt.restore_rng(rng)
 
+    def initial_weights(self) -> None:
+        """A fresh run's starting weights (after the task's own initialization); nothing by default."""
+
     def resume(self) -> bool:
-        path, state = self.find_checkpoint()
+        path, state = self.resume_from
         if path is None:
             return False
         self.load_state(path, state)
@@ -362,9 +389,14 @@ class Trainer:
         if problem:  # every rank holds the same weights, so every rank takes this branch
             self.diverged(problem + " (checkpoint not written)")
         failure = None
+        gathered = None
+        if self.fsdp:  # every rank takes part in gathering the full state; rank 0 writes it
+            from mimkit.engine.fsdp import full_state
+
+            gathered = full_state(self.model, self.optimizer)
         if self.dist.is_main:
             try:
-                self.write_checkpoint(reason, rngs, skipped)
+                self.write_checkpoint(reason, rngs, skipped, gathered)
             except SaveFailed as err:
                 failure = str(err)
         failure = broadcast_object(failure)  # every rank stops with the same message, none waits for rank 0
@@ -374,11 +406,13 @@ class Trainer:
         self.guard.reference_norm = norm
         self.last_save = time.time()
 
-    def write_checkpoint(self, reason: str, rngs: list, skipped: list) -> None:
-        """Rank 0: the checkpoint file (verified), the permanent epoch copy, skipped_images.tsv."""
+    def write_checkpoint(self, reason: str, rngs: list, skipped: list, gathered: tuple | None = None) -> None:
+        """Rank 0: the checkpoint file (verified), the permanent epoch copy, skipped_images.tsv. ``gathered``: the
+        full (model, optimizer) state of a sharded model, in the same format as the unsharded ones."""
+        model_state, optim_state = gathered or (self.model.state_dict(), self.optimizer.state_dict())
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scaler": self.scaler.state_dict() if self.fp16 else {},
             "epoch": self.epoch,
             "step": self.step,
@@ -413,7 +447,10 @@ class Trainer:
 
     def forward_backward(self, batch: dict, sync: bool) -> None:
         cfg = self.cfg
-        no_sync = self.train_model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+        if self.fsdp:  # FSDP2 keeps gradients local while accumulating; DDP's no_sync does the same
+            self.model.set_requires_gradient_sync(sync)
+        use_no_sync = self.dist.distributed and not sync and not self.fsdp
+        no_sync = self.train_model.no_sync() if use_no_sync else contextlib.nullcontext()
         with no_sync:
             with autocast_context(cfg.precision, self.dist.device, cfg.cpu_autocast):
                 loss, outputs = self.train_model(batch)
@@ -449,6 +486,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        if self.fsdp:
+            from mimkit.engine.fsdp import full_norm
+
+            grad_norm = full_norm(grad_norm)
         loss, gnorm = torch.stack([self.loss_sum / cfg.accum_steps, grad_norm.float()]).tolist()
         self.loss_sum.zero_()
         skip_reason = self.guard.check_step(loss, gnorm if not self.fp16 else 0.0)
@@ -494,7 +535,12 @@ class Trainer:
 
     def measure_params(self) -> float:
         """The parameter norm, kept in ``param_norm`` for the next save (the weights change only in a step)."""
-        self.param_norm = float(parameter_norm(self.model.parameters()))
+        if self.fsdp:
+            from mimkit.engine import fsdp
+
+            self.param_norm = float(fsdp.parameter_norm(self.model.parameters()))
+        else:
+            self.param_norm = float(parameter_norm(self.model.parameters()))
         return self.param_norm
 
     def apply_lr_scale(self) -> None:

@@ -8,6 +8,7 @@ drop path, RandAugment, mixup / cutmix, label smoothing and random erasing are t
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
+from mimkit.models._size import pair
 from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
+
+log = logging.getLogger("mimkit")
 
 
 def default_layer_decay(timm_name: str) -> float:
@@ -62,6 +66,9 @@ class FinetuneConfig(PretrainConfig):
         "monitor_every",
         "shard_index",
         "shuffle_buffer",
+        "image_column",
+        "hf_streaming",
+        "viz_bands",
     )
     pretrained: str = opt(
         "",
@@ -102,6 +109,11 @@ class FinetuneConfig(PretrainConfig):
             )
         if self.pretrained and not Path(self.pretrained).expanduser().exists():
             raise ConfigError(f"pretrained (--pretrained) = {self.pretrained!r}: no such file or folder")
+        if self.init and not self.random_init:
+            raise ConfigError(
+                f"init (--init) = {self.init!r}: fine-tuning takes --init with --random-init MODEL (the architecture "
+                "the weights are mapped onto); a mimkit run or export goes to --pretrained"
+            )
         if self.randaug:
             from timm.data.auto_augment import rand_augment_transform
 
@@ -114,8 +126,14 @@ class FinetuneConfig(PretrainConfig):
                 ) from None
 
 
-def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0):
-    """(encoder state dict, timm model name, timm kwargs) from a checkpoint, an export, or a random-init model."""
+def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0, init: str = ""):
+    """(encoder state dict, timm model name, timm kwargs) from a checkpoint, an export, a released MAE/timm ViT file,
+    or a random-init model (with ``init``: public weights mapped onto it, ``mimkit/weights.py``)."""
+    if pretrained and not _is_mimkit_file(pretrained):
+        from mimkit.weights import read_state, released_vit_encoder
+
+        log.info("%s: not a mimkit file; reading it as a released ViT (MAE or timm layout)", pretrained)
+        return released_vit_encoder(read_state(pretrained), pretrained)
     if pretrained and str(pretrained).endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -141,8 +159,33 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
     if random_init:
         from mimkit.loading import random_init as make
 
-        return make(random_init, seed=seed).export_encoder()
+        model = make(random_init, seed=seed)
+        if init:
+            from mimkit.weights import load_public_weights
+
+            log.info("%s", load_public_weights(model, init).summary())
+        return model.export_encoder()
     raise ConfigError("give --pretrained (checkpoint, run folder or .safetensors) or --random-init MODEL")
+
+
+def _is_mimkit_file(path: str) -> bool:
+    """A run folder, a mimkit checkpoint (a dict with ``model`` and ``config``) or a `mimkit export` file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return True
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), "pt") as fh:
+                return "timm_model" in (fh.metadata() or {})
+        except Exception:
+            return True  # let the export reader report the damage
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return True  # let the checkpoint reader report the damage
+    return isinstance(raw, dict) and "config" in raw
 
 
 class ClassifierTask(nn.Module):
@@ -226,9 +269,14 @@ def build_classifier(
         grid = (
             list(net.patch_embed.grid_size)
             if isinstance(net, VisionTransformer)
-            else [int(round((pos.shape[1]) ** 0.5))] * 2
+            else list(getattr(net, "pos_grid", [int(round((pos.shape[1]) ** 0.5))] * 2))
         )
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], grid, num_prefix_tokens=prefix)
+        old = timm_kwargs.get("img_size")
+        patch = net.patch_embed.patch_size[0] if isinstance(net, VisionTransformer) else getattr(net, "patch_size", 0)
+        old_grid = [s // patch for s in pair(old)] if old and patch else None
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], grid, old_size=old_grid, num_prefix_tokens=prefix
+        )
     own = net.state_dict()
     for k, v in state.items():  # relative position tables of another window size (e.g. LoMaR at a new resolution)
         if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
@@ -256,7 +304,7 @@ class FinetuneTrainer(Trainer):
 
     def build_task(self) -> ClassifierTask:
         cfg = self.cfg
-        state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed)
+        state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed, cfg.init)
         if kwargs.get("in_chans", 3) != cfg.in_chans:
             raise ConfigError(
                 f"in_chans (--in-chans) = {cfg.in_chans}: the encoder of {cfg.pretrained or cfg.random_init} takes "

@@ -7,6 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mimkit.models import create_encoder
+from mimkit.models._size import canonical
 from mimkit.models.vit import prepare_mae_vit
 
 
@@ -17,7 +18,8 @@ def build_encoder(
 
     A timm ViT gets MAE's fixed sin-cos positions and init; any
     other encoder's position embedding, if it has one, is kept fixed during pretraining (UM-MAE, paper B.1)."""
-    args = {"img_size": img_size, **({"in_chans": in_chans} if in_chans != 3 else {}), **(encoder_args or {})}
+    channels = {"in_chans": in_chans} if in_chans != 3 else {}
+    args = {"img_size": canonical(img_size), **channels, **(encoder_args or {})}
     encoder = create_encoder(name, drop_path_rate=drop_path, **args)
     if isinstance(encoder, VisionTransformer):
         prepare_mae_vit(encoder, name)

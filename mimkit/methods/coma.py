@@ -29,6 +29,7 @@ from mimkit.masking import complementary_pair, cycle_mask, gather_tokens, keep_r
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
+from mimkit.models._size import require_square
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse, patch_mse
@@ -58,6 +59,7 @@ class CoMA(MIMMethod):
     ):
         super().__init__()
         self.in_chans = in_chans
+        img_size = require_square(img_size, "CoMA")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if teacher not in TEACHERS:

@@ -28,6 +28,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models import create_encoder, rpb_vit
 from mimkit.models._checkpoint import run_blocks
+from mimkit.models._size import canonical, size_text
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patchify_channels_first
 
@@ -55,8 +56,9 @@ class LoMaR(MIMMethod):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder_name = encoder
-        self.img_size = img_size
-        self.encoder_args = {"img_size": img_size, "in_chans": in_chans, **(encoder_args or {})}
+        self.img_size = img_size = canonical(img_size)
+        channels = {"in_chans": in_chans} if in_chans != 3 else {}
+        self.encoder_args = {"img_size": img_size, **channels, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
             raise ValueError(
@@ -68,7 +70,7 @@ class LoMaR(MIMMethod):
         if window_size > min(self.grid):
             raise ValueError(
                 f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
-                f"{img_size} px images; use window_size <= {min(self.grid)} or a larger --img-size"
+                f"{size_text(img_size)} images; use window_size <= {min(self.grid)} or a larger --img-size"
             )
         # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets (they are
         # untrained here, so timm's resampling warnings are silenced)

@@ -9,6 +9,7 @@ from mimkit.masking import gather_tokens, random_masking
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
+from mimkit.models._size import canonical
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse
@@ -31,7 +32,7 @@ class MAE(MIMMethod):
         super().__init__()
         self.in_chans = in_chans
         self.encoder_name = encoder
-        self.img_size = img_size
+        self.img_size = canonical(img_size)
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         if not is_vit(self.encoder):
             raise ValueError(f"encoder '{encoder}' is not a plain timm ViT with a class token; MAE needs one")

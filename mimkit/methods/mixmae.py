@@ -20,6 +20,7 @@ from mimkit.masking import masking_from_noise, upsample_cells
 from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
+from mimkit.models._size import require_square
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_
 from mimkit.patches import patch_mse
@@ -50,6 +51,7 @@ class MixMAE(MIMMethod):
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got '{pairing}'")
         if mask_granularity not in GRANULARITIES:
             raise ValueError(f"mask_granularity must be one of {', '.join(GRANULARITIES)}, got '{mask_granularity}'")
+        img_size = require_square(img_size, "MixMAE")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         if not hasattr(self.encoder, "forward_tokens") or not hasattr(self.encoder, "window_sizes"):
             raise ValueError(

@@ -17,6 +17,7 @@ from mimkit.masking import block_mask
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
+from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.vit import vit_masked_tokens
 from mimkit.patches import patchify
 
@@ -40,7 +41,8 @@ class SimMIM(MIMMethod):
         super().__init__()
         self.in_chans = in_chans
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
-        self.encoder_name, self.img_size = encoder, img_size
+        self.encoder_name, self.img_size = encoder, canonical(img_size)
+        height, width = pair(img_size)
         self.mask_ratio, self.mask_unit, self.norm_pix_loss = mask_ratio, mask_unit, norm_pix_loss
         self.vit = is_vit(self.encoder)
         if self.vit:
@@ -50,12 +52,12 @@ class SimMIM(MIMMethod):
             self.patch_size = self.encoder.patch_size
             self.stride = self.patch_size * 2 ** (len(self.encoder.embed_dims) - 1)
             dim0, dim_last = self.encoder.embed_dims[0], self.encoder.num_features
-        if mask_unit % self.patch_size or img_size % mask_unit:
+        if mask_unit % self.patch_size or height % mask_unit or width % mask_unit:
             raise ValueError(
                 f"mask_unit ({mask_unit} px) must be a multiple of the token size ({self.patch_size} px) "
-                f"and divide the image size ({img_size} px)"
+                f"and divide the image size ({size_text(img_size)})"
             )
-        self.grid = (img_size // self.patch_size, img_size // self.patch_size)
+        self.grid = (height // self.patch_size, width // self.patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim0))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(dim_last, self.stride**2 * in_chans)  # a 1x1 conv on the final map

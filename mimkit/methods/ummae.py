@@ -32,6 +32,7 @@ from mimkit.masking import (
 from mimkit.methods._encoders import build_encoder, is_vit
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
+from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.decoder import TransformerDecoder
 from mimkit.models.vit import mae_init_, vit_encode
 from mimkit.patches import masked_mse
@@ -62,7 +63,8 @@ class UMMAE(MIMMethod):
         if not 0.0 <= sm_ratio < 1.0:
             raise ValueError(f"sm_ratio must be in [0, 1), got {sm_ratio}")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
-        self.encoder_name, self.img_size = encoder, img_size
+        self.encoder_name, self.img_size = encoder, canonical(img_size)
+        height, width = pair(img_size)
         self.sm_ratio, self.norm_pix_loss, self.decoder_pos_order = sm_ratio, norm_pix_loss, decoder_pos_order
         self.vit = is_vit(self.encoder)
         self.sampling = sampling
@@ -72,16 +74,17 @@ class UMMAE(MIMMethod):
                 "encoder can take it (pyramid encoders need sampling='uniform')"
             )
         self.patch_size = self.encoder.patch_embed.patch_size[0] if self.vit else 16
-        if img_size % (2 * self.patch_size) or (not self.vit and img_size % 64):
-            need = 2 * self.patch_size if self.vit else 64
-            raise ValueError(
-                f"UM-MAE needs an image size divisible by {need} px (2x2 blocks of {self.patch_size} px "
-                f"patches{'' if self.vit else ', compact map of stride 32'}); got {img_size}, try "
-                f"{max(need, img_size // need * need)} or {(img_size // need + 1) * need}"
-            )
+        need = 2 * self.patch_size if self.vit else 64
+        for side in (height, width):
+            if side % need:
+                raise ValueError(
+                    f"UM-MAE needs image sides divisible by {need} px (2x2 blocks of {self.patch_size} px "
+                    f"patches{'' if self.vit else ', compact map of stride 32'}); got {size_text(img_size)}, try "
+                    f"{max(need, side // need * need)} or {(side // need + 1) * need} for {side}"
+                )
         if not self.vit and hasattr(self.encoder, "window_size"):
             self.encoder.check_size(img_size, compact=True)
-        self.grid = (img_size // self.patch_size, img_size // self.patch_size)
+        self.grid = (height // self.patch_size, width // self.patch_size)
         first_dim = self.encoder.embed_dim if self.vit else self.encoder.embed_dims[0]
         self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, first_dim))
         nn.init.normal_(self.vis_mask_token, std=0.02)

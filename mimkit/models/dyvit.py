@@ -25,6 +25,7 @@ from torch import nn
 from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._size import require_square
 from mimkit.models.mixswin import PatchMerging, relative_index
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
@@ -135,6 +136,7 @@ class DyViT(PyramidEncoder):
         super().__init__()
         if len(depths) != 4 or len(windows) != 3:
             raise ValueError("DyViT has four stages (three DM-MSA stages with a window set each, one global stage)")
+        img_size = require_square(img_size, "DyViT")
         self.img_size, self.patch_size, self.unit = img_size, 4, UNIT
         self.num_classes, self.global_pool = num_classes, global_pool
         dims = [embed_dim * 2**i for i in range(4)]

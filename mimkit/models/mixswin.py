@@ -22,6 +22,7 @@ from torch import nn
 from mimkit.masking import upsample_cells
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._size import require_square
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.swin import window_partition, window_reverse
 
@@ -136,6 +137,7 @@ class MixSwin(PyramidEncoder):
         **kwargs,
     ):
         super().__init__()
+        img_size = require_square(img_size, "MixMAE's Swin")
         self.img_size, self.patch_size, self.window_sizes = img_size, patch_size, tuple(window_sizes)
         self.num_classes, self.global_pool = num_classes, global_pool
         dims = [embed_dim * 2**i for i in range(len(depths))]

@@ -19,6 +19,7 @@ from torch import nn
 from mimkit.masking import compact
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -108,7 +109,7 @@ class PVT(PyramidEncoder):
         **kwargs,
     ):
         super().__init__()
-        self.img_size, self.patch_size, self.num_classes = img_size, patch_size, num_classes
+        self.img_size, self.patch_size, self.num_classes = canonical(img_size), patch_size, num_classes
         self.embed_dims = list(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.sr_ratios = list(sr_ratios)
@@ -130,33 +131,34 @@ class PVT(PyramidEncoder):
                 )
             )
         self.norm = nn.LayerNorm(embed_dims[-1])
-        grid = img_size // patch_size
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dims[0], (grid, grid)).unsqueeze(0))
+        self.pos_grid = (pair(img_size)[0] // patch_size, pair(img_size)[1] // patch_size)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dims[0], self.pos_grid).unsqueeze(0))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
         self.feature_info = [
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(embed_dims)
         ]
         self.apply(self.init_weights)
 
-    def _fits(self, img_size: int) -> bool:
-        res = img_size // self.patch_size
-        if img_size % self.patch_size:
-            return False
-        for i, sr in enumerate(self.sr_ratios):
-            if i and res % 2:
+    def _fits(self, img_size) -> bool:
+        for side in pair(img_size):
+            res = side // self.patch_size
+            if side % self.patch_size:
                 return False
-            res = res if i == 0 else res // 2
-            if sr > 1 and res % sr:
-                return False
+            for i, sr in enumerate(self.sr_ratios):
+                if i and res % 2:
+                    return False
+                res = res if i == 0 else res // 2
+                if sr > 1 and res % sr:
+                    return False
         return True
 
-    def check_size(self, img_size: int) -> None:
+    def check_size(self, img_size) -> None:
         if not self._fits(img_size):
             valid = [s for s in range(32, 513, 32) if self._fits(s)]
             raise ValueError(
-                f"image size {img_size} px does not fit this PVT: every stage's map must halve evenly "
-                f"and be divisible by its spatial-reduction ratio {list(self.sr_ratios)}. Valid sizes up "
-                f"to 512 px: {valid}"
+                f"image size {size_text(img_size)} does not fit this PVT: every stage's map must halve evenly "
+                f"and be divisible by its spatial-reduction ratio {list(self.sr_ratios)} along each side. Valid "
+                f"sides up to 512 px: {valid}"
             )
 
     def no_weight_decay(self):
@@ -164,10 +166,9 @@ class PVT(PyramidEncoder):
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """(1, h, w, C) position embedding, resampled bicubically when the grid differs from the trained one."""
-        n = self.pos_embed.shape[1]
-        side = int(round(n**0.5))
-        pe = self.pos_embed.view(1, side, side, -1)
-        if (h, w) != (side, side):
+        gh, gw = self.pos_grid
+        pe = self.pos_embed.view(1, gh, gw, -1)
+        if (h, w) != (gh, gw):
             pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
             pe = pe.permute(0, 2, 3, 1)
         return pe

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._size import canonical, pair, size_text
 
 COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (exactly, for 2x2 merges of UM-MAE)
 
@@ -219,7 +220,7 @@ class SwinUM(PyramidEncoder):
         **kwargs,
     ):
         super().__init__()
-        self.img_size, self.patch_size, self.window_size = img_size, patch_size, window_size
+        self.img_size, self.patch_size, self.window_size = canonical(img_size), patch_size, window_size
         self.num_classes, self.global_pool = num_classes, global_pool
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.embed_dims = dims
@@ -251,27 +252,29 @@ class SwinUM(PyramidEncoder):
         ]
         self.apply(self.init_weights)
 
-    def fits(self, img_size: int, compact: bool = False) -> bool:
-        """Every stage is one window or a whole number of windows (windows halved on the compact input)."""
-        if img_size % self.patch_size:
-            return False
-        res, win = img_size // self.patch_size, self.window_size
-        if compact:
-            res, win = res // 2, win // 2
-        for _ in self.embed_dims:
-            if res > win and res % win:
+    def fits(self, img_size, compact: bool = False) -> bool:
+        """Along each side, every stage is one window or a whole number of windows (windows halved on the compact
+        input); height and width are checked apart, so rectangles fit when both sides do."""
+        for side in pair(img_size):
+            if side % self.patch_size:
                 return False
-            res //= 2
+            res, win = side // self.patch_size, self.window_size
+            if compact:
+                res, win = res // 2, win // 2
+            for _ in self.embed_dims:
+                if res > win and res % win:
+                    return False
+                res //= 2
         return True
 
-    def check_size(self, img_size: int, compact: bool = False) -> None:
+    def check_size(self, img_size, compact: bool = False) -> None:
         if not self.fits(img_size, compact):
             sizes = [size for size in range(32, 513, 32) if self.fits(size, compact)]
             mode = "UM-MAE's compact input (window halved)" if compact else "full resolution"
             raise ValueError(
-                f"image size {img_size} px does not fit window {self.window_size} of this Swin at "
-                f"{mode}: every stage must be one window or a whole number of windows. Valid sizes "
-                f"up to 512 px: {sizes}"
+                f"image size {size_text(img_size)} does not fit window {self.window_size} of this Swin at "
+                f"{mode}: every stage must be one window or a whole number of windows along each side. Valid "
+                f"sides up to 512 px: {sizes}"
             )
 
     def no_weight_decay(self):
