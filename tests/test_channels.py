@@ -1,8 +1,6 @@
 """Any number of channels at full bit depth: decoding, statistics, every method's targets, figures, the real CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -125,35 +123,33 @@ def test_display_bands_grey_and_triplets():
     assert all(p.shape == (2, 3, 32, 32) for p in panels)
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "mimkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+def test_cli_pretrains_16_bit_grey_and_6_band_tiff(tmp_path, capsys):
+    from mimkit.cli import main
 
-
-@pytest.mark.slow
-def test_cli_pretrains_16_bit_grey_and_6_band_tiff(tmp_path):
     (tmp_path / "g").mkdir()
     (tmp_path / "b").mkdir()
     for i in range(8):
         _gray16(tmp_path / "g" / f"{i}.png", seed=i)
         _bands(tmp_path / "b" / f"{i}.tif", seed=i)
-    common = ["--img-size", "64", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress"]
+    common = ["--img-size", "64", "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress",
+              "--no-tensorboard"]  # fmt: skip
     for data, n, model in (("g", 1, "umae_swin_pico_128"), ("b", 6, "mae_vit_pico_patch8")):
         out = tmp_path / f"run-{data}"
-        r = _cli("pretrain", "--data", str(tmp_path / data), "--in-chans", str(n), "--model", model, *common,
-                 "--recon-every", "1", "--output", str(out), cwd=tmp_path)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(r.stdout)["steps"] == 2
+        rc = main(["pretrain", "--data", str(tmp_path / data), "--in-chans", str(n), "--model", model, *common,
+                   "--recon-every", "1", "--output", str(out)])  # fmt: skip
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err[-2000:]
+        assert json.loads(captured.out)["steps"] == 2
         ckpt = torch.load(next(out.glob("checkpoint-*.pt")), map_location="cpu", weights_only=True)
         assert ckpt["config"]["in_chans"] == n and len(ckpt["config"]["mean"]) == n  # measured, one per channel
         assert ckpt["config"]["compute_mean_std"] is True
         assert (out / "recon" / "epoch-0001.png").is_file()
-        r = _cli("visualize", str(out), "--data", str(tmp_path / data), "--num", "2", "--out", str(tmp_path / "v.png"),
-                 *(["--bands", "5", "0", "1"] if n == 6 else []), cwd=tmp_path)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
+        rc = main(["visualize", str(out), "--data", str(tmp_path / data), "--num", "2", "--out",
+                   str(tmp_path / "v.png"), *(["--bands", "5", "0", "1"] if n == 6 else [])])  # fmt: skip
+        assert rc == 0 and "wrote" in capsys.readouterr().out and (tmp_path / "v.png").is_file()
     # a 4-channel model on 6-band images: every image is skipped, and the run says why in one line
-    r = _cli("pretrain", "--data", str(tmp_path / "b"), "--in-chans", "4", "--model", "mae_vit_pico_patch8", *common,
-             "--output", str(tmp_path / "run-x"), cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 2 and "has 6 channel(s), the model takes --in-chans 4" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    rc = main(["pretrain", "--data", str(tmp_path / "b"), "--in-chans", "4", "--model", "mae_vit_pico_patch8", *common,
+               "--output", str(tmp_path / "run-x")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "has 6 channel(s), the model takes --in-chans 4" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

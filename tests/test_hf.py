@@ -3,8 +3,7 @@ folder they were made from, map-style and streaming; no row twice in an epoch ac
 cells skipped and counted; an exact mid-epoch resume; pretraining through the real CLI; one-line errors."""
 
 import io
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
@@ -133,24 +132,19 @@ def test_one_line_errors_for_bad_sources(parquet, tmp_path):
         hf_images(f"hf:{parquet}", "idx")
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "mimkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+def test_cli_pretrains_from_parquet_map_style_and_streaming(parquet, tmp_path, capsys):
+    from mimkit.cli import main
 
-
-@pytest.mark.slow
-def test_cli_pretrains_from_parquet_map_style_and_streaming(parquet, tmp_path):
-    common = ["--model", "mae_vit_pico_patch8", "--img-size", "32", "--epochs", "1", "--batch-size", "4"]
-    for extra in ([], ["--hf-streaming"]):
+    common = ["--model", "mae_vit_pico_patch8", "--img-size", "32", "--epochs", "1", "--batch-size", "4",
+              "--no-progress", "--no-tensorboard"]  # fmt: skip
+    for extra in (["--num-workers", "0"], ["--hf-streaming", "--num-workers", "2"]):
         out = tmp_path / f"run{len(extra)}"
-        r = _cli("pretrain", "--data", f"hf:{parquet}", *common, "--num-workers", "2", "--no-progress",
-                 "--output", str(out), *extra, cwd=tmp_path)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert '"steps": 6' in r.stdout
-    r = _cli("pretrain", "--data", f"hf:{parquet}", "--image-column", "nope", *common, "--output",
-             str(tmp_path / "bad"), cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--image-column nope" in r.stderr
+        assert main(["pretrain", "--data", f"hf:{parquet}", *common, "--output", str(out), *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["steps"] == 6
+    rc = main(["pretrain", "--data", f"hf:{parquet}", "--image-column", "nope", *common, "--output",
+               str(tmp_path / "bad")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--image-column nope" in err
 
 
 def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
