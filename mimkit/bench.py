@@ -71,6 +71,35 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     return name, dict(_parse_kv(kv) for kv in opts.split(",") if kv)
 
 
+def forward_flops(model, images: torch.Tensor) -> dict:
+    """FLOPs of one training forward pass per image (torch's FlopCounterMode, matmuls and convolutions), split into
+    the encoder (every module under ``encoder``) and the rest (decoder, heads, projections), with parameters alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    state = torch.get_rng_state()
+    with torch.no_grad(), counter:
+        model({"image": images, "index": torch.arange(images.shape[0], device=images.device)})
+    torch.set_rng_state(state)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    prefix = f"{root}.encoder."
+    under = [k for k in counts if k == f"{root}.encoder" or k.startswith(prefix)]
+    # the outermost encoder entries (each one includes its submodules); the encoder is often called piecewise
+    top = [k for k in under if not any(k != o and k.startswith(o + ".") for o in under)]
+    encoder = sum(counts[k] for k in top)
+    total = counts.get("Global", 0)
+    n = images.shape[0]
+    enc_params = sum(p.numel() for p in model.encoder.parameters())
+    all_params = sum(p.numel() for p in model.parameters())
+    return {
+        "encoder_gflops": encoder / n / 1e9,
+        "decoder_gflops": (total - encoder) / n / 1e9,
+        "encoder_params_m": enc_params / 1e6,
+        "decoder_params_m": (all_params - enc_params) / 1e6,
+    }
+
+
 def bench_model(
     name: str,
     batch_size: int,
@@ -125,6 +154,7 @@ def bench_model(
         opt.zero_grad(set_to_none=True)
         return loss
 
+    flops = forward_flops(model, batch["image"][:2])
     for _ in range(2):
         train_step()
     if cpu:
@@ -158,6 +188,7 @@ def bench_model(
         "memory_kind": mem_kind,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "grad_checkpointing": checkpointing,
+        **flops,
     }
     return result
 
@@ -197,21 +228,25 @@ def bench(
 
 def format_table(results: list[dict]) -> str:
     head = (
-        f"{'model':44s} {'px':>4s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
-        f"{'mem x':>7s}"
+        f"{'model':44s} {'px':>7s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
+        f"{'mem x':>7s} {'enc GF':>7s} {'dec GF':>7s} {'enc M':>6s} {'dec M':>6s}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
+        size = "x".join(map(str, pair(r["img_size"])))
+        size = size.split("x")[0] if len(set(pair(r["img_size"]))) == 1 else size
         lines.append(
-            f"{r['model']:44s} {r['img_size']:>4d} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
+            f"{r['model']:44s} {size:>7s} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
             f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
-            f"{mem_x:>7s}"
+            f"{mem_x:>7s} {r['encoder_gflops']:>7.2f} {r['decoder_gflops']:>7.2f} {r['encoder_params_m']:>6.1f} "
+            f"{r['decoder_params_m']:>6.1f}"
         )
     r0 = results[0]
     lines.append(
         f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
-        f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory)"
+        f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory); GF = GFLOPs of "
+        f"one training forward per image (encoder / the rest), M = million parameters"
     )
     return "\n".join(lines)
 

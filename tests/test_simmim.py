@@ -51,3 +51,17 @@ def test_simmim_encoder_sees_mask_tokens_not_masked_pixels(name):
         a = model.encoder.forward_masked(x, mask, model.mask_token)
         b = model.encoder.forward_masked(x.masked_fill(px, 9.0), mask, model.mask_token)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_no_weight_decay_on_mask_token_position_bias_and_norms():
+    from mimkit.methods import create_method
+
+    for name in ("simmim_swin_pico_128", "simmim_mixswin_pico_128"):
+        model = create_method(name)
+        groups = model.param_groups(0.05)
+        decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        names = {n: id(p) in decayed for n, p in model.named_parameters()}
+        assert names["mask_token"] is False
+        assert not any(v for n, v in names.items() if "pos_mlp" in n or "relative_position_bias_table" in n)
+        assert not any(v for n, v in names.items() if "norm" in n or n.endswith(".bias"))
+        assert any(v for n, v in names.items() if n.endswith("qkv.weight"))  # the weight matrices still decay

@@ -26,6 +26,15 @@ class SimMIM(MIMMethod):
     lr_base_batch = 512
     betas = (0.9, 0.999)
     default_grad_clip = 5.0
+    # SimMIM's released optimizer setup: no weight decay on the mask token and the relative position tables / bias
+    # MLP, besides timm's rule for biases and norms (1-D parameters)
+    no_decay_names = ("mask_token", "relative_position_bias_table", "pos_mlp")
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from timm.optim import param_groups_weight_decay
+
+        skip = {n for n, _ in self.named_parameters() if any(key in n for key in self.no_decay_names)}
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=skip)
 
     def __init__(
         self,

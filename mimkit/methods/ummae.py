@@ -101,6 +101,8 @@ class UMMAE(MIMMethod):
             )
         else:
             self.to_decoder = nn.Linear(self.encoder.num_features, 4 * decoder_dim)
+            nn.init.xavier_uniform_(self.to_decoder.weight)  # the released decoder_embed's init
+            nn.init.zeros_(self.to_decoder.bias)
             self.decoder = TransformerDecoder(
                 None,
                 self.grid,

@@ -21,6 +21,14 @@ def pyramid_cfg(img_size: int, first_conv: str) -> dict:
     )
 
 
+def he_conv_(weight: torch.Tensor, bias: torch.Tensor | None, fan_out: int) -> None:
+    """normal(0, sqrt(2 / fan_out)) weights, zero bias: the released codes' convolution init."""
+    with torch.no_grad():
+        weight.normal_(0.0, (2.0 / fan_out) ** 0.5)
+        if bias is not None:
+            bias.zero_()
+
+
 class PyramidEncoder(nn.Module):
     """Subclasses provide ``embed(img) -> (B, H, W, C)``, ``forward_tokens(tokens) -> final normed map``,
     ``stage_outputs(img) -> (final normed map, [per-stage NHWC maps])`` and set ``num_features`` and ``head``."""
@@ -51,6 +59,34 @@ class PyramidEncoder(nn.Module):
                 (r"^norm", (99999,)),
             ],
         )
+
+    def released_init(self) -> None:
+        """The initialization of the released UM-MAE (Swin, PVT) and MixMAE code: Xavier-uniform Linear layers,
+        LayerNorm (1, 0), He-normal convolutions (std sqrt(2 / fan_out), fan_out = k * k * out channels), zero biases;
+        the patch embedding Xavier-uniform like a Linear layer; the position-bias MLP's layers, 1x1 convolutions
+        there, by the convolution rule (docs/design.md, "Initialization")."""
+        from mimkit.models.swin import PositionBiasMLP
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                he_conv_(m.weight, m.bias, m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups)
+        for m in self.modules():
+            if isinstance(m, PositionBiasMLP):
+                for fc in (m.fc1, m.fc2):
+                    he_conv_(fc.weight, fc.bias, fc.out_features)
+        stem = self.stem_conv()
+        nn.init.xavier_uniform_(stem.weight.view(stem.weight.shape[0], -1))
+
+    def stem_conv(self) -> nn.Conv2d:
+        """The first patch-embedding convolution."""
+        return self.patch_embed.proj  # type: ignore[return-value]
 
     @staticmethod
     def init_weights(m: nn.Module) -> None:

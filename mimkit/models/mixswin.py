@@ -171,7 +171,7 @@ class MixSwin(PyramidEncoder):
         self.feature_info = [
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)
         ]
-        self.apply(self.init_weights)
+        self.released_init()
 
     def fits(self, img_size: int) -> bool:
         """The image is a whole number of mask cells (the total stride) and every stage is one window or a whole

@@ -137,7 +137,7 @@ class PVT(PyramidEncoder):
         self.feature_info = [
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(embed_dims)
         ]
-        self.apply(self.init_weights)
+        self.released_init()
 
     def _fits(self, img_size) -> bool:
         for side in pair(img_size):
@@ -172,6 +172,9 @@ class PVT(PyramidEncoder):
             pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
             pe = pe.permute(0, 2, 3, 1)
         return pe
+
+    def stem_conv(self) -> nn.Conv2d:
+        return self.stages[0].patch_embed.proj
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         return self.stages[0].embed(img)

@@ -250,7 +250,7 @@ class SwinUM(PyramidEncoder):
         self.feature_info = [
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)
         ]
-        self.apply(self.init_weights)
+        self.released_init()
 
     def fits(self, img_size, compact: bool = False) -> bool:
         """Along each side, every stage is one window or a whole number of windows (windows halved on the compact
