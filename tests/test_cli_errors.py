@@ -101,6 +101,7 @@ def explicit_cases(e) -> dict:
         "--shard-index": [[missing + ".json"]],
         "--logger": [["bogus"], ["csv,nope"]],
         "--image-column": [["image"]],  # the base's --data is a folder, not an hf: source
+        "--init": [[missing + ".pth"]],
     }
     return {
         "pretrain": {
