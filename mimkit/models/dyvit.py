@@ -11,6 +11,10 @@ method section was not available; see docs/coma.md).
 
 Because nothing crosses a unit before stage 4, encoding only the visible units (``forward_visible(img, ids)``) is
 exactly the full-image computation restricted to them: pretraining drops masked units with no mask tokens.
+
+``unit_context=True`` adds cross-unit context to stages 1-3 (``UnitContext``: the units present exchange one pooled
+token each through a global block after every stage), so that stride-4/8/16 features see beyond 32 px; dropping masked
+units still needs no mask tokens, the visible units then see each other as an MAE encoder's tokens do.
 """
 
 from __future__ import annotations
@@ -90,6 +94,25 @@ class DyBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class UnitContext(nn.Module):
+    """Cross-unit context for a DM-MSA stage (``unit_context=True``): every unit present (in pretraining: the visible
+    ones) is mean-pooled to one token, given its unit's sin-cos position, and the tokens attend to each other in one
+    global transformer block; the result, projected, is added to every token of its unit. Masked units stay dropped
+    (no mask tokens), and a stride-4/8/16 feature now depends on the whole image, as in Swin or PVT (docs/coma.md)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = Block(dim, num_heads, mlp_ratio=2.0, qkv_bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, batch: int, pos: torch.Tensor) -> torch.Tensor:
+        """x: (B*K, t, t, C) unit maps of ``batch`` images; pos: (B, K, C) their units' positions."""
+        n, _, _, c = x.shape
+        units = self.norm(x.mean(dim=(1, 2))).view(batch, n // batch, c) + pos.to(x.dtype)
+        return x + self.proj(self.mix(units)).reshape(n, 1, 1, c)
+
+
 class DyStage(nn.Module):
     def __init__(
         self,
@@ -131,6 +154,7 @@ class DyViT(PyramidEncoder):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        unit_context: bool = False,
         **kwargs,
     ):
         super().__init__()
@@ -165,6 +189,8 @@ class DyViT(PyramidEncoder):
                     global_attention=i == 3,
                 )
             )
+        self.unit_context = unit_context
+        self.contexts = nn.ModuleList([UnitContext(dims[i], num_heads[i]) for i in range(3)]) if unit_context else None
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else nn.Identity()
         self.feature_info = [dict(num_chs=d, reduction=4 * 2**i, module=f"stages.{i}") for i, d in enumerate(dims)]
@@ -196,17 +222,20 @@ class DyViT(PyramidEncoder):
 
     def unit_stages(self, img: torch.Tensor, ids: torch.Tensor | None):
         """Stages 1-3 on the units ``ids`` (B, K) (all units when None): per-unit maps (B*K, t, t, C) per stage."""
-        c = img.shape[1]
-        self.unit_grid(img)  # a clear error for sizes that are not whole units
+        b, c = img.shape[:2]
+        grid = self.unit_grid(img)  # a clear error for sizes that are not whole units
         units = patchify_channels_first(img, UNIT)  # (B, units, C*32*32)
         if ids is not None:
             units = gather_tokens(units, ids)
         x = units.reshape(-1, c, UNIT, UNIT)
         x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))  # (B*K, 8, 8, C)
         outs = []
-        for stage in self.stages[:3]:
+        for i, stage in enumerate(self.stages[:3]):
             x = stage.downsample(x)
             x = run_blocks(stage.blocks, x, enabled=self.grad_checkpointing)
+            if self.contexts is not None:
+                pos = sincos_2d(x.shape[-1], grid).to(x.device).unsqueeze(0).expand(b, -1, -1)
+                x = self.contexts[i](x, b, gather_tokens(pos, ids) if ids is not None else pos)
             outs.append(x)
         return x, outs
 
