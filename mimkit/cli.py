@@ -345,6 +345,32 @@ def cmd_bench_data(args):
     return rows, model_rate
 
 
+def cmd_compare(args):
+    from mimkit.compare import run_comparison
+    from mimkit.errors import ConfigError
+
+    _out_dir(args.output, "--output")
+    if not (Path(args.eval_data).expanduser() / "train").is_dir():
+        raise ConfigError(f"--eval-data {args.eval_data}: not a labelled ImageFolder root (train/<class>/...)")
+    _check_model_specs(args.models, {})
+    extra = {"num_workers": args.num_workers} if args.num_workers is not None else {}
+    result = run_comparison(
+        args.data,
+        args.eval_data,
+        args.models,
+        args.output,
+        args.seeds,
+        args.epochs,
+        args.minutes,
+        args.img_size,
+        args.batch_size,
+        extra,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print((Path(args.output) / "compare.md").read_text())
+    return result
+
+
 def cmd_shards(args):
     from mimkit.data.pack import pack_shards
 
@@ -596,6 +622,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "compare",
+        help="pretrain several models or variants with the same budget and seeds, then kNN against random init",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="pretraining images (any --data source of pretrain)")
+    p.add_argument("--eval-data", required=True, help="a labelled ImageFolder root for the kNN evaluation")
+    p.add_argument(
+        "--models", nargs="+", required=True, help="registered models, each optionally name:key=value,key=value"
+    )
+    p.add_argument("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=POS_INT, default=10, help="epochs of every run (sets the lr schedule)")
+    p.add_argument("--minutes", type=POS_FLOAT, default=None, help="also cut every run at this wall-clock time")
+    p.add_argument("--img-size", type=_number(int, 8), default=None, help="(default: each model's)")
+    p.add_argument("--batch-size", type=POS_INT, default=64)
+    p.add_argument("--num-workers", type=_number(int, -1), default=None, help="as pretrain --num-workers")
+    p.add_argument("--output", default="runs/compare", help="one folder per run, compare.json/.md, loss.png")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "bench-data",

@@ -84,6 +84,24 @@ def env(tiny_folder, tmp_path_factory):
         "demo": ["--data", data, "--output", str(tmp / "d"), "--minutes", "0.01"],
         "shards": ["--data", data, "--out", str(tmp / "s"), "--no-progress"],
         "bench-data": ["--data", data, "--img-size", "32", "--batch-size", "2", "--batches", "1", "--workers", "0"],
+        "compare": [
+            "--data",
+            data,
+            "--eval-data",
+            data,
+            "--models",
+            "mae_vit_pico_patch8",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp / "c"),
+        ],  # fmt: skip
         "models": [],
         "recipes": [],
     }
@@ -134,6 +152,12 @@ def explicit_cases(e) -> dict:
         "ablate-masking": {"--data": [[missing]], "--output": [[e["file"]]], "--recipe": [["no_such_recipe"]]},
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
         "shards": {"--data": [[missing]], "--out": [[e["file"]]]},
+        "compare": {
+            "--data": [[missing]],
+            "--eval-data": [[missing]],
+            "--models": [["no_such_model"]],
+            "--output": [[e["file"]]],
+        },
         "bench-data": {
             "--data": [[missing]],
             "--image-column": [["image"]],  # the base's --data is a folder, not an hf: source

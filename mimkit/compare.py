@@ -1,0 +1,196 @@
+"""``mimkit compare``: several models or variants pretrained on one dataset with the same budget (epochs, or epochs cut
+at the same wall-clock time) and several seeds, then the kNN top-1 of each encoder next to its random-init baseline.
+Writes ``DIR/compare.json`` (every run and the summary), ``DIR/compare.md`` (mean, spread and range per model) and
+``DIR/loss.png`` (training loss against time). Runs alternate model order per seed, so drift of the machine spreads
+over all models; finished runs are reused when the command is repeated (each run resumes its own folder).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from mimkit.config import PretrainConfig, config_from_dict
+
+
+def _spec(spec: str) -> tuple[str, dict]:
+    from mimkit.bench import parse_model_spec
+
+    return parse_model_spec(spec)
+
+
+def _loss_curve(run: Path) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and "time" in r]
+    if not rows:
+        return []
+    t0 = rows[0]["time"]
+    return [(r["time"] - t0, r["loss"]) for r in rows]
+
+
+def run_comparison(
+    data: str,
+    eval_data: str,
+    specs: list[str],
+    output: str,
+    seeds: list[int],
+    epochs: int,
+    minutes: float | None = None,
+    img_size: int | None = None,
+    batch_size: int = 64,
+    extra: dict | None = None,
+    log=print,
+) -> dict:
+    """Pretrain every spec (``name`` or ``name:key=value,...``) for every seed, evaluate, and write the reports."""
+    import torch
+
+    from mimkit.eval import knn_evaluate
+    from mimkit.loading import load_pretrained, random_init
+    from mimkit.pretraining import pretrain
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for k, seed in enumerate(seeds):
+        order = specs if k % 2 == 0 else list(reversed(specs))
+        for spec in order:
+            name, args = _spec(spec)
+            run_dir = out / f"{spec.replace(':', '_').replace(',', '_').replace('=', '-')}-seed{seed}"
+            values = dict(
+                data=data,
+                model=name,
+                model_args=args or None,
+                output=str(run_dir),
+                seed=seed,
+                epochs=epochs,
+                batch_size=batch_size,
+                time_limit_min=minutes,
+                progress=False,
+                resume="auto",
+                log_every=10,  # the loss-vs-time curve
+                **(extra or {}),
+            )
+            if img_size:
+                values["img_size"] = img_size
+            cfg = config_from_dict(PretrainConfig, values, f"compare {spec}")
+            log(f"compare: {spec}, seed {seed} -> {run_dir}")
+            start = time.time()
+            summary = pretrain(cfg)
+            model, saved = load_pretrained(str(run_dir))
+            size = saved.img_size
+            knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std)
+            torch.manual_seed(seed)
+            base = random_init(name, img_size=size if isinstance(size, int) else None, seed=seed, **args)
+            knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std)
+            runs.append(
+                {
+                    "spec": spec,
+                    "seed": seed,
+                    "steps": summary["steps"],
+                    "final_loss": summary["final_loss"],
+                    "pretrain_s": round(time.time() - start, 1),
+                    "knn_top1": knn["top1"],
+                    "knn_top1_random_init": knn0["top1"],
+                    "loss_curve": _loss_curve(run_dir),
+                }
+            )
+    result = {
+        "data": data,
+        "eval_data": eval_data,
+        "epochs": epochs,
+        "minutes": minutes,
+        "seeds": seeds,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "runs": runs,
+        "summary": summarize(runs, specs),
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    (out / "compare.md").write_text(markdown_table(result))
+    plot_losses(runs, out / "loss.png")
+    return result
+
+
+def summarize(runs: list[dict], specs: list[str]) -> list[dict]:
+    rows = []
+    for spec in specs:
+        mine = [r for r in runs if r["spec"] == spec]
+        top1 = [r["knn_top1"] for r in mine]
+        base = [r["knn_top1_random_init"] for r in mine]
+        rows.append(
+            {
+                "spec": spec,
+                "seeds": len(mine),
+                "knn_top1_mean": statistics.fmean(top1),
+                "knn_top1_sd": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "knn_top1_range": [min(top1), max(top1)],
+                "random_init_mean": statistics.fmean(base),
+                "steps_mean": statistics.fmean(r["steps"] for r in mine),
+                "final_loss_mean": statistics.fmean(r["final_loss"] for r in mine),
+            }
+        )
+    return rows
+
+
+def markdown_table(result: dict) -> str:
+    budget = f"{result['epochs']} epochs" + (f", cut at {result['minutes']} min" if result["minutes"] else "")
+    lines = [
+        f"Data {result['data']}, kNN on {result['eval_data']}; budget {budget}; seeds {result['seeds']}.",
+        "",
+        "| model | seeds | steps | kNN top-1 mean | sd | range | random init | gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        lo, hi = r["knn_top1_range"]
+        lines.append(
+            f"| {r['spec']} | {r['seeds']} | {r['steps_mean']:.0f} | {r['knn_top1_mean']:.2f} | "
+            f"{r['knn_top1_sd']:.2f} | {lo:.2f}-{hi:.2f} | {r['random_init_mean']:.2f} | "
+            f"{r['knn_top1_mean'] - r['random_init_mean']:+.2f} |"
+        )
+    means = sorted(r["knn_top1_mean"] for r in result["summary"])
+    spread = max((r["knn_top1_sd"] for r in result["summary"]), default=0.0)
+    if len(means) > 1:
+        gap = means[-1] - means[-2]
+        verdict = "larger" if gap > 2 * spread else "not larger"
+        lines += [
+            "",
+            f"The gap between the best two means ({gap:.2f}) is {verdict} than twice the largest sd ({spread:.2f}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(runs: list[dict], path: Path, size=(720, 420)) -> Path:
+    """Training loss against time, one line per run (colour per model), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    specs = list(dict.fromkeys(r["spec"] for r in runs))
+    points = [p for r in runs for p in r["loss_curve"]]
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    left, top, right, bottom = 60, 20, size[0] - 20, size[1] - 60
+    draw.rectangle([left, top, right, bottom], outline="black")
+    if points:
+        t_max = max(p[0] for p in points) or 1.0
+        lo, hi = min(p[1] for p in points), max(p[1] for p in points)
+        hi = hi if hi > lo else lo + 1.0
+
+        def xy(t, v):
+            return left + (right - left) * t / t_max, bottom - (bottom - top) * (v - lo) / (hi - lo)
+
+        for r in runs:
+            colour = colours[specs.index(r["spec"]) % len(colours)]
+            pts = [xy(t, v) for t, v in r["loss_curve"]]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+        draw.text((left, bottom + 5), "0 s", fill="black")
+        draw.text((right - 40, bottom + 5), f"{t_max:.0f} s", fill="black")
+        draw.text((5, top), f"{hi:.3f}", fill="black")
+        draw.text((5, bottom - 10), f"{lo:.3f}", fill="black")
+    for i, spec in enumerate(specs):
+        draw.text((left + 200 * (i % 3), bottom + 22 + 14 * (i // 3)), spec, fill=colours[i % len(colours)])
+    draw.text((left + 5, top + 5), "training loss vs time", fill="black")
+    im.save(path)
+    return path

@@ -1,0 +1,39 @@
+"""`mimkit compare`: equal-budget runs over seeds, kNN against random init, and the three reports."""
+
+import json
+
+from PIL import Image
+
+from mimkit.cli import main
+
+
+def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--models",
+               "mae_vit_pico_patch8", "mae_vit_pico_patch8:mask_ratio=0.5", "--seeds", "0", "1", "--epochs", "1",
+               "--img-size", "32", "--batch-size", "4", "--num-workers", "0", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [(r["spec"], r["seed"]) for r in result["runs"]] == [
+        ("mae_vit_pico_patch8", 0),
+        ("mae_vit_pico_patch8:mask_ratio=0.5", 0),
+        ("mae_vit_pico_patch8:mask_ratio=0.5", 1),  # the order alternates per seed
+        ("mae_vit_pico_patch8", 1),
+    ]
+    for run in result["runs"]:
+        assert run["steps"] == 6 and 0 <= run["knn_top1"] <= 100 and run["loss_curve"]
+        assert all(a[0] <= b[0] for a, b in zip(run["loss_curve"], run["loss_curve"][1:]))
+    summary = {r["spec"]: r for r in result["summary"]}
+    row = summary["mae_vit_pico_patch8"]
+    tops = [r["knn_top1"] for r in result["runs"] if r["spec"] == "mae_vit_pico_patch8"]
+    assert row["seeds"] == 2 and row["knn_top1_range"] == [min(tops), max(tops)]
+    assert abs(row["knn_top1_mean"] - sum(tops) / 2) < 1e-9
+    table = (out / "compare.md").read_text()
+    assert "| mae_vit_pico_patch8:mask_ratio=0.5 | 2 |" in table and table in capsys.readouterr().out
+    assert Image.open(out / "loss.png").size == (720, 420)
+    # a repeated command reuses the finished runs (each resumes its folder and has nothing left to do)
+    assert main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--models",
+                 "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--img-size", "32", "--batch-size", "4",
+                 "--num-workers", "0", "--output", str(out)]) == 0  # fmt: skip
+    again = json.loads((out / "compare.json").read_text())["runs"][0]
+    assert again["steps"] == 6 and again["knn_top1"] == result["runs"][0]["knn_top1"]
