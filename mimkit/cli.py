@@ -366,6 +366,7 @@ def cmd_compare(args):
         args.batch_size,
         extra,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        recipe=args.recipe or "",
     )
     print((Path(args.output) / "compare.md").read_text())
     return result
@@ -634,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", nargs="+", required=True, help="registered models, each optionally name:key=value,key=value"
     )
     p.add_argument("--seeds", type=NONNEG_INT, nargs="+", default=[0, 1, 2])
+    p.add_argument("--recipe", default=None, help="base settings of every run (lr, warm-up, ...; `mimkit recipes`)")
     p.add_argument("--epochs", type=POS_INT, default=10, help="epochs of every run (sets the lr schedule)")
     p.add_argument("--minutes", type=POS_FLOAT, default=None, help="also cut every run at this wall-clock time")
     p.add_argument("--img-size", type=_number(int, 8), default=None, help="(default: each model's)")

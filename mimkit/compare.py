@@ -42,10 +42,13 @@ def run_comparison(
     batch_size: int = 64,
     extra: dict | None = None,
     log=print,
+    recipe: str = "",
 ) -> dict:
-    """Pretrain every spec (``name`` or ``name:key=value,...``) for every seed, evaluate, and write the reports."""
+    """Pretrain every spec (``name`` or ``name:key=value,...``) for every seed, evaluate, and write the reports.
+    ``recipe``: its values (learning rate, warm-up, ...) are the base of every run; the arguments here win."""
     import torch
 
+    from mimkit.config import load_recipe
     from mimkit.eval import knn_evaluate
     from mimkit.loading import load_pretrained, random_init
     from mimkit.pretraining import pretrain
@@ -58,7 +61,9 @@ def run_comparison(
         for spec in order:
             name, args = _spec(spec)
             run_dir = out / f"{spec.replace(':', '_').replace(',', '_').replace('=', '-')}-seed{seed}"
-            values = dict(
+            values = dict(load_recipe(recipe)) if recipe else {}
+            values.pop("description", None)
+            values.update(
                 data=data,
                 model=name,
                 model_args=args or None,
@@ -104,6 +109,7 @@ def run_comparison(
         "seeds": seeds,
         "img_size": img_size,
         "batch_size": batch_size,
+        "recipe": recipe,
         "runs": runs,
         "summary": summarize(runs, specs),
     }
