@@ -327,6 +327,7 @@ class Trainer:
 
     def resume(self) -> bool:
         path, state = self.resume_from
+        self.resume_from = (path, None)  # do not keep a second copy of the checkpoint for the whole run
         if path is None:
             return False
         self.load_state(path, state)
