@@ -66,19 +66,13 @@ class PyramidEncoder(nn.Module):
         the patch embedding Xavier-uniform like a Linear layer; the position-bias MLP's layers, 1x1 convolutions
         there, by the convolution rule (docs/design.md, "Initialization")."""
         from mimkit.models.swin import PositionBiasMLP
+        from mimkit.models.vit import mae_init_
 
+        mae_init_(self)  # Linear and LayerNorm as in MAE
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d):
                 he_conv_(m.weight, m.bias, m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups)
-        for m in self.modules():
-            if isinstance(m, PositionBiasMLP):
+            elif isinstance(m, PositionBiasMLP):
                 for fc in (m.fc1, m.fc2):
                     he_conv_(fc.weight, fc.bias, fc.out_features)
         stem = self.stem_conv()
