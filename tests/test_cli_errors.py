@@ -153,6 +153,7 @@ def explicit_cases(e) -> dict:
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
         "shards": {"--data": [[missing]], "--out": [[e["file"]]]},
         "compare": {
+            "--recipe": [["no_such_recipe"]],
             "--data": [[missing]],
             "--eval-data": [[missing]],
             "--models": [["no_such_model"]],
