@@ -12,7 +12,7 @@ import torch
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.trainer import autocast_context
 from mimkit.methods import create_method
-from mimkit.models._size import pair
+from mimkit.models._size import pair, size_text
 
 
 def _set_mmap_threshold(nbytes: int) -> None:
@@ -234,8 +234,7 @@ def format_table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
-        size = "x".join(map(str, pair(r["img_size"])))
-        size = size.split("x")[0] if len(set(pair(r["img_size"]))) == 1 else size
+        size = size_text(r["img_size"]).removesuffix(" px")
         lines.append(
             f"{r['model']:44s} {size:>7s} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
             f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "

@@ -350,7 +350,9 @@ def cmd_compare(args):
     from mimkit.errors import ConfigError
 
     _out_dir(args.output, "--output")
-    if not (Path(args.eval_data).expanduser() / "train").is_dir():
+    from mimkit.data.sources import is_labelled_root
+
+    if not is_labelled_root(Path(args.eval_data).expanduser()):
         raise ConfigError(f"--eval-data {args.eval_data}: not a labelled ImageFolder root (train/<class>/...)")
     _check_model_specs(args.models, {})
     extra = {"num_workers": args.num_workers} if args.num_workers is not None else {}

@@ -12,13 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mimkit.bench import parse_model_spec
 from mimkit.config import PretrainConfig, config_from_dict
-
-
-def _spec(spec: str) -> tuple[str, dict]:
-    from mimkit.bench import parse_model_spec
-
-    return parse_model_spec(spec)
 
 
 def _loss_curve(run: Path) -> list[tuple[float, float]]:
@@ -59,7 +54,7 @@ def run_comparison(
     for k, seed in enumerate(seeds):
         order = specs if k % 2 == 0 else list(reversed(specs))
         for spec in order:
-            name, args = _spec(spec)
+            name, args = parse_model_spec(spec)
             run_dir = out / f"{spec.replace(':', '_').replace(',', '_').replace('=', '-')}-seed{seed}"
             values = dict(load_recipe(recipe)) if recipe else {}
             values.pop("description", None)

@@ -115,16 +115,22 @@ def _depths(model: nn.Module) -> list[int]:
     return [len(stage.blocks) for stage in model.encoder.stages]  # type: ignore[union-attr]
 
 
+def _decoder_name(key: str) -> str | None:
+    """The mimkit name of a MAE-family decoder tensor (MAE, UM-MAE) or of UM-MAE's ``vis_mask_token``; None for
+    others."""
+    if key.startswith("decoder_blocks."):
+        return "decoder.blocks." + key.removeprefix("decoder_blocks.")
+    head, _, rest = key.partition(".")
+    if head in DECODER_NAMES:
+        return DECODER_NAMES[head] + ("." + rest if rest else "")
+    return key if key == "vis_mask_token" else None
+
+
 def _map_mae(state: dict) -> dict[str, tuple[str, torch.Tensor]]:
     out = {}
     for k, v in state.items():
-        if k.startswith("decoder_blocks."):
-            out[k] = ("decoder.blocks." + k.removeprefix("decoder_blocks."), v)
-        elif k.split(".")[0] in DECODER_NAMES:
-            head, _, rest = k.partition(".")
-            out[k] = (DECODER_NAMES[head] + ("." + rest if rest else ""), v)
-        elif k == "vis_mask_token":
-            out[k] = (k, v)
+        if (name := _decoder_name(k)) is not None:
+            out[k] = (name, v)
         elif not k.startswith(("head.", "fc_norm.")) and k not in FIXED:
             out[k] = ("encoder." + k, v)
     return out
@@ -160,15 +166,10 @@ def _map_ummae(state: dict, model: nn.Module, pvt: bool) -> dict[str, tuple[str,
             out[k] = (("encoder.stages.0." if pvt else "encoder.") + k, v)
         elif k in ("pos_embed", "norm.weight", "norm.bias"):
             out[k] = ("encoder." + k, v)
-        elif k.startswith("decoder_embed."):
+        elif k.startswith("decoder_embed."):  # before the pixel shuffle: mimkit's to_decoder
             out[k] = ("to_decoder." + k.removeprefix("decoder_embed."), v)
-        elif k.startswith("decoder_blocks."):
-            out[k] = ("decoder.blocks." + k.removeprefix("decoder_blocks."), v)
-        elif k.split(".")[0] in ("mask_token", "decoder_norm", "decoder_pred"):
-            head, _, rest = k.partition(".")
-            out[k] = (DECODER_NAMES[head] + ("." + rest if rest else ""), v)
-        elif k == "vis_mask_token":
-            out[k] = (k, v)
+        elif (name := _decoder_name(k)) is not None:
+            out[k] = (name, v)
     return out
 
 

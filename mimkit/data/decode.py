@@ -41,6 +41,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _too_small(width: int, height: int, min_size: int) -> BadImage:
+    return BadImage(
+        f"too small: {width}x{height} px, the minimum side is {min_size} px (set data.min_image_size to change it)"
+    )
+
+
 def load_rgb(path: str, min_size: int = 1) -> Image.Image:
     """Open, fully decode and convert ``path`` to RGB; raise ``BadImage`` with the reason when that is impossible."""
     try:
@@ -55,10 +61,7 @@ def load_rgb(path: str, min_size: int = 1) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"cannot decode: {err}") from None
     if min(rgb.size) < min_size:
-        raise BadImage(
-            f"too small: {rgb.size[0]}x{rgb.size[1]} px, the minimum side is {min_size} px "
-            "(set data.min_image_size to change it)"
-        )
+        raise _too_small(rgb.size[0], rgb.size[1], min_size)
     return rgb
 
 
@@ -83,11 +86,22 @@ def _is_tiff(src) -> bool:
 
 
 def _read_array(src) -> np.ndarray:
-    if _is_tiff(src):
+    """Decode a path (opened once: its first bytes and its name tell TIFF apart) or an open binary file."""
+    if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
+        with open(src, "rb") as f:
+            return _decode_array(f, str(src).lower().endswith((".tif", ".tiff")))
+    return _decode_array(src, False)
+
+
+def _decode_array(f, tiff_name: bool) -> np.ndarray:
+    pos = f.tell()
+    head = f.read(4)
+    f.seek(pos)
+    if tiff_name or head in TIFF_MAGIC:
         import tifffile
 
-        return np.asarray(tifffile.imread(src))  # the first series: all bands of a planar or page-per-band file
-    with Image.open(src) as im:
+        return np.asarray(tifffile.imread(f))  # the first series: all bands of a planar or page-per-band file
+    with Image.open(f) as im:
         im.load()
         if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
             im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
@@ -127,10 +141,7 @@ def load_array(src, min_size: int = 1, in_chans: int | None = 1):
     if in_chans is not None and chw.shape[0] != in_chans:
         raise BadImage(f"has {chw.shape[0]} channel(s), the model takes --in-chans {in_chans}")
     if min(chw.shape[1:]) < min_size:
-        raise BadImage(
-            f"too small: {chw.shape[2]}x{chw.shape[1]} px, the minimum side is {min_size} px "
-            "(set data.min_image_size to change it)"
-        )
+        raise _too_small(chw.shape[2], chw.shape[1], min_size)
     if chw.dtype == np.bool_:
         out = chw.astype(np.float32)
     elif chw.dtype.kind in "iu":

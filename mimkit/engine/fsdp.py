@@ -18,13 +18,7 @@ from torch import nn
 BLOCK_LISTS = ("blocks",)  # timm's convention: a model's transformer blocks are a ModuleList/Sequential "blocks"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def shard_model(model: nn.Module, device: torch.device, bf16: bool = False) -> int:
+def shard_model(model: nn.Module, bf16: bool = False) -> int:
     """``fully_shard`` each block (any element of a ModuleList named ``blocks``, in the encoder, its stages and the
     decoder), then the model itself for the rest; with ``bf16`` the blocks compute in bf16 and reduce gradients in
     fp32 (MixedPrecisionPolicy). Returns the number of blocks sharded."""

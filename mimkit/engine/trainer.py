@@ -175,7 +175,7 @@ class Trainer:
             from mimkit.engine.fsdp import shard_model
 
             bf16 = cfg.precision == "bf16" and d.device.type == "cuda"
-            blocks = shard_model(self.model, d.device, bf16=bf16)
+            blocks = shard_model(self.model, bf16=bf16)
             self.log.info("FSDP: %d blocks and the model sharded over %d ranks", blocks, d.world_size)
         size = self.model.img_size
         cfg.img_size = list(size) if isinstance(size, tuple) else size  # (height, width) saved as a YAML list
