@@ -77,7 +77,8 @@ def wait_for_step(proc, out: Path, step: int, timeout=120):
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise AssertionError(f"process ended early: {finish(proc)}")
-        if logged_steps(out) and logged_steps(out)[-1] >= step:
+        steps = logged_steps(out)  # read once: a resuming run may truncate the file between two reads
+        if steps and steps[-1] >= step:
             return
         time.sleep(0.01)
     raise AssertionError(f"step {step} not reached in {timeout} s")
