@@ -154,11 +154,11 @@ def test_timm_safetensors_with_a_classifier_and_another_grid(tmp_path):
     assert torch.equal(target.encoder.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
 
 
-def test_ummae_swin_file_gives_the_same_model():
+def test_ummae_swin_file_gives_the_same_model(tmp_path):
     source, target = _fresh("umae_swin_pico_128", 1), _fresh("umae_swin_pico_128", 2)
     state = _released_ummae_swin(source)
     assert detect_layout(state) == "ummae_swin"
-    path = _save(state)
+    path = _save(state, tmp_path)
     report = load_public_weights(target, path)
     assert report.new == [] and report.ignored == ["decoder_pos_embed"]
     for k, v in source.state_dict().items():
@@ -166,11 +166,11 @@ def test_ummae_swin_file_gives_the_same_model():
     assert _same_outputs(source, target, 128)
 
 
-def test_ummae_pvt_file_reports_the_stage_norms_it_lacks():
+def test_ummae_pvt_file_reports_the_stage_norms_it_lacks(tmp_path):
     source, target = _fresh("umae_pvt_pico_128", 1), _fresh("umae_pvt_pico_128", 2)
     state = {k: v for k, v in _released_ummae_pvt(source).items()}
     assert detect_layout(state) == "ummae_pvt"
-    report = load_public_weights(target, _save(state))
+    report = load_public_weights(target, _save(state, tmp_path))
     assert sorted(report.new) == sorted(
         k
         for k in target.state_dict()
@@ -181,11 +181,11 @@ def test_ummae_pvt_file_reports_the_stage_norms_it_lacks():
     assert torch.equal(t[3].patch_embed.proj.weight, s[3].patch_embed.proj.weight)
 
 
-def test_simmim_swin_file_gives_the_same_model():
+def test_simmim_swin_file_gives_the_same_model(tmp_path):
     source, target = _fresh("simmim_mixswin_pico_128", 1), _fresh("simmim_mixswin_pico_128", 2)
     state = _released_simmim_swin(source)
     assert detect_layout(state) == "simmim_swin"
-    report = load_public_weights(target, _save(state))
+    report = load_public_weights(target, _save(state, tmp_path))
     assert report.new == [] and all("relative_position_index" in k for k in report.ignored)
     assert _same_outputs(source, target, 128)
 
@@ -204,16 +204,10 @@ def test_bad_files_are_one_line_errors(tmp_path):
         load_public_weights(model, tmp_path / "wide.pth")
 
 
-_SAVED = []
-
-
-def _save(state):
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile(suffix=".pth", delete=False)
-    torch.save({"model": state}, f.name)
-    _SAVED.append(f.name)
-    return f.name
+def _save(state, folder):
+    path = folder / "released.pth"
+    torch.save({"model": state}, path)
+    return str(path)
 
 
 def test_cli_init_reports_and_a_resume_does_not_reload(tmp_path, capsys):
@@ -249,7 +243,7 @@ def test_finetune_reads_released_vit_files_and_random_init_with_init(tmp_path):
     rebuilt = timm.create_model(name, num_classes=0, **kwargs)
     assert not rebuilt.load_state_dict(state, strict=False).unexpected_keys
     source = _fresh("umae_swin_pico_128", 1)
-    path = _save(_released_ummae_swin(source))
+    path = _save(_released_ummae_swin(source), tmp_path)
     with pytest.raises(CheckpointError, match="--random-init MODEL --init"):
         load_encoder_source(path)
     state, name, _ = load_encoder_source(random_init="umae_swin_pico_128", init=path)
