@@ -39,3 +39,24 @@ def test_no_weight_decay_on_norms_biases_and_position_embedding():
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in no_decay) == (p.ndim <= 1 or name == "pos_embed" or name.endswith(".bias")), name
+
+
+def test_built_optimizer_is_fused_on_cpu_and_makes_the_plain_adamw_update():
+    import torch
+
+    from mimkit.engine.optim import build_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = build_optimizer([{"params": params, "weight_decay": 0.05}], 1e-2, (0.9, 0.95), torch.device("cpu"))
+    plain = torch.optim.AdamW([{"params": twins, "weight_decay": 0.05}], lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    assert fused.defaults["fused"] is True
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, t, g in zip(params, twins, grads):
+            p.grad, t.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, t in zip(params, twins):
+        assert not torch.equal(p, t.detach() * 0) and torch.allclose(p, t, atol=1e-6)

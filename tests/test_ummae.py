@@ -81,10 +81,14 @@ def test_compact_window_attention_equals_masked_full_resolution(shifted, grid):
     full_coords = grid_coords(grid[0] * k, grid[1] * k)
     keep_px = (1 - us).view(n, *grid).repeat_interleave(k, 1).repeat_interleave(k, 2)
     key_mask = torch.zeros_like(keep_px).masked_fill(keep_px == 0, float("-inf"))
+    h, w = grid[0] * k, grid[1] * k
     with torch.no_grad():
-        full = block(x, WindowLayout(full_coords, 16, 8 if shifted else 0), key_mask)
+        full = block(x, WindowLayout(h, w, 16, 8 if shifted else 0), key_mask)
+        # the same grid given as explicit coordinates (the per-image index path) gives the same block output
+        explicit = block(x, WindowLayout(h, w, 16, 8 if shifted else 0, full_coords), key_mask)
         coords = compact(full_coords.expand(n, -1, -1, -1), ids, grid)
-        small = block(compact(x, ids, grid), WindowLayout(coords, 8, 4 if shifted else 0))
+        small = block(compact(x, ids, grid), WindowLayout(h // 2, w // 2, 8, 4 if shifted else 0, coords, span=2))
+    assert torch.allclose(explicit, full, atol=1e-5)
     assert torch.allclose(compact(full, ids, grid), small, atol=1e-5)
 
 

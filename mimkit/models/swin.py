@@ -58,26 +58,32 @@ def window_reverse(x: torch.Tensor, wh: int, ww: int, h: int, w: int) -> torch.T
 
 
 class WindowLayout:
-    """Windows, shift, relative-position indices and shift mask of one stage (shared by its blocks)."""
+    """Windows, shift, relative-position indices and shift mask of one stage (shared by its blocks).
 
-    def __init__(self, coords: torch.Tensor, window: int, shift: int):
-        # coords: (b, H, W, 2) float, true positions in the current stage's token units; b = 1 on a regular grid
-        _, h, w, _ = coords.shape
+    ``coords`` (b, H, W, 2): true positions in the current stage's token units, for UM-MAE's compact map, where one
+    window spans ``span`` = 2 true tokens per map token; ``None`` on the regular grid, where every window has the same
+    relative positions, so one (1, 1, T, T) index serves all windows and images. The bias table's radius is fixed by
+    the window and the span, not read from the data: no host synchronisation, static shapes for ``torch.compile``.
+    Offsets beyond it occur only between the wrapped parts of a shifted window, which the shift mask hides; they are
+    clamped to a valid row."""
+
+    def __init__(self, h: int, w: int, window: int, shift: int, coords: torch.Tensor | None = None, span: int = 1,
+                 device=None):  # fmt: skip
         self.h, self.w = h, w
         self.wh, self.ww = min(window, h), min(window, w)
         self.shift = shift if (h > window and w > window) else 0
         if h % self.wh or w % self.ww:
             raise ValueError(f"a {h}x{w} token map cannot be split into {self.wh}x{self.ww} windows")
-        c = coords
-        if self.shift:
-            c = torch.roll(c, (-self.shift, -self.shift), (1, 2))
-        cw = window_partition(c, self.wh, self.ww)  # (b, nW, T, 2)
-        units = torch.round(cw * COORD_UNITS).long()
-        rel = units[:, :, :, None, :] - units[:, :, None, :, :]  # (b, nW, T, T, 2)
-        self.radius = int(rel.abs().max().item()) if rel.numel() else 0
+        self.radius = COORD_UNITS * (span * max(self.wh, self.ww) - 1)
+        if coords is None:
+            units = grid_coords(self.wh, self.ww, device).view(1, 1, -1, 2).long() * COORD_UNITS  # (1, 1, T, 2)
+        else:
+            c = torch.roll(coords, (-self.shift, -self.shift), (1, 2)) if self.shift else coords
+            units = torch.round(window_partition(c, self.wh, self.ww) * COORD_UNITS).long()  # (b, nW, T, 2)
+        rel = (units[:, :, :, None, :] - units[:, :, None, :, :]).clamp(-self.radius, self.radius)
         side = 2 * self.radius + 1
-        self.index = (rel[..., 0] + self.radius) * side + (rel[..., 1] + self.radius)
-        self.mask = self._shift_mask(coords.device) if self.shift else None
+        self.index = (rel[..., 0] + self.radius) * side + (rel[..., 1] + self.radius)  # (b|1, nW|1, T, T)
+        self.mask = self._shift_mask(device) if self.shift else None
 
     def _shift_mask(self, device) -> torch.Tensor:
         region = torch.zeros(1, self.h, self.w, 1, device=device)
@@ -181,13 +187,16 @@ class SwinStage(nn.Module):
             ]
         )
 
-    def forward(self, x, coords, window: int, key_mask_map=None):
+    def forward(self, x, coords, window: int, key_mask_map=None, span: int = 1):
+        """``coords`` None on the regular grid; ``span`` true tokens per map token along a side (2 on the compact
+        map)."""
         if self.merge:
             x = self.downsample(x)
-            coords = coords[:, ::2, ::2] / 2
+            coords = coords[:, ::2, ::2] / 2 if coords is not None else None
             if key_mask_map is not None:
                 key_mask_map = key_mask_map[:, ::2, ::2]
-        layouts = [WindowLayout(coords, window, 0), WindowLayout(coords, window, window // 2)]
+        h, w = x.shape[1], x.shape[2]
+        layouts = [WindowLayout(h, w, window, s, coords, span, x.device) for s in (0, window // 2)]
         use = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
             layout = layouts[1] if blk.shifted else layouts[0]
@@ -283,21 +292,20 @@ class SwinUM(PyramidEncoder):
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))  # (B, H, W, C)
 
-    def run_stages(self, x, coords, window: int, key_mask_map=None, collect: bool = False):
+    def run_stages(self, x, coords, window: int, key_mask_map=None, collect: bool = False, span: int = 1):
         outs = []
         for stage in self.stages:
-            x, coords, key_mask_map = stage(x, coords, window, key_mask_map)
+            x, coords, key_mask_map = stage(x, coords, window, key_mask_map, span)
             outs.append(x)
         return (x, outs) if collect else x
 
     def forward_tokens(self, x: torch.Tensor, key_mask_map=None) -> torch.Tensor:
         """Embedded stage-1 tokens (B, H, W, C) on the regular grid -> normalized final map."""
-        coords = grid_coords(x.shape[1], x.shape[2], x.device)
-        return self.norm(self.run_stages(x, coords, self.window_size, key_mask_map))
+        return self.norm(self.run_stages(x, None, self.window_size, key_mask_map))
 
     def forward_compact(self, tokens: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """UM-MAE: compact map (B, Hc, Wc, C) with true stage-1 coordinates (B, Hc, Wc, 2); windows halved."""
-        return self.norm(self.run_stages(tokens, coords, self.window_size // 2))
+        return self.norm(self.run_stages(tokens, coords, self.window_size // 2, span=2))
 
     def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
         """UM-MAE's secondary-mask token goes through the patch-embedding norm in Swin (UM-MAE#10)."""
@@ -311,8 +319,7 @@ class SwinUM(PyramidEncoder):
         return self.forward_compact(tokens, coords)
 
     def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        coords = grid_coords(img.shape[2] // self.patch_size, img.shape[3] // self.patch_size, img.device)
-        last, outs = self.run_stages(self.embed(img), coords, self.window_size, collect=True)
+        last, outs = self.run_stages(self.embed(img), None, self.window_size, collect=True)
         return self.norm(last), outs
 
 
