@@ -1,4 +1,5 @@
-"""--compile: a compiled training step gives the eager step's loss and gradients (inductor on CPU, tiny ViT)."""
+"""--compile: a compiled training step gives the eager step's loss and gradients (inductor on CPU): MAE on a tiny ViT
+and UM-MAE on a tiny Swin (whose position-bias table once had a data-dependent size that inductor could not take)."""
 
 import pytest
 import torch
@@ -7,12 +8,13 @@ from mimkit.methods import create_method
 
 
 @pytest.mark.slow
-def test_compiled_mae_step_equals_eager():
+@pytest.mark.parametrize("name,size", [("mae_vit_pico_patch8", 64), ("umae_swin_pico_128", 128)])
+def test_compiled_step_equals_eager(name, size):
     import torch._inductor.config as inductor_config
 
     torch.manual_seed(0)
-    model = create_method("mae_vit_pico_patch8")
-    batch = {"image": torch.randn(2, 3, 64, 64), "index": torch.arange(2)}
+    model = create_method(name)
+    batch = {"image": torch.randn(2, 3, size, size), "index": torch.arange(2)}
 
     def step(fn):
         model.zero_grad(set_to_none=True)
@@ -32,4 +34,4 @@ def test_compiled_mae_step_equals_eager():
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert len(compiled_grads) == len(eager_grads) > 10
     for a, b in zip(compiled_grads, eager_grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -114,7 +114,7 @@ def test_encoder_api_export_and_features_only(tmp_path):
 def test_loss_decreases_on_a_fixed_batch():
     model = _model()
     x = torch.nn.functional.interpolate(torch.randn(4, 3, 8, 8), size=128, mode="bicubic")  # smooth images
-    first, last = fit_fixed_batch(model, {"image": x}, 60)
+    first, last = fit_fixed_batch(model, {"image": x}, 100)  # at 60 steps it ended near 0.5x, on either side
     assert last < 0.5 * first, (first, last)
 
 

@@ -52,7 +52,7 @@ def test_built_optimizer_is_fused_on_cpu_and_makes_the_plain_adamw_update():
     fused = build_optimizer([{"params": params, "weight_decay": 0.05}], 1e-2, (0.9, 0.95), torch.device("cpu"))
     plain = torch.optim.AdamW([{"params": twins, "weight_decay": 0.05}], lr=1e-2, betas=(0.9, 0.95), foreach=False)
     assert fused.defaults["fused"] is True
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, t, g in zip(params, twins, grads):
             p.grad, t.grad = g.clone(), g.clone()

@@ -48,8 +48,8 @@ def test_simmim_encoder_sees_mask_tokens_not_masked_pixels(name):
     mask = block_mask(1, model.grid, 8, 0.6, generator=torch.Generator().manual_seed(0)).view(1, *model.grid)
     px = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).bool().unsqueeze(1)
     with torch.no_grad():
-        a = model.encoder.forward_masked(x, mask, model.mask_token)
-        b = model.encoder.forward_masked(x.masked_fill(px, 9.0), mask, model.mask_token)
+        a = model.encoder.encode_masked(x, mask, model.mask_token)
+        b = model.encoder.encode_masked(x.masked_fill(px, 9.0), mask, model.mask_token)
     assert torch.allclose(a, b, atol=1e-5)
 
 

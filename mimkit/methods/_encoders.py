@@ -26,7 +26,3 @@ def build_encoder(
     elif isinstance(getattr(encoder, "pos_embed", None), torch.nn.Parameter):
         encoder.pos_embed.requires_grad_(False)
     return encoder, args
-
-
-def is_vit(encoder) -> bool:
-    return isinstance(encoder, VisionTransformer)

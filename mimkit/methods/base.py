@@ -33,6 +33,16 @@ class MIMMethod(nn.Module):
     in_chans: int = 3
     norm_pix_loss: bool = False
 
+    def attach_interface(self, attr: str, encoder: nn.Module, protocol: type, method: str):
+        """Keep ``encoder`` seen through ``protocol`` (mimkit/models/interfaces.py) as ``self.<attr>``, without
+        registering it as a submodule (it is the encoder itself or a ViTInterface over it, whose weights the
+        encoder already holds); a clear ValueError when the encoder cannot serve the protocol."""
+        from mimkit.models.interfaces import encoder_interface
+
+        view = encoder_interface(encoder, protocol, method, getattr(self, "encoder_name", type(encoder).__name__))
+        object.__setattr__(self, attr, view)
+        return view
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """No weight decay on 1-D parameters and biases (timm's rule, as in the MAE family's pretraining)."""
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
@@ -60,7 +70,7 @@ class MIMMethod(nn.Module):
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         """Global features of full, unmasked images: (N, D). Token sequences (ViT) are averaged over patch tokens
         (``pool="cls"``: the class token); feature maps (Swin, PVT) are averaged over positions."""
-        out = self.encoder.forward_features(images)
+        out = self.encoder.forward_features(images)  # type: ignore[operator]
         if out.ndim == 4:
             return out.mean(dim=(1, 2))
         prefix = getattr(self.encoder, "num_prefix_tokens", 0)

@@ -25,13 +25,14 @@ import copy
 import torch
 from torch import nn
 
-from mimkit.masking import complementary_pair, cycle_mask, gather_tokens, keep_restore, num_masked, random_masking
-from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.masking import complementary_pair, cycle_mask, keep_restore, num_masked, random_masking
+from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import require_square
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.models.vit import mae_init_, vit_encode
+from mimkit.models.interfaces import VisibleTokenEncoder
+from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patch_mse
 
 MODES = ("pair", "cycle", "random")
@@ -68,18 +69,8 @@ class CoMA(MIMMethod):
             raise ValueError("teacher_weight needs a teacher: set teacher to copy or ema")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
-        self.vit = is_vit(self.encoder)
-        if self.vit:
-            self.patch_size = self.encoder.patch_embed.patch_size[0]
-            self.grid = tuple(self.encoder.patch_embed.grid_size)
-        elif hasattr(self.encoder, "forward_visible"):
-            self.patch_size = self.encoder.unit
-            self.grid = (img_size // self.patch_size,) * 2
-        else:
-            raise ValueError(
-                f"encoder '{encoder}' cannot encode visible units only; CoMA needs a plain timm ViT or "
-                f"a dyvit_* model (`mimkit models`)"
-            )
+        io = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "CoMA")
+        self.patch_size, self.grid = io.unit, io.mask_grid
         self.num_units = self.grid[0] * self.grid[1]
         if not 0 < num_masked(self.num_units, mask_ratio) < self.num_units:
             raise ValueError(f"mask_ratio {mask_ratio} masks none or all of the {self.num_units} units")
@@ -87,13 +78,13 @@ class CoMA(MIMMethod):
         self.teacher_mode, self.teacher_momentum, self.teacher_weight = teacher, teacher_momentum, teacher_weight
         self.norm_pix_loss = norm_pix_loss
         self.decoder = TransformerDecoder(
-            self.encoder.num_features if not self.vit else self.encoder.embed_dim,
+            io.out_dim,
             self.grid,
             self.patch_size**2 * in_chans,
             decoder_dim,
             decoder_depth,
             decoder_heads,
-            cls_token=self.vit,
+            cls_token=io.has_cls,
         )
         mae_init_(self.decoder)
         self.teacher = None
@@ -101,6 +92,7 @@ class CoMA(MIMMethod):
             self.teacher = nn.ModuleDict(
                 {"encoder": copy.deepcopy(self.encoder), "decoder": copy.deepcopy(self.decoder)}
             ).requires_grad_(False)
+            self.attach_interface("teacher_io", self.teacher["encoder"], VisibleTokenEncoder, "CoMA")
 
     # -- masks --------------------------------------------------------------------------------------------------
     def draw_views(self, batch: dict, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,16 +109,12 @@ class CoMA(MIMMethod):
 
     # -- model --------------------------------------------------------------------------------------------------
     def reconstruct(
-        self, encoder: nn.Module, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor, n_visible: int
-    ) -> torch.Tensor:
+        self, encoder: VisibleTokenEncoder, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor,
+        n_visible: int,
+    ) -> torch.Tensor:  # fmt: skip
         """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * C)."""
         ids_keep, ids_restore = keep_restore(mask, n_visible)
-        if self.vit:
-            x = encoder.patch_embed(imgs) + encoder.pos_embed[:, 1:]
-            latent = vit_encode(encoder, gather_tokens(x, ids_keep))
-        else:
-            latent = encoder.forward_visible(imgs, ids_keep)
-        return decoder(latent, ids_restore)
+        return decoder(encoder.encode_visible(imgs, ids_keep), ids_restore)
 
     def forward(self, batch: dict):
         imgs = batch["image"]
@@ -134,10 +122,10 @@ class CoMA(MIMMethod):
         view_a, view_b = self.draw_views(batch, n, imgs.device)
         target = self.target(imgs)
         m = num_masked(self.num_units, self.mask_ratio)
-        pred = self.reconstruct(self.encoder, self.decoder, imgs, view_a, self.num_units - m)
+        pred = self.reconstruct(self.io, self.decoder, imgs, view_a, self.num_units - m)
         log = {}
         if self.teacher is None and self.mode == "pair":  # both views through M_t: every unit once
-            pred_b = self.reconstruct(self.encoder, self.decoder, imgs, view_b, m)
+            pred_b = self.reconstruct(self.io, self.decoder, imgs, view_b, m)
             err_a = patch_mse(pred, target) * view_a
             loss = (err_a + patch_mse(pred_b, target) * view_b).mean()
             log["loss_view_a"] = err_a.sum().detach() / view_a.sum()
@@ -148,7 +136,7 @@ class CoMA(MIMMethod):
             predicted = view_a
         if self.teacher is not None:
             with torch.no_grad():
-                pred_t = self.reconstruct(self.teacher["encoder"], self.teacher["decoder"], imgs, view_b, m)
+                pred_t = self.reconstruct(self.teacher_io, self.teacher["decoder"], imgs, view_b, m)
                 log["teacher_loss"] = masked_mse(pred_t, target, view_b)
             if self.teacher_weight:
                 loss = loss + self.teacher_weight * masked_mse(pred, pred_t, view_a)

@@ -1,17 +1,19 @@
-"""MAE (He et al. 2021) on a plain ViT: per-sample random masking, encoder on visible tokens only,
-lightweight transformer decoder, normalized-pixel MSE on the masked patches (docs/methods.md section 2)."""
+"""MAE (He et al. 2021): per-sample random masking, encoder on visible tokens only, lightweight transformer decoder,
+normalized-pixel MSE on the masked patches (docs/methods.md section 2). The encoder is any VisibleTokenEncoder
+(mimkit/models/interfaces.py): a plain timm ViT as in the paper, or DyViT (masking its 32 px units)."""
 
 from __future__ import annotations
 
 import torch
 
-from mimkit.masking import gather_tokens, random_masking
-from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.masking import random_masking
+from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.models.vit import mae_init_, vit_encode
+from mimkit.models.interfaces import VisibleTokenEncoder
+from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse
 
 
@@ -34,22 +36,24 @@ class MAE(MIMMethod):
         self.encoder_name = encoder
         self.img_size = canonical(img_size)
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
-        if not is_vit(self.encoder):
-            raise ValueError(f"encoder '{encoder}' is not a plain timm ViT with a class token; MAE needs one")
-        self.patch_size = self.encoder.patch_embed.patch_size[0]
-        self.grid = tuple(self.encoder.patch_embed.grid_size)
+        io = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "MAE")
+        self.patch_size, self.grid = io.unit, io.mask_grid
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder = TransformerDecoder(
-            self.encoder.embed_dim, self.grid, self.patch_size**2 * in_chans, decoder_dim, decoder_depth, decoder_heads
+            io.out_dim,
+            self.grid,
+            self.patch_size**2 * in_chans,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            cls_token=io.has_cls,
         )
         mae_init_(self.decoder)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
-        enc = self.encoder
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
-        draw = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device)
-        return vit_encode(enc, gather_tokens(x, draw.ids_keep)), draw
+        draw = random_masking(imgs.shape[0], self.grid[0] * self.grid[1], mask_ratio, device=imgs.device)
+        return self.io.encode_visible(imgs, draw.ids_keep), draw
 
     def forward(self, batch: dict):
         imgs = batch["image"]

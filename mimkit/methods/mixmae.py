@@ -22,6 +22,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import require_square
 from mimkit.models.decoder import TransformerDecoder
+from mimkit.models.interfaces import MixedTokenEncoder
 from mimkit.models.vit import mae_init_
 from mimkit.patches import patch_mse
 
@@ -53,13 +54,9 @@ class MixMAE(MIMMethod):
             raise ValueError(f"mask_granularity must be one of {', '.join(GRANULARITIES)}, got '{mask_granularity}'")
         img_size = require_square(img_size, "MixMAE")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
-        if not hasattr(self.encoder, "forward_tokens") or not hasattr(self.encoder, "window_sizes"):
-            raise ValueError(
-                f"encoder '{encoder}' cannot confine attention to one source image; MixMAE needs one "
-                f"of the mixswin_* models (`mimkit models`)"
-            )
         self.encoder_name, self.img_size = encoder, img_size
-        self.patch_size = self.encoder.stride  # one mask cell = one decoder token = one predicted patch
+        io = self.attach_interface("io", self.encoder, MixedTokenEncoder, "MixMAE")
+        self.patch_size = io.stride  # one mask cell = one decoder token = one predicted patch
         self.grid = (img_size // self.patch_size,) * 2
         cells = self.grid[0] * self.grid[1]
         self.n_mix = int(cells * mask_ratio)
@@ -71,7 +68,7 @@ class MixMAE(MIMMethod):
         self.mask_ratio, self.pairing, self.mask_granularity = mask_ratio, pairing, mask_granularity
         self.norm_pix_loss = norm_pix_loss
         self.decoder = TransformerDecoder(
-            self.encoder.num_features,
+            io.num_features,
             self.grid,
             self.patch_size**2 * in_chans,
             decoder_dim,
@@ -103,11 +100,11 @@ class MixMAE(MIMMethod):
         a, b = self.pair_indices(n, imgs.device)
         mask = self.draw_mask(n, imgs.device)  # (1 or S, cells)
         groups = mask.view(-1, *self.grid)
-        tokens = self.encoder.embed(imgs)  # (N, H/4, W/4, C)
+        tokens = self.io.embed(imgs)  # (N, H/4, W/4, C)
         k = tokens.shape[1] // self.grid[0]
         m_tok = upsample_cells(groups, k).unsqueeze(-1).to(tokens.dtype)
         mixed = tokens[a] * (1 - m_tok) + tokens[b] * m_tok
-        feat = self.encoder.forward_tokens(mixed, groups)  # (S, h, w, C_last)
+        feat = self.io.forward_tokens(mixed, groups)  # (S, h, w, C_last)
         z = self.decoder.embed(feat.flatten(1, 2))  # (S, cells, D)
         m = mask.unsqueeze(-1).to(z.dtype)
         token = self.decoder.mask_token.to(z.dtype)

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.masking import block_mask
-from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical, pair, size_text
-from mimkit.models.vit import vit_masked_tokens
+from mimkit.models.interfaces import MaskTokenEncoder
 from mimkit.patches import patchify
 
 
@@ -53,14 +53,8 @@ class SimMIM(MIMMethod):
         self.encoder_name, self.img_size = encoder, canonical(img_size)
         height, width = pair(img_size)
         self.mask_ratio, self.mask_unit, self.norm_pix_loss = mask_ratio, mask_unit, norm_pix_loss
-        self.vit = is_vit(self.encoder)
-        if self.vit:
-            self.patch_size = self.encoder.patch_embed.patch_size[0]
-            self.stride, dim0, dim_last = self.patch_size, self.encoder.embed_dim, self.encoder.embed_dim
-        else:
-            self.patch_size = self.encoder.patch_size
-            self.stride = self.patch_size * 2 ** (len(self.encoder.embed_dims) - 1)
-            dim0, dim_last = self.encoder.embed_dims[0], self.encoder.num_features
+        io = self.attach_interface("io", self.encoder, MaskTokenEncoder, "SimMIM")
+        self.patch_size, self.stride, dim0, dim_last = io.token_px, io.out_stride, io.token_dim, io.out_dim
         if mask_unit % self.patch_size or height % mask_unit or width % mask_unit:
             raise ValueError(
                 f"mask_unit ({mask_unit} px) must be a multiple of the token size ({self.patch_size} px) "
@@ -75,10 +69,7 @@ class SimMIM(MIMMethod):
         imgs = batch["image"]
         n = imgs.shape[0]
         mask = block_mask(n, self.grid, self.mask_unit // self.patch_size, self.mask_ratio, device=imgs.device)
-        if self.vit:
-            feat = vit_masked_tokens(self.encoder, imgs, mask, self.mask_token)
-        else:
-            feat = self.encoder.forward_masked(imgs, mask.view(n, *self.grid), self.mask_token)
+        feat = self.io.encode_masked(imgs, mask.view(n, *self.grid), self.mask_token)
         rec = F.pixel_shuffle(self.head(feat).permute(0, 3, 1, 2), self.stride)  # (N, 3, H, W)
         pred = patchify(rec, self.patch_size)
         per_patch = (pred.float() - self.target(imgs).float()).abs().mean(dim=-1)

@@ -21,7 +21,6 @@ from torch import nn
 
 from mimkit.masking import (
     compact,
-    gather_tokens,
     grid_sampling,
     kept_block_order,
     random_sampling,
@@ -29,12 +28,13 @@ from mimkit.masking import (
     uniform_sampling,
     upsample_cells,
 )
-from mimkit.methods._encoders import build_encoder, is_vit
+from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.decoder import TransformerDecoder
-from mimkit.models.vit import mae_init_, vit_encode
+from mimkit.models.interfaces import UniformCompactEncoder, VisibleTokenEncoder, supports
+from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse
 
 
@@ -66,14 +66,23 @@ class UMMAE(MIMMethod):
         self.encoder_name, self.img_size = encoder, canonical(img_size)
         height, width = pair(img_size)
         self.sm_ratio, self.norm_pix_loss, self.decoder_pos_order = sm_ratio, norm_pix_loss, decoder_pos_order
-        self.vit = is_vit(self.encoder)
+        # a pyramid encodes the compact map (UniformCompactEncoder); a plain ViT takes the kept tokens as a sequence
+        self.vit = not supports(self.encoder, UniformCompactEncoder)
+        io = self.attach_interface(
+            "io", self.encoder, VisibleTokenEncoder if self.vit else UniformCompactEncoder, "UM-MAE"
+        )
+        if self.vit and sm_ratio > 0 and not io.replaces_tokens:
+            raise ValueError(
+                f"UM-MAE's secondary masking replaces kept tokens by a mask token, which encoder '{encoder}' cannot "
+                "take; use sm_ratio=0 or a mimswin_* / mimpvt_* / plain ViT encoder"
+            )
         self.sampling = sampling
         if sampling != "uniform" and not self.vit:
             raise ValueError(
                 f"sampling='{sampling}' keeps an uneven number of patches per window; only a plain ViT "
                 "encoder can take it (pyramid encoders need sampling='uniform')"
             )
-        self.patch_size = self.encoder.patch_embed.patch_size[0] if self.vit else 16
+        self.patch_size = io.unit if self.vit else 16
         need = 2 * self.patch_size if self.vit else 64
         for side in (height, width):
             if side % need:
@@ -82,25 +91,25 @@ class UMMAE(MIMMethod):
                     f"patches{'' if self.vit else ', compact map of stride 32'}); got {size_text(img_size)}, try "
                     f"{max(need, side // need * need)} or {(side // need + 1) * need} for {side}"
                 )
-        if not self.vit and hasattr(self.encoder, "window_size"):
-            self.encoder.check_size(img_size, compact=True)
+        if not self.vit:
+            io.check_size(img_size, compact=True)
         self.grid = (height // self.patch_size, width // self.patch_size)
-        first_dim = self.encoder.embed_dim if self.vit else self.encoder.embed_dims[0]
+        first_dim = io.out_dim if self.vit else io.embed_dims[0]
         self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, first_dim))
         nn.init.normal_(self.vis_mask_token, std=0.02)
         if self.vit:
             self.to_decoder = nn.Identity()
             self.decoder = TransformerDecoder(
-                self.encoder.embed_dim,
+                io.out_dim,
                 self.grid,
                 self.patch_size**2 * in_chans,
                 decoder_dim,
                 decoder_depth,
                 decoder_heads,
-                cls_token=True,
+                cls_token=io.has_cls,
             )
         else:
-            self.to_decoder = nn.Linear(self.encoder.num_features, 4 * decoder_dim)
+            self.to_decoder = nn.Linear(io.num_features, 4 * decoder_dim)
             nn.init.xavier_uniform_(self.to_decoder.weight)  # the released decoder_embed's init
             nn.init.zeros_(self.to_decoder.bias)
             self.decoder = TransformerDecoder(
@@ -131,12 +140,9 @@ class UMMAE(MIMMethod):
 
     def encode(self, imgs: torch.Tensor, ids: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
         """Encoder output as one token per kept patch, in the order of ``ids`` (plus a cls token for ViT)."""
-        enc = self.encoder
+        enc = self.io
         if self.vit:
-            pos = gather_tokens(enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1), ids)
-            x = gather_tokens(enc.patch_embed(imgs), ids)
-            w = sm.unsqueeze(-1).to(x.dtype)
-            return vit_encode(enc, x * (1 - w) + self.vis_mask_token * w + pos)
+            return enc.encode_visible(imgs, ids, sm, self.vis_mask_token)
         tokens = enc.embed(imgs)  # (N, H1, W1, C): full image, then gathered
         kept = compact(tokens, ids, self.grid)
         k = kept.shape[1] // (self.grid[0] // 2)

@@ -34,6 +34,8 @@ class PyramidEncoder(nn.Module):
     ``stage_outputs(img) -> (final normed map, [per-stage NHWC maps])`` and set ``num_features`` and ``head``."""
 
     num_features: int
+    embed_dims: list[int]
+    patch_size: int
     head: nn.Module
     group_stem: str = r"^patch_embed"  # regex of the stem (lr-decay group 0)
     group_merge: str = "downsample"  # name of a stage's merge module: it joins that stage's first block
@@ -95,7 +97,25 @@ class PyramidEncoder(nn.Module):
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.embed(img))  # (B, H/32, W/32, C)
 
-    def forward_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    # mimkit.models.interfaces.MaskTokenEncoder (SimMIM): a subclass that cannot take mask tokens sets
+    # ``encode_masked = None``
+    @property
+    def token_px(self) -> int:
+        return self.patch_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.embed_dims[0]
+
+    @property
+    def out_stride(self) -> int:
+        return self.patch_size * 2 ** (len(self.embed_dims) - 1)
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_features
+
+    def encode_masked(self, img: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         """SimMIM: stage-1 tokens where ``mask`` (B, H, W) is 1 are replaced by ``mask_token`` (after the patch
         embedding and its norm, before any position embedding)."""
         x = self.embed(img)

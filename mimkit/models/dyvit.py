@@ -257,8 +257,25 @@ class DyViT(PyramidEncoder):
         gh, gw = self.unit_grid(img)
         return self.forward_visible(img).reshape(img.shape[0], gh, gw, -1)
 
-    def forward_masked(self, img, mask, mask_token):
-        raise NotImplementedError("DyViT drops masked units exactly; use CoMA (or MAE-style dropping), not mask tokens")
+    encode_masked = None  # not a MaskTokenEncoder: DyViT drops masked units exactly (CoMA, MAE), no mask tokens
+
+    # mimkit.models.interfaces.VisibleTokenEncoder (CoMA, MAE)
+    has_cls = False
+    replaces_tokens = False
+
+    @property
+    def mask_grid(self) -> tuple[int, int]:
+        return (self.img_size // self.unit,) * 2
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_features
+
+    def encode_visible(self, img, ids_keep, replace=None, token=None):
+        """The units ``ids_keep`` only: :meth:`forward_visible` (no token replacement: ``replaces_tokens`` is False)."""
+        if replace is not None:
+            raise ValueError("DyViT cannot replace visible units by a token (replaces_tokens is False)")
+        return self.forward_visible(img, ids_keep)
 
     def stage_outputs(self, img: torch.Tensor):
         b = img.shape[0]

@@ -152,7 +152,9 @@ class PVT(PyramidEncoder):
                     return False
         return True
 
-    def check_size(self, img_size) -> None:
+    def check_size(self, img_size, compact: bool = False) -> None:
+        """Raises when ``img_size`` does not fit the stages; the compact input (ratios halved) fits whenever the full
+        size does and the sides are multiples of 64 (checked by UM-MAE)."""
         if not self._fits(img_size):
             valid = [s for s in range(32, 513, 32) if self._fits(s)]
             raise ValueError(

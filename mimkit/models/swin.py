@@ -6,7 +6,7 @@
 - Patch merging is LayerNorm + Conv2d(2, 2); coordinates are subsampled and halved at every merge.
 - A stage whose resolution fits in one window uses one global window without shift.
 - ``forward_features(img)``: full resolution (fine-tuning, features). ``forward_compact(tokens, coords)``: UM-MAE
-  pretraining on the compact map with half-size windows. ``forward_masked(img, mask, token)``: SimMIM.
+  pretraining on the compact map with half-size windows. ``encode_masked(img, mask, token)``: SimMIM.
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""What a pretraining method may ask of an encoder: one typed protocol per way of feeding it masked images.
+
+A backbone supports a protocol by having its members (``isinstance`` checks them, ``typing.runtime_checkable``); a
+plain timm ViT gets the two it can serve from :class:`ViTInterface`, so timm's own model and state dict stay as they
+are. A method asks for the protocol it needs with :func:`encoder_interface` at construction, and an encoder that
+cannot serve it is an error there that names the method, the encoder and what is missing (docs/design.md, "Encoder
+interfaces").
+
+- :class:`VisibleTokenEncoder` (MAE, CoMA, UM-MAE on a ViT): encode only the kept units, any subset in any order.
+- :class:`MaskTokenEncoder` (SimMIM): every token, the masked ones replaced by a learnable token; the final map.
+- :class:`UniformCompactEncoder` (UM-MAE on Swin and PVT): the kept patches of a uniform sampling, gathered into a
+  compact map of a quarter of the area.
+- :class:`MixedTokenEncoder` (MixMAE): stage-1 tokens of two images mixed, attention kept inside each source.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MaskTokenEncoder",
+    "MixedTokenEncoder",
+    "UniformCompactEncoder",
+    "ViTInterface",
+    "VisibleTokenEncoder",
+    "encoder_interface",
+]
+
+
+@runtime_checkable
+class VisibleTokenEncoder(Protocol):
+    """Encodes the kept units only. ``unit`` px per unit (a patch, or DyViT's 32 px mask unit), ``mask_grid`` units
+    per (row, column), ``out_dim`` channels out, ``has_cls`` whether a class token leads the output,
+    ``replaces_tokens`` whether ``encode_visible`` takes ``replace`` and ``token``."""
+
+    unit: int
+    mask_grid: tuple[int, int]
+    out_dim: int
+    has_cls: bool
+    replaces_tokens: bool
+
+    def encode_visible(
+        self,
+        img: torch.Tensor,
+        ids_keep: torch.Tensor,
+        replace: torch.Tensor | None = None,
+        token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, [1 +] K, out_dim) for the units ``ids_keep`` (N, K) (raster indices), in that order; where ``replace``
+        (N, K) is 1 the unit's input token is ``token`` (UM-MAE's secondary masking)."""
+        ...
+
+
+@runtime_checkable
+class MaskTokenEncoder(Protocol):
+    """Sees every token; masked stage-1 tokens are replaced by a learnable one. ``token_px`` px per stage-1 token,
+    ``token_dim`` its channels, ``out_stride`` px per output token, ``out_dim`` output channels."""
+
+    token_px: int
+    token_dim: int
+    out_stride: int
+    out_dim: int
+
+    def encode_masked(self, img: torch.Tensor, mask: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """``mask`` (N, H, W) over stage-1 tokens, 1 = replaced by ``token``: final map (N, H', W', out_dim)."""
+        ...
+
+
+@runtime_checkable
+class UniformCompactEncoder(Protocol):
+    """UM-MAE on a pyramid: ``embed`` gives stage-1 tokens, ``forward_uniform`` encodes the compact map of the kept
+    patches with their true coordinates; ``check_size(size, compact=True)`` raises when the compact map does not fit
+    the windows."""
+
+    embed_dims: list[int]
+    num_features: int
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor: ...
+
+    def mask_token_input(self, token: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor: ...
+
+    def check_size(self, img_size, compact: bool = False) -> None: ...
+
+
+@runtime_checkable
+class MixedTokenEncoder(Protocol):
+    """MixMAE: ``embed`` gives stage-1 tokens; ``forward_tokens(tokens, groups)`` runs the stages with attention
+    confined to tokens of the same source (``groups``: one cell map per mixed input); ``stride`` px per cell."""
+
+    stride: int
+    num_features: int
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_tokens(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class ViTInterface:
+    """A timm ``VisionTransformer`` (class token, fixed position embedding) seen through the protocols it can serve:
+    :class:`VisibleTokenEncoder` and :class:`MaskTokenEncoder`. Holds the model, adds no parameters."""
+
+    has_cls = True
+    replaces_tokens = True
+
+    def __init__(self, vit: Any):  # a timm VisionTransformer
+        self.vit = vit
+        self.unit = self.token_px = self.out_stride = vit.patch_embed.patch_size[0]
+        self.mask_grid = tuple(vit.patch_embed.grid_size)
+        self.out_dim = self.token_dim = vit.embed_dim
+
+    def encode_visible(self, img, ids_keep, replace=None, token=None):
+        from mimkit.masking import gather_tokens
+        from mimkit.models.vit import vit_encode
+
+        x = gather_tokens(self.vit.patch_embed(img), ids_keep)
+        if replace is not None:
+            w = replace.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + token.reshape(1, 1, -1).to(x.dtype) * w
+        pos = gather_tokens(self.vit.pos_embed[:, 1:].expand(img.shape[0], -1, -1), ids_keep)
+        return vit_encode(self.vit, x + pos)
+
+    def encode_masked(self, img, mask, token):
+        from mimkit.models.vit import vit_masked_tokens
+
+        return vit_masked_tokens(self.vit, img, mask.flatten(1), token)
+
+
+_NEEDS: dict[Any, str] = {
+    VisibleTokenEncoder: "to encode the visible units only (a plain timm ViT or a dyvit_* model)",
+    MaskTokenEncoder: "to take mask tokens at every position (a plain timm ViT, mimswin_* or mimpvt_*)",
+    UniformCompactEncoder: "to encode UM-MAE's compact map (mimswin_* or mimpvt_*; a plain ViT takes the visible "
+    "tokens)",
+    MixedTokenEncoder: "to keep attention inside each mixed image (a mixswin_* model)",
+}
+
+
+def encoder_interface(encoder: nn.Module, protocol: type, method: str, name: str):
+    """``encoder`` itself if it implements ``protocol``, a :class:`ViTInterface` over a timm ViT that can serve it,
+    else a ValueError naming the method, the encoder and what is missing."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(encoder, protocol):
+        return encoder
+    if isinstance(encoder, VisionTransformer) and protocol in (VisibleTokenEncoder, MaskTokenEncoder):
+        return ViTInterface(encoder)
+    raise ValueError(
+        f"{method} cannot use encoder '{name}' ({type(encoder).__name__}): {method} needs an encoder "
+        f"{_NEEDS.get(protocol, 'implementing ' + protocol.__name__)}; `mimkit models` lists them"
+    )
+
+
+def supports(encoder: nn.Module, protocol: type) -> bool:
+    """Whether :func:`encoder_interface` would serve ``protocol`` for ``encoder``."""
+    try:
+        encoder_interface(encoder, protocol, "", "")
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,87 @@
+"""Per-round speed ratios from the output of the shared side-by-side tool (``../shared/tools/side_by_side.py``).
+
+The tool runs every row in its own process and alternates the row order over rounds, then prints one ratio of the
+medians over all rounds. This script reads the ``RESULT`` lines it printed (one per row and round, in run order) and
+gives, for each pair of rows, the ratio of the two rows' median step times in every round: the median of those
+ratios and their range, the figure docs/benchmarks.md reports.
+
+    .venv/bin/python ../shared/tools/side_by_side.py --ref-dir REF --rounds 3 > side_by_side.log
+    .venv/bin/python scripts/reference_ratios.py side_by_side.log [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+
+
+def pairs_of(rows) -> list[tuple[str, str]]:
+    """(reference row, mimkit row) for every mimkit row (``mk_X`` eager, ``mkc_X`` compiled) whose reference
+    (``ref_X``, the released code, else ``hf_X``, transformers) is present."""
+    out = []
+    for row in rows:
+        kind, _, suffix = row.partition("_")
+        if kind in ("mk", "mkc"):
+            ref = next((f"{k}_{suffix}" for k in ("ref", "hf") if f"{k}_{suffix}" in rows), None)
+            if ref:
+                out.append((ref, row))
+    return out
+
+
+def per_round_medians(lines: list[str]) -> dict[str, list[float]]:
+    """Row -> its median step time (s) in each round, in run order."""
+    rows: dict[str, list[float]] = defaultdict(list)
+    for line in lines:
+        if line.startswith("RESULT "):
+            d = json.loads(line[len("RESULT ") :])
+            rows[d["row"]].append(statistics.median(d["times"]))
+    return rows
+
+
+def ratios(rows: dict[str, list[float]], pairs=None) -> list[dict]:
+    """For each pair: reference time / mimkit time in every round both ran, its median and range."""
+    out = []
+    for ref, mine in pairs if pairs is not None else pairs_of(rows):
+        a, b = rows.get(ref, []), rows.get(mine, [])
+        n = min(len(a), len(b))
+        if not n:
+            continue
+        r = [a[i] / b[i] for i in range(n)]
+        out.append(
+            dict(
+                reference=ref,
+                mimkit=mine,
+                rounds=n,
+                reference_ms=round(statistics.median(a[:n]) * 1e3),
+                mimkit_ms=round(statistics.median(b[:n]) * 1e3),
+                ratio=round(statistics.median(r), 3),
+                low=round(min(r), 3),
+                high=round(max(r), 3),
+            )
+        )
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("log", help="the side-by-side tool's output")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    a = ap.parse_args(argv)
+    with open(a.log) as f:
+        table = ratios(per_round_medians(f.read().splitlines()))
+    if not a.markdown:
+        print(json.dumps(table, indent=1))
+        return
+    print("| reference row | mimkit row | reference ms | mimkit ms | speed-up, median (range) | rounds |")
+    print("|---|---|---|---|---|---|")
+    for t in table:
+        print(
+            f"| {t['reference']} | {t['mimkit']} | {t['reference_ms']} | {t['mimkit_ms']} | "
+            f"**{t['ratio']:.2f}x** ({t['low']:.2f}-{t['high']:.2f}) | {t['rounds']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
