@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from mimkit.engine.guard import parameter_norm
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.trainer import autocast_context
 from mimkit.methods import create_method
@@ -145,13 +146,23 @@ def bench_model(
     height, width = pair(size)
     batch = {"image": torch.randn(batch_size, model.in_chans, height, width, device=device)}
 
+    grad_clip = model.default_grad_clip or float("inf")
+
     def train_step():
+        """The trainer's step (mimkit/engine/trainer.py) without its host reads: loss scaling, the gradient norm (and
+        clipping where the method clips), the method's hooks around the update (CoMA's frozen model) and the
+        parameter norm the divergence guard checks after it."""
         with autocast_context(precision, device, cpu_autocast):
             loss, _ = run(batch)
         scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+        model.before_optimizer_step()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
+        parameter_norm(model.parameters())
         return loss
 
     flops = forward_flops(model, batch["image"][:2])
@@ -205,6 +216,7 @@ def bench(
     model_args: dict | None = None,
     cpu_autocast: bool = False,
 ) -> list[dict]:
+    """Benchmark every model at every size in turn (``bench_model``); one result dict each."""
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
@@ -227,6 +239,7 @@ def bench(
 
 
 def format_table(results: list[dict]) -> str:
+    """The results as a Markdown table with ratios to the first model."""
     head = (
         f"{'model':44s} {'px':>7s} {'batch':>5s} {'img/s':>9s} {'ms/step':>9s} {'peak MB':>9s} {'speed x':>8s} "
         f"{'mem x':>7s} {'enc GF':>7s} {'dec GF':>7s} {'enc M':>6s} {'dec M':>6s}"
@@ -298,6 +311,7 @@ def bench_data(cfg, workers: list[int], batches: int, warmup: int = 2) -> list[d
 
 
 def format_data_table(rows: list[dict], model_rate: dict | None = None) -> str:
+    """Data-source throughput rows as a Markdown table (and whether the loader keeps up with a model)."""
     lines = [f"{'source':40s} {'workers':>7s} {'img/s':>8s} {'per worker':>10s} {'start-up s':>10s} {'skipped':>7s}"]
     for r in rows:
         lines.append(
