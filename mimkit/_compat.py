@@ -44,6 +44,7 @@ def _nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: flo
 
 
 def ensure_torchvision() -> None:
+    """Let timm import on a CPU-only torch paired with a PyPI torchvision (docs/design.md, dependency note)."""
     global _LIB
     try:
         import torchvision  # noqa: F401
@@ -62,6 +63,7 @@ def ensure_torchvision() -> None:
 
 
 def patch_timm_posterize() -> None:
+    """Make timm's RandAugment posterize at 0 bits return a black image on Pillow >= 11 (docs/design.md)."""
     import timm.data.auto_augment as aa
     from PIL import Image
 

@@ -42,6 +42,7 @@ def run_masking_ablation(
     knn: bool = True,
     seed: int = 0,
 ) -> list[dict]:
+    """Pretrain one run per sampling (uniform, grid, random) from ``recipe``, kNN each; one row per run."""
     from mimkit.eval import knn_evaluate
     from mimkit.loading import load_pretrained
     from mimkit.pretraining import pretrain
@@ -76,6 +77,7 @@ def run_masking_ablation(
 
 
 def ablation_markdown(rows: list[dict], command: str) -> str:
+    """The ablation rows as a Markdown table, with the command that produced them."""
     lines = [
         "| variant | SM ratio | steps | final pretrain loss | paper loss (ViT-B, IN1K, 200 ep) | kNN top-1 (%) |",
         "|---|---|---|---|---|---|",

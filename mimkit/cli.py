@@ -19,6 +19,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (``mimkit CMD: error: ...``) with exit code 2, no usage block."""
 
     def error(self, message: str):
+        """A usage error: one line naming the problem and `--help`, exit code 2 (no usage dump)."""
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
@@ -136,6 +137,7 @@ def _load_model(args):
 
 
 def cmd_pretrain(args):
+    """`mimkit pretrain`: build the config from the recipe and flags, then pretrain."""
     from mimkit.config import PretrainConfig, config_from_args
     from mimkit.errors import ConfigError
     from mimkit.pretraining import pretrain
@@ -155,6 +157,7 @@ def _run_exit_code(summary: dict) -> int:
 
 
 def cmd_finetune(args):
+    """`mimkit finetune`: fine-tune a pretrained (or randomly initialised) encoder as a classifier."""
     from mimkit.config import config_from_args
     from mimkit.errors import ConfigError
     from mimkit.eval.finetune import FinetuneConfig, finetune
@@ -168,6 +171,7 @@ def cmd_finetune(args):
 
 
 def cmd_knn(args):
+    """`mimkit knn`: weighted kNN top-1/top-5 of a checkpoint's (or random-init) features."""
     from mimkit.eval import knn_evaluate
     from mimkit.models._size import size_text
 
@@ -200,6 +204,7 @@ def cmd_knn(args):
 
 
 def cmd_linprobe(args):
+    """`mimkit linprobe`: linear probe on frozen features."""
     import torch
 
     from mimkit.eval import linear_probe
@@ -243,6 +248,7 @@ def cmd_linprobe(args):
 
 
 def cmd_export(args):
+    """`mimkit export`: the encoder as a timm-loadable safetensors file with its metadata."""
     from mimkit.export import export_encoder
     from mimkit.loading import load_pretrained
 
@@ -258,6 +264,7 @@ def cmd_export(args):
 
 
 def cmd_visualize(args):
+    """`mimkit visualize`: original / masked input / reconstruction grids of a checkpoint."""
     import torch
 
     from mimkit.data import ImageDataset, eval_transform, find_images
@@ -283,6 +290,7 @@ def cmd_visualize(args):
 
 
 def cmd_mask_frequency(args):
+    """`mimkit mask-frequency`: how often CoMA's cycle masks hide each unit, as a figure."""
     from mimkit.viz import save_masking_frequency_figure
 
     _out_file(args.out, "--out")
@@ -291,6 +299,7 @@ def cmd_mask_frequency(args):
 
 
 def cmd_bench(args):
+    """`mimkit bench`: training-step time, memory and FLOPs of models side by side."""
     from mimkit.bench import bench, format_table
 
     _device(args.device)
@@ -315,6 +324,7 @@ def cmd_bench(args):
 
 
 def cmd_bench_data(args):
+    """`mimkit bench-data`: loader throughput of a data source (and optionally a model's step rate)."""
     from mimkit.bench import bench_data, bench_model, format_data_table
     from mimkit.config import PretrainConfig, config_from_dict
 
@@ -346,6 +356,7 @@ def cmd_bench_data(args):
 
 
 def cmd_compare(args):
+    """`mimkit compare`: several models or variants at equal budget, seeds, kNN table and plot."""
     from mimkit.compare import run_comparison
     from mimkit.errors import ConfigError
 
@@ -375,6 +386,7 @@ def cmd_compare(args):
 
 
 def cmd_shards(args):
+    """`mimkit shards`: pack an image folder into tar shards with an index."""
     from mimkit.data.pack import pack_shards
 
     _out_dir(args.out, "--out")
@@ -395,6 +407,7 @@ def cmd_shards(args):
 
 
 def cmd_models(args):
+    """`mimkit models [NAME]`: the registered models, or one model's options and defaults."""
     from mimkit.methods import list_methods, method_options
     from mimkit.methods.registry import get_preset
 
@@ -413,6 +426,7 @@ def cmd_models(args):
 
 
 def cmd_recipes(args):
+    """`mimkit recipes`: the bundled recipes."""
     import yaml
 
     from mimkit.config import available_recipes, resolve_recipe
@@ -423,6 +437,7 @@ def cmd_recipes(args):
 
 
 def cmd_demo(args):
+    """`mimkit demo`: pretrain on the bundled sample images, then kNN against random init."""
     from mimkit.config import PretrainConfig, config_from_dict, load_recipe
     from mimkit.pretraining import pretrain
 
@@ -480,6 +495,7 @@ def cmd_demo(args):
 
 
 def cmd_ablate_masking(args):
+    """`mimkit ablate-masking`: UM-MAE's masking ablation (uniform, grid, random) at equal budget."""
     from mimkit.ablation import ablation_markdown, run_masking_ablation
     from mimkit.config import load_recipe
 
@@ -503,6 +519,7 @@ def _eval_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mimkit` argument parser with every subcommand."""
     from mimkit.config import PretrainConfig, add_config_arguments
 
     parser = OneLineParser(prog="mimkit", description="Efficient masked-image-modeling pretraining.", epilog=EPILOG)

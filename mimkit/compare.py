@@ -115,6 +115,7 @@ def run_comparison(
 
 
 def summarize(runs: list[dict], specs: list[str]) -> list[dict]:
+    """Per spec: kNN top-1 mean and spread over seeds, of the pretrained and of the random-init encoder."""
     rows = []
     for spec in specs:
         mine = [r for r in runs if r["spec"] == spec]
@@ -136,6 +137,7 @@ def summarize(runs: list[dict], specs: list[str]) -> list[dict]:
 
 
 def markdown_table(result: dict) -> str:
+    """The comparison as a Markdown table (mean, spread, gain over random init)."""
     budget = f"{result['epochs']} epochs" + (f", cut at {result['minutes']} min" if result["minutes"] else "")
     lines = [
         f"Data {result['data']}, kNN on {result['eval_data']}; budget {budget}; seeds {result['seeds']}.",

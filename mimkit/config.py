@@ -30,6 +30,8 @@ def opt(default, help: str, group: str = "training", **kw):
 @dataclass
 class PretrainConfig:
     # data
+    """Every pretraining option, checked in ``__post_init__`` (bad values are one-line ConfigErrors)."""
+
     data: str = opt(
         "",
         "Images: an ImageFolder root (train/, optional val/), any folder tree of images, a text file with one image "
@@ -327,6 +329,7 @@ class PretrainConfig:
             raise ConfigError(f"resume (--resume) = {self.resume!r}: not auto, none, or an existing checkpoint file")
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (what ``config.yaml`` in the run folder holds)."""
         return dataclasses.asdict(self)
 
 
@@ -426,6 +429,7 @@ def _suggest(key: str, options) -> str:
 
 
 def config_from_dict(cls, values: dict, source: str = "config"):
+    """A ``cls`` config from ``values``; unknown keys are a ConfigError naming ``source``."""
     known = {f.name for f in fields(cls)}
     unknown = [k for k in values if k not in known]
     if unknown:
@@ -440,6 +444,7 @@ RECIPE_DIRS = [Path(__file__).resolve().parent.parent / "recipes", Path(__file__
 
 
 def available_recipes() -> list[str]:
+    """Names of the bundled recipes."""
     names: set[str] = set()
     for d in RECIPE_DIRS:
         if d.is_dir():
@@ -448,6 +453,7 @@ def available_recipes() -> list[str]:
 
 
 def resolve_recipe(name_or_path: str) -> Path:
+    """The YAML file of a bundled recipe name or a path; a ConfigError when neither exists."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
@@ -462,6 +468,7 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict:
+    """A recipe's options as a dict (its ``description`` dropped); a ConfigError for bad YAML or a non-mapping."""
     path = resolve_recipe(name_or_path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -523,6 +530,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(args: argparse.Namespace, cls):
+    """A ``cls`` config from the recipe (if any) overlaid with the flags given on the command line."""
     values: dict[str, Any] = {}
     if getattr(args, "recipe", None):
         values.update(load_recipe(args.recipe))
@@ -542,6 +550,7 @@ def config_from_args(args: argparse.Namespace, cls):
 
 
 def save_yaml(values: dict, path: Path) -> None:
+    """Write ``values`` to ``path`` as YAML (atomic replace)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(values, sort_keys=False))
     tmp.replace(path)

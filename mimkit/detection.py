@@ -17,6 +17,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 
 class TimmFPNBackbone(nn.Module):
+    """A timm ``features_only`` encoder plus an FPN, shaped for torchvision's detection models."""
+
     def __init__(self, body: nn.Module, out_channels: int = 256, skip_first: bool = True):
         super().__init__()
         self.body = body
@@ -89,6 +91,7 @@ def vit_pyramid_backbone(
 
 
 def anchor_generator(backbone: TimmFPNBackbone, base: float = 4.0):
+    """torchvision anchors for the backbone's strides (``base`` x stride, ratios 0.5, 1, 2)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     sizes = tuple((int(s * base),) for s in backbone.strides)

@@ -16,6 +16,7 @@ log = logging.getLogger("mimkit")
 
 
 def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, PretrainConfig]:
+    """(method, its config) from a checkpoint file or a run folder's newest verified checkpoint."""
     from mimkit.pretraining import build_pretrain_model
 
     path = Path(path)
@@ -72,6 +73,7 @@ def saved_config(values, path: Path) -> PretrainConfig:
 
 
 def random_init(model_name: str, img_size: int | None = None, seed: int = 0, **model_args) -> MIMMethod:
+    """A freshly initialised registered method (the random-init baseline of every evaluation)."""
     from mimkit.methods import create_method
 
     torch.manual_seed(seed)

@@ -12,6 +12,8 @@ import torch
 
 
 class MaskDraw(NamedTuple):
+    """One random masking draw: visible indices, the inverse permutation and the raster-order mask."""
+
     ids_keep: torch.Tensor  # (N, len_keep) indices of visible patches (in shuffled order)
     ids_restore: torch.Tensor  # (N, L) inverse permutation: unshuffles [visible, masked] back to raster order
     mask: torch.Tensor  # (N, L) float, 1 = masked, raster order

@@ -47,6 +47,7 @@ def check_model(cfg: PretrainConfig) -> None:
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MIMMethod:
+    """The registered method of ``cfg.model`` with the config's options (image size, channels, drop path, ...)."""
     return create_method(cfg.model, **method_kwargs(cfg))
 
 
@@ -58,6 +59,7 @@ class PretrainTrainer(Trainer):
         super().__init__(cfg)
 
     def training_images(self):
+        """The pretraining source of ``--data`` (folder, file list, shards or Hugging Face), indexed once."""
         if is_hf_source(self.cfg.data):
             self.images = self.hf_source()
         elif is_shard_source(self.cfg.data):
@@ -177,6 +179,7 @@ class PretrainTrainer(Trainer):
         self.rec.image("reconstruction", path, self.step)
 
     def build_task(self) -> MIMMethod:
+        """The method to train (``--init`` weights are loaded later, on fresh runs only)."""
         model = build_pretrain_model(self.cfg)
         if self.cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -196,6 +199,7 @@ class PretrainTrainer(Trainer):
             (self.out / "init-report.json").write_text(json.dumps(report.to_dict(), indent=1))
 
     def build_dataset(self, images) -> ImageDataset | ShardDataset:
+        """The decoding, augmenting dataset over ``images`` (skip-and-replace for bad images)."""
         return pretrain_dataset(self.cfg, images)
 
 

@@ -38,6 +38,9 @@ FIXED = ("decoder_pos_embed",)  # fixed sin-cos tables that mimkit recomputes
 
 @dataclass
 class InitReport:
+    """What ``--init`` did: the file, its layout and the model keys loaded, new (left at init), ignored (in the
+    file, not used) and resampled (position embeddings)."""
+
     file: str
     layout: str
     loaded: list[str] = field(default_factory=list)
@@ -46,6 +49,8 @@ class InitReport:
     resampled: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """One log line: the layout and the counts."""
+
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f", ... ({len(keys)})" if len(keys) > 4 else "") if keys else "none"
 
@@ -56,6 +61,7 @@ class InitReport:
         )
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (``DIR/init-report.json``)."""
         return dict(
             file=self.file,
             layout=self.layout,
@@ -92,6 +98,8 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """The released layout a state dict's keys show (``simmim_swin``, ``ummae_swin``, ``ummae_pvt``, ``mae``, ``timm``
+    or ``mimkit``)."""
     keys = set(state)
     if any(k.startswith("encoder.layers.") for k in keys):
         return "simmim_swin"

@@ -46,6 +46,7 @@ class ImageDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch passed to every sample (``batch["epoch"]``) and to seeded augmentations."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -112,6 +113,7 @@ def collate(samples: list[dict]) -> dict:
 
 
 def synthetic_batch(batch_size: int, img_size: int, device="cpu", seed: int = 0, in_chans: int = 3) -> dict:
+    """A seeded random batch (images and zero labels) for benchmarks and smoke tests."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, in_chans, img_size, img_size, generator=g)
     return {"image": images.to(device), "label": torch.zeros(batch_size, dtype=torch.long, device=device)}

@@ -24,6 +24,7 @@ IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "ti
 
 
 def is_hf_source(data: str) -> bool:
+    """Whether ``--data`` names a Hugging Face dataset (``hf:...``)."""
     return str(data).startswith(PREFIX)
 
 
@@ -170,6 +171,7 @@ class HFImages:
 
 
 def hf_images(data: str, image_column: str = "") -> HFImages:
+    """The map-style Hugging Face source of ``--data hf:...``: cells kept undecoded, decoded by mimkit."""
     ds = load_hf(data, streaming=False)
     column = _image_column(ds, image_column, f"--data {data}")
     ds = _undecoded(ds, column)
@@ -233,6 +235,7 @@ class HFStreamDataset(ShardDataset):
     shards: HFStream  # type: ignore[assignment]
 
     def plan(self, rank: int, world: int, workers: int, batch_size: int) -> int:
+        """Split the stream's rows over rank x worker slots; returns the batches every rank yields per epoch."""
         self.rank, self.world, self.workers, self.batch_size = rank, world, max(1, workers), batch_size
         slots = world * self.workers
         n = len(self.shards)

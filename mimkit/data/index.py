@@ -43,6 +43,7 @@ def load_index(path: Path, data: str) -> ImageList | None:
 
 
 def write_index(path: Path, data: str, images: ImageList, dirs: list) -> None:
+    """Write the image index of ``data`` (paths, labels, classes, the scanned folders) to ``path`` atomically."""
     meta = {
         "version": 1,
         "data": os.path.realpath(data),

@@ -22,6 +22,7 @@ class PathArray(Sequence):
 
     @classmethod
     def from_arrays(cls, buffer: np.ndarray, offsets: np.ndarray) -> PathArray:
+        """Wrap an existing byte buffer and offsets (e.g. from an index file) without copying."""
         obj = cls.__new__(cls)
         obj.buffer, obj.offsets = buffer, offsets
         return obj

@@ -187,6 +187,7 @@ class ShardDataset(IterableDataset):
         return self.batches
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch to read (its seeded shard order) and how many of this rank's batches to skip (resume)."""
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def _raw_samples(self, worker: int, repeat: int = 0):

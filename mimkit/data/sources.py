@@ -145,6 +145,7 @@ def _require_images(images: ImageList, where: Path) -> ImageList:
 
 
 def is_labelled_root(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a labelled dataset root (a folder with a ``train/`` class tree)."""
     p = Path(path)
     return p.is_dir() and (p / "train").is_dir()
 

@@ -26,10 +26,12 @@ QUARANTINE = "corrupt"
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
+    """``folder/checkpoint-<step>.pth``."""
     return Path(folder) / f"checkpoint-{step:09d}.pt"
 
 
 def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint file's name, or None for other files."""
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
 
@@ -190,6 +192,7 @@ class CheckpointStore:
         self.verified: list[Path] = []
 
     def clean_leftovers(self) -> list[str]:
+        """Delete temporary files of interrupted saves; returns their names."""
         removed = []
         if self.folder.is_dir():
             for p in self.folder.iterdir():
@@ -269,9 +272,11 @@ class CheckpointStore:
         return removed
 
     def newest_verified(self) -> Path | None:
+        """The newest checkpoint whose checksum matches, or None."""
         return self.verified[-1] if self.verified else None
 
     def describe_latest(self) -> str:
+        """The newest verified checkpoint's path, or a sentence saying there is none."""
         path = self.newest_verified()
         return str(path) if path is not None else "none (no checkpoint has been written yet)"
 
@@ -282,6 +287,7 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
 
 
 def capture_rng() -> dict:
+    """Python, NumPy, torch CPU and CUDA random states, for an exact resume."""
     version, state, gauss = random.getstate()
     np_state: Any = np.random.get_state()  # the legacy tuple form
     return {
@@ -298,6 +304,7 @@ def capture_rng() -> dict:
 
 
 def restore_rng(rng: dict) -> None:
+    """Restore the states ``capture_rng`` returned."""
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -24,6 +24,7 @@ class ResumableSampler(Sampler[int]):
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch's seeded order, skipping the first ``skip`` samples of this rank (resume)."""
         self.inner.set_epoch(epoch)
         self.skip = skip
 
@@ -45,6 +46,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def default_workers(device: torch.device, local_world_size: int) -> int:
+    """Loader workers per rank: on GPU up to 10 of the CPUs each rank can have, on CPU 1 (0 on one core)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return max(1, min(10, cpus // max(1, local_world_size) - 1))
@@ -84,12 +86,15 @@ class MapEpochs:
         self.sampler = ResumableSampler(dataset, world, rank, seed)
 
     def batches_per_epoch(self) -> int:
+        """Batches each rank draws per epoch."""
         return len(self.sampler.inner) // self.batch_size
 
     def per_rank(self) -> int:
+        """Samples each rank draws per epoch."""
         return len(self.sampler.inner)
 
     def loader(self, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
+        """A loader for ``epoch`` that skips the first ``skip_batches`` batches (exact mid-epoch resume)."""
         self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -106,12 +111,15 @@ class StreamEpochs:
         self.batches = dataset.plan(rank, world, max(1, num_workers), batch_size)
 
     def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (equal on every rank)."""
         return self.batches
 
     def per_rank(self) -> int:
+        """Samples each rank yields per epoch."""
         return self.batches * self.batch_size
 
     def loader(self, epoch: int, skip_batches: int, device: torch.device) -> DataLoader:
+        """A loader over the stream for ``epoch``, skipping ``skip_batches`` of this rank's batches."""
         self.dataset.set_epoch(epoch, skip_batches)
         return build_loader(self.dataset, self.batch_size, self.num_workers, None, device, self.seed * 100003 + epoch)
 

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: rank, local rank, world size and device."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -123,6 +125,7 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 
 def gather_objects(obj) -> list:
+    """``obj`` from every rank, in rank order (just ``[obj]`` when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out = [None] * dist.get_world_size()
@@ -131,5 +134,6 @@ def gather_objects(obj) -> list:
 
 
 def cleanup() -> None:
+    """Destroy the process group if one was created."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -32,6 +32,7 @@ class DivergenceGuard:
         return None
 
     def accept(self, loss: float) -> None:
+        """Record an applied step's loss in the running window."""
         self.losses.append(loss)
 
     def check_params(self, norm: float) -> str | None:
@@ -46,6 +47,7 @@ class DivergenceGuard:
         return None
 
     def reset(self, reference_norm: float | None) -> None:
+        """Forget the loss window (after a resume or rollback) and set the reference parameter norm."""
         self.losses.clear()
         self.reference_norm = reference_norm
 

@@ -16,6 +16,7 @@ class TqdmLoggingHandler(logging.Handler):
     """Log records printed through tqdm so they do not break the progress bar."""
 
     def emit(self, record):
+        """Write the record through tqdm, so that progress bars stay intact."""
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
@@ -23,6 +24,7 @@ class TqdmLoggingHandler(logging.Handler):
 
 
 def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.Logger:
+    """The run's logger: console on the main rank, ``train.log`` in ``output`` for every rank."""
     log = logging.getLogger("mimkit")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -135,16 +137,19 @@ class RunRecorder:
             )
 
     def step(self, n: int = 1, **postfix) -> None:
+        """Advance the progress bar by ``n`` with ``postfix`` values."""
         if self.bar is not None:
             self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
 
     def describe(self, text: str) -> None:
+        """Set the progress bar's description."""
         if self.bar is not None:
             self.bar.set_description(text, refresh=False)
 
     def log(self, record: dict, step: int) -> None:
+        """Append ``record`` to metrics.jsonl and send its scalars to the loggers at ``step``."""
         if not self.enabled or self.metrics_file is None:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -177,6 +182,7 @@ class RunRecorder:
             self.mlflow.log_artifact(str(path), artifact_path=tag)
 
     def close(self) -> None:
+        """Close the progress bar and every logger."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -59,6 +59,7 @@ class RunLock:
             return {}
 
     def acquire(self) -> None:
+        """Take the folder's lock, or raise naming the process that holds it (a stale lock is taken over)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         holder = self._holder()
@@ -89,6 +90,7 @@ class RunLock:
         self.fh = fh
 
     def release(self) -> None:
+        """Remove the lock if this process holds it."""
         if self.fh is None:
             return
         try:
@@ -108,6 +110,7 @@ class RunLock:
 
 
 def existing_outputs(folder: Path) -> list[Path]:
+    """The outputs of an earlier run in ``folder`` (checkpoints, metrics, logs)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -24,6 +24,7 @@ class StopSignals:
         self._old: dict = {}
 
     def install(self) -> None:
+        """Record SIGTERM, SIGINT and SIGUSR1 (the stop signals) instead of dying; a second one aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (e.g. a library call in a worker thread)
         for sig in STOP_SIGNALS:
@@ -45,6 +46,7 @@ class StopSignals:
         )
 
     def restore(self) -> None:
+        """Put the previous handlers back."""
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

@@ -49,6 +49,7 @@ class _Rollback(Exception):
 
 
 def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = False):
+    """bf16/fp16 autocast for ``precision`` on the device (on CPU only with ``cpu_autocast``), else a no-op."""
     if precision == "fp32" or (device.type == "cpu" and not cpu_autocast):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" or device.type == "cpu" else torch.float16
@@ -111,6 +112,7 @@ class Trainer:
                 move_aside(self.out)
 
     def setup(self) -> None:
+        """Output folder and lock, logging, data, task, optimizer, schedule, sharding, resume or initial weights."""
         cfg = self.cfg
         self.dist = d = init_distributed(timeout_min=cfg.dist_timeout_min)
         self.out = Path(cfg.output)
@@ -230,6 +232,7 @@ class Trainer:
             self.log_start(len(images))
 
     def log_start(self, n_images: int) -> None:
+        """One log line with the model, data, batch, precision and schedule of the run."""
         cfg, d = self.cfg, self.dist
         info = self.model.describe()
         effective = cfg.precision
@@ -278,6 +281,7 @@ class Trainer:
         return (Path(path) if path is not None else None), state
 
     def load_state(self, path: Path, state: dict | None = None) -> None:
+        """Load model, optimizer, scaler, schedule position, counters and RNG states from a checkpoint."""
         cfg = self.cfg
         state = state if state is not None else ckpt.load_checkpoint(path)
         if "model" not in state or "optimizer" not in state:
@@ -326,6 +330,7 @@ class Trainer:
         """A fresh run's starting weights (after the task's own initialization); nothing by default."""
 
     def resume(self) -> bool:
+        """Continue from the newest verified checkpoint when asked (``--resume``); True if it did."""
         path, state = self.resume_from
         self.resume_from = (path, None)  # do not keep a second copy of the checkpoint for the whole run
         if path is None:
@@ -373,6 +378,7 @@ class Trainer:
         return "a restart continues from the newest verified checkpoint in --output, if any."
 
     def restart_hint(self) -> str:
+        """What a restart would continue from, for the final log line of a stopped run."""
         path = broadcast_object(str(self.store.newest_verified() or "") if self.dist.is_main else None)
         if path:
             return f"A restart (--resume auto) continues from {path}."
@@ -438,6 +444,7 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
+        """Move the batch to the device and add the epoch (methods whose masks depend on the visit read it)."""
         for path, reason in batch.pop("skipped"):
             if path not in self.skipped:
                 self.skipped[path] = reason
@@ -447,6 +454,7 @@ class Trainer:
         return batch
 
     def forward_backward(self, batch: dict, sync: bool) -> None:
+        """One micro-batch: forward under autocast, scaled backward (gradient sync only when ``sync``)."""
         cfg = self.cfg
         if self.fsdp:  # FSDP2 keeps gradients local while accumulating; DDP's no_sync does the same
             self.model.set_requires_gradient_sync(sync)
@@ -545,11 +553,13 @@ class Trainer:
         return self.param_norm
 
     def apply_lr_scale(self) -> None:
+        """Scale every group's learning rate after a rollback lowered it (``lr_scale``)."""
         if self.lr_scale != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.lr_scale
 
     def log_step(self, applied: bool) -> None:
+        """Every ``--log-every`` steps: loss, lr, norms, images/s and the method's extras to the loggers."""
         cfg, d = self.cfg, self.dist
         self.window_steps += 1
         lr = self.optimizer.param_groups[0]["lr"]
@@ -577,6 +587,7 @@ class Trainer:
         self.reset_window()
 
     def reset_window(self) -> None:
+        """Start a new logging window (loss sums, image count, time)."""
         self.images_seen, self.window_loss, self.window_n, self.window_t0 = 0, 0.0, 0, time.time()
         self.window_extra: dict[str, Any] = {}
         self.window_steps = 0
@@ -621,6 +632,7 @@ class Trainer:
         return True
 
     def end_epoch(self) -> None:
+        """Count the epoch, log it, run ``after_epoch`` and save when an epoch save is due."""
         cfg = self.cfg
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -637,6 +649,7 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def finished(self) -> bool:
+        """Whether the run is over: stopped, out of epochs or steps, or at ``--max-steps``."""
         cfg = self.cfg
         return (
             self.stopped is not None
@@ -646,6 +659,7 @@ class Trainer:
         )
 
     def run(self) -> dict:
+        """``setup``, ``train``, ``finish``, releasing the lock and the process group whatever happens."""
         self.signals.install()
         try:
             self.skipped: dict[str, str] = {}
@@ -671,6 +685,7 @@ class Trainer:
                 self.lock.release()
 
     def train(self) -> dict:
+        """Epochs of ``train_one_epoch`` and ``end_epoch`` until ``finished``."""
         cfg, d = self.cfg, self.dist
         self.last_save = self.start_time = time.time()
         self.start_step = self.step
@@ -696,6 +711,7 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict:
+        """Final save, summary log line and the result dict (``stopped`` says why it ended)."""
         cfg, d = self.cfg, self.dist
         stopped = self.stopped if self.stopped and self.stopped.startswith("signal") else None
         summary = {

@@ -54,6 +54,8 @@ def default_layer_decay(timm_name: str) -> float:
 
 @dataclass
 class FinetuneConfig(PretrainConfig):
+    """Every fine-tuning option (the pretraining options plus labels, mixup, layer decay, ...)."""
+
     hidden_options = (
         "mask_ratio",
         "norm_pix_loss",
@@ -102,6 +104,7 @@ class FinetuneConfig(PretrainConfig):
     )
 
     def check_pairs(self) -> None:
+        """Exactly one of --pretrained and --random-init; --init only with --random-init; a --pretrained path exists."""
         super().check_pairs()
         if bool(self.pretrained) == bool(self.random_init):
             raise ConfigError(
@@ -222,6 +225,7 @@ class ClassifierTask(nn.Module):
         return self.net
 
     def param_groups(self, weight_decay: float) -> list[dict]:
+        """Layer-wise lr decay groups (timm), no weight decay on 1-D parameters."""
         if self.layer_decay < 1.0:
             return layer_decay_param_groups(self.net, weight_decay, self.layer_decay)
         skip = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else set()
@@ -244,6 +248,7 @@ class ClassifierTask(nn.Module):
         """Nothing to refresh after a step."""
 
     def describe(self) -> dict:
+        """Parameter counts of the classifier."""
         n = sum(p.numel() for p in self.net.parameters())
         return {"encoder_params": n, "total_params": n}
 
@@ -251,6 +256,7 @@ class ClassifierTask(nn.Module):
 def build_classifier(
     state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: int | None, drop_path: float
 ) -> tuple[nn.Module, int]:
+    """A timm classifier from exported or released encoder weights (or random init), with a new head."""
     kwargs = dict(timm_kwargs)
     if img_size:
         kwargs["img_size"] = img_size
@@ -296,13 +302,17 @@ def build_classifier(
 
 
 class FinetuneTrainer(Trainer):
+    """The trainer with a classifier task, a labelled dataset and a val evaluation after every epoch."""
+
     cfg: FinetuneConfig
 
     def training_images(self):
+        """The labelled train split of ``--data``."""
         self.train_list, self.val_list = labelled_splits(self.cfg.data, seed=self.cfg.seed)
         return self.train_list
 
     def build_task(self) -> ClassifierTask:
+        """The classifier task (encoder weights, head, mixup / label smoothing loss)."""
         cfg = self.cfg
         state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed, cfg.init)
         if kwargs.get("in_chans", 3) != cfg.in_chans:
@@ -333,6 +343,7 @@ class FinetuneTrainer(Trainer):
         return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
 
     def build_dataset(self, images):
+        """The train dataset with timm's RandAugment transform."""
         cfg = self.cfg
         if cfg.in_chans != 3:  # RandAugment is defined on RGB images; N-channel tensors get crop, flip, erasing
             from timm.data.random_erasing import RandomErasing
@@ -359,6 +370,7 @@ class FinetuneTrainer(Trainer):
         return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed)
 
     def after_epoch(self, record) -> None:
+        """Evaluate on val, log top-1/top-5 and mark the best epoch."""
         cfg = self.cfg
         self.model.eval()
         logits, labels = predict(
@@ -384,4 +396,5 @@ class FinetuneTrainer(Trainer):
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    """Run fine-tuning with ``cfg``: the trainer's result dict (with the last and best val top-1 in its summary)."""
     return run_trainer(FinetuneTrainer(cfg))

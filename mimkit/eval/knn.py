@@ -34,6 +34,7 @@ def knn_predict(
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent for each k from class scores."""
     out = {}
     for k in ks:
         k_ = min(k, scores.shape[1])
@@ -56,6 +57,7 @@ def knn_evaluate(
     pool: str = "avg",
     progress: bool = False,
 ) -> dict:
+    """Weighted kNN (cosine, temperature-weighted votes of the ``k`` nearest) of ``model``'s features: top-1/5."""
     train, val = labelled_splits(data)
     args = dict(
         img_size=img_size,

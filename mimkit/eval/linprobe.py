@@ -20,6 +20,8 @@ from mimkit.eval.knn import topk_accuracy
 
 
 class ProbeHead(nn.Module):
+    """BatchNorm without affine parameters, then a linear classifier (MAE's linear probe head)."""
+
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
@@ -48,6 +50,7 @@ def linear_probe(
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
+    """Train a linear classifier on frozen (optionally cached) features of ``data``'s train split; top-1 on val."""
     torch.manual_seed(seed)
     device = torch.device(device)
     train, val = labelled_splits(data)

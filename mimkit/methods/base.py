@@ -82,6 +82,7 @@ class MIMMethod(nn.Module):
         return state, self.encoder_name, dict(self.encoder_args)
 
     def describe(self) -> dict:
+        """Parameter counts: the encoder's and the whole method's."""
         n_enc = sum(p.numel() for p in self.encoder.parameters())
         n_all = sum(p.numel() for p in self.parameters())
         return {"encoder_params": n_enc, "total_params": n_all}

@@ -40,6 +40,8 @@ TEACHERS = ("none", "copy", "ema")
 
 
 class CoMA(MIMMethod):
+    """CoMA: complementary masks over mask units, a frozen model M_{t-1} one step behind (docs/coma.md)."""
+
     def __init__(
         self,
         encoder: str = "dyvit_base_224",
@@ -157,6 +159,7 @@ class CoMA(MIMMethod):
             torch._foreach_lerp_(frozen, student, 1.0 - self.teacher_momentum)
 
     def train(self, mode: bool = True):
+        """Train mode for the student; the frozen model always stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # frozen: no drop path, no dropout

@@ -36,6 +36,8 @@ WINDOW_SAMPLING = ("image", "batch", "reference")
 
 
 class LoMaR(MIMMethod):
+    """LoMaR: MAE-style reconstruction inside a few random local windows, encoder over visible and mask tokens."""
+
     def __init__(
         self,
         encoder: str = "rpbvit_base_patch16_224",
@@ -182,6 +184,7 @@ class LoMaR(MIMMethod):
         return state
 
     def export_encoder(self):
+        """The encoder as a whole-image timm model (bias tables expanded from the window to the full grid)."""
         return self.full_image_state(), self.encoder_name, dict(self.encoder_args)
 
     def full_encoder(self) -> nn.Module:
@@ -202,6 +205,7 @@ class LoMaR(MIMMethod):
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Global features from the whole-image copy of the encoder: class token or pooled patch tokens."""
         enc = self.full_encoder()
         out = enc.forward_features(images)
         return out[:, 0] if pool == "cls" else enc.forward_head(out, pre_logits=True)

@@ -18,6 +18,8 @@ from mimkit.patches import masked_mse
 
 
 class MAE(MIMMethod):
+    """MAE: random masking, the encoder on the visible units only, a light decoder, loss on the masked patches."""
+
     def __init__(
         self,
         encoder: str = "vit_base_patch16_224",
@@ -52,6 +54,7 @@ class MAE(MIMMethod):
         mae_init_(self.decoder)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
+        """Draw a random mask at ``mask_ratio`` and encode the visible units: (latent, the draw)."""
         draw = random_masking(imgs.shape[0], self.grid[0] * self.grid[1], mask_ratio, device=imgs.device)
         return self.io.encode_visible(imgs, draw.ids_keep), draw
 

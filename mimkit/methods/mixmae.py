@@ -31,6 +31,8 @@ GRANULARITIES = ("batch", "pair")
 
 
 class MixMAE(MIMMethod):
+    """MixMAE: two images' tokens mixed into one input, attention kept inside each source, both reconstructed."""
+
     def __init__(
         self,
         encoder: str = "mixswin_base_patch4_window14_224",

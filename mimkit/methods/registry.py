@@ -12,6 +12,8 @@ from mimkit.methods.base import MIMMethod
 
 @dataclass(frozen=True)
 class Preset:
+    """A named model: the method class, its default options and a one-line description."""
+
     name: str
     cls: type
     defaults: dict = field(default_factory=dict)
@@ -22,14 +24,17 @@ _REGISTRY: dict[str, Preset] = {}
 
 
 def register_preset(name: str, cls: type, doc: str, **defaults) -> None:
+    """Register ``name`` as ``cls`` with ``defaults``; ``doc`` is the line `mimkit models` prints."""
     _REGISTRY[name] = Preset(name, cls, defaults, doc)
 
 
 def list_methods() -> list[str]:
+    """Every registered model name, sorted."""
     return sorted(_REGISTRY)
 
 
 def get_preset(name: str) -> Preset:
+    """The preset called ``name``, or a ConfigError that suggests close names."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -46,6 +51,8 @@ def method_options(name: str) -> dict[str, object]:
 
 
 def create_method(name: str, **kwargs) -> MIMMethod:
+    """Build the registered model ``name`` with its defaults overridden by ``kwargs`` (unknown keys are a
+    ConfigError that lists the accepted ones)."""
     preset = get_preset(name)
     accepted = method_options(name)
     unknown = [k for k in kwargs if k not in accepted]

@@ -23,6 +23,8 @@ from mimkit.patches import patchify
 
 
 class SimMIM(MIMMethod):
+    """SimMIM: mask tokens inside any MaskTokenEncoder, a linear head + PixelShuffle, L1 on masked pixels."""
+
     lr_base_batch = 512
     betas = (0.9, 0.999)
     default_grad_clip = 5.0
@@ -31,6 +33,7 @@ class SimMIM(MIMMethod):
     no_decay_names = ("mask_token", "relative_position_bias_table", "pos_mlp")
 
     def param_groups(self, weight_decay: float) -> list[dict]:
+        """timm's no-decay rule plus SimMIM's: no weight decay on the mask token and the position-bias tables / MLP."""
         from timm.optim import param_groups_weight_decay
 
         skip = {n for n, _ in self.named_parameters() if any(key in n for key in self.no_decay_names)}

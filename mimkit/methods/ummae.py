@@ -39,6 +39,8 @@ from mimkit.patches import masked_mse
 
 
 class UMMAE(MIMMethod):
+    """UM-MAE: uniform sampling + secondary masking, a compact map for pyramids (or visible tokens for a ViT)."""
+
     def __init__(
         self,
         encoder: str = "mimswin_tiny_patch4_window16_256",

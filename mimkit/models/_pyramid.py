@@ -8,6 +8,7 @@ from torch import nn
 
 
 def pyramid_cfg(img_size: int, first_conv: str) -> dict:
+    """timm's pretrained-config dict for a pyramid encoder at ``img_size`` (ImageNet mean/std, bicubic)."""
     return dict(
         num_classes=1000,
         input_size=(3, img_size, img_size),
@@ -86,6 +87,7 @@ class PyramidEncoder(nn.Module):
 
     @staticmethod
     def init_weights(m: nn.Module) -> None:
+        """Trunc-normal(0.02) Linear weights, zero biases, LayerNorm (1, 0): the init of DyViT."""
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -95,6 +97,7 @@ class PyramidEncoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """Full-resolution image -> normalized final map (B, H/32, W/32, C)."""
         return self.forward_tokens(self.embed(img))  # (B, H/32, W/32, C)
 
     # mimkit.models.interfaces.MaskTokenEncoder (SimMIM): a subclass that cannot take mask tokens sets
@@ -123,6 +126,7 @@ class PyramidEncoder(nn.Module):
         return self.forward_tokens(x * (1 - w) + mask_token.to(x.dtype) * w)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average-pool the final map, then the classifier (or the pooled features with ``pre_logits``)."""
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
@@ -145,8 +149,10 @@ class PyramidEncoder(nn.Module):
         return inter if intermediates_only else (last, inter)
 
     def get_classifier(self) -> nn.Module:
+        """timm's API: the classifier head."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        """timm's API: a new head for ``num_classes`` (an identity for 0)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()

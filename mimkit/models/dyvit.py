@@ -81,6 +81,8 @@ class DMMSA(nn.Module):
 
 
 class DyBlock(nn.Module):
+    """DyViT block of stages 1-3: DM-MSA inside each unit, then an MLP."""
+
     def __init__(self, dim: int, num_heads: int, windows, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -114,6 +116,8 @@ class UnitContext(nn.Module):
 
 
 class DyStage(nn.Module):
+    """Patch merging inside each unit (stages 2-3), then DyBlocks."""
+
     def __init__(
         self,
         in_dim: int,
@@ -198,6 +202,7 @@ class DyViT(PyramidEncoder):
 
     @staticmethod
     def check_size(img_size: int) -> None:
+        """Raises when ``img_size`` is not a whole number of 32 px units."""
         if img_size % UNIT or img_size < UNIT:
             raise ValueError(
                 f"image size {img_size} px is not a whole number of DyViT's {UNIT} px units; use a "
@@ -206,15 +211,18 @@ class DyViT(PyramidEncoder):
             )
 
     def no_weight_decay(self):
+        """The DM-MSA relative-position tables."""
         return {n for n, _ in self.named_parameters() if ".tables." in n}
 
     def unit_grid(self, img: torch.Tensor) -> tuple[int, int]:
+        """(rows, columns) of 32 px units of ``img``; raises when it is not whole units."""
         h, w = img.shape[-2:]
         if h % UNIT or w % UNIT:
             raise ValueError(f"a {h}x{w} image is not a whole number of {UNIT} px units")
         return h // UNIT, w // UNIT
 
     def positions(self, grid: tuple[int, int], ref: torch.Tensor) -> torch.Tensor:
+        """Stage-4 unit positions for ``grid`` (recomputed when it differs from the built one)."""
         pos = self.unit_pos
         if pos.shape[0] != grid[0] * grid[1] or grid[0] != round(pos.shape[0] ** 0.5):
             pos = sincos_2d(pos.shape[-1], grid).to(ref.device)
@@ -254,6 +262,7 @@ class DyViT(PyramidEncoder):
         return (x, outs) if collect else x
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """All units of full images: the normalized final map (B, H/32, W/32, C)."""
         gh, gw = self.unit_grid(img)
         return self.forward_visible(img).reshape(img.shape[0], gh, gw, -1)
 
@@ -278,6 +287,7 @@ class DyViT(PyramidEncoder):
         return self.forward_visible(img, ids_keep)
 
     def stage_outputs(self, img: torch.Tensor):
+        """(normalized final map, every stage's NHWC map) for ``features_only``."""
         b = img.shape[0]
         gh, gw = self.unit_grid(img)
         x, outs = self.forward_visible(img, collect=True)

@@ -78,13 +78,21 @@ class UniformCompactEncoder(Protocol):
     embed_dims: list[int]
     num_features: int
 
-    def embed(self, img: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Stage-1 tokens of the full image, (N, H, W, C), before any position embedding."""
+        ...
 
-    def mask_token_input(self, token: torch.Tensor) -> torch.Tensor: ...
+    def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
+        """The secondary-mask token as it enters stage 1 (normed like the patch embedding, or as is)."""
+        ...
 
-    def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor: ...
+    def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Compact map (N, Hc, Wc, C) of the kept patches ``ids`` of a ``grid`` -> final map (N, Hc/8, Wc/8, C')."""
+        ...
 
-    def check_size(self, img_size, compact: bool = False) -> None: ...
+    def check_size(self, img_size, compact: bool = False) -> None:
+        """Raise a ValueError when ``img_size`` (or its compact map) does not fit the encoder."""
+        ...
 
 
 @runtime_checkable
@@ -95,9 +103,13 @@ class MixedTokenEncoder(Protocol):
     stride: int
     num_features: int
 
-    def embed(self, img: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Stage-1 tokens of the full image, (N, H, W, C): the tokens that are mixed."""
+        ...
 
-    def forward_tokens(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor: ...
+    def forward_tokens(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed tokens -> final map (S, H', W', C'), attention confined by ``groups`` (1 or S cell maps)."""
+        ...
 
 
 class ViTInterface:
@@ -114,6 +126,7 @@ class ViTInterface:
         self.out_dim = self.token_dim = vit.embed_dim
 
     def encode_visible(self, img, ids_keep, replace=None, token=None):
+        """Patch-embed, keep ``ids_keep`` (optionally replaced by ``token``), add their positions, run the ViT."""
         from mimkit.masking import gather_tokens
         from mimkit.models.vit import vit_encode
 
@@ -125,6 +138,7 @@ class ViTInterface:
         return vit_encode(self.vit, x + pos)
 
     def encode_masked(self, img, mask, token):
+        """SimMIM on a ViT: masked patch tokens replaced, every token encoded: (N, h, w, C)."""
         from mimkit.models.vit import vit_masked_tokens
 
         return vit_masked_tokens(self.vit, img, mask.flatten(1), token)

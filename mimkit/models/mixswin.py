@@ -46,6 +46,8 @@ def group_attention_mask(groups: torch.Tensor, wh: int, ww: int) -> torch.Tensor
 
 
 class MaskedWindowAttention(nn.Module):
+    """Window attention with a relative-position table; an optional key mask keeps mixed sources apart."""
+
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         self.num_heads, self.window = num_heads, window
@@ -65,6 +67,8 @@ class MaskedWindowAttention(nn.Module):
 
 
 class MixBlock(nn.Module):
+    """Pre-norm transformer block over windows, no shift (MixMAE's Swin)."""
+
     def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -96,6 +100,8 @@ class PatchMerging(nn.Module):
 
 
 class MixStage(nn.Module):
+    """Optional patch merging, then the blocks of one stage at one window size."""
+
     grad_checkpointing = False
 
     def __init__(
@@ -186,6 +192,7 @@ class MixSwin(PyramidEncoder):
         return True
 
     def check_size(self, img_size: int) -> None:
+        """Raises when ``img_size`` is not whole mask cells or a stage is not whole windows."""
         if not self.fits(img_size):
             sizes = [s for s in range(32, 1025, 32) if self.fits(s)]
             raise ValueError(
@@ -195,6 +202,7 @@ class MixSwin(PyramidEncoder):
             )
 
     def no_weight_decay(self):
+        """The relative-position bias tables."""
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
@@ -202,12 +210,14 @@ class MixSwin(PyramidEncoder):
         return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))
 
     def position(self, h: int, w: int, ref: torch.Tensor) -> torch.Tensor:
+        """The absolute sin-cos position embedding for an (h, w) map, recomputed when the grid differs."""
         pos = self.pos_embed
         if pos.shape[1:3] != (h, w):
             pos = sincos_2d(pos.shape[-1], (h, w)).view(1, h, w, -1).to(ref.device)
         return pos.to(ref.dtype)
 
     def run_stages(self, x: torch.Tensor, groups: torch.Tensor | None = None, collect: bool = False):
+        """Tokens plus positions through every stage; ``groups`` confines attention to one source."""
         x = x + self.position(x.shape[1], x.shape[2], x)
         outs = []
         for stage in self.stages:
@@ -220,6 +230,7 @@ class MixSwin(PyramidEncoder):
         return self.norm(self.run_stages(x, groups))
 
     def stage_outputs(self, img: torch.Tensor):
+        """(normalized final map, every stage's NHWC map) for ``features_only``."""
         last, outs = self.run_stages(self.embed(img), collect=True)
         return self.norm(last), outs
 

@@ -6,6 +6,7 @@ import torch
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Fixed 1-D sin-cos embedding of positions ``pos``: (len(pos), dim), half sines, half cosines."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))

@@ -24,6 +24,8 @@ from mimkit.models.pos_embed import sincos_2d
 
 
 class SRAttention(nn.Module):
+    """Attention whose keys and values come from an average-pooled, 1x1-projected, normed map."""
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
@@ -52,6 +54,8 @@ class SRAttention(nn.Module):
 
 
 class PVTBlock(nn.Module):
+    """Pre-norm transformer block with spatial-reduction attention."""
+
     def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -66,6 +70,8 @@ class PVTBlock(nn.Module):
 
 
 class PVTStage(nn.Module):
+    """A stage's patch embedding (conv + LayerNorm) and its blocks."""
+
     grad_checkpointing = False
 
     def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, sr_ratio, patch, drop_paths):
@@ -81,6 +87,7 @@ class PVTStage(nn.Module):
         return self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
 
     def run_blocks(self, x: torch.Tensor, compact: bool) -> torch.Tensor:
+        """The blocks at full-resolution pooling ratios, or halved ones on the compact map."""
         pool = max(1, self.sr_ratio // 2) if compact else self.sr_ratio
         if self.sr_ratio > 1 and (x.shape[1] % pool or x.shape[2] % pool):
             raise ValueError(f"a {x.shape[1]}x{x.shape[2]} map is not divisible by the spatial-reduction ratio {pool}")
@@ -90,6 +97,8 @@ class PVTStage(nn.Module):
 class PVT(PyramidEncoder):
     # lr-decay groups: stage-1 embedding and position embedding first; a later stage's patch embedding joins its
     # first block
+    """PVT (v1 layout) with pooling spatial reduction, usable at full resolution and on UM-MAE's compact map."""
+
     group_stem = r"^stages\.0\.patch_embed|^pos_embed"
     group_merge = "patch_embed"
 
@@ -164,6 +173,7 @@ class PVT(PyramidEncoder):
             )
 
     def no_weight_decay(self):
+        """The position embedding."""
         return {"pos_embed"}
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
@@ -176,12 +186,15 @@ class PVT(PyramidEncoder):
         return pe
 
     def stem_conv(self) -> nn.Conv2d:
+        """The first patch-embedding convolution."""
         return self.stages[0].patch_embed.proj
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Stage-1 patch embedding: (B, H/4, W/4, C), before the position embedding."""
         return self.stages[0].embed(img)
 
     def run_stages(self, x: torch.Tensor, compact: bool, collect: bool = False):
+        """Every stage (its embedding, then blocks) and the final norm; ``collect`` also returns stage maps."""
         outs = []
         for i, stage in enumerate(self.stages):
             if i > 0:
@@ -192,6 +205,7 @@ class PVT(PyramidEncoder):
         return (x, outs[:-1] + [x]) if collect else x
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded stage-1 tokens on the full grid (positions added here) -> normalized final map."""
         return self.run_stages(x + self.pos_embed_for(x.shape[1], x.shape[2]).to(x.dtype), compact=False)
 
     def forward_compact(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -210,6 +224,7 @@ class PVT(PyramidEncoder):
         return self.forward_compact(tokens, pos)
 
     def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(normalized final map, every stage's NHWC map) for ``features_only``."""
         tokens = self.embed(img)
         return self.run_stages(tokens + self.pos_embed_for(*tokens.shape[1:3]).to(tokens.dtype), False, True)
 

@@ -26,6 +26,7 @@ COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (
 
 
 def log_spaced(d: torch.Tensor) -> torch.Tensor:
+    """sign(d) * log(1 + |d|): the coordinate transform of the continuous position bias."""
     return torch.sign(d) * torch.log1p(d.abs())
 
 
@@ -52,6 +53,7 @@ def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
 
 
 def window_reverse(x: torch.Tensor, wh: int, ww: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``window_partition``: (B, nW, wh*ww, C) -> (B, H, W, C)."""
     b, _, _, c = x.shape
     x = x.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)
@@ -100,6 +102,8 @@ class WindowLayout:
 
 
 class WindowAttention(nn.Module):
+    """Multi-head attention inside windows with the continuous relative-position bias of a WindowLayout."""
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, pos_hidden: int = 32):
         super().__init__()
         self.num_heads = num_heads
@@ -121,6 +125,8 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
+    """Pre-norm Swin block: (shifted) window attention, then an MLP, on an NHWC map."""
+
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, shifted: bool, drop_path: float = 0.0, pos_hidden: int = 32
     ):
@@ -164,6 +170,8 @@ class PatchMerge(nn.Module):
 
 
 class SwinStage(nn.Module):
+    """Optional patch merge, then blocks alternating plain and shifted windows."""
+
     grad_checkpointing = False
 
     def __init__(
@@ -205,6 +213,7 @@ class SwinStage(nn.Module):
 
 
 def grid_coords(h: int, w: int, device=None) -> torch.Tensor:
+    """(1, H, W, 2) float (row, column) coordinates of a regular token grid."""
     r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack([r, c], -1).float().unsqueeze(0)  # (1, H, W, 2)
 
@@ -277,6 +286,7 @@ class SwinUM(PyramidEncoder):
         return True
 
     def check_size(self, img_size, compact: bool = False) -> None:
+        """Raises, listing the valid sizes, when a stage is not one window or whole windows along a side."""
         if not self.fits(img_size, compact):
             sizes = [size for size in range(32, 513, 32) if self.fits(size, compact)]
             mode = "UM-MAE's compact input (window halved)" if compact else "full resolution"
@@ -287,12 +297,15 @@ class SwinUM(PyramidEncoder):
             )
 
     def no_weight_decay(self):
+        """Nothing beyond timm's rule (no absolute position embedding)."""
         return set()
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Patch embedding and its LayerNorm: (B, H/4, W/4, C)."""
         return self.patch_embed.norm(self.patch_embed.proj(img).permute(0, 2, 3, 1))  # (B, H, W, C)
 
     def run_stages(self, x, coords, window: int, key_mask_map=None, collect: bool = False, span: int = 1):
+        """Every stage on a map whose ``coords`` are given (compact map) or regular (None)."""
         outs = []
         for stage in self.stages:
             x, coords, key_mask_map = stage(x, coords, window, key_mask_map, span)
@@ -319,6 +332,7 @@ class SwinUM(PyramidEncoder):
         return self.forward_compact(tokens, coords)
 
     def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(normalized final map, every stage's NHWC map) for ``features_only``."""
         last, outs = self.run_stages(self.embed(img), None, self.window_size, collect=True)
         return self.norm(last), outs
 

@@ -16,6 +16,7 @@ from mimkit.models.pos_embed import sincos_2d
 
 
 def vit_cfg(img_size: int) -> dict:
+    """timm's pretrained-config dict for a small ViT at ``img_size``."""
     return dict(
         num_classes=1000,
         input_size=(3, img_size, img_size),
