@@ -7,7 +7,13 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= $(or $(firstword $(wildcard /opt/wheels/torch-*.whl)),torch)
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+# `make bench REF=folder` needs the released UM-MAE code unpacked outside the repo (../shared/tools/side_by_side.py)
+SHARED ?= ../shared
+REF    ?=
+SBS_ROWS := ref_umae_swin_t,mk_umae_swin_t,ref_simmim_swin_t,mk_simmim_swin_t,ref_umae_pvt_s,mk_umae_pvt_s,ref_simmim_pvt_s,mk_simmim_pvt_s,hf_mae_vit_b,mk_mae_vit_b
+SBSC_ROWS := ref_umae_swin_t,mkc_umae_swin_t,ref_umae_pvt_s,mkc_umae_pvt_s,hf_mae_vit_b,mkc_mae_vit_b
+
+.PHONY: install demo test test-fast lint clean docs bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +35,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check mimkit tests scripts
 	$(VENV)/bin/ruff format --check mimkit tests scripts
 	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(PY) scripts/render_docs.py
+
+# Measures (about 45 minutes on 2 CPU cores), writes the result files under docs/benchmarks/, then renders docs/.
+bench: $(STAMP)
+	@test -n "$(REF)" || { echo "make bench: give REF=folder of the released UM-MAE code (see $(SHARED)/tools/side_by_side.py)"; exit 2; }
+	mkdir -p docs/benchmarks
+	{ echo "# $$(date -u +%F) $$(nproc) cores, eager, rounds 3"; $(PY) $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBS_ROWS); } > docs/benchmarks/side_by_side.log
+	{ echo "# $$(date -u +%F) $$(nproc) cores, compiled rows, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBSC_ROWS); } > docs/benchmarks/side_by_side_compiled.log
+	$(MAKE) docs
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration"

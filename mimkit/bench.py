@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import threading
 import time
 
@@ -215,26 +216,36 @@ def bench(
     compile: bool = False,
     model_args: dict | None = None,
     cpu_autocast: bool = False,
+    rounds: int = 1,
 ) -> list[dict]:
-    """Benchmark every model at every size in turn (``bench_model``); one result dict each."""
+    """Benchmark every model at every size (``bench_model``), ``rounds`` times with the model order reversed every
+    other round; one result dict per model and size: the median round's figures, and the speed ratio to the first
+    model as the median of the per-round ratios with their range (``speed_vs_first_range``)."""
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     results = []
     for size in img_sizes:  # ratios against the first model of the same requested resolution
-        group = [
-            bench_model(
-                name, batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast, **(model_args or {})
-            )
-            for name in models
-        ]
-        first = group[0]
-        for r in group:
-            r["speed_vs_first"] = r["images_per_s"] / first["images_per_s"]
-            r["memory_vs_first"] = (
-                r["peak_memory_mb"] / first["peak_memory_mb"] if first["peak_memory_mb"] > 0 else None
-            )
-        results += group
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(models))}
+        for rnd in range(rounds):
+            order = list(range(len(models)))
+            for i in order if rnd % 2 == 0 else order[::-1]:
+                runs[i].append(
+                    bench_model(
+                        models[i], batch_size, size, steps, warmup, precision, dev, compile, cpu_autocast,
+                        **(model_args or {}),
+                    )
+                )  # fmt: skip
+        for i in range(len(models)):
+            ratios = [runs[i][k]["images_per_s"] / runs[0][k]["images_per_s"] for k in range(rounds)]
+            r = dict(sorted(runs[i], key=lambda x: x["step_time_s"])[(rounds - 1) // 2])  # the median round
+            r["peak_memory_mb"] = statistics.median(x["peak_memory_mb"] for x in runs[i])
+            first_mem = statistics.median(x["peak_memory_mb"] for x in runs[0])
+            r["rounds"] = rounds
+            r["speed_vs_first"] = statistics.median(ratios)
+            r["speed_vs_first_range"] = [min(ratios), max(ratios)]
+            r["memory_vs_first"] = r["peak_memory_mb"] / first_mem if first_mem > 0 else None
+            results.append(r)
     return results
 
 
@@ -247,18 +258,25 @@ def format_table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         mem_x = f"{r['memory_vs_first']:.2f}" if r["memory_vs_first"] is not None else "-"
+        lo, hi = r.get("speed_vs_first_range", (r["speed_vs_first"],) * 2)
         size = size_text(r["img_size"]).removesuffix(" px")
         lines.append(
             f"{r['model']:44s} {size:>7s} {r['batch_size']:>5d} {r['images_per_s']:>9.1f} "
             f"{r['step_time_s'] * 1e3:>9.1f} {r['peak_memory_mb']:>9.1f} {r['speed_vs_first']:>8.2f} "
             f"{mem_x:>7s} {r['encoder_gflops']:>7.2f} {r['decoder_gflops']:>7.2f} {r['encoder_params_m']:>6.1f} "
-            f"{r['decoder_params_m']:>6.1f}"
+            f"{r['decoder_params_m']:>6.1f}" + (f"  speed x range {lo:.2f}-{hi:.2f}" if r.get("rounds", 1) > 1 else "")
         )
     r0 = results[0]
+    rounds = r0.get("rounds", 1)
     lines.append(
         f"device {r0['device']}, {r0['precision']}, memory = {r0['memory_kind']}; ratios are relative to "
         f"the first model at the same resolution (speed x > 1: faster; mem x < 1: less memory); GF = GFLOPs of "
         f"one training forward per image (encoder / the rest), M = million parameters"
+        + (
+            f"; {rounds} alternating rounds: figures of the median round, speed x the median of the per-round ratios"
+            if rounds > 1
+            else ""
+        )
     )
     return "\n".join(lines)
 

@@ -315,6 +315,7 @@ def cmd_bench(args):
         args.compile,
         dict(args.model_arg or []),
         args.cpu_autocast,
+        args.rounds,
     )
     if args.json:
         print(json.dumps(results, indent=2))
@@ -635,6 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=POS_INT, default=10, help="timed steps")
     p.add_argument("--warmup", type=NONNEG_INT, default=3, help="untimed warm-up steps")
+    p.add_argument(
+        "--rounds",
+        type=POS_INT,
+        default=1,
+        help="repeat the whole set, reversing the model order every other round; speed ratios are the median of the "
+        "per-round ratios, with their range",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

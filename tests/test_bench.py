@@ -20,3 +20,24 @@ def test_encoder_flops_follow_the_visible_tokens_and_params_add_up():
     total = sum(p.numel() for p in model.parameters()) / 1e6
     assert flops["encoder_params_m"] + flops["decoder_params_m"] == pytest.approx(total)
     assert flops["encoder_gflops"] > 0 and flops["decoder_gflops"] > 0
+
+
+def test_rounds_alternate_the_order_and_give_the_median_ratio_with_its_range(monkeypatch):
+    import mimkit.bench as bench_module
+
+    calls = []
+    rates = {"a": [10.0, 20.0, 10.0], "b": [20.0, 30.0, 10.0]}  # img/s per round: b/a = 2, 1.5, 1
+
+    def fake(name, *args, **kwargs):
+        k = sum(1 for c in calls if c == name)
+        calls.append(name)
+        ips = rates[name][k]
+        return {"model": name, "images_per_s": ips, "step_time_s": 1 / ips, "peak_memory_mb": 100.0 + k}
+
+    monkeypatch.setattr(bench_module, "bench_model", fake)
+    rows = bench_module.bench(["a", "b"], 4, [None], 1, 0, "fp32", "cpu", rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    a, b = rows
+    assert a["speed_vs_first"] == 1.0 and a["speed_vs_first_range"] == [1.0, 1.0]
+    assert b["speed_vs_first"] == 1.5 and b["speed_vs_first_range"] == [1.0, 2.0] and b["rounds"] == 3
+    assert b["images_per_s"] == 20.0 and b["peak_memory_mb"] == 101.0  # the median round, the median memory
