@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mimkit.methods import create_method
-from mimkit.models.swin import PositionBiasMLP
+from mimkit.models.layers import PositionBiasMLP
 
 
 def _normalized(tensors_and_stds) -> float:

@@ -68,7 +68,7 @@ class PyramidEncoder(nn.Module):
         LayerNorm (1, 0), He-normal convolutions (std sqrt(2 / fan_out), fan_out = k * k * out channels), zero biases;
         the patch embedding Xavier-uniform like a Linear layer; the position-bias MLP's layers, 1x1 convolutions
         there, by the convolution rule (docs/design.md, "Initialization")."""
-        from mimkit.models.swin import PositionBiasMLP
+        from mimkit.models.layers import PositionBiasMLP
         from mimkit.models.vit import mae_init_
 
         mae_init_(self)  # Linear and LayerNorm as in MAE

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -30,9 +29,8 @@ from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import require_square
-from mimkit.models.mixswin import PatchMerging, relative_index
+from mimkit.models.layers import PatchMerging, PreNormBlock, relative_index, window_partition, window_reverse
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.swin import window_partition, window_reverse
 from mimkit.patches import patchify_channels_first
 
 UNIT = 32  # px: the mask unit and the total stride
@@ -80,20 +78,11 @@ class DMMSA(nn.Module):
         return self.proj(y)
 
 
-class DyBlock(nn.Module):
+class DyBlock(PreNormBlock):
     """DyViT block of stages 1-3: DM-MSA inside each unit, then an MLP."""
 
     def __init__(self, dim: int, num_heads: int, windows, mlp_ratio: float, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = DMMSA(dim, num_heads, windows)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        super().__init__(dim, DMMSA(dim, num_heads, windows), mlp_ratio, drop_path)
 
 
 class UnitContext(nn.Module):

@@ -11,11 +11,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -23,18 +20,8 @@ from mimkit.masking import upsample_cells
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import require_square
+from mimkit.models.layers import PatchMerging, PreNormBlock, relative_index, window_partition, window_reverse
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.swin import window_partition, window_reverse
-
-
-@functools.lru_cache(maxsize=64)
-def relative_index(wh: int, ww: int, table_window: int, device=None) -> torch.Tensor:
-    """(T, T) indices into a ((2W-1)^2)-row bias table for a wh x ww window (wh, ww <= W). Cached per shape and
-    device: every block of every forward asks for the same few (read-only) index tensors."""
-    r, c = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
-    coords = torch.stack([r.flatten(), c.flatten()])  # (2, T)
-    rel = coords[:, :, None] - coords[:, None, :] + table_window - 1
-    return rel[0] * (2 * table_window - 1) + rel[1]
 
 
 def group_attention_mask(groups: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
@@ -66,37 +53,17 @@ class MaskedWindowAttention(nn.Module):
         return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
 
 
-class MixBlock(nn.Module):
+class MixBlock(PreNormBlock):
     """Pre-norm transformer block over windows, no shift (MixMAE's Swin)."""
 
     def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = MaskedWindowAttention(dim, num_heads, window)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        super().__init__(dim, MaskedWindowAttention(dim, num_heads, window), mlp_ratio, drop_path)
 
-    def forward(self, x: torch.Tensor, win: tuple[int, int], index: torch.Tensor, group_mask=None) -> torch.Tensor:
-        _, h, w, _ = x.shape
-        y = window_partition(self.norm1(x), *win)
-        y = window_reverse(self.attn(y, index, group_mask), win[0], win[1], h, w)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class PatchMerging(nn.Module):
-    """2x2 neighbourhood concatenated -> LayerNorm -> Linear(4C -> out)."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * in_dim)
-        self.reduction = nn.Linear(4 * in_dim, out_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        return self.reduction(self.norm(x))
+    def attend(self, y: torch.Tensor, win: tuple[int, int], index: torch.Tensor, group_mask=None) -> torch.Tensor:
+        """Attention inside (unshifted) windows of ``win`` tokens."""
+        _, h, w, _ = y.shape
+        out = self.attn(window_partition(y, *win), index, group_mask)
+        return window_reverse(out, win[0], win[1], h, w)
 
 
 class MixStage(nn.Module):

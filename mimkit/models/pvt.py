@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -20,6 +19,7 @@ from mimkit.masking import compact
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
+from mimkit.models.layers import PreNormBlock
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -53,20 +53,11 @@ class SRAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 
 
-class PVTBlock(nn.Module):
+class PVTBlock(PreNormBlock):
     """Pre-norm transformer block with spatial-reduction attention."""
 
     def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SRAttention(dim, num_heads, sr_ratio)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x, pool: int):
-        x = x + self.drop_path(self.attn(self.norm1(x), pool))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        super().__init__(dim, SRAttention(dim, num_heads, sr_ratio), mlp_ratio, drop_path)
 
 
 class PVTStage(nn.Module):

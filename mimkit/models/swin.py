@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -21,42 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from mimkit.masking import compact
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
-
-COORD_UNITS = 2  # coordinates are multiples of 1/2 token of the current stage (exactly, for 2x2 merges of UM-MAE)
-
-
-def log_spaced(d: torch.Tensor) -> torch.Tensor:
-    """sign(d) * log(1 + |d|): the coordinate transform of the continuous position bias."""
-    return torch.sign(d) * torch.log1p(d.abs())
-
-
-class PositionBiasMLP(nn.Module):
-    """Continuous relative position bias: (dy, dx) -> log-spaced -> Linear -> ReLU -> Linear -> one value per head."""
-
-    def __init__(self, num_heads: int, hidden: int = 32):
-        super().__init__()
-        self.fc1 = nn.Linear(2, hidden)
-        self.fc2 = nn.Linear(hidden, num_heads)
-
-    def table(self, radius: int, device) -> torch.Tensor:
-        """Bias for every offset in [-radius, radius]^2 (in 1/COORD_UNITS steps): ((2R+1)^2, heads)."""
-        d = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32) / COORD_UNITS
-        dy, dx = torch.meshgrid(d, d, indexing="ij")
-        return self.fc2(F.relu(self.fc1(log_spaced(torch.stack([dy, dx], -1).view(-1, 2)))))
-
-
-def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B, nW, wh*ww, C), windows in raster order."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
-
-
-def window_reverse(x: torch.Tensor, wh: int, ww: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``window_partition``: (B, nW, wh*ww, C) -> (B, H, W, C)."""
-    b, _, _, c = x.shape
-    x = x.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
+from mimkit.models.layers import (
+    COORD_UNITS,
+    PatchMerge,
+    PositionBiasMLP,
+    PreNormBlock,
+    window_partition,
+    window_reverse,
+)
 
 
 class WindowLayout:
@@ -124,23 +95,19 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(PreNormBlock):
     """Pre-norm Swin block: (shifted) window attention, then an MLP, on an NHWC map."""
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, shifted: bool, drop_path: float = 0.0, pos_hidden: int = 32
     ):
-        super().__init__()
+        super().__init__(dim, WindowAttention(dim, num_heads, pos_hidden=pos_hidden), mlp_ratio, drop_path)
         self.shifted = shifted
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, pos_hidden=pos_hidden)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, layout: WindowLayout, key_mask_map: torch.Tensor | None = None):
-        _, h, w, _ = x.shape
-        y = self.norm1(x)
+    def attend(self, y: torch.Tensor, layout: WindowLayout, key_mask_map: torch.Tensor | None = None):
+        """Roll by the layout's shift, attend inside windows (keys masked where ``key_mask_map`` is -inf), roll
+        back."""
+        _, h, w, _ = y.shape
         s = layout.shift
         if s:
             y = torch.roll(y, (-s, -s), (1, 2))
@@ -151,22 +118,7 @@ class SwinBlock(nn.Module):
         y = window_reverse(
             self.attn(window_partition(y, layout.wh, layout.ww), layout, key_mask), layout.wh, layout.ww, h, w
         )
-        if s:
-            y = torch.roll(y, (s, s), (1, 2))
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class PatchMerge(nn.Module):
-    """LayerNorm then Conv2d(kernel 2, stride 2): halves the resolution (UM-MAE's merge)."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.reduction = nn.Conv2d(in_dim, out_dim, 2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return torch.roll(y, (s, s), (1, 2)) if s else y
 
 
 class SwinStage(nn.Module):
