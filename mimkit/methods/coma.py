@@ -30,9 +30,8 @@ from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import require_square
-from mimkit.models.decoder import TransformerDecoder
+from mimkit.models.decoder import TransformerDecoder, visible_token_decoder
 from mimkit.models.interfaces import VisibleTokenEncoder
-from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patch_mse
 
 MODES = ("pair", "cycle", "random")
@@ -79,16 +78,8 @@ class CoMA(MIMMethod):
         self.mask_ratio, self.mode, self.mask_seed = mask_ratio, mode, mask_seed
         self.teacher_mode, self.teacher_momentum, self.teacher_weight = teacher, teacher_momentum, teacher_weight
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = TransformerDecoder(
-            io.out_dim,
-            self.grid,
-            self.patch_size**2 * in_chans,
-            decoder_dim,
-            decoder_depth,
-            decoder_heads,
-            cls_token=io.has_cls,
-        )
-        mae_init_(self.decoder)
+        values = self.patch_size**2 * in_chans
+        self.decoder = visible_token_decoder(io, self.grid, values, decoder_dim, decoder_depth, decoder_heads)
         self.teacher = None
         if teacher != "none":
             self.teacher = nn.ModuleDict(

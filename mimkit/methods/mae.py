@@ -11,9 +11,8 @@ from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical
-from mimkit.models.decoder import TransformerDecoder
+from mimkit.models.decoder import visible_token_decoder
 from mimkit.models.interfaces import VisibleTokenEncoder
-from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse
 
 
@@ -42,16 +41,8 @@ class MAE(MIMMethod):
         self.patch_size, self.grid = io.unit, io.mask_grid
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = TransformerDecoder(
-            io.out_dim,
-            self.grid,
-            self.patch_size**2 * in_chans,
-            decoder_dim,
-            decoder_depth,
-            decoder_heads,
-            cls_token=io.has_cls,
-        )
-        mae_init_(self.decoder)
+        values = self.patch_size**2 * in_chans
+        self.decoder = visible_token_decoder(io, self.grid, values, decoder_dim, decoder_depth, decoder_heads)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
         """Draw a random mask at ``mask_ratio`` and encode the visible units: (latent, the draw)."""

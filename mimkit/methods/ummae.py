@@ -32,7 +32,7 @@ from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical, pair, size_text
-from mimkit.models.decoder import TransformerDecoder
+from mimkit.models.decoder import TransformerDecoder, visible_token_decoder
 from mimkit.models.interfaces import UniformCompactEncoder, VisibleTokenEncoder, supports
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse
@@ -101,15 +101,8 @@ class UMMAE(MIMMethod):
         nn.init.normal_(self.vis_mask_token, std=0.02)
         if self.vit:
             self.to_decoder = nn.Identity()
-            self.decoder = TransformerDecoder(
-                io.out_dim,
-                self.grid,
-                self.patch_size**2 * in_chans,
-                decoder_dim,
-                decoder_depth,
-                decoder_heads,
-                cls_token=io.has_cls,
-            )
+            values = self.patch_size**2 * in_chans
+            self.decoder = visible_token_decoder(io, self.grid, values, decoder_dim, decoder_depth, decoder_heads)
         else:
             self.to_decoder = nn.Linear(io.num_features, 4 * decoder_dim)
             nn.init.xavier_uniform_(self.to_decoder.weight)  # the released decoder_embed's init
@@ -123,7 +116,7 @@ class UMMAE(MIMMethod):
                 decoder_heads,
                 cls_token=False,
             )
-        mae_init_(self.decoder)
+            mae_init_(self.decoder)
 
     def draw_masks(self, n: int, device):
         """(dropped mask (N, L), kept patch ids (N, L/4) in block order, secondary mask (N, L/4) over ids)."""

@@ -63,3 +63,15 @@ class TransformerDecoder(nn.Module):
         prefix = 1 if self.has_cls else 0
         x = self.norm(run_blocks(self.blocks, x + self.pos_embed.to(x.dtype), enabled=self.grad_checkpointing))
         return self.pred(x[:, prefix:])
+
+
+def visible_token_decoder(
+    encoder, grid: tuple[int, int], values: int, dim: int, depth: int, heads: int
+) -> TransformerDecoder:
+    """The MAE decoder behind a VisibleTokenEncoder view ``encoder`` (mimkit/models/interfaces.py): its width and
+    class token in, ``values`` predictions per unit of ``grid`` out, MAE's initialization."""
+    from mimkit.models.vit import mae_init_
+
+    decoder = TransformerDecoder(encoder.out_dim, grid, values, dim, depth, heads, cls_token=encoder.has_cls)
+    mae_init_(decoder)
+    return decoder
