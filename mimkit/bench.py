@@ -236,11 +236,11 @@ def bench(
                         **(model_args or {}),
                     )
                 )  # fmt: skip
+        first_mem = statistics.median(x["peak_memory_mb"] for x in runs[0])
         for i in range(len(models)):
             ratios = [runs[i][k]["images_per_s"] / runs[0][k]["images_per_s"] for k in range(rounds)]
             r = dict(sorted(runs[i], key=lambda x: x["step_time_s"])[(rounds - 1) // 2])  # the median round
             r["peak_memory_mb"] = statistics.median(x["peak_memory_mb"] for x in runs[i])
-            first_mem = statistics.median(x["peak_memory_mb"] for x in runs[0])
             r["rounds"] = rounds
             r["speed_vs_first"] = statistics.median(ratios)
             r["speed_vs_first_range"] = [min(ratios), max(ratios)]

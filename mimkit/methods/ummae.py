@@ -33,7 +33,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.decoder import TransformerDecoder, visible_token_decoder
-from mimkit.models.interfaces import UniformCompactEncoder, VisibleTokenEncoder, supports
+from mimkit.models.interfaces import UniformCompactEncoder, VisibleTokenEncoder
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse
 
@@ -69,7 +69,7 @@ class UMMAE(MIMMethod):
         height, width = pair(img_size)
         self.sm_ratio, self.norm_pix_loss, self.decoder_pos_order = sm_ratio, norm_pix_loss, decoder_pos_order
         # a pyramid encodes the compact map (UniformCompactEncoder); a plain ViT takes the kept tokens as a sequence
-        self.vit = not supports(self.encoder, UniformCompactEncoder)
+        self.vit = not isinstance(self.encoder, UniformCompactEncoder)
         io = self.attach_interface(
             "io", self.encoder, VisibleTokenEncoder if self.vit else UniformCompactEncoder, "UM-MAE"
         )

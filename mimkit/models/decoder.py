@@ -11,6 +11,7 @@ from torch import nn
 from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models.pos_embed import sincos_2d
+from mimkit.models.vit import mae_init_
 
 
 class TransformerDecoder(nn.Module):
@@ -70,8 +71,6 @@ def visible_token_decoder(
 ) -> TransformerDecoder:
     """The MAE decoder behind a VisibleTokenEncoder view ``encoder`` (mimkit/models/interfaces.py): its width and
     class token in, ``values`` predictions per unit of ``grid`` out, MAE's initialization."""
-    from mimkit.models.vit import mae_init_
-
     decoder = TransformerDecoder(encoder.out_dim, grid, values, dim, depth, heads, cls_token=encoder.has_cls)
     mae_init_(decoder)
     return decoder
