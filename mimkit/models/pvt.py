@@ -2,8 +2,10 @@
 
 Keys and values are computed from ``avg_pool2d(x, r) -> Conv1x1 -> LayerNorm`` where the pooling ratio ``r`` is a
 run-time choice, so the same weights serve full-resolution fine-tuning (ratios [8, 4, 2, 1]) and UM-MAE's compact
-input (ratios halved: [4, 2, 1, 1]). The reduction conv exists in every stage whose full-resolution ratio is > 1 and
-is applied in both modes (with pooling 1 where the halved ratio is 1), so it is trained during pretraining.
+input (ratios halved: [4, 2, 1, 1]). As in the released UM-MAE PVT, the reduction conv and its norm exist in every
+stage, ratio 1 included (pooling 1, then the 1x1 conv and the norm), and a stage's patch embedding is a bare strided
+conv with no LayerNorm after it; ``embed_norm=True`` adds PVT v1's norm and ``reduce_every_stage=False`` drops the
+reduction where the full-resolution ratio is 1 (PVT v1's layout; docs/design.md).
 A fixed sin-cos position embedding is added at the input of stage 1 only (UM-MAE, paper B.1); it is a parameter so
 that fine-tuning may learn it. One LayerNorm follows the last stage (PVT v1); intermediate features are not normed.
 """
@@ -26,14 +28,15 @@ from mimkit.models.pos_embed import sincos_2d
 class SRAttention(nn.Module):
     """Attention whose keys and values come from an average-pooled, 1x1-projected, normed map."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True, reduce: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
+        self.reduce = reduce or sr_ratio > 1
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        if sr_ratio > 1:
+        if self.reduce:
             self.sr = nn.Conv2d(dim, dim, 1)
             self.norm = nn.LayerNorm(dim)
 
@@ -41,7 +44,7 @@ class SRAttention(nn.Module):
         b, h, w, c = x.shape
         hd = c // self.num_heads
         q = self.q(x).view(b, h * w, self.num_heads, hd).transpose(1, 2)
-        if self.sr_ratio > 1:
+        if self.reduce:
             y = x.permute(0, 3, 1, 2)
             if pool > 1:
                 y = F.avg_pool2d(y, pool)
@@ -56,22 +59,26 @@ class SRAttention(nn.Module):
 class PVTBlock(PreNormBlock):
     """Pre-norm transformer block with spatial-reduction attention."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0):
-        super().__init__(dim, SRAttention(dim, num_heads, sr_ratio), mlp_ratio, drop_path)
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0, reduce=True):
+        super().__init__(dim, SRAttention(dim, num_heads, sr_ratio, reduce=reduce), mlp_ratio, drop_path)
 
 
 class PVTStage(nn.Module):
-    """A stage's patch embedding (conv + LayerNorm) and its blocks."""
+    """A stage's patch embedding (a strided conv, + LayerNorm with ``embed_norm``) and its blocks."""
 
     grad_checkpointing = False
 
-    def __init__(self, in_dim, dim, depth, num_heads, mlp_ratio, sr_ratio, patch, drop_paths):
+    def __init__(
+        self, in_dim, dim, depth, num_heads, mlp_ratio, sr_ratio, patch, drop_paths, embed_norm=False, reduce=True
+    ):
         super().__init__()
         self.sr_ratio = sr_ratio
         self.patch_embed = nn.Sequential()
         self.patch_embed.proj = nn.Conv2d(in_dim, dim, patch, patch)
-        self.patch_embed.norm = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList([PVTBlock(dim, num_heads, mlp_ratio, sr_ratio, dp) for dp in drop_paths])
+        self.patch_embed.norm = nn.LayerNorm(dim) if embed_norm else nn.Identity()
+        self.blocks = nn.ModuleList(
+            [PVTBlock(dim, num_heads, mlp_ratio, sr_ratio, dp, reduce=reduce) for dp in drop_paths]
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H', W', dim)."""
@@ -106,6 +113,8 @@ class PVT(PyramidEncoder):
         patch_size: int = 4,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        embed_norm: bool = False,
+        reduce_every_stage: bool = True,
         **kwargs,
     ):
         super().__init__()
@@ -128,6 +137,8 @@ class PVT(PyramidEncoder):
                     sr_ratios[i],
                     patch_size if i == 0 else 2,
                     dpr[start : start + depths[i]],
+                    embed_norm=embed_norm,
+                    reduce=reduce_every_stage,
                 )
             )
         self.norm = nn.LayerNorm(embed_dims[-1])
@@ -204,7 +215,8 @@ class PVT(PyramidEncoder):
         return self.run_stages(tokens + pos.to(tokens.dtype), compact=True)
 
     def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
-        """UM-MAE's secondary-mask token is used as is in PVT (no patch-embedding norm; UM-MAE#10)."""
+        """UM-MAE's secondary-mask token is used as is in PVT (not through the patch-embedding norm, if there is
+        one; UM-MAE#10)."""
         return token
 
     def forward_uniform(self, tokens: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
