@@ -194,10 +194,18 @@ class PretrainConfig:
         "ddp",
         "Several processes: ddp (a full replica per GPU) or fsdp (PyTorch FSDP2: parameters, gradients and optimizer "
         "state sharded over the ranks, every transformer block gathered for its own compute; bf16 compute with fp32 "
-        "gradient reduction under --precision bf16). Checkpoints are the same single file either way "
-        "(docs/clusters.md).",
+        "gradient reduction under --precision bf16). Checkpoints: see --checkpoint-format (docs/clusters.md).",
         "training",
         choices=["ddp", "fsdp"],
+    )
+    checkpoint_format: str = opt(
+        "auto",
+        "file: one verified checkpoint-N.pt (an FSDP run gathers the full state on rank 0 to write it); sharded: a "
+        "torch.distributed.checkpoint folder checkpoint-N.dcp where every rank writes and reads back only its own "
+        "shards (for models whose full state is too big or too slow to gather); auto: sharded under --strategy fsdp "
+        "with several processes, else file. Either resumes on any number of processes and exports the same.",
+        "output",
+        choices=["auto", "file", "sharded"],
     )
     dist_timeout_min: float = opt(
         30.0,
@@ -235,12 +243,15 @@ class PretrainConfig:
         30.0, "Also write a checkpoint when this many minutes passed since the last.", "output", gt=0
     )
     keep_epochs_every: int = opt(
-        50, "Also keep a permanent copy (epoch-NNNN.pt) of every Nth epoch's checkpoint (0: none).", "output", min=0
+        50,
+        "Also keep a permanent copy (epoch-NNNN.pt or .dcp) of every Nth epoch's checkpoint (0: none).",
+        "output",
+        min=0,
     )
     keep_last: int = opt(
         2,
-        "Number of verified checkpoint-*.pt files kept; an older file is deleted only "
-        "when this many newer verified ones exist.",
+        "Number of verified checkpoints (checkpoint-*.pt files or .dcp folders) kept; an older one is deleted "
+        "only when this many newer verified ones exist.",
         "output",
         min=1,
     )

@@ -16,16 +16,18 @@ log = logging.getLogger("mimkit")
 
 
 def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, PretrainConfig]:
-    """(method, its config) from a checkpoint file or a run folder's newest verified checkpoint."""
+    """(method, its config) from a checkpoint file, a sharded checkpoint folder, or a run folder's newest readable
+    checkpoint."""
+    from mimkit.engine import sharded
     from mimkit.pretraining import build_pretrain_model
 
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not sharded.is_sharded(path):
         from mimkit.engine.checkpoint import list_checkpoints
 
         ckpts = list_checkpoints(path)
         if not ckpts:
-            raise CheckpointError(f"{path}: folder holds no checkpoint-*.pt file")
+            raise CheckpointError(f"{path}: folder holds no checkpoint-*.pt file or checkpoint-*.dcp folder")
         for candidate in reversed(ckpts):  # newest readable; a reader never moves or deletes files
             try:
                 state = load_checkpoint(candidate)
@@ -38,6 +40,8 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
             raise CheckpointError(f"{path}: none of its {len(ckpts)} checkpoint files is readable")
     else:
         state = load_checkpoint(path)
+    if state.get("format") == "sharded":
+        state["model"] = sharded.model_state(path)
     if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (expected keys 'model' and 'config')")
     cfg = saved_config(state["config"], path)

@@ -1,5 +1,8 @@
 """Checkpoints: plain data (``torch.load(weights_only=True)``), written atomically, read back and verified, rotated
-only behind newer verified ones, unreadable ones moved aside (never deleted). See docs/reliability.md."""
+only behind newer verified ones, unreadable ones moved aside (never deleted). See docs/reliability.md.
+
+A checkpoint is a file ``checkpoint-<step>.pt`` or a sharded folder ``checkpoint-<step>.dcp``
+(``mimkit/engine/sharded.py``); the store lists, rotates, copies and moves aside both the same way."""
 
 from __future__ import annotations
 
@@ -20,18 +23,18 @@ import torch
 from mimkit.errors import CheckpointError, SaveFailed
 
 log = logging.getLogger("mimkit")
-_NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
+_NAME = re.compile(r"^checkpoint-(\d{9})\.(pt|dcp)$")
 _TMP = re.compile(r"^\..+\.tmp\d+$")
 QUARANTINE = "corrupt"
 
 
-def checkpoint_path(folder: Path, step: int) -> Path:
-    """``folder/checkpoint-<step>.pth``."""
-    return Path(folder) / f"checkpoint-{step:09d}.pt"
+def checkpoint_path(folder: Path, step: int, sharded: bool = False) -> Path:
+    """``folder/checkpoint-<step>.pt`` (or the sharded folder ``checkpoint-<step>.dcp``)."""
+    return Path(folder) / f"checkpoint-{step:09d}.{'dcp' if sharded else 'pt'}"
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step in a checkpoint file's name, or None for other files."""
+    """The step in a checkpoint file's (or sharded folder's) name, or None for other files."""
     m = _NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
 
@@ -66,7 +69,7 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """``checkpoint-*.pt`` files of ``folder``, oldest first."""
+    """``checkpoint-*.pt`` files and ``checkpoint-*.dcp`` folders of ``folder``, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -75,8 +78,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """``torch.load(weights_only=True)`` whose every failure is one line naming the file."""
+    """``torch.load(weights_only=True)`` whose every failure is one line naming the file. For a sharded folder:
+    its ``train_state.pt`` (``format: sharded``, no tensors), once its files are found complete."""
+    from mimkit.engine import sharded
+
     path = Path(path)
+    if sharded.is_sharded(path):
+        return sharded.check_complete(path)
     if path.is_dir():
         raise CheckpointError(
             f"{path}: is a folder; give a checkpoint file (or a run folder where a run folder is accepted)"
@@ -168,14 +176,26 @@ def quarantine(path: Path, reason: str) -> Path:
 
 
 def keep_copy(path: Path, keep_as: Path) -> None:
-    """A permanent copy of a checkpoint (a hard link where the file system allows it), replaced atomically."""
+    """A permanent copy of a checkpoint file or sharded folder (hard links where the file system allows them),
+    replaced atomically."""
     tmp = keep_as.parent / f".{keep_as.name}.tmp{os.getpid()}"
+    if path.is_dir():
+        from mimkit.engine.sharded import replace_folder
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp, copy_function=_link_or_copy)
+        replace_folder(tmp, keep_as)
+        return
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
+    _link_or_copy(path, tmp)
     os.replace(tmp, keep_as)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 class CheckpointStore:
@@ -199,6 +219,9 @@ class CheckpointStore:
                 if _TMP.match(p.name) and p.is_file():
                     p.unlink(missing_ok=True)
                     removed.append(p.name)
+                elif _TMP.match(p.name) and p.is_dir():  # a sharded save that did not finish
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
         if removed:
             log.info(
                 "removed %d leftover temporary file(s) of interrupted writes: %s",
@@ -213,7 +236,7 @@ class CheckpointStore:
             try:
                 state = load_checkpoint(path)
                 bad = nonfinite_tensors(state)
-                if "model" not in state or "step" not in state:
+                if "step" not in state or ("model" not in state and state.get("format") != "sharded"):
                     raise CheckpointError(f"{path}: not a mimkit training checkpoint (no 'model' or 'step')")
                 if bad:
                     raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:3])}")
@@ -255,8 +278,19 @@ class CheckpointStore:
         log.debug("wrote and verified %s in %.2f s", path.name, time.time() - t0)
         return path
 
+    def commit_sharded(self, tmp: Path, step: int) -> Path:
+        """Rank 0, after every rank read its shards back: rename the temporary folder to ``checkpoint-<step>.dcp``,
+        count it as verified, rotate."""
+        from mimkit.engine.sharded import replace_folder
+
+        path = checkpoint_path(self.folder, step, sharded=True)
+        replace_folder(tmp, path)
+        self.verified = [p for p in self.verified if p != path] + [path]
+        self.rotate()
+        return path
+
     def rotate(self) -> list[Path]:
-        """Delete ``checkpoint-*.pt`` files older than the ``keep_last``-th newest verified one."""
+        """Delete checkpoints older than the ``keep_last``-th newest verified one."""
         if len(self.verified) < self.keep_last:
             return []
         oldest_kept = checkpoint_step(self.verified[-self.keep_last])
@@ -266,7 +300,10 @@ class CheckpointStore:
         for path in list_checkpoints(self.folder):
             step = checkpoint_step(path)
             if step is not None and step < oldest_kept:
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
         self.verified = [p for p in self.verified if p not in removed]
         return removed
@@ -282,7 +319,8 @@ class CheckpointStore:
 
 
 def latest_checkpoint(folder: Path) -> tuple[Path, dict] | None:
-    """Newest usable checkpoint in ``folder`` (unusable newer ones are moved to ``corrupt/``)."""
+    """Newest usable checkpoint in ``folder`` (unusable newer ones are moved to ``corrupt/``); for a sharded one,
+    its train state (see ``load_checkpoint``)."""
     return CheckpointStore(folder, 1).latest()
 
 

@@ -18,8 +18,11 @@ LOCK_NAME = ".mimkit.lock"
 # What a run writes into its folder; --overwrite moves these aside (into replaced-<time>/), it never deletes them.
 RUN_OUTPUTS = (
     "checkpoint-*.pt",
+    "checkpoint-*.dcp",
     "epoch-*.pt",
+    "epoch-*.dcp",
     "best.pt",
+    "best.dcp",
     "metrics.jsonl",
     "summary.json",
     "train.log",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,7 @@ class Trainer:
         self.lock.acquire()
         self.store.clean_leftovers()
         if cfg.resume == "none":
-            old = [p.name for p in existing_outputs(self.out) if p.suffix == ".pt"]
+            old = [p.name for p in existing_outputs(self.out) if p.suffix in (".pt", ".dcp")]
             if old and not cfg.overwrite:
                 raise ConfigError(
                     f"{self.out}: holds checkpoints of an earlier run ({', '.join(old[:3])}) and "
@@ -179,6 +181,8 @@ class Trainer:
             bf16 = cfg.precision == "bf16" and d.device.type == "cuda"
             blocks = shard_model(self.model, bf16=bf16)
             self.log.info("FSDP: %d blocks and the model sharded over %d ranks", blocks, d.world_size)
+        fmt = getattr(cfg, "checkpoint_format", "file")
+        self.sharded_checkpoints = fmt == "sharded" or (fmt == "auto" and self.fsdp)
         size = self.model.img_size
         cfg.img_size = list(size) if isinstance(size, tuple) else size  # (height, width) saved as a YAML list
         self.dataset = self.build_dataset(images)
@@ -269,7 +273,7 @@ class Trainer:
             if cfg.resume == "auto":
                 found = self.store.latest()
                 path, state = found if found else (None, None)
-                if path is None and list((self.out / ckpt.QUARANTINE).glob("checkpoint-*.pt*")):
+                if path is None and list((self.out / ckpt.QUARANTINE).glob("checkpoint-*")):
                     self.log.warning(
                         "%s: no usable checkpoint (unusable ones are in %s/); starting from step 0",
                         self.out,
@@ -284,14 +288,19 @@ class Trainer:
         """Load model, optimizer, scaler, schedule position, counters and RNG states from a checkpoint."""
         cfg = self.cfg
         state = state if state is not None else ckpt.load_checkpoint(path)
-        if "model" not in state or "optimizer" not in state:
+        is_sharded = state.get("format") == "sharded"
+        if not is_sharded and ("model" not in state or "optimizer" not in state):
             raise CheckpointError(f"{path}: not a mimkit training checkpoint (no 'model' or 'optimizer' entry)")
         if state.get("model_name") != cfg.model:
             raise CheckpointError(
                 f"{path}: checkpoint is for model '{state.get('model_name')}', this run builds "
                 f"'{cfg.model}'. Use another --output, or --resume none --overwrite."
             )
-        if self.fsdp:
+        if is_sharded:  # collective: DCP reshards onto this run's ranks, sharded or not
+            from mimkit.engine import sharded
+
+            sharded.load_into(path, self.model, self.optimizer)
+        elif self.fsdp:
             from mimkit.engine.fsdp import load_full_state
 
             try:
@@ -396,16 +405,19 @@ class Trainer:
         if problem:  # every rank holds the same weights, so every rank takes this branch
             self.diverged(problem + " (checkpoint not written)")
         failure = None
-        gathered = None
-        if self.fsdp:  # every rank takes part in gathering the full state; rank 0 writes it
-            from mimkit.engine.fsdp import full_state
+        if self.sharded_checkpoints:  # every rank writes and reads back its own shards
+            failure = self.write_sharded(reason, rngs, skipped)
+        else:
+            gathered = None
+            if self.fsdp:  # every rank takes part in gathering the full state; rank 0 writes it
+                from mimkit.engine.fsdp import full_state
 
-            gathered = full_state(self.model, self.optimizer)
-        if self.dist.is_main:
-            try:
-                self.write_checkpoint(reason, rngs, skipped, gathered)
-            except SaveFailed as err:
-                failure = str(err)
+                gathered = full_state(self.model, self.optimizer)
+            if self.dist.is_main:
+                try:
+                    self.write_checkpoint(reason, rngs, skipped, gathered)
+                except SaveFailed as err:
+                    failure = str(err)
         failure = broadcast_object(failure)  # every rank stops with the same message, none waits for rank 0
         if failure is not None:
             raise SaveFailed(failure)
@@ -417,9 +429,13 @@ class Trainer:
         """Rank 0: the checkpoint file (verified), the permanent epoch copy, skipped_images.tsv. ``gathered``: the
         full (model, optimizer) state of a sharded model, in the same format as the unsharded ones."""
         model_state, optim_state = gathered or (self.model.state_dict(), self.optimizer.state_dict())
-        state = {
-            "model": model_state,
-            "optimizer": optim_state,
+        state = {"model": model_state, "optimizer": optim_state, **self.train_state(rngs)}
+        path = self.store.save(state, self.step)
+        self.after_write(path, reason, skipped)
+
+    def train_state(self, rngs: list) -> dict:
+        """Everything of a checkpoint besides the model and optimizer tensors."""
+        return {
             "scaler": self.scaler.state_dict() if self.fp16 else {},
             "epoch": self.epoch,
             "step": self.step,
@@ -432,11 +448,39 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
         }
-        path = self.store.save(state, self.step)
+
+    def write_sharded(self, reason: str, rngs: list, skipped: list) -> str | None:
+        """Collective: a sharded checkpoint (``mimkit/engine/sharded.py``); returns the failure message or None."""
+        from mimkit.engine import sharded
+
+        main = self.dist.is_main
+        final = ckpt.checkpoint_path(self.out, self.step, sharded=True)
+        tmp = Path(broadcast_object(str(final.parent / f".{final.name}.tmp{os.getpid()}") if main else None))
+        train_state = {**self.train_state(rngs), "format": "sharded"} if main else None
+        problem = sharded.write(tmp, sharded.state_dicts(self.model, self.optimizer), train_state)
+        if not main:
+            return None
+        if problem is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return (
+                f"{final}: {problem}, so it was removed; free disk space or fix permissions in {self.out}, then "
+                f"rerun to resume from {self.store.describe_latest()}"
+            )
+        try:
+            path = self.store.commit_sharded(tmp, self.step)
+            self.after_write(path, reason, skipped)
+        except OSError as err:
+            return f"{final}: could not be put in place ({err.strerror or err}); rerun to resume from " + str(
+                self.store.describe_latest()
+            )
+        return None
+
+    def after_write(self, path: Path, reason: str, skipped: list) -> None:
+        """Rank 0, once a checkpoint is verified: the permanent epoch copy, skipped_images.tsv, the log line."""
         self.last_checkpoint = path
         cfg = self.cfg
         if cfg.keep_epochs_every and self.epoch % cfg.keep_epochs_every == 0 and self.batch_in_epoch == 0:
-            ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}.pt")
+            ckpt.keep_copy(path, self.out / f"epoch-{self.epoch:04d}{path.suffix}")
         merged = dict(kv for rank_items in skipped for kv in rank_items)
         if merged:
             (self.out / "skipped_images.tsv").write_text("".join(f"{p}\t{r}\n" for p, r in sorted(merged.items())))
@@ -644,8 +688,8 @@ class Trainer:
         if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs or self.keep_after_save:
             self.save(f"epoch {self.epoch}")
             if self.dist.is_main and self.last_checkpoint is not None:
-                for name in self.keep_after_save:
-                    ckpt.keep_copy(self.last_checkpoint, self.out / name)
+                for name in self.keep_after_save:  # best.pt, or best.dcp for a sharded checkpoint
+                    ckpt.keep_copy(self.last_checkpoint, (self.out / name).with_suffix(self.last_checkpoint.suffix))
 
     # -- the run ----------------------------------------------------------------------------------------------
     def finished(self) -> bool:

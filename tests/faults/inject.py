@@ -6,6 +6,7 @@ FAULT_SPIKE_AT=k,...     the loss is multiplied by 1000 at these forward calls
 FAULT_EXPLODE_AT=k       after the k-th optimizer step every weight is multiplied by 1e6 (finite, poisoned)
 FAULT_KILL_IN_SAVE=k     the k-th checkpoint write is cut in the middle by SIGKILL
 FAULT_DISK_FULL_AT=k     the k-th checkpoint write fails half-way with ENOSPC (a full disk)
+(for a sharded checkpoint, --checkpoint-format sharded: the k-th DCP save is cut after its data file is half written)
 Model ``fault_mae_pico``: MAE ViT-Pico/8 at 32 px with a 1-block decoder, with these faults.
 """
 
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,6 +81,23 @@ if _kill_at or _full_at:
         return _real_save(obj, f, *args, **kwargs)
 
     torch.save = _save
+
+    import torch.distributed.checkpoint as dcp
+
+    _real_dcp_save, _dcp_count = dcp.save, [0]
+
+    def _dcp_save(state, *, checkpoint_id=None, **kwargs):
+        _dcp_count[0] += 1
+        result = _real_dcp_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        if _dcp_count[0] in (_kill_at, _full_at):
+            for data in sorted(Path(checkpoint_id).glob("*.distcp")):  # half of each data file reached the disk
+                data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+            if _dcp_count[0] == _kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return result
+
+    dcp.save = _dcp_save
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -277,3 +277,27 @@ def test_a_full_disk_under_torchrun_stops_every_rank_with_the_same_message(tiny_
     # rank 0 and rank 1 (their stderr may interleave on one line), no rank left waiting
     assert err.count("error: ") >= 2 and err.count("could not be written (No space left on device)") == 2, err[-3000:]
     assert ckpt_steps(out) == [3]  # 2 ranks x batch 4: 3 steps per epoch; the first checkpoint is kept
+
+
+def test_sharded_checkpoints_survive_a_kill_mid_write_and_a_full_disk(tiny_folder, tmp_path, reference):
+    from mimkit.engine import sharded
+
+    out, fmt = tmp_path / "run", ("--checkpoint-format", "sharded")
+    proc = start(run_args(tiny_folder, out, *fmt), FAULT_KILL_IN_SAVE="2")  # killed in the 2nd save, half written
+    rc, _, _ = finish(proc)
+    assert rc == -signal.SIGKILL
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000000006.dcp"]
+    assert list(out.glob(".checkpoint-000000012.dcp.tmp*"))  # the half-written folder is a temporary
+    rc, _, err = cli(run_args(tiny_folder, out, *fmt), FAULT_DISK_FULL_AT="2")  # resumes; the disk fills at step 18
+    assert rc == 5, err[-3000:]
+    no_traceback(err)
+    last = err.strip().splitlines()[-1]
+    assert "checkpoint-000000018.dcp: could not be written (No space left on device), so it was removed" in last
+    assert str(out / "checkpoint-000000012.dcp") in last  # the one a restart uses
+    assert not list(out.glob(".checkpoint-*"))  # both temporaries gone
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000000006.dcp", "checkpoint-000000012.dcp"]
+    rc, _, err = cli(run_args(tiny_folder, out, *fmt))  # space is back
+    assert rc == 0 and "resumed from" in err, err[-3000:]
+    final = sharded.model_state(out / f"checkpoint-{TOTAL_STEPS:09d}.dcp")
+    for key, value in reference["model"].items():  # killed, disk full, resumed twice: the uninterrupted weights
+        assert torch.equal(final[key], value), key
