@@ -1,10 +1,11 @@
 """FSDP2 (``--strategy fsdp``): PyTorch's ``fully_shard`` on every transformer block and on the whole model.
 
 Parameters, gradients and optimizer state are sharded across ranks (each rank holds 1/world of them); every block
-gathers its weights for its forward and backward and frees them after. Checkpoints stay the single verified file of
-``mimkit/engine/checkpoint.py``: the full model and optimizer state are gathered (``torch.distributed.checkpoint``'s
-state-dict functions) and written by rank 0 in exactly the format a DDP or single-process run writes, so a run can
-resume on any number of ranks and with either strategy, and ``mimkit export`` reads it as always (docs/clusters.md).
+gathers its weights for its forward and backward and frees them after. Checkpoints are sharded folders by default
+(``mimkit/engine/sharded.py``: each rank writes its own shards); with ``--checkpoint-format file`` the functions here
+gather the full model and optimizer state (``torch.distributed.checkpoint``'s state-dict functions) for rank 0 to
+write the single verified file of ``mimkit/engine/checkpoint.py`` in exactly the format a DDP or single-process run
+writes. Either way a run resumes on any number of ranks and with either strategy (docs/clusters.md).
 """
 
 from __future__ import annotations
