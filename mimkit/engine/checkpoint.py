@@ -39,7 +39,8 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (its entries: a rename is durable after it); silently nothing where that is not supported."""
     try:
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -65,7 +66,7 @@ def atomic_save(obj, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -123,23 +124,23 @@ def load_weights(model, weights: dict, path: Path, model_name: str, hint: str = 
         raise CheckpointError(f"{path}: weights do not fit model '{model_name}': {detail[:300]} ...{hint}") from None
 
 
-def _tensors(obj, prefix: str = ""):
+def tensor_leaves(obj, prefix: str = ""):
     """(key path, tensor) of every tensor inside nested dicts / lists."""
     if torch.is_tensor(obj):
         yield prefix, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _tensors(v, f"{prefix}/{k}")
+            yield from tensor_leaves(v, f"{prefix}/{k}")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}/{i}")
+            yield from tensor_leaves(v, f"{prefix}/{i}")
 
 
 def nonfinite_tensors(state: dict, keys=("model", "optimizer")) -> list[str]:
     """Key paths of floating tensors under ``keys`` that hold a NaN or an infinity."""
     bad = []
     for key in keys:
-        for name, t in _tensors(state.get(key, {}), key):
+        for name, t in tensor_leaves(state.get(key, {}), key):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad.append(name)
     return bad
@@ -148,8 +149,8 @@ def nonfinite_tensors(state: dict, keys=("model", "optimizer")) -> list[str]:
 def verify(written: dict, expected: dict, path: Path) -> None:
     """Raise ``CheckpointError`` unless ``written`` has the keys, shapes and dtypes of ``expected`` and finite
     model and optimizer tensors."""
-    want = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(expected)}
-    got = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(written)}
+    want = {k: (tuple(t.shape), t.dtype) for k, t in tensor_leaves(expected)}
+    got = {k: (tuple(t.shape), t.dtype) for k, t in tensor_leaves(written)}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:3]
         raise CheckpointError(f"{path}: read back differs from what was written ({diff})")

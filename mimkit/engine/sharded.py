@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimkit.engine.checkpoint import atomic_save, fsync_dir, load_checkpoint, tensor_leaves
 from mimkit.errors import CheckpointError
 
 SUFFIX = ".dcp"
@@ -52,17 +53,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _tensor_leaves(obj, prefix: str = ""):
-    if torch.is_tensor(obj):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensor_leaves(v, f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensor_leaves(v, f"{prefix}/{i}")
 
 
 def _empty_like(obj):
@@ -113,8 +103,6 @@ def write(tmp: Path, state: dict, train_state: dict | None) -> str | None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from mimkit.engine.checkpoint import atomic_save
-
     problem = None
     try:
         _dcp(dcp.save, state, tmp, _single())
@@ -127,7 +115,7 @@ def write(tmp: Path, state: dict, train_state: dict | None) -> str | None:
     fresh = _empty_like(state)
     try:
         _dcp(dcp.load, fresh, tmp, _single())
-        for (name, wrote), (_, read) in zip(_tensor_leaves(state), _tensor_leaves(fresh), strict=True):
+        for (name, wrote), (_, read) in zip(tensor_leaves(state), tensor_leaves(fresh), strict=True):
             a, b = _local(wrote), _local(read)
             if a.is_floating_point() and not bool(torch.isfinite(b).all()):
                 problem = f"non-finite values in {name.lstrip('/')}"
@@ -146,8 +134,6 @@ def check_complete(path: Path) -> dict:
     """``train_state.pt`` of a sharded checkpoint whose metadata and every data file it names are present and as
     long as the metadata says; otherwise ``CheckpointError`` naming what is missing. Reads no tensor data."""
     from torch.distributed.checkpoint import FileSystemReader
-
-    from mimkit.engine.checkpoint import load_checkpoint
 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
@@ -185,7 +171,7 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
             f"{path}: does not fit this model and optimizer ({_reason(err)}). Were the model options changed? "
             "Use the same options, or another --output."
         ) from None
-    bad = [n for n, t in _tensor_leaves(state) if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())]
+    bad = [n for n, t in tensor_leaves(state) if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())]
     if not _all_agree(not bad):
         raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:3]) or 'another rank shards'}")
 
@@ -219,6 +205,4 @@ def replace_folder(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    from mimkit.engine.checkpoint import _fsync_dir
-
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
