@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 SHARED ?= ../shared
 REF    ?=
 SBS_ROWS := ref_umae_swin_t,mk_umae_swin_t,ref_simmim_swin_t,mk_simmim_swin_t,ref_umae_pvt_s,mk_umae_pvt_s,ref_simmim_pvt_s,mk_simmim_pvt_s,hf_mae_vit_b,mk_mae_vit_b
+BENCH_CPU := --steps 4 --warmup 1 --rounds 3 --precision fp32
 SBSC_ROWS := ref_umae_swin_t,mkc_umae_swin_t,ref_umae_pvt_s,mkc_umae_pvt_s,hf_mae_vit_b,mkc_mae_vit_b
 
 .PHONY: install demo test test-fast lint clean docs bench
@@ -39,12 +40,16 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) scripts/render_docs.py
 
-# Measures (about 45 minutes on 2 CPU cores), writes the result files under docs/benchmarks/, then renders docs/.
+# Measures (about 70 minutes on 2 CPU cores, keep the machine otherwise idle), writes the result files under
+# docs/benchmarks/, then renders docs/.
 bench: $(STAMP)
 	@test -n "$(REF)" || { echo "make bench: give REF=folder of the released UM-MAE code (see $(SHARED)/tools/side_by_side.py)"; exit 2; }
 	mkdir -p docs/benchmarks
 	{ echo "# $$(date -u +%F) $$(nproc) cores, eager, rounds 3"; $(PY) $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBS_ROWS); } > docs/benchmarks/side_by_side.log
 	{ echo "# $$(date -u +%F) $$(nproc) cores, compiled rows, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBSC_ROWS); } > docs/benchmarks/side_by_side_compiled.log
+	$(PY) scripts/bench_table.py record docs/benchmarks/lomar_vs_mae.json -- --models mae_vit_base_patch16 lomar_vit_base_patch16 --img-size 224 384 448 --batch-size 4 $(BENCH_CPU)
+	$(PY) scripts/bench_table.py record docs/benchmarks/mixmae_vs_simmim.json -- --models simmim_mixswin_base_224 mixmae_swin_base_224 mixmae_swin_base_224:pairing=once --batch-size 8 $(BENCH_CPU)
+	$(PY) scripts/bench_table.py record docs/benchmarks/coma_vs_mae.json -- --models mae_vit_base_patch16 coma_dyvit_base_224:mode=pair coma_dyvit_base_224:mode=cycle coma_dyvit_base_224:mode=cycle,teacher=ema coma_dyvit_tiny_224:mode=cycle coma_vit_base_patch16:mode=cycle --batch-size 8 $(BENCH_CPU)
 	$(MAKE) docs
 
 test-fast: $(STAMP)

@@ -1,6 +1,7 @@
 """Generated blocks in docs/ and README are what their commands print from the stored result files (the CI check for
 stale generated documents, through the real script)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,20 @@ def test_a_stale_block_is_found_and_rewritten():
     assert changed == [cmd]
     assert "| an old table |" not in new and "coma_dyvit_pico_128:mode=pair" in new and new.endswith("after\n")
     assert render(new, ROOT)[1] == []  # rendering again changes nothing
+
+
+def test_bench_table_renders_the_median_ratio_range_and_per_image_flops(tmp_path):
+    from bench_table import render as render_bench
+
+    row = dict(model="a", img_size=224, batch_size=4, step_time_s=0.5, images_per_s=8.0, peak_memory_mb=100.0,
+               memory_kind="cpu_peak_rss_growth", encoder_gflops=8.0, decoder_gflops=2.0, rounds=3,
+               speed_vs_first=1.0, speed_vs_first_range=[1.0, 1.0], memory_vs_first=1.0)  # fmt: skip
+    other = dict(row, model="b:mode=x", step_time_s=0.25, images_per_s=16.0, speed_vs_first=1.9,
+                 speed_vs_first_range=[1.5, 2.25], peak_memory_mb=50.0, memory_vs_first=0.5)  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(
+        json.dumps({"date": "2026-01-02", "machine": "M", "command": "mimkit bench X", "rows": [row, other]})
+    )
+    text = render_bench(path)
+    assert text.startswith("2026-01-02, M, 3 alternating rounds") and "mimkit bench X" in text
+    assert "| `b:mode=x` | 224 | 250 | 16.00 | 1.90x (1.50-2.25) | 50 | 0.50x | 8 | 2 |" in text  # per image
