@@ -7,6 +7,9 @@ ratios and their range, the figure docs/benchmarks.md reports.
 
     .venv/bin/python ../shared/tools/side_by_side.py --ref-dir REF --rounds 3 > side_by_side.log
     .venv/bin/python scripts/reference_ratios.py side_by_side.log [--markdown]
+    .venv/bin/python scripts/reference_ratios.py side_by_side.log --pair mk_simmim_swin_t,mk_umae_swin_t  # any two rows
+
+Each ratio also carries the two rows' peak memory growth (median over rounds) and its ratio (first / second).
 """
 
 from __future__ import annotations
@@ -30,18 +33,21 @@ def pairs_of(rows) -> list[tuple[str, str]]:
     return out
 
 
-def per_round_medians(lines: list[str]) -> dict[str, list[float]]:
-    """Row -> its median step time (s) in each round, in run order."""
+def per_round_medians(lines: list[str], key: str = "times") -> dict[str, list[float]]:
+    """Row -> its median step time (s) in each round, in run order (``key="peak_growth_MB"``: its memory)."""
     rows: dict[str, list[float]] = defaultdict(list)
     for line in lines:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT ") :])
-            rows[d["row"]].append(statistics.median(d["times"]))
+            value = d.get(key)
+            if value is not None:
+                rows[d["row"]].append(statistics.median(value) if isinstance(value, list) else float(value))
     return rows
 
 
-def ratios(rows: dict[str, list[float]], pairs=None) -> list[dict]:
-    """For each pair: reference time / mimkit time in every round both ran, its median and range."""
+def ratios(rows: dict[str, list[float]], pairs=None, memory: dict[str, list[float]] | None = None) -> list[dict]:
+    """For each pair: reference time / mimkit time in every round both ran, its median and range (and the memory
+    ratio of the medians, where ``memory`` is given)."""
     out = []
     for ref, mine in pairs if pairs is not None else pairs_of(rows):
         a, b = rows.get(ref, []), rows.get(mine, [])
@@ -61,6 +67,9 @@ def ratios(rows: dict[str, list[float]], pairs=None) -> list[dict]:
                 high=round(max(r), 3),
             )
         )
+        if memory and memory.get(ref) and memory.get(mine):
+            ma, mb = statistics.median(memory[ref]), statistics.median(memory[mine])
+            out[-1].update(reference_mb=round(ma), mimkit_mb=round(mb), memory_ratio=round(ma / mb, 3))
     return out
 
 
@@ -68,18 +77,24 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log", help="the side-by-side tool's output")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--pair", action="append", metavar="A,B", help="rows to compare (time of A / time of B)")
     a = ap.parse_args(argv)
     with open(a.log) as f:
-        table = ratios(per_round_medians(f.read().splitlines()))
+        lines = f.read().splitlines()
+    pairs = [tuple(p.split(",", 1)) for p in a.pair] if a.pair else None
+    table = ratios(per_round_medians(lines), pairs, per_round_medians(lines, "peak_growth_MB"))
     if not a.markdown:
         print(json.dumps(table, indent=1))
         return
-    print("| reference row | mimkit row | reference ms | mimkit ms | speed-up, median (range) | rounds |")
-    print("|---|---|---|---|---|---|")
+    first, second = ("first row", "second row") if pairs else ("reference row", "mimkit row")
+    print(f"| {first} | {second} | ms | ms | speed-up, median (range) | rounds | peak MB | peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for t in table:
         print(
             f"| {t['reference']} | {t['mimkit']} | {t['reference_ms']} | {t['mimkit_ms']} | "
-            f"**{t['ratio']:.2f}x** ({t['low']:.2f}-{t['high']:.2f}) | {t['rounds']} |"
+            f"**{t['ratio']:.2f}x** ({t['low']:.2f}-{t['high']:.2f}) | {t['rounds']} | "
+            f"{t.get('reference_mb', '-')} | {t.get('mimkit_mb', '-')} | "
+            + (f"{t['memory_ratio']:.2f}x |" if "memory_ratio" in t else "- |")
         )
 
 
