@@ -3,8 +3,6 @@ the single-file format, exact resume, rotation and epoch copies of folders, inco
 temporary folders removed, and a read-back that refuses a folder that does not hold what was written. The
 2-process FSDP case is in tests/test_fsdp.py."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -89,4 +87,3 @@ def test_a_folder_without_its_train_state_is_not_a_checkpoint(tmp_path):
     assert sharded.write(tmp_path / "checkpoint-000000001.dcp", state, None) is None
     with pytest.raises(Exception, match="without its train_state.pt"):
         load_checkpoint(tmp_path / "checkpoint-000000001.dcp")
-    shutil.rmtree(tmp_path / "checkpoint-000000001.dcp")

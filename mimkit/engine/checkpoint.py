@@ -181,8 +181,6 @@ def keep_copy(path: Path, keep_as: Path) -> None:
     replaced atomically."""
     tmp = keep_as.parent / f".{keep_as.name}.tmp{os.getpid()}"
     if path.is_dir():
-        from mimkit.engine.sharded import replace_folder
-
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(path, tmp, copy_function=_link_or_copy)
         replace_folder(tmp, keep_as)
@@ -190,6 +188,27 @@ def keep_copy(path: Path, keep_as: Path) -> None:
     tmp.unlink(missing_ok=True)
     _link_or_copy(path, tmp)
     os.replace(tmp, keep_as)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Rename the folder ``tmp`` to ``final`` (a folder of that name written before is replaced after the rename),
+    then fsync the parent."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old.tmp{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        _remove(old)
+    fsync_dir(final.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint file or sharded folder."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _link_or_copy(src, dst) -> None:
@@ -217,11 +236,8 @@ class CheckpointStore:
         removed = []
         if self.folder.is_dir():
             for p in self.folder.iterdir():
-                if _TMP.match(p.name) and p.is_file():
-                    p.unlink(missing_ok=True)
-                    removed.append(p.name)
-                elif _TMP.match(p.name) and p.is_dir():  # a sharded save that did not finish
-                    shutil.rmtree(p, ignore_errors=True)
+                if _TMP.match(p.name):  # a file, or the folder of a sharded save, that did not finish
+                    _remove(p)
                     removed.append(p.name)
         if removed:
             log.info(
@@ -282,8 +298,6 @@ class CheckpointStore:
     def commit_sharded(self, tmp: Path, step: int) -> Path:
         """Rank 0, after every rank read its shards back: rename the temporary folder to ``checkpoint-<step>.dcp``,
         count it as verified, rotate."""
-        from mimkit.engine.sharded import replace_folder
-
         path = checkpoint_path(self.folder, step, sharded=True)
         replace_folder(tmp, path)
         self.verified = [p for p in self.verified if p != path] + [path]
@@ -301,10 +315,7 @@ class CheckpointStore:
         for path in list_checkpoints(self.folder):
             step = checkpoint_step(path)
             if step is not None and step < oldest_kept:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+                _remove(path)
                 removed.append(path)
         self.verified = [p for p in self.verified if p not in removed]
         return removed

@@ -17,8 +17,6 @@ DCP reshards on load, so a sharded checkpoint resumes on any number of ranks, wi
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimkit.engine.checkpoint import atomic_save, fsync_dir, load_checkpoint, tensor_leaves
+from mimkit.engine.checkpoint import atomic_save, load_checkpoint, tensor_leaves
 from mimkit.errors import CheckpointError
 
 SUFFIX = ".dcp"
@@ -141,8 +139,7 @@ def check_complete(path: Path) -> dict:
     try:
         meta = FileSystemReader(str(path)).read_metadata()
     except Exception as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: sharded checkpoint whose .metadata does not read ({first})") from None
+        raise CheckpointError(f"{path}: sharded checkpoint whose .metadata does not read ({_reason(err)})") from None
     needed: dict[str, int] = {}  # data file -> the bytes the metadata says it holds
     for info in (meta.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -173,7 +170,8 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) ->
         ) from None
     bad = [n for n, t in tensor_leaves(state) if t.is_floating_point() and not bool(torch.isfinite(_local(t)).all())]
     if not _all_agree(not bad):
-        raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:3]) or 'another rank shards'}")
+        where = ", ".join(bad[:3]) or "another rank's shards"
+        raise CheckpointError(f"{path}: non-finite values in {where}")
 
 
 def model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -194,15 +192,3 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
     except (Exception, CheckpointException) as err:
         raise CheckpointError(f"{path}: its model shards do not read ({_reason(err)})") from None
     return state
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final`` (a folder of the same step written before is replaced after the rename)."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old.tmp{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(final.parent)

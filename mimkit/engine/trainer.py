@@ -181,7 +181,7 @@ class Trainer:
             bf16 = cfg.precision == "bf16" and d.device.type == "cuda"
             blocks = shard_model(self.model, bf16=bf16)
             self.log.info("FSDP: %d blocks and the model sharded over %d ranks", blocks, d.world_size)
-        fmt = getattr(cfg, "checkpoint_format", "file")
+        fmt = cfg.checkpoint_format
         self.sharded_checkpoints = fmt == "sharded" or (fmt == "auto" and self.fsdp)
         size = self.model.img_size
         cfg.img_size = list(size) if isinstance(size, tuple) else size  # (height, width) saved as a YAML list
@@ -791,7 +791,6 @@ class Trainer:
 
 def requeue_slurm_job(log) -> bool:
     """``scontrol requeue $SLURM_JOB_ID`` (rank 0, after the checkpoint); True when SLURM accepted it."""
-    import os
     import subprocess
 
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
