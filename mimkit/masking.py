@@ -71,7 +71,9 @@ def uniform_sampling(
             "that is a multiple of 2 x the patch size (e.g. 32 px steps for 16 px patches)"
         )
     choice = torch.randint(0, 4, (batch_size, rows // 2, cols // 2), device=device, generator=generator)
-    keep = torch.nn.functional.one_hot(choice, 4).view(batch_size, rows // 2, cols // 2, 2, 2)
+    # a comparison instead of one_hot, which reads the values' range back to the host (a GPU sync every step)
+    keep = (choice.unsqueeze(-1) == torch.arange(4, device=choice.device)).long()
+    keep = keep.view(batch_size, rows // 2, cols // 2, 2, 2)
     keep = keep.permute(0, 1, 3, 2, 4).reshape(batch_size, rows * cols)
     return 1.0 - keep.float()
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -20,7 +19,14 @@ from mimkit.masking import upsample_cells
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import require_square
-from mimkit.models.layers import PatchMerging, PreNormBlock, relative_index, window_partition, window_reverse
+from mimkit.models.layers import (
+    PatchMerging,
+    PreNormBlock,
+    relative_index,
+    window_attention,
+    window_partition,
+    window_reverse,
+)
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -49,7 +55,7 @@ class MaskedWindowAttention(nn.Module):
         bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # (heads, T, T)
         if group_mask is not None:
             bias = bias + group_mask  # (B', nW, heads, T, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = window_attention(q, k, v, bias)
         return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
 
 

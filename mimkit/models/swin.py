@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -25,6 +24,7 @@ from mimkit.models.layers import (
     PatchMerge,
     PositionBiasMLP,
     PreNormBlock,
+    window_attention,
     window_partition,
     window_reverse,
 )
@@ -91,7 +91,7 @@ class WindowAttention(nn.Module):
             bias = bias + layout.mask
         if key_mask is not None:  # (b, nW, 1, 1, T) with -inf on keys to ignore (equivalence tests, analysis)
             bias = bias + key_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = window_attention(q, k, v, bias)
         return self.proj(out.transpose(2, 3).reshape(b, nw, t, c))
 
 

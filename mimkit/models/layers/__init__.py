@@ -4,7 +4,7 @@ pre-norm transformer block. One implementation of each; a backbone file holds on
 from mimkit.models.layers.block import PreNormBlock
 from mimkit.models.layers.merge import PatchMerge, PatchMerging
 from mimkit.models.layers.position import COORD_UNITS, PositionBiasMLP, log_spaced, relative_index
-from mimkit.models.layers.windows import window_partition, window_reverse
+from mimkit.models.layers.windows import window_attention, window_partition, window_reverse
 
 __all__ = [
     "COORD_UNITS",
@@ -14,6 +14,7 @@ __all__ = [
     "PreNormBlock",
     "log_spaced",
     "relative_index",
+    "window_attention",
     "window_partition",
     "window_reverse",
 ]

@@ -1,0 +1,99 @@
+"""Shared layers (mimkit/models/layers/): window attention against an explicit softmax, and the call shape that lets
+PyTorch use its fused kernels; no host synchronisation in any method's training step (a GPU stall each time)."""
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mimkit  # noqa: F401
+from mimkit.methods import create_method, list_methods
+from mimkit.models.layers import window_attention
+
+
+def explicit_attention(q, k, v, bias):
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    "bias_shape",
+    [(3, 16, 16), (1, 1, 3, 16, 16), (1, 4, 3, 16, 16), (2, 4, 3, 16, 16), (2, 4, 1, 1, 16)],
+    ids=["shared", "shared-5d", "per-window", "per-image", "key-mask"],
+)
+def test_window_attention_equals_an_explicit_softmax_in_values_and_gradients(bias_shape):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 16, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(bias_shape, requires_grad=True)
+    with torch.no_grad():  # some keys hidden, as the shift and key masks do (never a whole row)
+        bias[..., 1::5] = float("-inf")
+    grad = torch.randn(2, 4, 3, 16, 8)
+    got = window_attention(q, k, v, bias)
+    want = explicit_attention(q, k, v, bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_got = torch.autograd.grad(got, (q, k, v, bias), grad)
+    g_want = torch.autograd.grad(want, (q, k, v, bias), grad)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+def test_window_attention_calls_sdpa_in_four_dimensions(monkeypatch):
+    """Fused attention kernels take only 4-D inputs; a 5-D call falls back to the unfused math path (on GPU in fp32).
+    Whether a fused kernel also takes a bias that needs a gradient depends on the device (CUDA's memory-efficient
+    kernel does, CPU's flash kernel does not), so the shapes are checked with the bias detached."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:  # the window attention (the decoder's plain attention has none)
+            seen.append((q.dim(), attn_mask.dim(), torch._fused_sdp_choice(q, k, v, attn_mask.detach())))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = create_method("umae_swin_pico_128")
+    model({"image": torch.randn(2, 3, 128, 128)})[0].backward()
+    assert seen and all(q_dim == 4 and m_dim == 4 for q_dim, m_dim, _ in seen)
+    assert all(choice != 0 for *_, choice in seen)  # 0 = the math path
+
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ATen calls that read a device value back to the host (a full GPU synchronisation each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        boolean_index = name in ("index", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+        )
+        if name in SYNC_OPS or boolean_index:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_sync_counter_sees_a_sync():
+    syncs = HostSyncs()
+    with syncs:
+        torch.arange(4).sum().item()
+        torch.nonzero(torch.arange(4) > 1)
+    assert syncs.calls == {"_local_scalar_dense": 1, "nonzero": 1}
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if n.endswith(("_pico_128", "_pico_patch8"))])
+def test_training_forward_and_backward_read_nothing_back_to_the_host(name):
+    torch.manual_seed(0)
+    model = create_method(name)
+    size = model.img_size if isinstance(model.img_size, tuple) else (model.img_size, model.img_size)
+    batch = {"image": torch.randn(2, model.in_chans, *size), "index": torch.arange(2)}
+    syncs = HostSyncs()
+    with syncs:
+        loss, _ = model(batch)
+        loss.backward()
+    assert not syncs.calls, f"{name}: host reads in the step: {dict(syncs.calls)}"
