@@ -183,7 +183,7 @@ def bench_model(
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = train_step()
-    loss.item()
+    last_loss = loss.item()
     if not cpu:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
@@ -200,6 +200,7 @@ def bench_model(
         "memory_kind": mem_kind,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "grad_checkpointing": checkpointing,
+        "loss": last_loss,
         **flops,
     }
     return result
