@@ -45,12 +45,14 @@ def run_comparison(
 
     from mimkit.config import load_recipe
     from mimkit.eval import knn_evaluate
+    from mimkit.eval.features import decode_labelled
     from mimkit.loading import load_pretrained, random_init
     from mimkit.pretraining import pretrain
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
+    decoded: dict = {}  # the eval images, decoded once per size and normalisation (2 kNN passes per run read them)
     for k, seed in enumerate(seeds):
         order = specs if k % 2 == 0 else list(reversed(specs))
         for spec in order:
@@ -80,10 +82,13 @@ def run_comparison(
             summary = pretrain(cfg)
             model, saved = load_pretrained(str(run_dir))
             size = saved.img_size
-            knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std)
+            key = (str(size), tuple(saved.mean), tuple(saved.std), getattr(model, "in_chans", 3))
+            if key not in decoded:
+                decoded[key] = decode_labelled(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
+            knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             torch.manual_seed(seed)
             base = random_init(name, img_size=size if isinstance(size, int) else None, seed=seed, **args)
-            knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std)
+            knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             runs.append(
                 {
                     "spec": spec,

@@ -2,12 +2,34 @@
 
 import json
 
+import torch
 from PIL import Image
 
+import mimkit.eval.features as features
 from mimkit.cli import main
+from mimkit.data import labelled_splits
+from mimkit.eval import knn_evaluate
+from mimkit.methods import create_method
 
 
-def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys):
+def test_knn_on_decoded_tensors_equals_knn_on_the_files(tiny_folder):
+    torch.manual_seed(0)
+    encoder = create_method("mae_vit_pico_patch8", img_size=32)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    decoded = features.decode_labelled(tiny_folder, 32, mean, std)
+    x, y = decoded["train"]
+    assert x.shape[1:] == (3, 32, 32) and x.abs().sum() > 0 and len(y) == len(x)
+    files = knn_evaluate(encoder, str(tiny_folder), 32, mean, std, k=3)
+    cached = knn_evaluate(encoder, str(tiny_folder), 32, mean, std, k=3, decoded=decoded)
+    assert cached == files
+    feats, _ = features.extract_features(encoder, labelled_splits(tiny_folder)[0], 32, mean, std)
+    assert torch.equal(features.features_of_tensors(encoder, x), feats)
+
+
+def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys, monkeypatch):
+    decodes = []
+    decode = features.decode_labelled
+    monkeypatch.setattr(features, "decode_labelled", lambda *a, **kw: decodes.append(a[1]) or decode(*a, **kw))
     out = tmp_path / "cmp"
     rc = main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--models",
                "mae_vit_pico_patch8", "mae_vit_pico_patch8:mask_ratio=0.5", "--seeds", "0", "1", "--epochs", "1",
@@ -31,6 +53,7 @@ def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys):
     table = (out / "compare.md").read_text()
     assert "| mae_vit_pico_patch8:mask_ratio=0.5 | 2 |" in table and table in capsys.readouterr().out
     assert Image.open(out / "loss.png").size == (720, 420)
+    assert decodes == [32]  # 8 kNN passes over the eval set, one decoding
     # a repeated command reuses the finished runs (each resumes its folder and has nothing left to do)
     assert main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--models",
                  "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--img-size", "32", "--batch-size", "4",

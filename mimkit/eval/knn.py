@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.data import labelled_splits
-from mimkit.eval.features import extract_features
+from mimkit.eval.features import extract_features, features_of_tensors
 
 
 def knn_predict(
@@ -56,29 +56,38 @@ def knn_evaluate(
     device="cpu",
     pool: str = "avg",
     progress: bool = False,
+    decoded: dict | None = None,
 ) -> dict:
-    """Weighted kNN (cosine, temperature-weighted votes of the ``k`` nearest) of ``model``'s features: top-1/5."""
-    train, val = labelled_splits(data)
-    args = dict(
-        img_size=img_size,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        pool=pool,
-        progress=progress,
-    )
-    tr_f, tr_y = extract_features(model, train, **args)
-    va_f, va_y = extract_features(model, val, **args)
-    scores = knn_predict(tr_f, tr_y, va_f, len(train.classes), k, temperature)
+    """Weighted kNN (cosine, temperature-weighted votes of the ``k`` nearest) of ``model``'s features: top-1/5.
+    ``decoded``: ``features.decode_labelled(data, img_size, mean, std)``'s tensors, to skip decoding the images."""
+    if decoded is not None:
+        (tr_x, tr_y), (va_x, va_y) = decoded["train"], decoded["val"]
+        tr_f = features_of_tensors(model, tr_x, batch_size, device, pool)
+        va_f = features_of_tensors(model, va_x, batch_size, device, pool)
+        classes = decoded["classes"]
+    else:
+        train, val = labelled_splits(data)
+        args = dict(
+            img_size=img_size,
+            mean=mean,
+            std=std,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            pool=pool,
+            progress=progress,
+        )
+        tr_f, tr_y = extract_features(model, train, **args)
+        va_f, va_y = extract_features(model, val, **args)
+        classes = len(train.classes)
+    scores = knn_predict(tr_f, tr_y, va_f, classes, k, temperature)
     return {
         **topk_accuracy(scores, va_y),
         "k": k,
         "temperature": temperature,
         "n_train": len(tr_y),
         "n_val": len(va_y),
-        "classes": len(train.classes),
+        "classes": classes,
         "img_size": img_size,
         "pool": pool,
     }
