@@ -2,7 +2,8 @@
 at the same wall-clock time) and several seeds, then the kNN top-1 of each encoder next to its random-init baseline.
 Writes ``DIR/compare.json`` (every run and the summary), ``DIR/compare.md`` (mean, spread and range per model) and
 ``DIR/loss.png`` (training loss against time). Runs alternate model order per seed, so drift of the machine spreads
-over all models; finished runs are reused when the command is repeated (each run resumes its own folder).
+over all models; finished runs are reused when the command is repeated (each run resumes its own folder). The eval
+images are decoded once for all kNN passes when they fit in ``EVAL_CACHE_BYTES``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,23 @@ from pathlib import Path
 
 from mimkit.bench import parse_model_spec
 from mimkit.config import PretrainConfig, config_from_dict
+
+# The eval images are decoded once and kept in memory (float32) when they fit in this; a larger eval set (an
+# ImageNet-sized kNN) is read from its files for every pass instead.
+EVAL_CACHE_BYTES = 4 * 2**30
+
+
+def _decode_if_small(eval_data: str, size, mean, std, in_chans: int, num_workers: int) -> dict | None:
+    """The eval set decoded (``features.decode_labelled``) when it needs at most EVAL_CACHE_BYTES, else None."""
+    from mimkit.data import labelled_splits
+    from mimkit.eval.features import decode_labelled
+    from mimkit.models._size import pair
+
+    train, val = labelled_splits(eval_data)
+    h, w = pair(size)
+    if (len(train.paths) + len(val.paths)) * in_chans * h * w * 4 > EVAL_CACHE_BYTES:
+        return None
+    return decode_labelled(eval_data, size, mean, std, in_chans, num_workers)
 
 
 def _loss_curve(run: Path) -> list[tuple[float, float]]:
@@ -45,7 +63,6 @@ def run_comparison(
 
     from mimkit.config import load_recipe
     from mimkit.eval import knn_evaluate
-    from mimkit.eval.features import decode_labelled
     from mimkit.loading import load_pretrained, random_init
     from mimkit.pretraining import pretrain
 
@@ -84,7 +101,7 @@ def run_comparison(
             size = saved.img_size
             key = (str(size), tuple(saved.mean), tuple(saved.std), getattr(model, "in_chans", 3))
             if key not in decoded:
-                decoded[key] = decode_labelled(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
+                decoded[key] = _decode_if_small(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
             knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             torch.manual_seed(seed)
             base = random_init(name, img_size=size if isinstance(size, int) else None, seed=seed, **args)

@@ -54,9 +54,12 @@ def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys, monkeypatch
     assert "| mae_vit_pico_patch8:mask_ratio=0.5 | 2 |" in table and table in capsys.readouterr().out
     assert Image.open(out / "loss.png").size == (720, 420)
     assert decodes == [32]  # 8 kNN passes over the eval set, one decoding
-    # a repeated command reuses the finished runs (each resumes its folder and has nothing left to do)
+    # a repeated command reuses the finished runs (each resumes its folder and has nothing left to do); with the eval
+    # set over the cache limit it is read from the files for each pass, with the same result
+    monkeypatch.setattr("mimkit.compare.EVAL_CACHE_BYTES", 0)
     assert main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--models",
                  "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--img-size", "32", "--batch-size", "4",
                  "--num-workers", "0", "--output", str(out)]) == 0  # fmt: skip
     again = json.loads((out / "compare.json").read_text())["runs"][0]
     assert again["steps"] == 6 and again["knn_top1"] == result["runs"][0]["knn_top1"]
+    assert again["knn_top1_random_init"] == result["runs"][0]["knn_top1_random_init"] and decodes == [32]
