@@ -196,6 +196,14 @@ def phase_mfu(log, a, dev, env_row, deadline, compile):
             log("mfu", model=name, compile=compile, error=f"{type(e).__name__}: {e}"[:500])
 
 
+def _table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """A Markdown table (preceded by a blank line) as lines; nothing for no rows."""
+    if not cells:
+        return []
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in cells]
+
+
 def render(path: Path) -> str:
     """Markdown tables of a results file: the checks, memory with and without checkpointing, UM-MAE vs SimMIM, MFU."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -211,35 +219,32 @@ def render(path: Path) -> str:
     out += [f"- FAILED {r['model']}: {r.get('error', r.get('loss'))}" for r in smoke if not r.get("ok")]
     for r in (r for r in rows if r["phase"] == "cli" and "step" in r):
         out.append(f"- `{r['step']}`: {'ok' if r['rc'] == 0 else 'FAILED, exit ' + str(r['rc'])} ({r['s']:.0f} s)")
-    mem = [r for r in rows if r["phase"] == "memory" and "peak_memory_mb" in r]
-    if mem:
-        out += ["", "| model | batch | activation checkpointing | peak GPU memory | ms/step | images/s |"]
-        out.append("|---|---|---|---|---|---|")
-        for r in mem:
-            out.append(
-                f"| {r['model'].split(':')[0]} | {r['batch_size']} | {'yes' if r['grad_checkpointing'] else 'no'} | "
-                f"{r['peak_memory_mb']:,.0f} MB | {r['step_time_s'] * 1e3:.0f} | {r['images_per_s']:,.0f} |"
-            )
-    t3 = [r for r in rows if r["phase"] == "table3" and "peak_memory_mb" in r]
-    if t3:
-        head = "| model | batch | ms/step | peak GPU memory | speed vs SimMIM, median (range) | memory vs SimMIM |"
-        out += ["", head]
-        out.append("|---|---|---|---|---|---|")
-        for r in t3:
-            lo, hi = r["speed_vs_first_range"]
-            out.append(
-                f"| {r['model']} | {r['batch_size']} | {r['step_time_s'] * 1e3:.0f} | {r['peak_memory_mb']:,.0f} MB | "
-                f"{r['speed_vs_first']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['memory_vs_first']:.2f}x |"
-            )
-    mfu = [r for r in rows if r["phase"] in ("mfu", "mfu_compiled") and "images_per_s" in r]
-    if mfu:
-        out += ["", "| model | batch | compiled | images/s | model TFLOP/s | MFU vs measured | MFU vs datasheet |"]
-        out.append("|---|---|---|---|---|---|---|")
-        for r in mfu:
-            out.append(
-                f"| {r['model']} | {r['batch_size']} | {'yes' if r['compile'] else 'no'} | {r['images_per_s']:,.0f} | "
-                f"{r['model_tflops']:.0f} | {r.get('mfu_vs_measured', 0):.1%} | {r.get('mfu_vs_datasheet', 0):.1%} |"
-            )
+    yes = {True: "yes", False: "no"}
+    out += _table(
+        ["model", "batch", "activation checkpointing", "peak GPU memory", "ms/step", "images/s"],
+        [
+            [r["model"].split(":")[0], str(r["batch_size"]), yes[r["grad_checkpointing"]],
+             f"{r['peak_memory_mb']:,.0f} MB", f"{r['step_time_s'] * 1e3:.0f}", f"{r['images_per_s']:,.0f}"]
+            for r in rows if r["phase"] == "memory" and "peak_memory_mb" in r
+        ],
+    )  # fmt: skip
+    out += _table(
+        ["model", "batch", "ms/step", "peak GPU memory", "speed vs SimMIM, median (range)", "memory vs SimMIM"],
+        [
+            [r["model"], str(r["batch_size"]), f"{r['step_time_s'] * 1e3:.0f}", f"{r['peak_memory_mb']:,.0f} MB",
+             "{:.2f}x ({:.2f}-{:.2f})".format(r["speed_vs_first"], *r["speed_vs_first_range"]),
+             f"{r['memory_vs_first']:.2f}x"]
+            for r in rows if r["phase"] == "table3" and "peak_memory_mb" in r
+        ],
+    )  # fmt: skip
+    out += _table(
+        ["model", "batch", "compiled", "images/s", "model TFLOP/s", "MFU vs measured", "MFU vs datasheet"],
+        [
+            [r["model"], str(r["batch_size"]), yes[r["compile"]], f"{r['images_per_s']:,.0f}",
+             f"{r['model_tflops']:.0f}", f"{r.get('mfu_vs_measured', 0):.1%}", f"{r.get('mfu_vs_datasheet', 0):.1%}"]
+            for r in rows if r["phase"] in ("mfu", "mfu_compiled") and "images_per_s" in r
+        ],
+    )  # fmt: skip
     skipped = [f"{r['phase']} {r.get('model', '')}".strip() for r in rows if "skipped" in r]
     if skipped:
         out += ["", "Not run (device time): " + ", ".join(skipped) + "."]
