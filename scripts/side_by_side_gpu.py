@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
-from side_by_side_compiled import load_tool
+from side_by_side_compiled import add_tool_args, load_tool, run_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mimkit from this checkout, installed or not
 
@@ -105,33 +104,18 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int, batch: int, p
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tool", required=True, help="path of ../shared/tools/side_by_side.py")
-    ap.add_argument("--ref-dir", required=True)
+    add_tool_args(ap, warmup=3, steps=10)
     ap.add_argument("--rows", default=ROWS, help="comma-separated rows of the tool")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64, help="images per step for every row (0: the tool's own)")
     ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the mimkit and reference models")
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time after which no further row starts")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     tool = load_tool(a.tool)
     if a.one:
         return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps, a.batch, a.precision, a.compile)
-    rows = a.rows.split(",")
-    for rnd in range(a.rounds):
-        for row in rows if rnd % 2 == 0 else rows[::-1]:
-            if a.deadline and time.time() > a.deadline:
-                print(f"# deadline reached in round {rnd + 1}: stopped", flush=True)
-                return
-            cmd = [sys.executable, __file__, "--tool", a.tool, "--ref-dir", a.ref_dir, "--one", row]
-            cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps), "--batch", str(a.batch)]
-            cmd += ["--precision", a.precision] + (["--compile"] if a.compile else [])
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-            print(lines[0] if lines else f"{row}: FAILED\n{p.stderr[-2000:]}", flush=True)
+    extra = ["--batch", str(a.batch), "--precision", a.precision] + (["--compile"] if a.compile else [])
+    run_rounds(__file__, a, a.rows.split(","), extra, a.deadline)
 
 
 if __name__ == "__main__":
