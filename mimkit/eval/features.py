@@ -31,14 +31,26 @@ def predict(
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=desc, leave=False)
+    labels = []
+
+    def images_of(batches):
+        for batch in batches:
+            labels.append(batch["label"])
+            yield batch["image"]
+
+    outputs = _apply(fn, images_of(loader), device, autocast)
+    return outputs, torch.cat(labels)
+
+
+def _apply(fn, batches, device, autocast: bool) -> torch.Tensor:
+    """``fn`` on every batch of images moved to ``device`` (under bf16 autocast if asked): the stacked float32
+    outputs on the CPU."""
     device_type = torch.device(device).type
-    outputs, labels = [], []
-    for batch in loader:
+    outputs = []
+    for x in batches:
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
-            out = fn(batch["image"].to(device))
-        outputs.append(out.float().cpu())
-        labels.append(batch["label"])
-    return torch.cat(outputs), torch.cat(labels)
+            outputs.append(fn(x.to(device)).float().cpu())
+    return torch.cat(outputs)
 
 
 def decode_labelled(data, img_size: int, mean, std, in_chans: int = 3, num_workers: int = 0) -> dict:
@@ -58,13 +70,8 @@ def decode_labelled(data, img_size: int, mean, std, in_chans: int = 3, num_worke
 def features_of_tensors(model, images: torch.Tensor, batch_size: int = 128, device="cpu", pool: str = "avg"):
     """``model.extract_features`` of already decoded images (N, C, H, W), in batches (bf16 autocast on GPUs)."""
     model.eval().to(device)
-    device_type = torch.device(device).type
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            feats = model.extract_features(images[start : start + batch_size].to(device), pool=pool)
-        out.append(feats.float().cpu())
-    return torch.cat(out)
+    cuda = torch.device(device).type == "cuda"
+    return _apply(lambda x: model.extract_features(x, pool=pool), images.split(batch_size), device, cuda)
 
 
 def extract_features(
