@@ -11,13 +11,16 @@ from mimkit.models import create_encoder
 from mimkit.models.interfaces import (
     MaskTokenEncoder,
     MixedTokenEncoder,
+    RelPosViTInterface,
     UniformCompactEncoder,
     VisibleTokenEncoder,
     ViTInterface,
+    WindowSequenceEncoder,
     supports,
 )
+from mimkit.patches import patchify_channels_first
 
-ALL = (VisibleTokenEncoder, MaskTokenEncoder, UniformCompactEncoder, MixedTokenEncoder)
+ALL = (VisibleTokenEncoder, MaskTokenEncoder, UniformCompactEncoder, MixedTokenEncoder, WindowSequenceEncoder)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,7 @@ ALL = (VisibleTokenEncoder, MaskTokenEncoder, UniformCompactEncoder, MixedTokenE
         ("mimpvt_pico_128", 128, {MaskTokenEncoder, UniformCompactEncoder}),
         ("mixswin_pico_patch4_window16_128", 128, {MaskTokenEncoder, MixedTokenEncoder}),
         ("dyvit_pico_128", 128, {VisibleTokenEncoder}),
+        ("rpbvit_pico_patch8_64", 64, {WindowSequenceEncoder}),
     ],
 )
 def test_each_backbone_serves_exactly_its_protocols(name, size, served):
@@ -50,9 +54,24 @@ def test_vit_view_of_all_units_in_order_is_timms_forward_features():
     assert not torch.allclose(part, replaced, atol=1e-3)  # the token replaced the units' inputs
 
 
+def test_relpos_view_of_the_whole_grid_in_raster_order_is_timms_forward_features():
+    torch.manual_seed(0)
+    beit = create_encoder("rpbvit_pico_patch8_64", img_size=64).eval()
+    for blk in beit.blocks:  # timm starts the tables at zero: give the bias something to do
+        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+    view = RelPosViTInterface(beit)
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = view.encode_sequences(view.embed_patches(patchify_channels_first(img, 8)))
+        assert torch.allclose(beit.norm(tokens), beit.forward_features(img), atol=1e-5)
+        flipped = view.encode_sequences(view.embed_patches(patchify_channels_first(img, 8)).flip(1))
+    assert not torch.allclose(flipped[:, 1:].flip(1), tokens[:, 1:], atol=1e-3)  # the bias sees the order
+
+
 @pytest.mark.parametrize(
     "preset,encoder,method",
     [
+        ("lomar_vit_pico_patch8", "vit_pico_patch8_64", "LoMaR"),
         ("mixmae_swin_pico_128", "mimswin_pico_patch4_window16_128", "MixMAE"),
         ("simmim_swin_pico_128", "dyvit_pico_128", "SimMIM"),
         ("coma_dyvit_pico_128", "mimpvt_pico_128", "CoMA"),

@@ -16,19 +16,16 @@ Window sampling (``window_sampling``):
 
 from __future__ import annotations
 
-import warnings
-
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimkit.masking import gather_tokens, masking_from_noise, window_offsets, window_patch_ids
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
-from mimkit.models import create_encoder, rpb_vit
-from mimkit.models._checkpoint import run_blocks
+from mimkit.models import create_encoder
 from mimkit.models._size import canonical, size_text
+from mimkit.models.interfaces import WindowSequenceEncoder
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patchify_channels_first
 
@@ -62,24 +59,17 @@ class LoMaR(MIMMethod):
         channels = {"in_chans": in_chans} if in_chans != 3 else {}
         self.encoder_args = {"img_size": img_size, **channels, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
-        if not hasattr(enc, "blocks") or getattr(enc.blocks[0].attn, "relative_position_bias_table", None) is None:
-            raise ValueError(
-                f"encoder '{encoder}' has no per-block relative position bias; LoMaR needs one of the "
-                f"rpbvit_* models (`mimkit models`)"
-            )
-        self.patch_size = enc.patch_embed.patch_size[0]
-        self.grid = tuple(enc.patch_embed.grid_size)
+        self.encoder = enc
+        windows = self.attach_interface("windows", enc, WindowSequenceEncoder, "LoMaR")
+        self.patch_size = windows.patch_px
+        self.grid = windows.grid
         if window_size > min(self.grid):
             raise ValueError(
                 f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
                 f"{size_text(img_size)} images; use window_size <= {min(self.grid)} or a larger --img-size"
             )
-        # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets (they are
-        # untrained here, so timm's resampling warnings are silenced)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            enc.set_input_size(img_size=(window_size * self.patch_size,) * 2)
-        self.encoder = enc
+        # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets
+        windows.set_window(window_size)
         self.window_size = window_size
         self.num_windows = num_windows
         self.n_mask = round(mask_ratio * window_size**2)
@@ -90,19 +80,13 @@ class LoMaR(MIMMethod):
         self.mask_ratio = mask_ratio
         self.window_sampling = window_sampling
         self.norm_pix_loss = norm_pix_loss
-        dim = enc.embed_dim
+        dim = windows.dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pred_norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, self.patch_size**2 * in_chans)
         mae_init_(self)
-        w = enc.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(enc.cls_token, std=0.02)
+        windows.reset_parameters(bias_std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        # mask tokens are identical and carry no absolute position: only the relative bias tells them apart, so
-        # the tables start from small random values (Swin's init) rather than timm BEiT's zeros (docs/design.md)
-        for blk in enc.blocks:
-            nn.init.trunc_normal_(blk.attn.relative_position_bias_table, std=0.02)
         self._full = None  # whole-image copy of the encoder for features, built on demand
 
     # -- windows ------------------------------------------------------------------------------------------------
@@ -130,16 +114,12 @@ class LoMaR(MIMMethod):
         linear map of each patch's pixels, so the pixels outside the windows are never touched."""
         pix = patchify_channels_first(imgs, self.patch_size)
         pix = gather_tokens(pix, ids.flatten(1)).view(-1, ids.shape[-1], pix.shape[-1])
-        proj = self.encoder.patch_embed.proj
-        return self.encoder.patch_embed.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
+        return self.windows.embed_patches(pix)
 
     def encode_windows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Window token sequences with masked tokens replaced -> predictions for every window token (S, K*K, p*p*C)."""
-        enc = self.encoder
         w = mask.unsqueeze(-1).to(tokens.dtype)
-        x = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = run_blocks(enc.blocks, enc.pos_drop(x), enabled=enc.grad_checkpointing)
+        x = self.windows.encode_sequences(tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w)
         return self.pred(self.pred_norm(x[:, 1:]))
 
     def forward(self, batch: dict):
@@ -176,12 +156,7 @@ class LoMaR(MIMMethod):
     # -- features and export: the whole image, global attention ---------------------------------------------------
     def full_image_state(self) -> dict[str, torch.Tensor]:
         """The encoder's weights for whole images of ``img_size``: bias tables widened by clipping offsets."""
-        state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-        grid = max(self.grid)
-        for k, v in state.items():
-            if k.endswith("relative_position_bias_table"):
-                state[k] = rpb_vit.expand_rel_pos_table(v, grid)
-        return state
+        return self.windows.whole_image_state()
 
     def export_encoder(self):
         """The encoder as a whole-image timm model (bias tables expanded from the window to the full grid)."""

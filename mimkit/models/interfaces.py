@@ -11,6 +11,9 @@ interfaces").
 - :class:`UniformCompactEncoder` (UM-MAE on Swin and PVT): the kept patches of a uniform sampling, gathered into a
   compact map of a quarter of the area.
 - :class:`MixedTokenEncoder` (MixMAE): stage-1 tokens of two images mixed, attention kept inside each source.
+- :class:`WindowSequenceEncoder` (LoMaR): short sequences, the patches of one small window each, through blocks
+  whose only sense of position is a relative position bias of their own; a timm ``Beit`` with a bias in every block
+  (the ``rpbvit_*`` models) gets it from :class:`RelPosViTInterface`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ __all__ = [
     "MaskTokenEncoder",
     "MixedTokenEncoder",
     "UniformCompactEncoder",
+    "RelPosViTInterface",
     "ViTInterface",
     "VisibleTokenEncoder",
+    "WindowSequenceEncoder",
     "encoder_interface",
 ]
 
@@ -112,6 +117,33 @@ class MixedTokenEncoder(Protocol):
         ...
 
 
+@runtime_checkable
+class WindowSequenceEncoder(Protocol):
+    """LoMaR: a batch of short token sequences, each the patches of one window, encoded with a class token in front
+    and no absolute position. ``patch_px`` px per patch, ``grid`` patches per (row, column) of a whole image,
+    ``dim`` channels."""
+
+    patch_px: int
+    grid: tuple[int, int]
+    dim: int
+
+    def set_window(self, window: int) -> None:
+        """Size the position biases for sequences of ``window`` x ``window`` patches."""
+        ...
+
+    def embed_patches(self, pix: torch.Tensor) -> torch.Tensor:
+        """Flattened patch pixels (S, L, p*p*C), channels first in each patch -> tokens (S, L, dim)."""
+        ...
+
+    def encode_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (S, L, dim) -> (S, 1 + L, dim): a class token prepended, every block run."""
+        ...
+
+    def whole_image_state(self) -> dict[str, torch.Tensor]:
+        """The weights for whole images of ``grid`` patches (position biases widened from the window)."""
+        ...
+
+
 class ViTInterface:
     """A timm ``VisionTransformer`` (class token, fixed position embedding) seen through the protocols it can serve:
     :class:`VisibleTokenEncoder` and :class:`MaskTokenEncoder`. Holds the model, adds no parameters."""
@@ -144,12 +176,79 @@ class ViTInterface:
         return vit_masked_tokens(self.vit, img, mask.flatten(1), token)
 
 
+class RelPosViTInterface:
+    """A timm ``Beit`` with a relative position bias table in every block (mimkit's ``rpbvit_*`` models) seen as a
+    :class:`WindowSequenceEncoder`. Holds the model, adds no parameters."""
+
+    def __init__(self, beit: Any):  # a timm Beit
+        self.beit = beit
+        self.patch_px = beit.patch_embed.patch_size[0]
+        self.grid = tuple(beit.patch_embed.grid_size)
+        self.dim = beit.embed_dim
+
+    @staticmethod
+    def serves(model: nn.Module) -> bool:
+        """A timm Beit whose every block has its own bias table (not the shared-bias variant)."""
+        from timm.models.beit import Beit
+
+        return isinstance(model, Beit) and all(
+            getattr(b.attn, "relative_position_bias_table", None) is not None for b in model.blocks
+        )
+
+    def set_window(self, window: int) -> None:
+        """timm's own resizing of the bias tables; they are untrained when this is called, so its resampling
+        warnings are silenced."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.beit.set_input_size(img_size=(window * self.patch_px,) * 2)
+
+    def embed_patches(self, pix):
+        """The patch-embedding convolution as the linear map it is on each patch's pixels, then its norm."""
+        import torch.nn.functional as F
+
+        proj = self.beit.patch_embed.proj
+        return self.beit.patch_embed.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
+
+    def encode_sequences(self, x):
+        """Class token prepended, the blocks run (checkpointed when the model's grad checkpointing is on)."""
+        from mimkit.models._checkpoint import run_blocks
+
+        enc = self.beit
+        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return run_blocks(enc.blocks, enc.pos_drop(x), enabled=enc.grad_checkpointing)
+
+    def whole_image_state(self):
+        """A copy of the weights with every bias table widened to the whole grid by clipping the offsets never
+        seen in a window to the outermost trained ones (mimkit/models/rpb_vit.py, ``expand_rel_pos_table``)."""
+        from mimkit.models.rpb_vit import expand_rel_pos_table
+
+        state = {k: v.detach().clone() for k, v in self.beit.state_dict().items()}
+        for k, v in state.items():
+            if k.endswith("relative_position_bias_table"):
+                state[k] = expand_rel_pos_table(v, max(self.grid))
+        return state
+
+    def reset_parameters(self, bias_std: float = 0.02) -> None:
+        """LoMaR's start: the patch embedding Xavier-uniform as a linear layer, the class token N(0, 0.02), and the
+        bias tables truncated-normal with ``bias_std`` (Swin's init, not timm Beit's zeros: identical mask tokens
+        carry no absolute position, only the bias tells them apart; docs/design.md)."""
+        w = self.beit.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.beit.cls_token, std=0.02)
+        for blk in self.beit.blocks:
+            nn.init.trunc_normal_(blk.attn.relative_position_bias_table, std=bias_std)
+
+
 _NEEDS: dict[Any, str] = {
     VisibleTokenEncoder: "to encode the visible units only (a plain timm ViT or a dyvit_* model)",
     MaskTokenEncoder: "to take mask tokens at every position (a plain timm ViT, mimswin_* or mimpvt_*)",
     UniformCompactEncoder: "to encode UM-MAE's compact map (mimswin_* or mimpvt_*; a plain ViT takes the visible "
     "tokens)",
     MixedTokenEncoder: "to keep attention inside each mixed image (a mixswin_* model)",
+    WindowSequenceEncoder: "with a relative position bias in every block and no absolute position embedding (one "
+    "of the rpbvit_* models)",
 }
 
 
@@ -162,6 +261,8 @@ def encoder_interface(encoder: nn.Module, protocol: type, method: str, name: str
         return encoder
     if isinstance(encoder, VisionTransformer) and protocol in (VisibleTokenEncoder, MaskTokenEncoder):
         return ViTInterface(encoder)
+    if protocol is WindowSequenceEncoder and RelPosViTInterface.serves(encoder):
+        return RelPosViTInterface(encoder)
     raise ValueError(
         f"{method} cannot use encoder '{name}' ({type(encoder).__name__}): {method} needs an encoder "
         f"{_NEEDS.get(protocol, 'implementing ' + protocol.__name__)}; `mimkit models` lists them"
