@@ -42,6 +42,7 @@ def test_fsdp_matches_ddp_resumes_on_another_world_size_and_exports_the_same_enc
                   "--output", str(tmp_path / strategy)], 2, tmp_path)  # fmt: skip
         if strategy == "fsdp":
             assert "FSDP:" in r.stderr and "blocks and the model sharded over 2 ranks" in r.stderr
+            assert "built on the meta device" in r.stderr  # and yet the same weights as DDP (below)
     folder = tmp_path / "fsdp" / "checkpoint-000000003.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.pt"} <= {p.name for p in folder.iterdir()}
     a, b = sharded.model_state(folder), _weights(tmp_path / "ddp" / "checkpoint-000000003.pt")["model"]

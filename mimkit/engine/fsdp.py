@@ -6,6 +6,11 @@ gathers its weights for its forward and backward and frees them after. Checkpoin
 gather the full model and optimizer state (``torch.distributed.checkpoint``'s state-dict functions) for rank 0 to
 write the single verified file of ``mimkit/engine/checkpoint.py`` in exactly the format a DDP or single-process run
 writes. Either way a run resumes on any number of ranks and with either strategy (docs/clusters.md).
+
+Building: only rank 0 builds the full model, on the CPU; every rank builds a twin on the meta device (shapes, no
+memory), shards it and allocates only its own shard on its device (``to_empty``), which :func:`materialise_shards`
+fills from rank 0's copy (``broadcast_from_rank0``). No GPU ever holds the whole model, and ranks other than 0 never
+hold it in host memory either.
 """
 
 from __future__ import annotations
@@ -42,6 +47,30 @@ def shard_model(model: nn.Module, bf16: bool = False) -> int:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return len(blocks)
+
+
+def materialise_shards(model: nn.Module, full: nn.Module | None, device: torch.device) -> None:
+    """Give a sharded meta-device ``model`` real storage on ``device`` (each rank its own shard) and the values of
+    ``full``, the same model built normally, which only rank 0 passes (others pass None): parameters and persistent
+    buffers through ``set_model_state_dict(broadcast_from_rank0=True)``, non-persistent buffers (position tables,
+    index maps) broadcast one by one. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    source = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in persistent:
+                continue
+            value = source[name].to(device) if full is not None else torch.empty_like(buf)
+            dist.broadcast(value, src=0)
+            buf.copy_(value)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"FSDP materialisation left tensors on the meta device: {', '.join(left[:5])}")
 
 
 def _param_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

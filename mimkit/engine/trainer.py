@@ -86,6 +86,38 @@ class Trainer:
         """The task to train (see ``mimkit/engine/task.py``); built after seeding, identical on every rank."""
         raise NotImplementedError
 
+    # Whether FSDP may build the task on the meta device (rank 0 alone builds it for real); a task whose
+    # construction reads data (a fine-tuning encoder's weights) sets it to False.
+    build_on_meta = True
+
+    def checked_task(self, meta: bool = False) -> Any:
+        """``build_task()`` (on the meta device when ``meta``), checked against the Task protocol."""
+        if meta:
+            with torch.device("meta"):
+                task = self.build_task()
+        else:
+            task = self.build_task()
+        if not isinstance(task, Task) or not isinstance(task, torch.nn.Module):
+            missing = [
+                m
+                for m in (
+                    "lr_base_batch",
+                    "betas",
+                    "default_grad_clip",
+                    "img_size",
+                    "param_groups",
+                    "before_optimizer_step",
+                    "after_optimizer_step",
+                    "describe",
+                )
+                if not hasattr(task, m)
+            ]
+            raise TypeError(
+                f"{type(task).__name__} is not a trainer task (an nn.Module with the Task protocol of "
+                f"mimkit/engine/task.py); missing: {', '.join(missing) or 'nn.Module'}"
+            )
+        return task
+
     def build_dataset(self, images) -> Dataset:
         """A map-style dataset (``ImageDataset``) or an iterable one with a plan (``ShardDataset``)."""
         raise NotImplementedError
@@ -148,39 +180,34 @@ class Trainer:
             cfg.mean, cfg.std = list(mean), list(std)
             self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        task = self.build_task()
-        if not isinstance(task, Task) or not isinstance(task, torch.nn.Module):
-            missing = [
-                m
-                for m in (
-                    "lr_base_batch",
-                    "betas",
-                    "default_grad_clip",
-                    "img_size",
-                    "param_groups",
-                    "before_optimizer_step",
-                    "after_optimizer_step",
-                    "describe",
-                )
-                if not hasattr(task, m)
-            ]
-            raise TypeError(
-                f"{type(task).__name__} is not a trainer task (an nn.Module with the Task protocol of "
-                f"mimkit/engine/task.py); missing: {', '.join(missing) or 'nn.Module'}"
-            )
-        self.model: Any = task.to(d.device)
-        # A fresh run's starting weights go in before sharding; a resume loads its checkpoint after it.
-        self.resume_from = self.find_checkpoint()
-        if self.resume_from[0] is None:
-            self.initial_weights()
         self.fsdp = cfg.strategy == "fsdp" and d.distributed
+        # FSDP: rank 0 alone builds the full task (on the CPU); the others build it on the meta device
+        on_meta = self.fsdp and self.build_on_meta
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        task = self.checked_task(meta=on_meta and not d.is_main)
+        self.resume_from = self.find_checkpoint()
+        self.model: Any = task if on_meta else task.to(d.device)
+        # A fresh run's starting weights go in before sharding; a resume loads its checkpoint after it.
+        if self.resume_from[0] is None and (d.is_main or not on_meta):
+            self.initial_weights()
         if self.fsdp:
-            from mimkit.engine.fsdp import shard_model
+            from mimkit.engine.fsdp import materialise_shards, shard_model
 
             bf16 = cfg.precision == "bf16" and d.device.type == "cuda"
-            blocks = shard_model(self.model, bf16=bf16)
-            self.log.info("FSDP: %d blocks and the model sharded over %d ranks", blocks, d.world_size)
+            if on_meta:  # every rank shards a meta twin and receives its shard of rank 0's weights
+                twin = self.checked_task(meta=True) if d.is_main else task
+                blocks = shard_model(twin, bf16=bf16)
+                materialise_shards(twin, task if d.is_main else None, d.device)
+                self.model = twin
+                del task
+            else:
+                blocks = shard_model(self.model, bf16=bf16)
+            self.log.info(
+                "FSDP: %d blocks and the model sharded over %d ranks%s",
+                blocks,
+                d.world_size,
+                " (built on the meta device, each rank's shard materialised from rank 0's copy)" if on_meta else "",
+            )
         fmt = cfg.checkpoint_format
         self.sharded_checkpoints = fmt == "sharded" or (fmt == "auto" and self.fsdp)
         size = self.model.img_size

@@ -305,6 +305,7 @@ class FinetuneTrainer(Trainer):
     """The trainer with a classifier task, a labelled dataset and a val evaluation after every epoch."""
 
     cfg: FinetuneConfig
+    build_on_meta = False  # build_task loads the encoder's weights from a file: every rank builds it for real
 
     def training_images(self):
         """The labelled train split of ``--data``."""

@@ -29,7 +29,14 @@ from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import require_square
-from mimkit.models.layers import PatchMerging, PreNormBlock, relative_index, window_partition, window_reverse
+from mimkit.models.layers import (
+    PatchMerging,
+    PreNormBlock,
+    drop_path_rates,
+    relative_index,
+    window_partition,
+    window_reverse,
+)
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.patches import patchify_channels_first
 
@@ -165,7 +172,7 @@ class DyViT(PyramidEncoder):
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
         grid = (img_size // UNIT,) * 2
         self.register_buffer("unit_pos", sincos_2d(dims[-1], grid), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i in range(4):
             start = sum(depths[:i])

@@ -22,6 +22,7 @@ from mimkit.models._size import require_square
 from mimkit.models.layers import (
     PatchMerging,
     PreNormBlock,
+    drop_path_rates,
     relative_index,
     window_attention,
     window_partition,
@@ -129,7 +130,7 @@ class MixSwin(PyramidEncoder):
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
         grid = (img_size // patch_size,) * 2
         self.register_buffer("pos_embed", sincos_2d(embed_dim, grid).view(1, *grid, embed_dim), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])

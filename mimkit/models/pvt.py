@@ -21,7 +21,7 @@ from mimkit.masking import compact
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
-from mimkit.models.layers import PreNormBlock
+from mimkit.models.layers import PreNormBlock, drop_path_rates
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -123,7 +123,7 @@ class PVT(PyramidEncoder):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.sr_ratios = list(sr_ratios)
         self.check_size(img_size)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i in range(len(depths)):
             start = sum(depths[:i])

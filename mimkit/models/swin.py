@@ -24,6 +24,7 @@ from mimkit.models.layers import (
     PatchMerge,
     PositionBiasMLP,
     PreNormBlock,
+    drop_path_rates,
     window_attention,
     window_partition,
     window_reverse,
@@ -199,7 +200,7 @@ class SwinUM(PyramidEncoder):
         self.patch_embed = nn.Sequential()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])

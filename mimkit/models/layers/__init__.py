@@ -1,13 +1,14 @@
 """Layers the backbones share (Swin, MixMAE's Swin, PVT, DyViT): windows, relative positions, patch merging and the
 pre-norm transformer block. One implementation of each; a backbone file holds only what is its own."""
 
-from mimkit.models.layers.block import PreNormBlock
+from mimkit.models.layers.block import PreNormBlock, drop_path_rates
 from mimkit.models.layers.merge import PatchMerge, PatchMerging
 from mimkit.models.layers.position import COORD_UNITS, PositionBiasMLP, log_spaced, relative_index
 from mimkit.models.layers.windows import window_attention, window_partition, window_reverse
 
 __all__ = [
     "COORD_UNITS",
+    "drop_path_rates",
     "PatchMerge",
     "PatchMerging",
     "PositionBiasMLP",

@@ -7,6 +7,13 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over ``blocks`` blocks (timm's rule). Computed on the
+    CPU whatever the default device, so that a model also builds under ``torch.device("meta")`` (FSDP's
+    per-shard materialisation, mimkit/engine/fsdp.py)."""
+    return torch.linspace(0, rate, blocks, device="cpu").tolist()
+
+
 class PreNormBlock(nn.Module):
     """``norm1``, ``attn``, ``norm2``, ``mlp``, ``drop_path`` (timm's names, so state dicts keep their keys). The
     attention module is the backbone's own; a subclass that must reshape around it (windows, shifts) overrides
