@@ -16,9 +16,12 @@ repository root with the same Python):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,14 +35,27 @@ def documents(root: Path = ROOT) -> list[Path]:
 
 
 def render_command(cmd: str, root: Path = ROOT) -> str:
-    """The output of one block's command; it must be a ``scripts/*.py`` of this repository."""
+    """The output of one block's command; it must be a ``scripts/*.py`` of this repository. Run in this process
+    as ``__main__`` (as ``python SCRIPT ARGS`` from ``root`` would run it), so that the heavy imports the scripts
+    share are paid once for all blocks."""
     argv = shlex.split(cmd)
     if not argv or not re.fullmatch(r"scripts/[\w.-]+\.py", argv[0]):
         raise SystemExit(f"generated block command must start with scripts/NAME.py, got: {cmd}")
-    out = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"`{cmd}` failed:\n{out.stderr[-2000:]}")
-    return out.stdout if out.stdout.endswith("\n") else out.stdout + "\n"
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, list(sys.path), os.getcwd()
+    sys.argv, sys.path[0:0] = argv, [str(root / "scripts")]
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(root / argv[0]), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise SystemExit(f"`{cmd}` failed ({stop.code}):\n{err.getvalue()[-2000:]}") from None
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.chdir(saved[2])
+    text = out.getvalue()
+    return text if text.endswith("\n") else text + "\n"
 
 
 def render(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
