@@ -4,12 +4,15 @@ Makes, under --work, a file list, WebDataset shards (`mimkit shards`) and a Parq
 then runs `mimkit bench-data` on folder, list, shards, Parquet (map-style) and Parquet (streaming) in alternating
 rounds, and prints per source and worker count the median and range of images/s over the rounds.
 
-    python scripts/bench_data_sources.py --data ../shared/data/caltech101 --work /tmp/bench-data --rounds 3
+    python scripts/bench_data_sources.py --data ../shared/data/caltech101 --work /tmp/bench-data --rounds 3 \
+        --out docs/benchmarks/data_sources.json
+    python scripts/bench_data_sources.py --render docs/benchmarks/data_sources.json   # the table of docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -53,9 +56,30 @@ def prepare(data: str, work: Path) -> dict[str, list[str]]:
     }
 
 
+def render(path: Path) -> str:
+    """The Markdown table of a result file: per source and worker count, median and range over the rounds."""
+    res = json.loads(path.read_text())
+    lines = [
+        f"{res['date']}, {res['machine']}; {res['images']} images; `mimkit bench-data` options: {res['options']}",
+        "",
+        "| source | workers | img/s median | range | per worker | rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in res["rows"]:
+        vals, w = row["images_per_s"], row["workers"]
+        med = statistics.median(vals)
+        lines.append(
+            f"| {row['source']} | {w} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / max(1, w):.0f} | "
+            f"{len(vals)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--render", type=Path, help="print a result file as Markdown and stop")
+    ap.add_argument("--out", type=Path, help="write the results here (JSON)")
+    ap.add_argument("--data")
     ap.add_argument("--work", default="/tmp/mimkit-bench-data")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--img-size", type=int, default=128)
@@ -63,6 +87,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
+    if not args.data:
+        ap.error("--data is required to measure")
     sources = prepare(args.data, Path(args.work))
     results: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
@@ -77,11 +106,23 @@ def main() -> None:
             for row in json.loads(out)["loader"]:
                 results.setdefault((name, row["workers"]), []).append(row["images_per_s"])
             print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
-    print("| source | workers | img/s median | range | per worker | rounds |")
-    print("|---|---|---|---|---|---|")
-    for (name, w), vals in results.items():
-        med = statistics.median(vals)
-        print(f"| {name} | {w} | {med:.0f} | {min(vals):.0f}-{max(vals):.0f} | {med / max(1, w):.0f} | {len(vals)} |")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_table import machine
+
+    from mimkit.data import find_images
+
+    options = (f"--img-size {args.img_size} --batch-size {args.batch_size} --batches {args.batches} "
+               f"--workers {' '.join(map(str, args.workers))}, {args.rounds} alternating rounds")  # fmt: skip
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "images": len(find_images(args.data)),
+        "options": options,
+        "rows": [{"source": n, "workers": w, "images_per_s": v} for (n, w), v in results.items()],
+    }
+    out = args.out or Path(args.work) / "data_sources.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(render(out))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 """Build docs/results.md's numbers: equal-wall-clock pretraining on Caltech-101 at 64 px, then linear probe and
 fine-tuning of each encoder and of random-init baselines. CPU-sized; run from the repo root:
 
-    .venv/bin/python scripts/caltech_results.py --data ../shared/data/caltech101 --minutes 3 --out runs/results
+    .venv/bin/python scripts/caltech_results.py --data ../shared/data/caltech101 --minutes 3 --out runs/results \
+        --json docs/results/caltech101.json
+
+The result file (``--json``) keeps, per row, the numbers of the table and the pretraining loss curve (at most 120
+points), with the date, machine and command; ``scripts/results_page.py`` makes docs/results.md's table and figures
+from it alone.
 
 Equal wall-clock, robustly: every method's training throughput is probed first, back to back (run the probes on an
 otherwise idle machine), and each method then trains for the number of epochs that fills the budget at its probed
@@ -16,7 +21,9 @@ blr 2e-3); it is a comparison at a tiny budget, not the papers' 100-epoch protoc
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -86,10 +93,22 @@ def pretrain_run(preset: str, args: dict, data: str, img_size: int, epochs: int,
     )
 
 
+def loss_curve(metrics: Path, points: int = 120) -> list[list[float]]:
+    """[[minutes since the first logged step, loss], ...] from a run's metrics.jsonl, thinned to ``points``."""
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    recs = [x for x in recs if "loss" in x and "time" in x]
+    t0 = recs[0]["time"]
+    keep = recs[:: max(1, len(recs) // points)]
+    if keep[-1] is not recs[-1]:
+        keep.append(recs[-1])
+    return [[round((x["time"] - t0) / 60, 4), round(x["loss"], 5)] for x in keep]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--out", default="runs/results")
+    ap.add_argument("--out", default="runs/results", help="run folders")
+    ap.add_argument("--json", default="docs/results/caltech101.json", help="the result file")
     ap.add_argument("--minutes", type=float, default=3.0, help="pretraining wall-clock budget per method")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--ft-epochs", type=int, default=3)
@@ -101,8 +120,19 @@ def main():
     todo = MODELS + [(label, None, base, {}) for label, base in BASELINES]
     if args.only:
         todo = [t for t in todo if t[0] in args.only or (t[1] or "") in args.only]
-    results = out / "results.json"
-    rows = json.loads(results.read_text()) if results.exists() else []
+    results = Path(args.json)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(results.read_text())["rows"] if results.exists() else []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_table import machine
+
+    head = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "command": "scripts/caltech_results.py " + " ".join(sys.argv[1:]),
+        "minutes": args.minutes,
+        "img_size": args.img_size,
+    }
     plan = plan_epochs([(p, p, a) for _, p, _, a in todo if p], args.data, args.img_size, args.minutes)
     for label, preset, blr, model_args in todo:
         row = {"label": label, "preset": preset}
@@ -111,6 +141,7 @@ def main():
             row.update(
                 pretrain_run(preset, model_args, args.data, args.img_size, epochs, blr, out / preset),
                 probe_images_per_s=ips,
+                loss_curve=loss_curve(out / preset / "metrics.jsonl"),
             )
             model, saved = load_pretrained(out / preset)
             source = dict(pretrained=str(out / preset))
@@ -145,7 +176,7 @@ def main():
         )
         row.update(finetune_top1=ft["val_top1"], finetune_best=ft["best_val_top1"], finetune_s=ft["wall_time_s"])
         rows = [r for r in rows if r["label"] != label] + [row]
-        results.write_text(json.dumps(rows, indent=2))
+        results.write_text(json.dumps({**head, "rows": rows}, indent=1) + "\n")
         print(json.dumps(row), flush=True)
 
 

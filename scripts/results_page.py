@@ -1,6 +1,8 @@
-"""Write docs/results.md and its two PNGs (accuracy bars, pretraining loss curves) from caltech_results.py's output.
+"""docs/results.md's table and its two PNGs (accuracy bars, pretraining loss curves) from the result file that
+scripts/caltech_results.py writes, and nothing else:
 
-.venv/bin/python scripts/results_page.py --runs runs/results --docs docs
+    .venv/bin/python scripts/results_page.py docs/results/caltech101.json              # the table (a generated block)
+    .venv/bin/python scripts/results_page.py docs/results/caltech101.json --figures docs   # the two PNGs
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def bars(rows, path: Path):
     im.save(path)
 
 
-def curves(runs: Path, rows, path: Path):
+def curves(rows, path: Path):
     w, h, left, bottom, top = 860, 380, 50, 40, 30
     im = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(im)
@@ -59,11 +61,8 @@ def curves(runs: Path, rows, path: Path):
     for r in rows:
         if not r.get("preset"):
             continue
-        recs = [json.loads(x) for x in (runs / r["preset"] / "metrics.jsonl").read_text().splitlines()]
-        recs = [x for x in recs if "loss" in x]
-        t0 = recs[0]["time"]
-        first = recs[0]["loss"]
-        series.append((r["label"], [((x["time"] - t0) / 60, x["loss"] / first) for x in recs]))
+        first = r["loss_curve"][0][1]
+        series.append((r["label"], [(t, loss / first) for t, loss in r["loss_curve"]]))
     tmax = max(p[-1][0] for _, p in series)
     d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
     for k, (label, pts) in enumerate(series):
@@ -75,16 +74,17 @@ def curves(runs: Path, rows, path: Path):
     im.save(path)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default="runs/results")
-    ap.add_argument("--docs", default="docs")
-    args = ap.parse_args()
-    runs, docs = Path(args.runs), Path(args.docs)
-    rows = json.loads((runs / "results.json").read_text())
-    bars(rows, docs / "results_accuracy.png")
-    curves(runs, rows, docs / "results_loss.png")
+def table(res: dict) -> str:
+    """The Markdown table of the result file, with its date, machine and command."""
+    rows = res["rows"]
     lines = [
+        f"{res['date']}, {res['machine']}; {res['minutes']:g} minutes of pretraining per method at "
+        f"{res['img_size']} px, seed 0, one run per row:",
+        "",
+        "```bash",
+        f".venv/bin/python {res['command']}",
+        "```",
+        "",
         "| encoder | probed img/s | epochs (steps) | pretraining | final loss | linear probe top-1 | "
         "fine-tune top-1 (best epoch) | fine-tuning |",
         "|---|---|---|---|---|---|---|---|",
@@ -98,7 +98,20 @@ def main():
             f"| {r['label']} | {ips} | {ep} | {pre} | {loss} | {r['linprobe_top1']:.2f} % | "
             f"{r['finetune_top1']:.2f} % ({r['finetune_best']:.2f} %) | {r['finetune_s'] / 60:.1f} min |"
         )
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file", type=Path, help="the result file of scripts/caltech_results.py")
+    ap.add_argument("--figures", type=Path, help="write results_accuracy.png and results_loss.png into this folder")
+    args = ap.parse_args()
+    res = json.loads(args.file.read_text())
+    if args.figures:
+        bars(res["rows"], args.figures / "results_accuracy.png")
+        curves(res["rows"], args.figures / "results_loss.png")
+    else:
+        print(table(res))
 
 
 if __name__ == "__main__":
