@@ -82,6 +82,18 @@ def test_write_refuses_a_folder_that_does_not_read_back_equal(tmp_path, monkeypa
     assert "non-finite values in model/w" in sharded.write(tmp_path / "nan", state, {"step": 1})
 
 
+def test_an_unexpected_error_while_writing_is_a_problem_string_not_a_traceback(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    def failing_save(sd, **kw):
+        raise RuntimeError("planner exploded\nsecond line")
+
+    monkeypatch.setattr(dcp, "save", failing_save)
+    state = {"model": {"w": torch.arange(6.0)}, "optimizer": {"state": {}, "param_groups": []}}
+    problem = sharded.write(tmp_path / "x", state, {"step": 1})
+    assert problem == "could not be written (RuntimeError: planner exploded)"
+
+
 def test_a_folder_without_its_train_state_is_not_a_checkpoint(tmp_path):
     state = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {}, "param_groups": []}}
     assert sharded.write(tmp_path / "checkpoint-000000001.dcp", state, None) is None

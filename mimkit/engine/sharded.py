@@ -108,6 +108,8 @@ def write(tmp: Path, state: dict, train_state: dict | None) -> str | None:
             atomic_save(train_state, tmp / STATE_FILE)
     except (OSError, CheckpointException) as err:
         problem = f"could not be written ({_reason(err)})"
+    except Exception as err:  # anything else: the same message on every rank, not a traceback on one and a hang
+        problem = f"could not be written ({type(err).__name__}: {_reason(err)})"
     if not _all_agree(problem is None):
         return problem or "another rank could not write its shards"
     fresh = _empty_like(state)
