@@ -14,7 +14,10 @@ SBS_ROWS := ref_umae_swin_t,mk_umae_swin_t,ref_simmim_swin_t,mk_simmim_swin_t,re
 BENCH_CPU := --steps 4 --warmup 1 --rounds 3 --precision fp32
 SBSC_ROWS := ref_umae_swin_t,mkc_umae_swin_t,ref_umae_pvt_s,mkc_umae_pvt_s,hf_mae_vit_b,mkc_mae_vit_b
 
-.PHONY: install demo test test-fast lint clean docs bench
+CALTECH ?= $(SHARED)/data/caltech101
+BENCH_WORK ?= /tmp/mimkit-bench-data
+
+.PHONY: install demo test test-fast lint clean docs bench results
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +43,8 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) scripts/render_docs.py
 
-# Measures (about 70 minutes on 2 CPU cores, keep the machine otherwise idle), writes the result files under
-# docs/benchmarks/, then renders docs/.
+# Speed and memory (about 2 hours on 2 CPU cores, keep the machine otherwise idle): writes the result files under
+# docs/benchmarks/, then renders docs/. `make results` does the same for the measurements on Caltech-101.
 bench: $(STAMP)
 	@test -n "$(REF)" || { echo "make bench: give REF=folder of the released UM-MAE code (see $(SHARED)/tools/side_by_side.py)"; exit 2; }
 	mkdir -p docs/benchmarks
@@ -50,6 +53,23 @@ bench: $(STAMP)
 	$(PY) scripts/bench_table.py record docs/benchmarks/lomar_vs_mae.json -- --models mae_vit_base_patch16 lomar_vit_base_patch16 --img-size 224 384 448 --batch-size 4 $(BENCH_CPU)
 	$(PY) scripts/bench_table.py record docs/benchmarks/mixmae_vs_simmim.json -- --models simmim_mixswin_base_224 mixmae_swin_base_224 mixmae_swin_base_224:pairing=once --batch-size 8 $(BENCH_CPU)
 	$(PY) scripts/bench_table.py record docs/benchmarks/coma_vs_mae.json -- --models mae_vit_base_patch16 coma_dyvit_base_224:mode=pair coma_dyvit_base_224:mode=cycle coma_dyvit_base_224:mode=cycle,teacher=ema coma_dyvit_tiny_224:mode=cycle coma_vit_base_patch16:mode=cycle --batch-size 8 $(BENCH_CPU)
+	$(PY) scripts/bench_table.py record docs/benchmarks/umae_vs_simmim_swin_b32.json -- --models simmim_swin_tiny_256 umae_swin_tiny_256 --batch-size 32 --steps 2 --warmup 1 --rounds 3 --precision fp32
+	$(PY) scripts/bench_table.py record docs/benchmarks/umae_vs_simmim_pvt_b32.json -- --models simmim_pvt_small_256 umae_pvt_small_256 --batch-size 32 --steps 2 --warmup 1 --rounds 3 --precision fp32
+	$(PY) scripts/bench_table.py record docs/benchmarks/ckpt_vit_large.json -- --models mae_vit_large_patch16 mae_vit_large_patch16:grad_checkpointing=true --batch-size 32 --steps 1 --warmup 0 --rounds 3 --precision fp32
+	$(PY) scripts/bench_table.py record docs/benchmarks/ckpt_swin_large.json -- --models umae_swin_large_256 umae_swin_large_256:grad_checkpointing=true --batch-size 16 --steps 1 --warmup 0 --rounds 3 --precision fp32
+	$(PY) scripts/fsdp_build_memory.py --model mae_vit_large_patch16 --rounds 3 --out docs/benchmarks/fsdp_build_memory.json
+	$(PY) scripts/fsdp_build_memory.py --model mae_vit_large_patch16 --ranks 4 --rounds 3 --out docs/benchmarks/fsdp_build_memory_4.json
+	$(PY) scripts/time_demo.py --rounds 2 --out docs/benchmarks/demo_time.json
+	$(MAKE) docs
+
+# Measurements on Caltech-101 (about 90 minutes on 2 CPU cores): loaders, docs/results.md and its figures.
+results: $(STAMP)
+	@test -d "$(CALTECH)/train" || { echo "make results: no $(CALTECH)/train; give CALTECH=folder with train/ and val/"; exit 2; }
+	$(PY) scripts/bench_data_sources.py --data $(CALTECH)/train --work $(BENCH_WORK) --rounds 3 --out docs/benchmarks/data_sources.json
+	$(PY) scripts/bench_data_sources.py --data $(CALTECH)/train --work $(BENCH_WORK) --rounds 3 --img-size 224 --workers 1 2 --sources "tar shards" --out docs/benchmarks/data_sources_224.json
+	$(PY) scripts/loader_vs_model.py --data $(BENCH_WORK)/shards --rounds 3 --out docs/benchmarks/loader_vs_model.json
+	$(PY) scripts/caltech_results.py --data $(CALTECH) --minutes 3 --out runs/results --json docs/results/caltech101.json
+	$(PY) scripts/results_page.py docs/results/caltech101.json --figures docs
 	$(MAKE) docs
 
 test-fast: $(STAMP)

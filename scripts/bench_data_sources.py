@@ -12,7 +12,6 @@ rounds, and prints per source and worker count the median and range of images/s 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -86,6 +85,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sources", nargs="+", help="only these (folder, 'file list', 'tar shards', parquet, ...)")
     args = ap.parse_args()
     if args.render:
         print(render(args.render))
@@ -93,6 +93,11 @@ def main() -> None:
     if not args.data:
         ap.error("--data is required to measure")
     sources = prepare(args.data, Path(args.work))
+    if args.sources:
+        unknown = set(args.sources) - set(sources)
+        if unknown:
+            ap.error(f"--sources: unknown {sorted(unknown)}; known: {sorted(sources)}")
+        sources = {k: v for k, v in sources.items() if k in args.sources}
     results: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         order = list(sources.items())
@@ -107,21 +112,19 @@ def main() -> None:
                 results.setdefault((name, row["workers"]), []).append(row["images_per_s"])
             print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_table import machine
+    from bench_table import write_result
 
     from mimkit.data import find_images
 
     options = (f"--img-size {args.img_size} --batch-size {args.batch_size} --batches {args.batches} "
                f"--workers {' '.join(map(str, args.workers))}, {args.rounds} alternating rounds")  # fmt: skip
     res = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
         "images": len(find_images(args.data)),
         "options": options,
         "rows": [{"source": n, "workers": w, "images_per_s": v} for (n, w), v in results.items()],
     }
     out = args.out or Path(args.work) / "data_sources.json"
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_result(out, res)
     print(render(out))
 
 

@@ -40,6 +40,24 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}, {gpu}; torch {torch.__version__}"
 
 
+def add_result_args(ap: argparse.ArgumentParser, rounds: int = 3) -> None:
+    """The options every measuring script of docs/benchmarks.md shares: --rounds, --out, --render."""
+    ap.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
+    ap.add_argument("--out", type=Path, help="write the result file here (JSON)")
+    ap.add_argument("--render", type=Path, help="print a result file as Markdown and stop")
+
+
+def write_result(out: Path | None, result: dict) -> str:
+    """``result`` stamped with today's date and this machine, as JSON text; written to ``out`` when given (the
+    result files of docs/benchmarks/ and docs/results/ all start this way)."""
+    stamped = {"date": datetime.date.today().isoformat(), "machine": machine(), **result}
+    text = json.dumps(stamped, indent=1) + "\n"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
 def record(out: Path, bench_args: list[str]) -> None:
     """Run the benchmark and write the result file."""
     entry = "import sys; from mimkit.cli import main; sys.exit(main())"
@@ -49,14 +67,7 @@ def record(out: Path, bench_args: list[str]) -> None:
         sys.stderr.write(done.stderr)
         raise SystemExit(done.returncode)
     rows = json.loads(done.stdout[done.stdout.index("[") :])
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "command": "mimkit bench " + shlex.join(bench_args),
-        "rows": rows,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(out, {"command": "mimkit bench " + shlex.join(bench_args), "rows": rows})
 
 
 def _ratio(row: dict, key: str) -> str:

@@ -21,7 +21,6 @@ blr 2e-3); it is a comparison at a tiny budget, not the papers' 100-epoch protoc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -121,14 +120,11 @@ def main():
     if args.only:
         todo = [t for t in todo if t[0] in args.only or (t[1] or "") in args.only]
     results = Path(args.json)
-    results.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(results.read_text())["rows"] if results.exists() else []
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_table import machine
+    from bench_table import write_result
 
     head = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
         "command": "scripts/caltech_results.py " + " ".join(sys.argv[1:]),
         "minutes": args.minutes,
         "img_size": args.img_size,
@@ -176,7 +172,7 @@ def main():
         )
         row.update(finetune_top1=ft["val_top1"], finetune_best=ft["best_val_top1"], finetune_s=ft["wall_time_s"])
         rows = [r for r in rows if r["label"] != label] + [row]
-        results.write_text(json.dumps({**head, "rows": rows}, indent=1) + "\n")
+        write_result(results, {**head, "rows": rows})
         print(json.dumps(row), flush=True)
 
 

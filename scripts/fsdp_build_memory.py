@@ -12,7 +12,6 @@ the build (``ru_maxrss`` minus the RSS before it), in MB, with the parameter cou
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -20,6 +19,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_table import add_result_args, write_result  # noqa: E402
 
 WAYS = ("full on every rank", "meta twin, rank 0 builds")
 
@@ -110,9 +112,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mae_vit_large_patch16")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--render", type=Path, help="print a result file as Markdown")
+    add_result_args(ap)
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -121,18 +121,10 @@ def main(argv=None) -> int:
     if a.render:
         print(render(a.render))
         return 0
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_table import machine
-
     res = measure(a.model, a.ranks, a.rounds)
     args = f"--model {a.model} --ranks {a.ranks} --rounds {a.rounds}"
-    res.update(date=datetime.date.today().isoformat(), machine=machine(), model=a.model,
-               command=f".venv/bin/python scripts/fsdp_build_memory.py {args} --out {a.out}")  # fmt: skip
-    text = json.dumps(res, indent=1) + "\n"
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
-    print(text)
+    command = f".venv/bin/python scripts/fsdp_build_memory.py {args} --out {a.out}"
+    print(write_result(a.out, {**res, "model": a.model, "command": command}))
     return 0
 
 

@@ -11,7 +11,6 @@ Each round clones the committed HEAD of this repository into a temporary folder 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_table import add_result_args, write_result  # noqa: E402
 
 
 def one_round() -> dict:
@@ -82,30 +83,18 @@ def render(path: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--render", type=Path, help="print a result file as Markdown")
+    add_result_args(ap)
     a = ap.parse_args(argv)
     if a.render:
         print(render(a.render))
         return 0
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_table import machine
 
     runs = []
     for r in range(a.rounds):
         runs.append(one_round())
         print(f"round {r + 1}: {runs[-1]}", file=sys.stderr, flush=True)
-    res = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "command": f".venv/bin/python scripts/time_demo.py --rounds {a.rounds} --out {a.out}",
-        "rounds": runs,
-    }
-    text = json.dumps(res, indent=1) + "\n"
-    if a.out:
-        a.out.write_text(text)
-    print(text)
+    command = f".venv/bin/python scripts/time_demo.py --rounds {a.rounds} --out {a.out}"
+    print(write_result(a.out, {"command": command, "rounds": runs}))
     return 0
 
 
