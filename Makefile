@@ -43,7 +43,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) scripts/render_docs.py
 
-# Speed and memory (about 2 hours on 2 CPU cores, keep the machine otherwise idle): writes the result files under
+# Speed and memory (about 3 hours on 2 CPU cores, keep the machine otherwise idle): writes the result files under
 # docs/benchmarks/, then renders docs/. `make results` does the same for the measurements on Caltech-101.
 bench: $(STAMP)
 	@test -n "$(REF)" || { echo "make bench: give REF=folder of the released UM-MAE code (see $(SHARED)/tools/side_by_side.py)"; exit 2; }
@@ -63,7 +63,7 @@ bench: $(STAMP)
 	$(PY) scripts/path_memory.py --paths 1000000 --workers 2 --rounds 3 --out docs/benchmarks/path_memory.json
 	$(MAKE) docs
 
-# Measurements on Caltech-101 (about 90 minutes on 2 CPU cores): loaders, docs/results.md and its figures.
+# Measurements on Caltech-101 (1.5-2 hours on 2 CPU cores): loaders, docs/results.md and its figures.
 results: $(STAMP)
 	@test -d "$(CALTECH)/train" || { echo "make results: no $(CALTECH)/train; give CALTECH=folder with train/ and val/"; exit 2; }
 	$(PY) scripts/bench_data_sources.py --data $(CALTECH)/train --work $(BENCH_WORK) --rounds 3 --out docs/benchmarks/data_sources.json
