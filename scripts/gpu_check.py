@@ -211,11 +211,12 @@ def render(path: Path) -> str:
     out = [
         f"{env.get('device', 'CPU')}, torch {env['torch']}, timm {env['timm']}, Python {env['python']}; "
         f"bf16 matrix product measured at {env.get('bf16_matmul_tflops', '-')} TFLOP/s (8192^3, mean of 10).",
-        "",
     ]
     smoke = [r for r in rows if r["phase"] == "smoke" and "model" in r]
     ok = [r["model"] for r in smoke if r.get("ok")]
-    out.append(f"**Checks.** Training step on the GPU in bf16 (finite loss): {len(ok)} of {len(smoke)} models.")
+    if smoke:
+        out.append("")
+        out.append(f"**Checks.** Training step on the GPU in bf16 (finite loss): {len(ok)} of {len(smoke)} models.")
     out += [f"- FAILED {r['model']}: {r.get('error', r.get('loss'))}" for r in smoke if not r.get("ok")]
     for r in (r for r in rows if r["phase"] == "cli" and "step" in r):
         out.append(f"- `{r['step']}`: {'ok' if r['rc'] == 0 else 'FAILED, exit ' + str(r['rc'])} ({r['s']:.0f} s)")

@@ -1,9 +1,12 @@
 """torch.profiler table of mimkit training steps (the operators that take the time), for docs/benchmarks.md.
 
     .venv/bin/python scripts/profile_step.py umae_swin_tiny_256 --img-size 256 --batch-size 8 [--rows 15]
+    python scripts/profile_step.py umae_swin_tiny_256 --batch-size 64 --device cuda     # bf16 autocast on a GPU
 
 Two warm-up steps, then two profiled steps of zero_grad + forward + backward + the fused AdamW update, on random
-images; operators sorted by their own CPU time, with the share of GEMMs (mm, bmm, addmm) printed at the end.
+images; operators sorted by their own CPU time, with the share of GEMMs (mm, bmm, addmm) printed at the end. On CUDA
+(bf16 autocast) a second table sorts by GPU time, and the wall time per step is set against the GPU's busy time
+(a step much longer than its kernels is bound by the host: launches, synchronisations, Python).
 """
 
 from __future__ import annotations
@@ -23,26 +26,49 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    net = create_method(a.model, **({"img_size": a.img_size} if a.img_size else {})).train()
-    opt = build_optimizer(net.param_groups(0.05), 1e-4, net.betas, torch.device("cpu"))
+    dev = torch.device(a.device)
+    net = create_method(a.model, **({"img_size": a.img_size} if a.img_size else {})).train().to(dev)
+    opt = build_optimizer(net.param_groups(0.05), 1e-4, net.betas, dev)
     side = net.img_size if isinstance(net.img_size, int) else net.img_size[0]
-    batch = {"image": torch.randn(a.batch_size, net.in_chans, side, side)}
+    batch = {"image": torch.randn(a.batch_size, net.in_chans, side, side, device=dev)}
+    cuda = dev.type == "cuda"
 
     def step():
         opt.zero_grad(set_to_none=True)
-        net(batch)[0].backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = net(batch)[0]
+        loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
+    import time
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(3):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        print(f"wall time per step (5 steps, synchronised at the ends): {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         for _ in range(2):
             step()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.key_averages()
+    if cuda:
+        print(events.table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=48))
+        from torch.autograd import DeviceType
+
+        busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)  # the kernels alone
+        print(f"GPU busy (sum of kernel times): {busy / 2e3:.1f} ms per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=48))
     total = sum(e.self_cpu_time_total for e in events)
     gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mimkit  # noqa: F401
 from mimkit.methods import create_method, list_methods
-from mimkit.models.layers import window_attention
+from mimkit.models.layers import bias_rows, window_attention
 
 
 def explicit_attention(q, k, v, bias):
@@ -37,6 +37,23 @@ def test_window_attention_equals_an_explicit_softmax_in_values_and_gradients(bia
     g_want = torch.autograd.grad(want, (q, k, v, bias), grad)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index_shape", [(7, 7), (3, 4, 7, 7)], ids=["shared", "per-image"])
+def test_bias_rows_by_embedding_equals_indexing_in_values_and_gradients(index_shape):
+    """The CUDA path (F.embedding, fast backward) and the CPU path (indexing) give the same bias and table
+    gradient, duplicates included."""
+    torch.manual_seed(0)
+    table = torch.randn(13, 3, requires_grad=True)
+    index = torch.randint(0, 13, index_shape)
+    grad = torch.randn(*index_shape, 3)
+    by_embedding, by_index = bias_rows(table, index, embedding=True), bias_rows(table, index, embedding=False)
+    assert by_embedding.shape == (*index_shape, 3)
+    torch.testing.assert_close(by_embedding, table[index])
+    torch.testing.assert_close(by_embedding, by_index)
+    g_emb, g_idx = (torch.autograd.grad(b, table, grad)[0] for b in (by_embedding, by_index))
+    torch.testing.assert_close(g_emb, g_idx)
+    assert g_emb.abs().sum() > 0
 
 
 def test_window_attention_calls_sdpa_in_four_dimensions(monkeypatch):

@@ -32,6 +32,7 @@ from mimkit.models._size import require_square
 from mimkit.models.layers import (
     PatchMerging,
     PreNormBlock,
+    bias_rows,
     drop_path_rates,
     relative_index,
     window_partition,
@@ -76,7 +77,7 @@ class DMMSA(nn.Module):
             w = min(win, t)
             part = window_partition(qkv[:, :, :, :, i].reshape(b, t, t, 3 * hg * hd), w, w)  # (B', nW, T, 3*hg*hd)
             q, k, v = part.view(b, -1, w * w, 3, hg, hd).permute(3, 0, 1, 4, 2, 5)
-            bias = table[relative_index(w, w, win, x.device)].permute(2, 0, 1).to(q.dtype)  # (hg, T, T)
+            bias = bias_rows(table, relative_index(w, w, win, x.device)).permute(2, 0, 1).to(q.dtype)  # (hg, T, T)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B', nW, hg, T, hd)
             outs.append(window_reverse(o.transpose(2, 3).reshape(b, -1, w * w, hg * hd), w, w, t, t))
         y = torch.cat(outs, dim=-1)

@@ -22,6 +22,7 @@ from mimkit.models._size import require_square
 from mimkit.models.layers import (
     PatchMerging,
     PreNormBlock,
+    bias_rows,
     drop_path_rates,
     relative_index,
     window_attention,
@@ -53,7 +54,7 @@ class MaskedWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
         b, nw, t, c = x.shape
         q, k, v = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
-        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # (heads, T, T)
+        bias = bias_rows(self.relative_position_bias_table, index).permute(2, 0, 1)  # (heads, T, T)
         if group_mask is not None:
             bias = bias + group_mask  # (B', nW, heads, T, T)
         out = window_attention(q, k, v, bias)

@@ -24,6 +24,7 @@ from mimkit.models.layers import (
     PatchMerge,
     PositionBiasMLP,
     PreNormBlock,
+    bias_rows,
     drop_path_rates,
     window_attention,
     window_partition,
@@ -86,7 +87,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, layout: WindowLayout, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, nw, t, c = x.shape
         q, k, v = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
-        bias = self.pos_mlp.table(layout.radius, x.device)[layout.index]  # (b', nW, T, T, heads)
+        bias = bias_rows(self.pos_mlp.table(layout.radius, x.device), layout.index)  # (b', nW, T, T, heads)
         bias = bias.permute(0, 1, 4, 2, 3)
         if layout.mask is not None:
             bias = bias + layout.mask

@@ -3,11 +3,12 @@ pre-norm transformer block. One implementation of each; a backbone file holds on
 
 from mimkit.models.layers.block import PreNormBlock, drop_path_rates
 from mimkit.models.layers.merge import PatchMerge, PatchMerging
-from mimkit.models.layers.position import COORD_UNITS, PositionBiasMLP, log_spaced, relative_index
+from mimkit.models.layers.position import COORD_UNITS, PositionBiasMLP, bias_rows, log_spaced, relative_index
 from mimkit.models.layers.windows import window_attention, window_partition, window_reverse
 
 __all__ = [
     "COORD_UNITS",
+    "bias_rows",
     "drop_path_rates",
     "PatchMerge",
     "PatchMerging",

@@ -12,6 +12,22 @@ from torch import nn
 COORD_UNITS = 2  # continuous-bias coordinates are multiples of 1/2 token of the current stage
 
 
+def bias_rows(table: torch.Tensor, index: torch.Tensor, embedding: bool | None = None) -> torch.Tensor:
+    """``table[index]`` (rows of a (rows, heads) bias table, shape index.shape + (heads,)); on CUDA through
+    ``F.embedding``.
+
+    The values are the same; the backward is not. Advanced indexing's backward is an accumulating ``index_put``
+    whose CUDA kernel sorts the indices and then adds the duplicates of each row one after another; a bias index holds
+    a few hundred distinct rows repeated millions of times (batch x windows x T x T), so on an H200 that one kernel
+    took 64 % of UM-MAE Swin-T's step (42 of 65 ms at batch 64, bf16; docs/benchmarks.md, "On a GPU").
+    ``embedding``'s backward sums the duplicates of a row in parallel segments. On the CPU it is the other way round
+    (embedding's backward 2x slower on 2 cores, ``scripts/gather_backward.py``), so the CPU keeps the indexing.
+    ``embedding`` forces one way (None: embedding on CUDA)."""
+    if embedding is None:
+        embedding = table.is_cuda
+    return F.embedding(index, table) if embedding else table[index]
+
+
 @functools.lru_cache(maxsize=64)
 def relative_index(wh: int, ww: int, table_window: int, device=None) -> torch.Tensor:
     """(T, T) indices into a ((2W-1)^2)-row bias table for a wh x ww window (wh, ww <= W). Cached per shape and
