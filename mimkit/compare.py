@@ -136,13 +136,26 @@ def run_comparison(
     return result
 
 
+# The final loss of a run: the mean of its last few logged losses (compare logs every 10 steps), which smooths the
+# noise of single batches.
+FINAL_LOSS_POINTS = 5
+
+
+def tail_loss(run: dict) -> float:
+    """Mean of the last FINAL_LOSS_POINTS logged losses of a run (its last loss when it has no curve)."""
+    tail = [loss for _, loss in run.get("loss_curve", [])[-FINAL_LOSS_POINTS:]]
+    return statistics.fmean(tail) if tail else run["final_loss"]
+
+
 def summarize(runs: list[dict], specs: list[str]) -> list[dict]:
-    """Per spec: kNN top-1 mean and spread over seeds, of the pretrained and of the random-init encoder."""
+    """Per spec: kNN top-1 mean and spread over seeds, of the pretrained and of the random-init encoder; the final
+    training loss (``tail_loss``) mean and spread."""
     rows = []
     for spec in specs:
         mine = [r for r in runs if r["spec"] == spec]
         top1 = [r["knn_top1"] for r in mine]
         base = [r["knn_top1_random_init"] for r in mine]
+        tails = [tail_loss(r) for r in mine]
         rows.append(
             {
                 "spec": spec,
@@ -153,29 +166,34 @@ def summarize(runs: list[dict], specs: list[str]) -> list[dict]:
                 "random_init_mean": statistics.fmean(base),
                 "steps_mean": statistics.fmean(r["steps"] for r in mine),
                 "final_loss_mean": statistics.fmean(r["final_loss"] for r in mine),
+                "tail_loss_mean": statistics.fmean(tails),
+                "tail_loss_sd": statistics.stdev(tails) if len(tails) > 1 else 0.0,
             }
         )
     return rows
 
 
 def markdown_table(result: dict) -> str:
-    """The comparison as a Markdown table (mean, spread, gain over random init)."""
+    """The comparison as a Markdown table (mean, spread, gain over random init, final loss), summarised again from
+    the runs (so a result file written before a column existed gets it too)."""
     budget = f"{result['epochs']} epochs" + (f", cut at {result['minutes']} min" if result["minutes"] else "")
+    summary = summarize(result["runs"], [r["spec"] for r in result["summary"]])
     lines = [
-        f"Data {result['data']}, kNN on {result['eval_data']}; budget {budget}; seeds {result['seeds']}.",
+        f"Data {result['data']}, kNN on {result['eval_data']}; budget {budget}; seeds {result['seeds']}; final loss ="
+        f" mean of each run's last {FINAL_LOSS_POINTS} logged losses.",
         "",
-        "| model | seeds | steps | kNN top-1 mean | sd | range | random init | gain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | seeds | steps | kNN top-1 mean | sd | range | random init | gain | final loss (sd) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["summary"]:
+    for r in summary:
         lo, hi = r["knn_top1_range"]
         lines.append(
             f"| {r['spec']} | {r['seeds']} | {r['steps_mean']:.0f} | {r['knn_top1_mean']:.2f} | "
             f"{r['knn_top1_sd']:.2f} | {lo:.2f}-{hi:.2f} | {r['random_init_mean']:.2f} | "
-            f"{r['knn_top1_mean'] - r['random_init_mean']:+.2f} |"
+            f"{r['knn_top1_mean'] - r['random_init_mean']:+.2f} | {r['tail_loss_mean']:.4f} ({r['tail_loss_sd']:.4f}) |"
         )
-    means = sorted(r["knn_top1_mean"] for r in result["summary"])
-    spread = max((r["knn_top1_sd"] for r in result["summary"]), default=0.0)
+    means = sorted(r["knn_top1_mean"] for r in summary)
+    spread = max((r["knn_top1_sd"] for r in summary), default=0.0)
     if len(means) > 1:
         gap = means[-1] - means[-2]
         verdict = "larger" if gap > 2 * spread else "not larger"

@@ -1,7 +1,9 @@
 """`mimkit compare`: equal-budget runs over seeds, kNN against random init, and the three reports."""
 
 import json
+import statistics
 
+import pytest
 import torch
 from PIL import Image
 
@@ -50,8 +52,11 @@ def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys, monkeypatch
     tops = [r["knn_top1"] for r in result["runs"] if r["spec"] == "mae_vit_pico_patch8"]
     assert row["seeds"] == 2 and row["knn_top1_range"] == [min(tops), max(tops)]
     assert abs(row["knn_top1_mean"] - sum(tops) / 2) < 1e-9
+    tails = [statistics.fmean(v for _, v in r["loss_curve"][-5:]) for r in result["runs"] if r["spec"] == row["spec"]]
+    assert row["tail_loss_mean"] == pytest.approx(statistics.fmean(tails)) and row["tail_loss_mean"] > 0
     table = (out / "compare.md").read_text()
     assert "| mae_vit_pico_patch8:mask_ratio=0.5 | 2 |" in table and table in capsys.readouterr().out
+    assert f"{row['tail_loss_mean']:.4f} ({row['tail_loss_sd']:.4f}) |" in table
     assert Image.open(out / "loss.png").size == (720, 420)
     assert decodes == [32]  # 8 kNN passes over the eval set, one decoding
     # a repeated command reuses the finished runs (each resumes its folder and has nothing left to do); with the eval
