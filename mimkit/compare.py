@@ -9,6 +9,7 @@ images are decoded once for all kNN passes when they fit in ``EVAL_CACHE_BYTES``
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -106,16 +107,20 @@ def run_comparison(
             torch.manual_seed(seed)
             base = random_init(name, img_size=size if isinstance(size, int) else None, seed=seed, **args)
             knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
+            curve = _loss_curve(run_dir)
+            final = summary["final_loss"]
+            if not math.isfinite(final) and curve:  # a finished run reused: no step this time, its log has the loss
+                final = curve[-1][1]
             runs.append(
                 {
                     "spec": spec,
                     "seed": seed,
                     "steps": summary["steps"],
-                    "final_loss": summary["final_loss"],
+                    "final_loss": final,
                     "pretrain_s": round(time.time() - start, 1),
                     "knn_top1": knn["top1"],
                     "knn_top1_random_init": knn0["top1"],
-                    "loss_curve": _loss_curve(run_dir),
+                    "loss_curve": curve,
                 }
             )
     result = {

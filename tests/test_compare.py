@@ -67,4 +67,5 @@ def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys, monkeypatch
                  "--num-workers", "0", "--output", str(out)]) == 0  # fmt: skip
     again = json.loads((out / "compare.json").read_text())["runs"][0]
     assert again["steps"] == 6 and again["knn_top1"] == result["runs"][0]["knn_top1"]
+    assert again["final_loss"] == result["runs"][0]["loss_curve"][-1][1]  # from its log, not NaN
     assert again["knn_top1_random_init"] == result["runs"][0]["knn_top1_random_init"] and decodes == [32]
