@@ -3,7 +3,7 @@
     .venv/bin/python scripts/profile_step.py umae_swin_tiny_256 --img-size 256 --batch-size 8 [--rows 15]
     python scripts/profile_step.py umae_swin_tiny_256 --batch-size 64 --device cuda     # bf16 autocast on a GPU
 
-Two warm-up steps, then two profiled steps of zero_grad + forward + backward + the fused AdamW update, on random
+Three warm-up steps, then two profiled steps of zero_grad + forward + backward + the fused AdamW update, on random
 images; operators sorted by their own CPU time, with the share of GEMMs (mm, bmm, addmm) printed at the end. On CUDA
 (bf16 autocast) a second table sorts by GPU time, and the wall time per step is set against the GPU's busy time
 (a step much longer than its kernels is bound by the host: launches, synchronisations, Python).

@@ -21,7 +21,7 @@ def bias_rows(table: torch.Tensor, index: torch.Tensor, embedding: bool | None =
     a few hundred distinct rows repeated millions of times (batch x windows x T x T), so on an H200 that one kernel
     took 64 % of UM-MAE Swin-T's step (42 of 65 ms at batch 64, bf16; docs/benchmarks.md, "On a GPU").
     ``embedding``'s backward sums the duplicates of a row in parallel segments. On the CPU it is the other way round
-    (embedding's backward 2x slower on 2 cores, ``scripts/gather_backward.py``), so the CPU keeps the indexing.
+    (embedding's backward 2-3x slower on 2 cores, ``scripts/gather_backward.py``), so the CPU keeps the indexing.
     ``embedding`` forces one way (None: embedding on CUDA)."""
     if embedding is None:
         embedding = table.is_cuda
