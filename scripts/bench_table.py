@@ -58,16 +58,23 @@ def write_result(out: Path | None, result: dict) -> str:
     return text
 
 
-def record(out: Path, bench_args: list[str]) -> None:
-    """Run the benchmark and write the result file."""
-    entry = "import sys; from mimkit.cli import main; sys.exit(main())"
-    argv = [sys.executable, "-c", entry, "bench", *bench_args, "--json"]
+# The mimkit command line of this checkout, in a fresh process (python -c ENTRY args...).
+ENTRY = "import sys; from mimkit.cli import main; sys.exit(main())"
+
+
+def run_bench(bench_args: list[str]) -> list[dict]:
+    """``mimkit bench ARGS --json`` in its own process: its result rows (its stderr and exit code on failure)."""
+    argv = [sys.executable, "-c", ENTRY, "bench", *bench_args, "--json"]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr)
         raise SystemExit(done.returncode)
-    rows = json.loads(done.stdout[done.stdout.index("[") :])
-    write_result(out, {"command": "mimkit bench " + shlex.join(bench_args), "rows": rows})
+    return json.loads(done.stdout[done.stdout.index("[") :])
+
+
+def record(out: Path, bench_args: list[str]) -> None:
+    """Run the benchmark and write the result file."""
+    write_result(out, {"command": "mimkit bench " + shlex.join(bench_args), "rows": run_bench(bench_args)})
 
 
 def _ratio(row: dict, key: str) -> str:

@@ -21,16 +21,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_table import add_result_args, write_result  # noqa: E402
-
-ENTRY = "import sys; from mimkit.cli import main; sys.exit(main())"
+from bench_table import ENTRY, add_result_args, run_bench, write_result  # noqa: E402
 
 
 def bench_rate(model: str, batch: int, img_size: int) -> float:
-    argv = [sys.executable, "-c", ENTRY, "bench", "--models", model, "--batch-size", str(batch), "--img-size",
-            str(img_size), "--precision", "fp32", "--steps", "15", "--warmup", "2", "--json"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("[") :])[0]["images_per_s"]
+    args = ["--models", model, "--batch-size", str(batch), "--img-size", str(img_size), "--precision", "fp32",
+            "--steps", "15", "--warmup", "2"]  # fmt: skip
+    return run_bench(args)[0]["images_per_s"]
 
 
 def pretrain_rate(data: str, model: str, batch: int, img_size: int, workers: int, steps: int) -> float:

@@ -56,19 +56,20 @@ LABELS = {
 }
 
 
+def make_names(n: int) -> list[str]:
+    """``n`` ImageNet-like file paths."""
+    return [f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i:07d}.JPEG" for i in range(n)]
+
+
 def one_round(n_paths: int, workers: int, order) -> dict[str, float]:
     """Each kind in ``order``: the largest growth of a worker's private memory over the pass, MB."""
-
-    def make_names():
-        return [f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i:07d}.JPEG" for i in range(n_paths)]
-
     results = {}
     for kind in order:
         gc.collect()
         if kind == "list of str":
-            paths = make_names()
+            paths = make_names(n_paths)
         elif kind == "PathArray":
-            paths = PathArray(make_names())  # the list is gone before the workers fork
+            paths = PathArray(make_names(n_paths))  # the list is gone before the workers fork
         else:
             paths = ["x"] * n_paths  # one shared string: the loader's own growth
         gc.collect()
@@ -115,7 +116,7 @@ def main():
         print(render(args.render))
         return
     rounds = [one_round(args.paths, args.workers, KINDS if r % 2 == 0 else KINDS[::-1]) for r in range(args.rounds)]
-    names = [f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i:07d}.JPEG" for i in range(1000)]
+    names = make_names(1000)
     command = (f".venv/bin/python scripts/path_memory.py --paths {args.paths} --workers {args.workers} "
                f"--rounds {args.rounds} --out {args.out}")  # fmt: skip
     result = {"paths": args.paths, "workers": args.workers, "mean_path_chars": sum(map(len, names)) / 1000,
