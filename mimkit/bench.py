@@ -11,24 +11,11 @@ import time
 import torch
 
 from mimkit.engine.guard import parameter_norm
+from mimkit.engine.host_memory import keep_freed_memory, release_freed_memory
 from mimkit.engine.optim import build_optimizer
 from mimkit.engine.trainer import autocast_context
 from mimkit.methods import create_method
 from mimkit.models._size import pair, size_text
-
-
-def _set_mmap_threshold(nbytes: int) -> None:
-    """glibc keeps freed heap pages, so RSS does not fall between models. With a small fixed mmap threshold every
-    tensor-sized block is an mmap that is unmapped on free (RSS then tracks live memory: used while measuring
-    memory); a large one keeps blocks in the reusable heap (used while timing, as in normal training)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _RssPeak:
@@ -115,7 +102,11 @@ def bench_model(
     **model_args,
 ) -> dict:
     """Peak memory over the first steps (model, gradients, optimizer state, activations), then the mean time of
-    ``steps`` training steps after ``warmup`` untimed ones. ``name`` may carry options: ``name:key=value,...``."""
+    ``steps`` training steps after ``warmup`` untimed ones. ``name`` may carry options: ``name:key=value,...``.
+
+    On the CPU (glibc) freed memory is unmapped while the peak is measured, so the resident size follows live memory
+    (mimkit/engine/host_memory.py), and kept for reuse while the steps are timed, as the trainer's default
+    ``--host-memory keep`` does."""
     gc.collect()
     spec = name
     name, own_args = parse_model_spec(spec)
@@ -125,7 +116,7 @@ def bench_model(
         kwargs["img_size"] = img_size
     cpu = device.type == "cpu"
     if cpu:
-        _set_mmap_threshold(128 * 1024)
+        release_freed_memory()
         meter = _RssPeak().__enter__()
     else:
         torch.cuda.empty_cache()
@@ -172,7 +163,7 @@ def bench_model(
     if cpu:
         meter.__exit__(None, None, None)
         peak, mem_kind = meter.growth, "cpu_peak_rss_growth"
-        _set_mmap_threshold(64 * 2**20)
+        keep_freed_memory()
     else:
         torch.cuda.synchronize(device)
         peak, mem_kind = torch.cuda.max_memory_allocated(device) - base_mem, "cuda_peak_allocated"

@@ -154,6 +154,13 @@ class PretrainConfig:
     )
     cpu_autocast: bool = opt(False, "Allow bf16 autocast on CPU (often slower than fp32 on CPUs without AMX).")
     compile: bool = opt(False, "torch.compile the model.")
+    host_memory: str = opt(
+        "keep",
+        "keep: the C allocator (glibc) keeps freed host memory for reuse instead of unmapping it, so a CPU step does "
+        "not fault in fresh pages for every tensor (faster CPU steps, docs/benchmarks.md; the resident size stays at "
+        "its peak); system: the C library's defaults (docs/design.md).",
+        choices=["keep", "system"],
+    )
     grad_checkpointing: bool = opt(
         False,
         "Activation checkpointing in every encoder and decoder block: activations are recomputed in the backward "

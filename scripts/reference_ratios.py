@@ -21,12 +21,13 @@ from collections import defaultdict
 
 
 def pairs_of(rows) -> list[tuple[str, str]]:
-    """(reference row, mimkit row) for every mimkit row (``mk_X`` eager, ``mkc_X`` compiled) whose reference
-    (``ref_X``, the released code, else ``hf_X``, transformers) is present."""
+    """(reference row, mimkit row) for every mimkit row (``mk_X`` eager, ``mkc_X`` compiled, ``mkk_X`` and ``mkck_X``
+    with host memory kept; scripts/side_by_side_compiled.py) whose reference as released (``ref_X``, the released
+    code, else ``hf_X``, transformers) is present."""
     out = []
     for row in rows:
         kind, _, suffix = row.partition("_")
-        if kind in ("mk", "mkc"):
+        if kind in ("mk", "mkc", "mkk", "mkck"):
             ref = next((f"{k}_{suffix}" for k in ("ref", "hf") if f"{k}_{suffix}" in rows), None)
             if ref:
                 out.append((ref, row))

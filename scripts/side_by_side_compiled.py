@@ -1,12 +1,15 @@
-"""The shared side-by-side tool's protocol with compiled mimkit rows added (``mkc_X``: ``torch.compile`` of the
-``mk_X`` model, inductor on CPU).
+"""The shared side-by-side tool's protocol with more rows: compiled mimkit (``mkc_X``: ``torch.compile`` of the
+``mk_X`` model, inductor on CPU) and rows run with freed host memory kept for reuse, the trainer's default
+``--host-memory keep`` (``mkk_X``: mimkit as ``mimkit pretrain`` runs it; ``refk_X``, ``hfk_X``: the reference code
+with the same setting, which it does not make itself; ``mkck_X``: both compiled and kept;
+mimkit/engine/host_memory.py).
 
 Each row runs in its own process through the tool's own ``run_one`` (same batch, optimizer, warm-up and timing; the
 first warm-up step of a compiled row includes the compilation and is not timed), rows alternate over rounds, and the
 output is the tool's ``RESULT`` lines, read by ``scripts/reference_ratios.py``:
 
     .venv/bin/python scripts/side_by_side_compiled.py --tool ../shared/tools/side_by_side.py --ref-dir REF \\
-        --rows ref_umae_swin_t,mk_umae_swin_t,mkc_umae_swin_t --rounds 3 > compiled.log
+        --rows ref_umae_swin_t,mk_umae_swin_t,mkc_umae_swin_t,mkk_umae_swin_t,refk_umae_swin_t --rounds 3 > out.log
     .venv/bin/python scripts/reference_ratios.py compiled.log --markdown
 """
 
@@ -26,17 +29,32 @@ def load_tool(path: str):
     return tool
 
 
+def variant(row: str) -> tuple[str, bool, bool]:
+    """``KIND[c][k]_X`` -> (the tool's row ``KIND_X``, compiled, host memory kept); KIND is mk, ref or hf."""
+    prefix, _, suffix = row.partition("_")
+    kind = next(k for k in ("mk", "ref", "hf", "") if prefix.startswith(k))
+    flags = prefix[len(kind) :]
+    if not kind or set(flags) - {"c", "k"} or len(set(flags)) != len(flags) or ("c" in flags and kind != "mk"):
+        raise SystemExit(f"--rows: {row!r} is not a row of the tool with the prefixes mkc_, mkk_, mkck_, refk_, hfk_")
+    return f"{kind}_{suffix}", "c" in flags, "k" in flags
+
+
 def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
-    if row.startswith("mkc_"):
-        tool.ROWS[row] = tool.ROWS["mk_" + row[len("mkc_") :]]
+    base, compiled, kept = variant(row)
+    tool.ROWS[row] = tool.ROWS[base]
+    if kept:
+        from mimkit.engine.host_memory import keep_freed_memory
+
+        keep_freed_memory()
+    if compiled:
         eager = tool.build_mk
 
         def build_compiled(model, batch_size, px):
             import torch
 
             net, opt, batch, step = eager(model, batch_size, px)
-            compiled = torch.compile(net)
-            return net, opt, batch, lambda b: compiled(b)[0]
+            fast = torch.compile(net)
+            return net, opt, batch, lambda b: fast(b)[0]
 
         tool.build_mk = build_compiled
     tool.run_one(row, ref_dir, warmup, steps)
@@ -72,11 +90,19 @@ def run_rounds(script: str, a: argparse.Namespace, rows: list[str], extra: list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tool_args(ap, warmup=2, steps=5)
-    ap.add_argument("--rows", required=True, help="comma-separated rows of the tool, plus mkc_X for compiled mk_X")
+    ap.add_argument(
+        "--rows",
+        required=True,
+        help="comma-separated rows of the tool, plus mkc_X (compiled mk_X), mkk_X, refk_X, hfk_X (host memory kept) "
+        "and mkck_X (both)",
+    )
     a = ap.parse_args()
     tool = load_tool(a.tool)
     if a.one:
         return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps)
+    for row in a.rows.split(","):
+        if variant(row)[0] not in tool.ROWS:
+            raise SystemExit(f"--rows: {row!r}: the tool has no row {variant(row)[0]!r}")
     run_rounds(__file__, a, a.rows.split(","), ["--rows", a.rows])
 
 

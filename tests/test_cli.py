@@ -1,4 +1,5 @@
 import json
+import platform
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def test_pretrain_knn_export_visualize_end_to_end(tiny_folder, tmp_path, capsys)
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 12 and summary["epochs_done"] == 2
     assert (run / "config.yaml").is_file() and (run / "tensorboard").is_dir()
+    if platform.libc_ver()[0] == "glibc":  # the default --host-memory keep (mimkit/engine/host_memory.py)
+        assert "host memory: freed blocks kept for reuse" in (run / "train.log").read_text()
 
     assert main(["knn", str(run), "--data", str(tiny_folder), "--k", "5", "--json"]) == 0
     knn = json.loads(capsys.readouterr().out)

@@ -28,6 +28,7 @@ from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.data import default_workers, epoch_data
 from mimkit.engine.distributed import all_reduce_, broadcast_object, cleanup, gather_objects, init_distributed
 from mimkit.engine.guard import DivergenceGuard, parameter_norm
+from mimkit.engine.host_memory import keep_freed_memory
 from mimkit.engine.metrics import RunRecorder, setup_logging, truncate_metrics
 from mimkit.engine.optim import absolute_lr, build_optimizer, build_scheduler
 from mimkit.engine.run_folder import RunLock, existing_outputs, move_aside
@@ -166,6 +167,7 @@ class Trainer:
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.host_memory_kept = cfg.host_memory == "keep" and keep_freed_memory()
 
         images = self.training_images()
         if d.is_main and getattr(images, "ignored", None):
@@ -289,6 +291,8 @@ class Trainer:
             d.world_size,
             self.num_workers,
         )
+        if self.host_memory_kept:
+            self.log.info("host memory: freed blocks kept for reuse (glibc; --host-memory system for its defaults)")
 
     # -- resume and rollback ---------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path | None, dict | None]:
