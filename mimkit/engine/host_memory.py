@@ -3,12 +3,13 @@
 By default glibc serves every block above a threshold (128 KiB, rising to at most 32 MiB as blocks are freed) with
 its own ``mmap`` and unmaps it on free, and returns the top of the heap to the system once more than twice that
 threshold is free there. A training step on the CPU allocates and frees the same few hundred tensor-sized blocks
-every step, so each step asks the kernel for fresh zeroed pages again: on CPU-2, 320-400 thousand page faults and
-1.1-1.7 s of system time per SimMIM Swin-T step of about 5 s (docs/benchmarks.md). ``keep_freed_memory`` serves every
-block from the heap and never gives it back, so after the first steps each step reuses the pages of the one before
-(the resident size stays at the run's peak instead of falling between steps; a caching allocator, as PyTorch's own
-on a GPU). ``release_freed_memory`` goes the other way (every tensor-sized block mapped and unmapped, so the resident
-size follows live memory): what ``mimkit bench`` uses while it measures peak memory.
+every step, so each step asks the kernel for fresh zeroed pages again: on CPU-2, about 460 thousand page faults and
+1.4 s of system time per SimMIM Swin-T step of about 5 s (docs/benchmarks.md, "Page faults").
+``keep_freed_memory`` serves every block from the heap and never gives it back, so after the first steps each step
+reuses the pages of the one before (the resident size stays at the run's peak instead of falling between steps; a
+caching allocator, as PyTorch's own on a GPU). ``release_freed_memory`` goes the other way (every tensor-sized
+block mapped and unmapped, so the resident size follows live memory): what ``mimkit bench`` uses while it measures
+peak memory.
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Page faults, system time and wall time of mimkit training steps with freed host memory kept for reuse or left to
+the C library (``--host-memory keep`` / ``system``, mimkit/engine/host_memory.py), for docs/benchmarks.md.
+
+Every (model, setting) runs in its own process (2 warm-up steps, then ``--steps`` timed steps of zero_grad + forward
++ backward + the fused AdamW update on random images, as the side-by-side tool's step), the two settings alternating
+in order over ``--rounds``; the speed-up is system time / keep time per round, median and range.
+
+    .venv/bin/python scripts/host_memory_faults.py simmim_swin_tiny_256 umae_pvt_small_256 --rounds 3 \\
+        --json docs/benchmarks/host_memory.json
+    .venv/bin/python scripts/host_memory_faults.py --render docs/benchmarks/host_memory.json   # its Markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS = ("system", "keep")
+
+
+def one(model: str, setting: str, batch_size: int, steps: int) -> dict:
+    """Steps of ``model`` in this process under ``setting``: minor page faults, system and user CPU seconds and wall
+    seconds per step."""
+    import resource
+
+    import torch
+
+    import mimkit  # noqa: F401  (before timm: the torchvision shim)
+    from mimkit.engine.host_memory import keep_freed_memory
+    from mimkit.engine.optim import build_optimizer
+    from mimkit.methods import create_method
+
+    if setting == "keep":
+        keep_freed_memory()
+    torch.manual_seed(0)
+    net = create_method(model).train()
+    opt = build_optimizer(net.param_groups(0.05), 1e-4, net.betas, torch.device("cpu"))
+    side = net.img_size if isinstance(net.img_size, int) else net.img_size[0]
+    batches = [{"image": torch.randn(batch_size, net.in_chans, side, side)} for _ in range(2 + steps)]
+
+    def step(b):
+        opt.zero_grad(set_to_none=True)
+        loss = net(b)[0]
+        loss.item()
+        loss.backward()
+        opt.step()
+
+    for b in batches[:2]:
+        step(b)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for b in batches[2:]:
+        step(b)
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    return {
+        "model": model,
+        "setting": setting,
+        "batch_size": batch_size,
+        "steps": steps,
+        "faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+        "system_s_per_step": (r1.ru_stime - r0.ru_stime) / steps,
+        "user_s_per_step": (r1.ru_utime - r0.ru_utime) / steps,
+        "wall_s_per_step": wall / steps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def render(path: str) -> None:
+    """The Markdown table of a result file: per model and setting, medians over rounds; keep's speed-up per round."""
+    with open(path) as f:
+        res = json.load(f)
+    runs = res["runs"]
+    print("| model | host memory | page faults per step | system s per step | s per step | speed-up of keep |")
+    print("|---|---|---|---|---|---|")
+    for model in dict.fromkeys(r["model"] for r in runs):
+        by = {s: [r for r in runs if r["model"] == model and r["setting"] == s] for s in SETTINGS}
+        n = min(len(by["system"]), len(by["keep"]))
+        speed = [by["system"][i]["wall_s_per_step"] / by["keep"][i]["wall_s_per_step"] for i in range(n)]
+        for s in SETTINGS:
+            med = {k: statistics.median(r[k] for r in by[s]) for k in ("faults_per_step", "system_s_per_step")}
+            wall = [r["wall_s_per_step"] for r in by[s]]
+            cell = "-"
+            if s == "keep" and speed:
+                cell = f"**{statistics.median(speed):.2f}x** ({min(speed):.2f}-{max(speed):.2f}), {n} rounds"
+            print(
+                f"| {model} | {s} | {med['faults_per_step']:,.0f} | {med['system_s_per_step']:.2f} | "
+                f"{statistics.median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f}) | {cell} |"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", help="mimkit method names (mimkit models)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", help="write the runs here")
+    ap.add_argument("--render", metavar="FILE", help="print the Markdown table of a result file and stop")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.render:
+        return render(a.render)
+    if a.one:
+        print("RESULT " + json.dumps(one(a.one[0], a.one[1], a.batch_size, a.steps)), flush=True)
+        return
+    if not a.models:
+        ap.error("give at least one model")
+    runs = []
+    for rnd in range(a.rounds):
+        for model in a.models:
+            for setting in SETTINGS if rnd % 2 == 0 else SETTINGS[::-1]:
+                cmd = [sys.executable, __file__, "--one", model, setting, "--steps", str(a.steps)]
+                p = subprocess.run([*cmd, "--batch-size", str(a.batch_size)], capture_output=True, text=True)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{model} {setting}: failed\n{p.stderr[-2000:]}")
+                runs.append(dict(json.loads(line[len("RESULT ") :]), round=rnd))
+                print(line, flush=True)
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "runs": runs}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
