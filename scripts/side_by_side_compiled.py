@@ -10,7 +10,7 @@ output is the tool's ``RESULT`` lines, read by ``scripts/reference_ratios.py``:
 
     .venv/bin/python scripts/side_by_side_compiled.py --tool ../shared/tools/side_by_side.py --ref-dir REF \\
         --rows ref_umae_swin_t,mk_umae_swin_t,mkc_umae_swin_t,mkk_umae_swin_t,refk_umae_swin_t --rounds 3 > out.log
-    .venv/bin/python scripts/reference_ratios.py compiled.log --markdown
+    .venv/bin/python scripts/reference_ratios.py out.log --markdown
 """
 
 from __future__ import annotations
