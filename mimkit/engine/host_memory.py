@@ -18,7 +18,7 @@ import ctypes
 import ctypes.util
 import platform
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 _INT_MAX = 2**31 - 1
 _DEFAULT_MMAP_MAX = 65536  # glibc's own default
 
