@@ -1,6 +1,6 @@
 """Forward + backward time of a relative-position bias lookup: ``table[index]`` against ``F.embedding(index, table)``
-(what ``mimkit.models.layers.bias_rows`` uses on CUDA), for docs/benchmarks.md ("On a GPU"): the lookup behind UM-MAE
-Swin's slow GPU step.
+(what ``mimkit.models.layers.bias_rows`` uses on CUDA) and its ``index_add`` lookup (the CPU default), for
+docs/benchmarks.md: the lookup behind UM-MAE Swin's slow GPU step.
 
     python scripts/gather_backward.py [--device cuda] [--batch 64] [--windows 64] [--tokens 49] [--rows 441]
 
@@ -16,6 +16,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+import mimkit  # noqa: F401  (before timm: the torchvision shim)
+from mimkit.models.layers import bias_rows
 
 
 def timed(fn, device, reps=20):
@@ -47,11 +50,17 @@ def main() -> None:
     shapes = (("per image", (a.batch, a.windows, a.tokens, a.tokens)), ("shared", (1, 1, a.tokens, a.tokens)))
     for name, shape in shapes:
         index = torch.randint(0, a.rows, shape, device=dev)
-        grad = torch.randn(*shape, a.heads, device=dev)
-        looks = {"table[index]": lambda i: table[i], "embedding": lambda i: F.embedding(i, table)}
+        # the gradient as attention hands it back: laid out (..., heads, T, T)
+        grad = torch.randn(*shape[:-2], a.heads, *shape[-2:], device=dev).movedim(-3, -1)
+        looks = {
+            "table[index]": lambda i: table[i],
+            "embedding": lambda i: F.embedding(i, table),
+            "index_add": lambda i: bias_rows(table, i, "index_add"),
+        }
         ms = {k: timed(lambda f=f, i=index, g=grad: torch.autograd.grad(f(i), table, g), dev) for k, f in looks.items()}
         print(f"{name} index {tuple(shape)}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
-              + f"; embedding {ms['table[index]'] / ms['embedding']:.1f}x as fast", flush=True)  # fmt: skip
+              + "; as fast as table[index]: " + ", ".join(f"{k} {ms['table[index]'] / ms[k]:.1f}x" for k in
+                                                      ("embedding", "index_add")), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

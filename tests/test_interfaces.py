@@ -54,6 +54,28 @@ def test_vit_view_of_all_units_in_order_is_timms_forward_features():
     assert not torch.allclose(part, replaced, atol=1e-3)  # the token replaced the units' inputs
 
 
+@pytest.mark.parametrize("padded_stem", [False, True])
+def test_vit_embeds_the_kept_patches_as_timm_embeds_them_all(padded_stem):
+    """The kept patches' pixels mapped by the patch embedding's weights == timm's patch embedding of every patch,
+    then kept: tokens and stem gradients. A stem that is not one linear map per patch (padded) takes timm's path."""
+    torch.manual_seed(0)
+    vit = create_encoder("vit_pico_patch8_64", img_size=64)
+    if padded_stem:
+        old = vit.patch_embed.proj
+        vit.patch_embed.proj = torch.nn.Conv2d(3, old.out_channels, 9, 8, padding=4)
+    view = ViTInterface(vit)
+    img = torch.randn(2, 3, 64, 64)
+    ids = torch.stack([torch.randperm(64)[:16] for _ in range(2)])
+    weight = vit.patch_embed.proj.weight
+    fast = view.embed_kept(img, ids)
+    full = torch.gather(vit.patch_embed(img), 1, ids.unsqueeze(-1).expand(-1, -1, 96))
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(full)
+    g_fast, g_full = (torch.autograd.grad(t, weight, g)[0] for t in (fast, full))
+    torch.testing.assert_close(g_fast, g_full, atol=1e-4, rtol=1e-4)
+    assert g_full.abs().sum() > 0
+
+
 def test_relpos_view_of_the_whole_grid_in_raster_order_is_timms_forward_features():
     torch.manual_seed(0)
     beit = create_encoder("rpbvit_pico_patch8_64", img_size=64).eval()

@@ -39,21 +39,29 @@ def test_window_attention_equals_an_explicit_softmax_in_values_and_gradients(bia
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lookup", ["embedding", "index_add"])
 @pytest.mark.parametrize("index_shape", [(7, 7), (3, 4, 7, 7)], ids=["shared", "per-image"])
-def test_bias_rows_by_embedding_equals_indexing_in_values_and_gradients(index_shape):
-    """The CUDA path (F.embedding, fast backward) and the CPU path (indexing) give the same bias and table
-    gradient, duplicates included."""
+@pytest.mark.parametrize("heads_first_grad", [False, True])
+def test_bias_rows_lookups_equal_indexing_in_values_and_gradients(lookup, index_shape, heads_first_grad):
+    """The CUDA path (F.embedding) and the CPU path (heads-first gather, index_add_ backward) give the bias and the
+    table gradient of plain indexing, duplicates included, whatever the layout of the incoming gradient."""
     torch.manual_seed(0)
     table = torch.randn(13, 3, requires_grad=True)
     index = torch.randint(0, 13, index_shape)
-    grad = torch.randn(*index_shape, 3)
-    by_embedding, by_index = bias_rows(table, index, embedding=True), bias_rows(table, index, embedding=False)
-    assert by_embedding.shape == (*index_shape, 3)
-    torch.testing.assert_close(by_embedding, table[index])
-    torch.testing.assert_close(by_embedding, by_index)
-    g_emb, g_idx = (torch.autograd.grad(b, table, grad)[0] for b in (by_embedding, by_index))
-    torch.testing.assert_close(g_emb, g_idx)
-    assert g_emb.abs().sum() > 0
+    grad = torch.randn(3, *index_shape).movedim(0, -1) if heads_first_grad else torch.randn(*index_shape, 3)
+    got, want = bias_rows(table, index, lookup), bias_rows(table, index, "index")
+    assert got.shape == (*index_shape, 3)
+    torch.testing.assert_close(want, table[index])
+    torch.testing.assert_close(got, want)
+    g_got, g_want = (torch.autograd.grad(b, table, grad)[0] for b in (got, want))
+    torch.testing.assert_close(g_got, g_want)
+    assert g_want.abs().sum() > 0
+
+
+def test_bias_rows_rejects_unknown_lookups():
+    table = torch.randn(13, 3)
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        bias_rows(table, torch.zeros(2, dtype=torch.long), "gather")
 
 
 def test_window_attention_calls_sdpa_in_four_dimensions(monkeypatch):

@@ -136,6 +136,34 @@ def test_ummae_forward_loss_on_dropped_only_and_encoder_ignores_dropped_pixels(n
     assert torch.all((out["mask"] * out["secondary"]) == 0)  # SM patches are input-masked, not in the loss
 
 
+@pytest.mark.parametrize("name", ["umae_swin_pico_128", "umae_pvt_pico_128"])
+@pytest.mark.parametrize("overlapping_stem", [False, True])
+def test_embed_kept_equals_compacting_the_full_embedding_in_values_and_gradients(name, overlapping_stem):
+    """A patchwise stem embeds the compacted pixels (a quarter of the work); the tokens and the stem's gradients
+    are those of embedding the whole image and compacting. A stem whose windows overlap (kernel 7, stride 4) must
+    take the whole-image path, and gives the same too."""
+    torch.manual_seed(0)
+    enc = create_method(name).io
+    if overlapping_stem:
+        old = enc.stem_conv()
+        new = torch.nn.Conv2d(old.in_channels, old.out_channels, 7, old.stride, padding=3)
+        if hasattr(enc, "stages") and not hasattr(enc, "patch_embed"):
+            enc.stages[0].patch_embed.proj = new
+        else:
+            enc.patch_embed.proj = new
+    grid = (8, 8)
+    x = torch.randn(2, 3, 128, 128)
+    ids = kept_block_order(uniform_sampling(2, grid, generator=torch.Generator().manual_seed(5)), grid)
+    weight = enc.stem_conv().weight
+    fast = enc.embed_kept(x, ids, grid)
+    full = compact(enc.embed(x), ids, grid)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(full)
+    g_fast, g_full = (torch.autograd.grad(t, weight, g)[0] for t in (fast, full))
+    torch.testing.assert_close(g_fast, g_full, atol=1e-4, rtol=1e-4)
+    assert g_full.abs().sum() > 0
+
+
 def test_sizes_that_break_window_rules_name_valid_sizes():
     with pytest.raises(ValueError, match=r"Valid sides up to 512 px: \[32, 64, 128, 256, 512\]"):
         timm.create_model("mimswin_tiny_patch4_window16_256", img_size=224)

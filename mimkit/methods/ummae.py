@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.masking import (
-    compact,
     grid_sampling,
     kept_block_order,
     random_sampling,
@@ -138,8 +137,7 @@ class UMMAE(MIMMethod):
         enc = self.io
         if self.vit:
             return enc.encode_visible(imgs, ids, sm, self.vis_mask_token)
-        tokens = enc.embed(imgs)  # (N, H1, W1, C): full image, then gathered
-        kept = compact(tokens, ids, self.grid)
+        kept = enc.embed_kept(imgs, ids, self.grid)  # (N, H1/2, W1/2, C): stage-1 tokens of the kept patches
         k = kept.shape[1] // (self.grid[0] // 2)
         w = sm.view(sm.shape[0], self.grid[0] // 2, self.grid[1] // 2)
         w = upsample_cells(w, k).unsqueeze(-1).to(kept.dtype)

@@ -6,6 +6,8 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from mimkit.masking import compact
+
 
 def pyramid_cfg(img_size: int, first_conv: str) -> dict:
     """timm's pretrained-config dict for a pyramid encoder at ``img_size`` (ImageNet mean/std, bicubic)."""
@@ -95,6 +97,19 @@ class PyramidEncoder(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def embed_kept(self, img: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """UM-MAE: stage-1 tokens of the kept patches ``ids`` (block order) of a ``grid`` of patches, as a compact map
+        (``compact`` of ``embed(img)``). When the stem embeds every stem patch on its own (a convolution whose kernel
+        is its stride and divides a grid cell; ``embed`` adds only per-token work after it), the kept pixels are
+        compacted first and embedded: the same values for a quarter of the stem's work and of its backward, which
+        would otherwise scatter the gradient back over the whole image. Any other stem embeds the whole image."""
+        conv = self.stem_conv()
+        cell = (img.shape[-2] // grid[0], img.shape[-1] // grid[1])
+        patchwise = conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1)
+        if patchwise and all(c % s == 0 for c, s in zip(cell, conv.stride)):
+            return self.embed(compact(img.permute(0, 2, 3, 1), ids, grid).permute(0, 3, 1, 2))
+        return compact(self.embed(img), ids, grid)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """Full-resolution image -> normalized final map (B, H/32, W/32, C)."""

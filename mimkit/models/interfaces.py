@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -76,15 +77,16 @@ class MaskTokenEncoder(Protocol):
 
 @runtime_checkable
 class UniformCompactEncoder(Protocol):
-    """UM-MAE on a pyramid: ``embed`` gives stage-1 tokens, ``forward_uniform`` encodes the compact map of the kept
-    patches with their true coordinates; ``check_size(size, compact=True)`` raises when the compact map does not fit
-    the windows."""
+    """UM-MAE on a pyramid: ``embed_kept`` gives the stage-1 tokens of the kept patches as a compact map,
+    ``forward_uniform`` encodes that map with the patches' true coordinates; ``check_size(size, compact=True)``
+    raises when the compact map does not fit the windows."""
 
     embed_dims: list[int]
     num_features: int
 
-    def embed(self, img: torch.Tensor) -> torch.Tensor:
-        """Stage-1 tokens of the full image, (N, H, W, C), before any position embedding."""
+    def embed_kept(self, img: torch.Tensor, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Stage-1 tokens of the kept patches ``ids`` (block order) of a ``grid`` of patches of ``img``, as a compact
+        map (N, H/2, W/2, C) before any position embedding (``mimkit.masking.compact`` of the full image's tokens)."""
         ...
 
     def mask_token_input(self, token: torch.Tensor) -> torch.Tensor:
@@ -162,12 +164,36 @@ class ViTInterface:
         from mimkit.masking import gather_tokens
         from mimkit.models.vit import vit_encode
 
-        x = gather_tokens(self.vit.patch_embed(img), ids_keep)
+        x = self.embed_kept(img, ids_keep)
         if replace is not None:
             w = replace.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + token.reshape(1, 1, -1).to(x.dtype) * w
         pos = gather_tokens(self.vit.pos_embed[:, 1:].expand(img.shape[0], -1, -1), ids_keep)
         return vit_encode(self.vit, x + pos)
+
+    def embed_kept(self, img: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of the kept patches ``ids_keep`` (N, K, dim). timm's patch embedding is a convolution whose
+        kernel is its stride, a linear map of each patch's pixels: the kept patches' pixels are gathered and mapped,
+        which is the same as embedding every patch and keeping some, for a quarter of the stem's work at MAE's ratio
+        and without scattering its gradient over the dropped patches. Any other stem (padding, another size, a
+        hybrid) embeds every patch first."""
+        from mimkit.masking import gather_tokens
+
+        pe, (n, c, h, w) = self.vit.patch_embed, img.shape
+        proj = getattr(pe, "proj", None)
+        if (
+            isinstance(proj, nn.Conv2d)
+            and proj.kernel_size == proj.stride
+            and proj.padding == (0, 0)
+            and getattr(pe, "flatten", False)
+            and (h // proj.stride[0], w // proj.stride[1]) == tuple(pe.grid_size)
+            and h % proj.stride[0] == 0
+            and w % proj.stride[1] == 0
+        ):
+            ph, pw = proj.kernel_size
+            pix = img.view(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * ph * pw)
+            return pe.norm(F.linear(gather_tokens(pix, ids_keep), proj.weight.flatten(1), proj.bias))
+        return gather_tokens(pe(img), ids_keep)
 
     def encode_masked(self, img, mask, token):
         """SimMIM on a ViT: masked patch tokens replaced, every token encoded: (N, h, w, C)."""

@@ -12,20 +12,49 @@ from torch import nn
 COORD_UNITS = 2  # continuous-bias coordinates are multiples of 1/2 token of the current stage
 
 
-def bias_rows(table: torch.Tensor, index: torch.Tensor, embedding: bool | None = None) -> torch.Tensor:
-    """``table[index]`` (rows of a (rows, heads) bias table, shape index.shape + (heads,)); on CUDA through
-    ``F.embedding``.
+LOOKUPS = ("embedding", "index_add", "index")
 
-    The values are the same; the backward is not. Advanced indexing's backward is an accumulating ``index_put``
-    whose CUDA kernel sorts the indices and then adds the duplicates of each row one after another; a bias index holds
-    a few hundred distinct rows repeated millions of times (batch x windows x T x T), so on an H200 that one kernel
-    took 64 % of UM-MAE Swin-T's step (42 of 65 ms at batch 64, bf16; docs/benchmarks.md, "On a GPU").
-    ``embedding``'s backward sums the duplicates of a row in parallel segments. On the CPU it is the other way round
-    (embedding's backward 2-3x slower on 2 cores, ``scripts/gather_backward.py``), so the CPU keeps the indexing.
-    ``embedding`` forces one way (None: embedding on CUDA)."""
-    if embedding is None:
-        embedding = table.is_cuda
-    return F.embedding(index, table) if embedding else table[index]
+
+class _RowsByIndexAdd(torch.autograd.Function):
+    """``table[index]`` gathered from the (heads, rows) transpose, with an ``index_add_`` backward (``bias_rows``)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table.t()[:, index].movedim(0, -1)  # values of table[index], stored (heads, *index.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        g = grad.movedim(-1, 0).reshape(grad.shape[-1], -1)  # (heads, n): a view when grad is stored heads first
+        out = torch.zeros(g.shape[0], ctx.rows, dtype=g.dtype, device=g.device)
+        return out.index_add_(1, index.reshape(-1), g).t(), None
+
+
+def bias_rows(table: torch.Tensor, index: torch.Tensor, lookup: str | None = None) -> torch.Tensor:
+    """``table[index]``: rows of a (rows, heads) bias table, shape index.shape + (heads,). Three ways to the same
+    values, which differ in their backward (the sum of each row's duplicates: a bias index holds a few hundred
+    distinct rows repeated millions of times, batch x windows x T x T):
+
+    - ``"embedding"`` (default on CUDA): ``F.embedding``, whose backward sums a row's duplicates in parallel segments.
+      Advanced indexing's accumulating ``index_put`` sorts the indices and adds the duplicates of a row one after
+      another; on an H200 that one kernel took 64 % of UM-MAE Swin-T's step (42 of 65 ms at batch 64, bf16;
+      docs/benchmarks.md, "On a GPU").
+    - ``"index_add"`` (default on the CPU): gathered from the (heads, rows) transpose, backward ``index_add_`` along
+      its rows (the gradient laid out (heads, n), one copy): a vectorised pass per head, 4-8x faster than
+      ``index_put``'s element loop on 2 cores (``scripts/gather_backward.py``); embedding's backward is 2-3x slower
+      than ``index_put`` there.
+    - ``"index"``: plain ``table[index]``."""
+    if lookup is None:
+        lookup = "embedding" if table.is_cuda else "index_add"
+    if lookup == "embedding":
+        return F.embedding(index, table)
+    if lookup == "index_add":
+        return _RowsByIndexAdd.apply(table, index)
+    if lookup == "index":
+        return table[index]
+    raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
 
 
 @functools.lru_cache(maxsize=64)
