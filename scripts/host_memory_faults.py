@@ -29,26 +29,16 @@ def one(model: str, setting: str, batch_size: int, steps: int) -> dict:
     import resource
 
     import torch
+    from _train_step import build, train_step
 
-    import mimkit  # noqa: F401  (before timm: the torchvision shim)
     from mimkit.engine.host_memory import keep_freed_memory
-    from mimkit.engine.optim import build_optimizer
-    from mimkit.methods import create_method
 
     if setting == "keep":
         keep_freed_memory()
-    torch.manual_seed(0)
-    net = create_method(model).train()
-    opt = build_optimizer(net.param_groups(0.05), 1e-4, net.betas, torch.device("cpu"))
-    side = net.img_size if isinstance(net.img_size, int) else net.img_size[0]
-    batches = [{"image": torch.randn(batch_size, net.in_chans, side, side)} for _ in range(2 + steps)]
+    net, opt, batches = build(model, batch_size, batches=2 + steps)
 
     def step(b):
-        opt.zero_grad(set_to_none=True)
-        loss = net(b)[0]
-        loss.item()
-        loss.backward()
-        opt.step()
+        train_step(net, opt, b).item()
 
     for b in batches[:2]:
         step(b)

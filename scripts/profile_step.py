@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-import mimkit  # noqa: F401  (before timm: the torchvision shim)
-from mimkit.engine.optim import build_optimizer
-from mimkit.methods import create_method
+from _train_step import build, train_step
 
 
 def main() -> None:
@@ -28,20 +25,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    dev = torch.device(a.device)
-    net = create_method(a.model, **({"img_size": a.img_size} if a.img_size else {})).train().to(dev)
-    opt = build_optimizer(net.param_groups(0.05), 1e-4, net.betas, dev)
-    side = net.img_size if isinstance(net.img_size, int) else net.img_size[0]
-    batch = {"image": torch.randn(a.batch_size, net.in_chans, side, side, device=dev)}
-    cuda = dev.type == "cuda"
+    net, opt, (batch,) = build(a.model, a.batch_size, a.img_size, a.device)
+    cuda = batch["image"].is_cuda
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = net(batch)[0]
-        loss.backward()
-        opt.step()
+        train_step(net, opt, batch)
 
     import time
 
