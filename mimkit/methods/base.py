@@ -6,7 +6,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from mimkit.patches import normalized_target, patchify
+from mimkit.patches import masked_mse, normalized_target, patch_mse, patchify
 
 
 class MIMMethod(nn.Module):
@@ -26,6 +26,7 @@ class MIMMethod(nn.Module):
     default_grad_clip: float | None = None
 
     encoder: nn.Module
+    decoder: nn.Module  # where there is one (``decode_masked``)
     encoder_name: str
     encoder_args: dict
     img_size: int
@@ -46,6 +47,28 @@ class MIMMethod(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """No weight decay on 1-D parameters and biases (timm's rule, as in the MAE family's pretraining)."""
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
+
+    def decode_masked(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor, visible: int, imgs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, pred) of a decoder ``self.decoder`` (mimkit/models/decoder.py) scored on the positions where
+        ``mask`` (N, L) is 1, all but ``visible`` of every row (a host number, so no device value is read back).
+
+        In training the decoder's last block and head run at the masked positions only (``at=``): the loss never
+        reads the others, so loss and gradients are those of decoding every position, for a quarter less of the last
+        block at MAE's ratio; ``pred`` then holds the masked positions' predictions (detached) and zeros elsewhere.
+        In evaluation every position is predicted, as the visualization shows them all (docs/design.md)."""
+        target = self.target(imgs)
+        if not self.training:
+            pred = self.decoder(latent, ids_restore)
+            return masked_mse(pred, target, mask), pred
+        from mimkit.masking import gather_tokens
+
+        at = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : mask.shape[1] - visible]
+        part = self.decoder(latent, ids_restore, at)
+        loss = patch_mse(part, gather_tokens(target, at)).mean()
+        index = at.unsqueeze(-1).expand(-1, -1, part.shape[-1])
+        return loss, part.new_zeros(*mask.shape, part.shape[-1]).scatter(1, index, part.detach())
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Reconstruction target: patchified images (N, L, p*p*C), per-patch normalized when ``norm_pix_loss``."""

@@ -13,7 +13,6 @@ from mimkit.methods.registry import register_preset
 from mimkit.models._size import canonical
 from mimkit.models.decoder import visible_token_decoder
 from mimkit.models.interfaces import VisibleTokenEncoder
-from mimkit.patches import masked_mse
 
 
 class MAE(MIMMethod):
@@ -52,8 +51,7 @@ class MAE(MIMMethod):
     def forward(self, batch: dict):
         imgs = batch["image"]
         latent, draw = self.forward_encoder(imgs, self.mask_ratio)
-        pred = self.decoder(latent, draw.ids_restore)
-        loss = masked_mse(pred, self.target(imgs), draw.mask)
+        loss, pred = self.decode_masked(latent, draw.ids_restore, draw.mask, draw.ids_keep.shape[1], imgs)
         return loss, {"pred": pred, "mask": draw.mask, "hidden": draw.mask}
 
 

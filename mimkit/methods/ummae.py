@@ -34,7 +34,6 @@ from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.decoder import TransformerDecoder, visible_token_decoder
 from mimkit.models.interfaces import UniformCompactEncoder, VisibleTokenEncoder
 from mimkit.models.vit import mae_init_
-from mimkit.patches import masked_mse
 
 
 class UMMAE(MIMMethod):
@@ -159,8 +158,7 @@ class UMMAE(MIMMethod):
         n = imgs.shape[0]
         us, ids, sm = self.draw_masks(n, imgs.device)
         latent = self.encode(imgs, ids, sm)
-        pred = self.decoder(latent, self.decoder_restore_ids(us, ids))
-        loss = masked_mse(pred, self.target(imgs), us)
+        loss, pred = self.decode_masked(latent, self.decoder_restore_ids(us, ids), us, ids.shape[1], imgs)
         secondary = torch.zeros_like(us).scatter(1, ids, sm)
         return loss, {"pred": pred, "mask": us, "hidden": us + secondary, "secondary": secondary}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import Block
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
@@ -18,7 +20,8 @@ class TransformerDecoder(nn.Module):
     """Linear embed -> mask tokens at removed positions -> fixed sin-cos positions -> ViT blocks -> LN -> Linear.
 
     ``forward(latent, ids_restore)`` takes encoder tokens ``[cls?, visible...]`` in the order given by
-    ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position.
+    ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position; with ``at`` (N, M)
+    grid positions, the predictions at those positions only, (N, M, out_dim), for less work (``block_at``).
     """
 
     grad_checkpointing = False
@@ -50,20 +53,59 @@ class TransformerDecoder(nn.Module):
         self.pred = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(latent)
         prefix = 1 if self.has_cls else 0
         n, length = ids_restore.shape
         visible = x[:, prefix:]
         masks = self.mask_token.expand(n, length - visible.shape[1], -1).to(visible.dtype)
         x_ = gather_tokens(torch.cat([visible, masks], dim=1), ids_restore)
-        return self.decode(torch.cat([x[:, :prefix], x_], dim=1))
+        return self.decode(torch.cat([x[:, :prefix], x_], dim=1), at)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens at every position (N, [1 +] L, dim), mask tokens already in place -> predictions."""
+    def decode(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tokens at every position (N, [1 +] L, dim), mask tokens already in place -> predictions at every
+        grid position, or at the positions ``at`` (N, M) only: every block but the last runs on all tokens, the last
+        one's queries, MLP and residuals and the head at ``at`` only (keys and values from every token), which is
+        what a loss that reads only those positions needs (same loss, same gradients)."""
         prefix = 1 if self.has_cls else 0
-        x = self.norm(run_blocks(self.blocks, x + self.pos_embed.to(x.dtype), enabled=self.grad_checkpointing))
-        return self.pred(x[:, prefix:])
+        x = x + self.pos_embed.to(x.dtype)
+        if at is None:
+            x = run_blocks(self.blocks, x, enabled=self.grad_checkpointing)
+            return self.pred(self.norm(x)[:, prefix:])
+        x = run_blocks(self.blocks[:-1], x, enabled=self.grad_checkpointing)
+        ids = at + prefix
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block_at, self.blocks[-1], x, ids, use_reentrant=False)
+        else:
+            x = block_at(self.blocks[-1], x, ids)
+        return self.pred(self.norm(x))
+
+
+def block_at(blk: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A timm ViT ``Block``'s output at the tokens ``ids`` (N, M) only, (N, M, C): ``blk(x)`` gathered at ``ids``,
+    computed with queries, gate, output projection, MLP and residuals at those tokens and keys and values from every
+    token. A block of another kind runs whole and is gathered."""
+    attn = getattr(blk, "attn", None)
+    if type(blk) is not Block or type(attn) is not Attention:
+        return gather_tokens(blk(x), ids)
+    y = blk.norm1(x)
+    n, length, _ = y.shape
+    ys = gather_tokens(y, ids)
+    m, heads, hd = ids.shape[1], attn.num_heads, attn.head_dim
+    d = heads * hd
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(ys, w[:d], None if b is None else b[:d]).view(n, m, heads, hd).transpose(1, 2)
+    kv = F.linear(y, w[d:], None if b is None else b[d:]).view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    drop = attn.attn_drop.p if attn.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=attn.scale)
+    o = attn.norm(o.transpose(1, 2).reshape(n, m, d))
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(ys).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    xs = gather_tokens(x, ids) + blk.drop_path1(blk.ls1(o))
+    return xs + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xs))))
 
 
 def visible_token_decoder(

@@ -1,0 +1,52 @@
+"""The MAE decoder (mimkit/models/decoder.py): predicting at the masked positions only (the training path) gives the
+loss and gradients of predicting everywhere (the evaluation path)."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+
+from mimkit.masking import gather_tokens
+from mimkit.methods import create_method
+from mimkit.models.decoder import block_at
+
+
+def test_block_at_equals_the_whole_block_gathered_in_values_and_gradients():
+    torch.manual_seed(0)
+    blk = Block(32, 4, 2.0, qkv_bias=True)
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    ids = torch.stack([torch.randperm(11)[:7] for _ in range(3)])
+    got, want = block_at(blk, x, ids), gather_tokens(blk(x), ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    params = [x, *blk.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_pico_patch8", "umae_swin_pico_128", "umae_vit_pico_patch8"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_predicts_masked_positions_only_with_the_same_loss_and_gradients(name, checkpointing):
+    """Train mode (last block and head at the masked positions) against eval mode (every position) on the same
+    draw: equal loss and parameter gradients; train mode's pred equals eval's at the masked positions, 0 elsewhere."""
+    torch.manual_seed(0)
+    model = create_method(name)
+    model.set_grad_checkpointing(checkpointing)
+    side = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    batch = {"image": torch.randn(2, 3, side, side)}
+    results = []
+    for training in (True, False):
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same masks
+        loss, out = model(batch)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), out["pred"].detach(), out["mask"], grads))
+    (l_train, p_train, mask, g_train), (l_eval, p_eval, _, g_eval) = results
+    torch.testing.assert_close(l_train, l_eval, atol=1e-6, rtol=1e-5)
+    assert g_train.keys() == g_eval.keys() and any(g.abs().sum() > 0 for g in g_train.values())
+    for k in g_train:
+        torch.testing.assert_close(g_train[k], g_eval[k], atol=1e-6, rtol=1e-4, msg=k)
+    masked = mask.bool()
+    torch.testing.assert_close(p_train[masked], p_eval[masked], atol=1e-5, rtol=1e-5)
+    assert torch.all(p_train[~masked] == 0) and p_eval[~masked].abs().sum() > 0
