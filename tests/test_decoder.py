@@ -7,15 +7,16 @@ from timm.models.vision_transformer import Block
 
 from mimkit.masking import gather_tokens
 from mimkit.methods import create_method
-from mimkit.models.decoder import block_at
+from mimkit.models.decoder import DecoderBlock
 
 
-def test_block_at_equals_the_whole_block_gathered_in_values_and_gradients():
+def test_decoder_block_at_some_tokens_equals_the_whole_block_gathered_in_values_and_gradients():
     torch.manual_seed(0)
-    blk = Block(32, 4, 2.0, qkv_bias=True)
+    blk = DecoderBlock(32, 4, 2.0, qkv_bias=True)
+    assert blk.state_dict().keys() == Block(32, 4, 2.0, qkv_bias=True).state_dict().keys()
     x = torch.randn(3, 11, 32, requires_grad=True)
     ids = torch.stack([torch.randperm(11)[:7] for _ in range(3)])
-    got, want = block_at(blk, x, ids), gather_tokens(blk(x), ids)
+    got, want = blk(x, ids), gather_tokens(blk(x), ids)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(want)
     params = [x, *blk.parameters()]

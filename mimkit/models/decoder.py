@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Attention, Block
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,12 +16,42 @@ from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.vit import mae_init_
 
 
+class DecoderBlock(Block):
+    """timm's ViT ``Block`` (the same parameters and state-dict keys) whose forward can stop at some tokens:
+    ``forward(x, at)`` is ``forward(x)`` gathered at the tokens ``at`` (N, M), computed with queries, gate, output
+    projection, MLP and residuals at those tokens only and keys and values from every token. Going through the
+    block's own call keeps the hooks on it working (FSDP's gather of its shards, activation checkpointing)."""
+
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if at is None:
+            return super().forward(x)
+        attn = self.attn
+        y = self.norm1(x)
+        n, length, _ = y.shape
+        ys = gather_tokens(y, at)
+        m, heads, hd = at.shape[1], attn.num_heads, attn.head_dim
+        d = heads * hd
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(ys, w[:d], None if b is None else b[:d]).view(n, m, heads, hd).transpose(1, 2)
+        kv = F.linear(y, w[d:], None if b is None else b[d:]).view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        drop = attn.attn_drop.p if attn.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=attn.scale)
+        o = attn.norm(o.transpose(1, 2).reshape(n, m, d))
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(ys).sigmoid()
+        o = attn.proj_drop(attn.proj(o))
+        xs = gather_tokens(x, at) + self.drop_path1(self.ls1(o))
+        return xs + self.drop_path2(self.ls2(self.mlp(self.norm2(xs))))
+
+
 class TransformerDecoder(nn.Module):
     """Linear embed -> mask tokens at removed positions -> fixed sin-cos positions -> ViT blocks -> LN -> Linear.
 
     ``forward(latent, ids_restore)`` takes encoder tokens ``[cls?, visible...]`` in the order given by
     ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position; with ``at`` (N, M)
-    grid positions, the predictions at those positions only, (N, M, out_dim), for less work (``block_at``).
+    grid positions, the predictions at those positions only, (N, M, out_dim), for less work (``DecoderBlock``).
     """
 
     grad_checkpointing = False
@@ -45,7 +75,7 @@ class TransformerDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0), persistent=False)
         self.blocks = nn.Sequential(
             *[
-                Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                DecoderBlock(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
                 for _ in range(depth)
             ]
         )
@@ -73,39 +103,12 @@ class TransformerDecoder(nn.Module):
             x = run_blocks(self.blocks, x, enabled=self.grad_checkpointing)
             return self.pred(self.norm(x)[:, prefix:])
         x = run_blocks(self.blocks[:-1], x, enabled=self.grad_checkpointing)
-        ids = at + prefix
+        last, ids = self.blocks[-1], at + prefix
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block_at, self.blocks[-1], x, ids, use_reentrant=False)
+            x = checkpoint(last, x, ids, use_reentrant=False)
         else:
-            x = block_at(self.blocks[-1], x, ids)
+            x = last(x, ids)
         return self.pred(self.norm(x))
-
-
-def block_at(blk: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """A timm ViT ``Block``'s output at the tokens ``ids`` (N, M) only, (N, M, C): ``blk(x)`` gathered at ``ids``,
-    computed with queries, gate, output projection, MLP and residuals at those tokens and keys and values from every
-    token. A block of another kind runs whole and is gathered."""
-    attn = getattr(blk, "attn", None)
-    if type(blk) is not Block or type(attn) is not Attention:
-        return gather_tokens(blk(x), ids)
-    y = blk.norm1(x)
-    n, length, _ = y.shape
-    ys = gather_tokens(y, ids)
-    m, heads, hd = ids.shape[1], attn.num_heads, attn.head_dim
-    d = heads * hd
-    w, b = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(ys, w[:d], None if b is None else b[:d]).view(n, m, heads, hd).transpose(1, 2)
-    kv = F.linear(y, w[d:], None if b is None else b[d:]).view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
-    k, v = kv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    drop = attn.attn_drop.p if attn.training else 0.0
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=attn.scale)
-    o = attn.norm(o.transpose(1, 2).reshape(n, m, d))
-    if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(ys).sigmoid()
-    o = attn.proj_drop(attn.proj(o))
-    xs = gather_tokens(x, ids) + blk.drop_path1(blk.ls1(o))
-    return xs + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xs))))
 
 
 def visible_token_decoder(
