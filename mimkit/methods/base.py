@@ -13,8 +13,9 @@ class MIMMethod(nn.Module):
     """A masked-image-modeling method: ``forward(batch) -> (loss, outputs)``.
 
     ``batch`` is a dict with at least ``"image"`` (N, C, H, W), normalized. ``outputs`` is a dict of tensors the
-    method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*C), ``mask`` (N, L; 1 = in the loss)
-    and ``hidden`` (N, L; 1 = not shown to the encoder), which is what ``mimkit.viz`` draws; an optional ``log``
+    method chooses; patch-reconstruction methods return ``pred`` (N, L, p*p*C; in training MAE and UM-MAE fill the
+    masked positions only, ``decode_masked``), ``mask`` (N, L; 1 = in the loss) and ``hidden`` (N, L; 1 = not shown to
+    the encoder), which is what ``mimkit.viz`` draws (in eval mode); an optional ``log``
     dict of scalar tensors is averaged and logged by the trainer.
 
     Class attributes carry the optimizer conventions of the method's paper, so the trainer never asks which
