@@ -61,8 +61,11 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
 
 
 def forward_flops(model, images: torch.Tensor) -> dict:
-    """FLOPs of one training forward pass per image (torch's FlopCounterMode, matmuls and convolutions), split into
-    the encoder (every module under ``encoder``) and the rest (decoder, heads, projections), with parameters alike."""
+    """FLOPs of one forward pass per image in the model's mode (torch's FlopCounterMode, matmuls and convolutions;
+    a training forward decodes fewer positions than an evaluation one, ``MIMMethod.decode_masked``), split into the
+    encoder (every module under ``encoder``) and the rest (decoder, heads, projections), with parameters alike. Work
+    on encoder weights outside an encoder module call counts with the rest: a ViT's kept-patch embedding
+    (``ViTInterface.embed_kept``, a functional linear map), a few % of a small ViT's encoder."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)

@@ -10,11 +10,18 @@ from mimkit.methods import create_method
 def test_encoder_flops_follow_the_visible_tokens_and_params_add_up():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
-    half = forward_flops(create_method("mae_vit_pico_patch8", mask_ratio=0.5), images)
-    quarter = forward_flops(create_method("mae_vit_pico_patch8", mask_ratio=0.75), images)
-    # 64 patches: 1 + 32 tokens against 1 + 16 (linear layers dominate at this width), same decoder
+    half = forward_flops(create_method("mae_vit_pico_patch8", mask_ratio=0.5).eval(), images)
+    quarter_model = create_method("mae_vit_pico_patch8", mask_ratio=0.75)
+    training = forward_flops(quarter_model, images)
+    quarter = forward_flops(quarter_model.eval(), images)
+    # 64 patches: 1 + 32 tokens against 1 + 16 (linear layers dominate at this width); in evaluation the same decoder
+    # blocks, whose embedding (and, counted with the rest, the ViT's kept-patch embedding: a functional linear map,
+    # no module call) grows with the visible patches: 5 % here
     assert half["encoder_gflops"] / quarter["encoder_gflops"] == pytest.approx(33 / 17, rel=0.08)
-    assert half["decoder_gflops"] == pytest.approx(quarter["decoder_gflops"], rel=0.02)
+    assert half["decoder_gflops"] == pytest.approx(quarter["decoder_gflops"], rel=0.06)
+    # a training forward runs the decoder's last block and head at the 48 masked positions only
+    assert training["encoder_gflops"] == pytest.approx(quarter["encoder_gflops"])
+    assert 0.8 * quarter["decoder_gflops"] < training["decoder_gflops"] < 0.98 * quarter["decoder_gflops"]
     model = create_method("umae_swin_pico_128")
     flops = forward_flops(model, torch.randn(2, 3, 128, 128))
     total = sum(p.numel() for p in model.parameters()) / 1e6

@@ -51,3 +51,9 @@ def test_training_predicts_masked_positions_only_with_the_same_loss_and_gradient
     masked = mask.bool()
     torch.testing.assert_close(p_train[masked], p_eval[masked], atol=1e-5, rtol=1e-5)
     assert torch.all(p_train[~masked] == 0) and p_eval[~masked].abs().sum() > 0
+
+
+def test_nothing_masked_scores_zero_in_training_instead_of_an_empty_mean():
+    model = create_method("mae_vit_pico_patch8", mask_ratio=0.0).train()
+    loss, out = model({"image": torch.randn(2, 3, 64, 64)})
+    assert loss.item() == 0.0 and out["mask"].sum() == 0

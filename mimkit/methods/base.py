@@ -60,7 +60,7 @@ class MIMMethod(nn.Module):
         block at MAE's ratio; ``pred`` then holds the masked positions' predictions (detached) and zeros elsewhere.
         In evaluation every position is predicted, as the visualization shows them all (docs/design.md)."""
         target = self.target(imgs)
-        if not self.training:
+        if not self.training or visible >= mask.shape[1]:  # evaluation, or nothing masked (a loss of 0, as before)
             pred = self.decoder(latent, ids_restore)
             return masked_mse(pred, target, mask), pred
         from mimkit.masking import gather_tokens

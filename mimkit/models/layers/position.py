@@ -42,9 +42,10 @@ def bias_rows(table: torch.Tensor, index: torch.Tensor, lookup: str | None = Non
       another; on an H200 that one kernel took 64 % of UM-MAE Swin-T's step (42 of 65 ms at batch 64, bf16;
       docs/benchmarks.md, "On a GPU").
     - ``"index_add"`` (default on the CPU): gathered from the (heads, rows) transpose, backward ``index_add_`` along
-      its rows (the gradient laid out (heads, n), one copy): a vectorised pass per head, 4-8x faster than
-      ``index_put``'s element loop on 2 cores (``scripts/gather_backward.py``); embedding's backward is 2-3x slower
-      than ``index_put`` there.
+      its rows (the gradient laid out (heads, n), one copy): a vectorised pass per head instead of ``index_put``'s
+      element loop, about 4x faster forward and backward on 2 cores for UM-MAE Swin-T's per-image indices
+      (``scripts/gather_backward.py``, docs/benchmarks/gather_backward_cpu.txt); embedding's backward is 2.6x slower
+      than ``index_put`` there at 3 heads.
     - ``"index"``: plain ``table[index]``."""
     if lookup is None:
         lookup = "embedding" if table.is_cuda else "index_add"
