@@ -22,11 +22,12 @@ def build(model: str, batch_size: int = 8, img_size=None, device: str = "cpu", b
     return net, opt, data
 
 
-def train_step(net, opt, batch: dict) -> torch.Tensor:
-    """zero_grad, forward (bf16 autocast on CUDA), backward, update; returns the loss."""
+def train_step(net, opt, batch: dict, cpu_bf16: bool = False) -> torch.Tensor:
+    """zero_grad, forward (bf16 autocast on CUDA, and on the CPU with ``cpu_bf16``), backward, update; returns the
+    loss."""
     dev = batch["image"].device
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" or cpu_bf16):
         loss = net(batch)[0]
     loss.backward()
     opt.step()

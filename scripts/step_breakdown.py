@@ -4,6 +4,7 @@ are exact there), for docs/benchmarks.md. Host memory is kept for reuse, as the 
 
     .venv/bin/python scripts/step_breakdown.py umae_pvt_small_256 [--steps 4] [--batch-size 8]
     .venv/bin/python scripts/step_breakdown.py umae_swin_tiny_256 --steps 5 --total-only   # one line: s per step
+    .venv/bin/python scripts/step_breakdown.py umae_swin_tiny_256 --total-only --cpu-bf16  # as --cpu-autocast runs
 
 Two warm-up steps, then ``--steps`` timed ones on random images (zero_grad + forward + backward + fused AdamW).
 """
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--total-only", action="store_true", help="print only the median seconds per step")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (the trainer's --cpu-autocast)")
     a = ap.parse_args()
     keep_freed_memory()
     net, opt, (batch,) = build(a.model, a.batch_size)
@@ -41,13 +43,14 @@ def main() -> None:
             lambda m, gi, go: acc.__setitem__("b", acc["b"] + time.perf_counter() - start["b"])
         )
     for _ in range(2):
-        train_step(net, opt, batch)
+        train_step(net, opt, batch, a.cpu_bf16)
     acc.clear()
     walls, fwd, bwd, upd = [], [], [], []
     for _ in range(a.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = net(batch)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.cpu_bf16):
+            loss = net(batch)[0]
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -58,7 +61,8 @@ def main() -> None:
         bwd.append(t2 - t1)
         upd.append(t3 - t2)
     if a.total_only:
-        print(f"{a.model}: {statistics.median(walls):.3f} s per step (median of {a.steps})")
+        tag = ", bf16 autocast" if a.cpu_bf16 else ""
+        print(f"{a.model}{tag}: {statistics.median(walls):.3f} s per step (median of {a.steps})")
         return
     ms = 1e3
     print(f"{a.model}, batch {a.batch_size}, {torch.get_num_threads()} threads, mean of {a.steps} steps (ms):")
