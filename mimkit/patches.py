@@ -24,6 +24,22 @@ def patchify_channels_first(imgs: torch.Tensor, p: int) -> torch.Tensor:
     return imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * p * p)
 
 
+def is_patchwise(conv) -> bool:
+    """Whether ``conv`` maps every non-overlapping patch on its own as one linear map: a square ``nn.Conv2d`` whose
+    kernel is its stride, with no padding, dilation or groups; then embedding some patches of an image equals
+    ``F.linear`` on their ``patchify_channels_first`` pixels, and the kept patches can be embedded alone."""
+    from torch import nn
+
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
 def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
     """Inverse of ``patchify``; ``grid`` (rows, cols) defaults to a square grid."""
     n, length, _ = x.shape

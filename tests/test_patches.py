@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.patches import masked_mse, normalized_target, patchify, unpatchify
+from mimkit.patches import is_patchwise, masked_mse, normalized_target, patchify, unpatchify
 
 
 @pytest.mark.parametrize("p,h,w", [(16, 224, 224), (8, 64, 96), (4, 32, 32)])
@@ -50,3 +50,18 @@ def test_sincos_embedding_shape_cls_row_and_uniqueness():
     assert len({tuple(r.tolist()) for r in emb[1:]}) == 24
     # first half encodes the column: two positions in one column share it
     assert torch.allclose(emb[1, :16], emb[1 + 6, :16]) and not torch.allclose(emb[1, 16:], emb[1 + 6, 16:])
+
+
+@pytest.mark.parametrize(
+    "conv,expected",
+    [
+        (torch.nn.Conv2d(3, 8, 4, 4), True),
+        (torch.nn.Conv2d(3, 8, 7, 4, padding=3), False),
+        (torch.nn.Conv2d(4, 8, 4, 4, groups=2), False),
+        (torch.nn.Conv2d(3, 8, (4, 2), (4, 2)), False),
+        (torch.nn.Linear(3, 8), False),
+    ],
+    ids=["patchwise", "overlapping", "grouped", "not-square", "not-a-conv"],
+)
+def test_is_patchwise_only_for_one_linear_map_per_square_patch(conv, expected):
+    assert is_patchwise(conv) is expected

@@ -6,6 +6,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from mimkit.masking import gather_tokens
 from mimkit.patches import masked_mse, normalized_target, patch_mse, patchify
 
 
@@ -63,8 +64,6 @@ class MIMMethod(nn.Module):
         if not self.training or visible >= mask.shape[1]:  # evaluation, or nothing masked (a loss of 0, as before)
             pred = self.decoder(latent, ids_restore)
             return masked_mse(pred, target, mask), pred
-        from mimkit.masking import gather_tokens
-
         at = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : mask.shape[1] - visible]
         part = self.decoder(latent, ids_restore, at)
         loss = patch_mse(part, gather_tokens(target, at)).mean()

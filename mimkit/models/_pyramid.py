@@ -7,6 +7,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from mimkit.masking import compact
+from mimkit.patches import is_patchwise
 
 
 def pyramid_cfg(img_size: int, first_conv: str) -> dict:
@@ -106,8 +107,7 @@ class PyramidEncoder(nn.Module):
         would otherwise scatter the gradient back over the whole image. Any other stem embeds the whole image."""
         conv = self.stem_conv()
         cell = (img.shape[-2] // grid[0], img.shape[-1] // grid[1])
-        patchwise = conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1)
-        if patchwise and all(c % s == 0 for c, s in zip(cell, conv.stride)):
+        if is_patchwise(conv) and all(c % s == 0 for c, s in zip(cell, conv.stride)):
             return self.embed(compact(img.permute(0, 2, 3, 1), ids, grid).permute(0, 3, 1, 2))
         return compact(self.embed(img), ids, grid)
 

@@ -178,21 +178,15 @@ class ViTInterface:
         and without scattering its gradient over the dropped patches. Any other stem (padding, another size, a
         hybrid) embeds every patch first."""
         from mimkit.masking import gather_tokens
+        from mimkit.patches import is_patchwise, patchify_channels_first
 
-        pe, (n, c, h, w) = self.vit.patch_embed, img.shape
-        proj = getattr(pe, "proj", None)
-        if (
-            isinstance(proj, nn.Conv2d)
-            and proj.kernel_size == proj.stride
-            and proj.padding == (0, 0)
-            and getattr(pe, "flatten", False)
-            and (h // proj.stride[0], w // proj.stride[1]) == tuple(pe.grid_size)
-            and h % proj.stride[0] == 0
-            and w % proj.stride[1] == 0
-        ):
-            ph, pw = proj.kernel_size
-            pix = img.view(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * ph * pw)
-            return pe.norm(F.linear(gather_tokens(pix, ids_keep), proj.weight.flatten(1), proj.bias))
+        pe, (h, w) = self.vit.patch_embed, img.shape[-2:]
+        proj: Any = getattr(pe, "proj", None)
+        if is_patchwise(proj) and getattr(pe, "flatten", False):
+            p = proj.kernel_size[0]
+            if h % p == 0 and w % p == 0 and (h // p, w // p) == tuple(pe.grid_size):
+                pix = gather_tokens(patchify_channels_first(img, p), ids_keep)
+                return pe.norm(F.linear(pix, proj.weight.flatten(1), proj.bias))
         return gather_tokens(pe(img), ids_keep)
 
     def encode_masked(self, img, mask, token):
