@@ -50,6 +50,7 @@ bench: $(STAMP)
 	mkdir -p docs/benchmarks
 	{ echo "# $$(date -u +%F) $$(nproc) cores, eager, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBS_ROWS); } > docs/benchmarks/side_by_side.log
 	{ echo "# $$(date -u +%F) $$(nproc) cores, compiled rows, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBSC_ROWS); } > docs/benchmarks/side_by_side_compiled.log
+	{ echo "# $$(date -u +%F) $$(nproc) cores, rounds 3"; $(PY) scripts/stage_times.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows ref_umae_pvt_s,mkk_umae_pvt_s; } > docs/benchmarks/stage_times_pvt.log
 	$(PY) scripts/bench_table.py record docs/benchmarks/lomar_vs_mae.json -- --models mae_vit_base_patch16 lomar_vit_base_patch16 --img-size 224 384 448 --batch-size 4 $(BENCH_CPU)
 	$(PY) scripts/bench_table.py record docs/benchmarks/mixmae_vs_simmim.json -- --models simmim_mixswin_base_224 mixmae_swin_base_224 mixmae_swin_base_224:pairing=once --batch-size 8 $(BENCH_CPU)
 	$(PY) scripts/bench_table.py record docs/benchmarks/coma_vs_mae.json -- --models mae_vit_base_patch16 coma_dyvit_base_224:mode=pair coma_dyvit_base_224:mode=cycle coma_dyvit_base_224:mode=cycle,teacher=ema coma_dyvit_tiny_224:mode=cycle coma_vit_base_patch16:mode=cycle --batch-size 8 $(BENCH_CPU)

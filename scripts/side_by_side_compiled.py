@@ -71,20 +71,25 @@ def add_tool_args(ap: argparse.ArgumentParser, warmup: int, steps: int) -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
-def run_rounds(script: str, a: argparse.Namespace, rows: list[str], extra: list[str], deadline: float = 0.0) -> None:
+def run_rounds(
+    script: str, a: argparse.Namespace, rows: list[str], extra: list[str], deadline: float = 0.0
+) -> list[str]:
     """Every row in its own process (``script --one ROW`` with ``a``'s options and ``extra``), rows alternating in
-    order over ``a.rounds``; prints each row's RESULT line or its failure. No row starts after ``deadline`` (unix
-    time; 0: none)."""
+    order over ``a.rounds``; prints each row's RESULT line or its failure, and returns the RESULT lines. No row starts
+    after ``deadline`` (unix time; 0: none)."""
+    results = []
     for rnd in range(a.rounds):
         for row in rows if rnd % 2 == 0 else rows[::-1]:
             if deadline and time.time() > deadline:
                 print(f"# deadline reached in round {rnd + 1}: stopped", flush=True)
-                return
+                return results
             cmd = [sys.executable, script, "--tool", a.tool, "--ref-dir", a.ref_dir, "--one", row]
             cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps), *extra]
             p = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
             print(lines[0] if lines else f"{row}: FAILED\n{p.stderr[-2000:]}", flush=True)
+            results += lines[:1]
+    return results
 
 
 def main() -> None:

@@ -1,0 +1,156 @@
+"""Where two codes' training steps differ: milliseconds per step (forward + backward) of each group of blocks
+(encoder blocks by width, decoder blocks, patch merges) and of the rest (embedding, masking, glue, loss, head,
+update), for rows of the shared side-by-side tool, each in its own process, rows alternating over rounds.
+
+    .venv/bin/python scripts/stage_times.py --tool ../shared/tools/side_by_side.py --ref-dir REF \\
+        --rows ref_umae_pvt_s,mkk_umae_pvt_s --rounds 3 > docs/benchmarks/stage_times_pvt.log
+    .venv/bin/python scripts/stage_times.py --render docs/benchmarks/stage_times_pvt.log   # the table again
+
+Rows are the tool's (``ref_X``, ``mk_X``) with scripts/side_by_side_compiled.py's ``k`` prefix (host memory kept);
+each row is built by the tool's own builders and stepped as its ``run_one`` steps it. A unit is a module whose class
+or a base class has a name ending in ``Block`` (grouped as "decoder blocks" when its name has "decoder", else by its
+first LayerNorm's width) or a patch merge (a class name with ``Merg``, or a later stage's ``patch_embed.proj``); a
+unit inside another unit counts for itself only. Module hooks clock each unit's forward and backward (CPU
+operations are synchronous, so the clocks are exact there); full backward hooks cost a little time per unit in both
+codes alike, so the step is slower than the side-by-side's. Prints one RESULT line per process and a Markdown
+table of medians with ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+from side_by_side_compiled import add_tool_args, load_tool, run_rounds, variant
+
+
+def unit_group(name: str, module) -> str | None:
+    """The group a module's time counts in, or None when it is not a unit."""
+    from torch import nn
+
+    classes = [c.__name__ for c in type(module).__mro__]  # the tool subclasses timm's Block for the reference
+    m = re.search(r"stages\.(\d+)\.patch_embed\.proj$", name)
+    if "Merg" in classes[0] or (m and int(m.group(1)) > 0):
+        return "patch merges"
+    if not any(c.endswith("Block") for c in classes):
+        return None
+    if "decoder" in name:
+        return "decoder blocks"
+    width = next((n.normalized_shape[0] for n in module.modules() if isinstance(n, nn.LayerNorm)), 0)
+    return f"encoder blocks, width {width}"
+
+
+def hook_units(net) -> dict[str, float]:
+    """Accumulates each unit's exclusive seconds (its own minus its units') in the returned dict, by group."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    stacks: dict[str, list[list[float]]] = {"f": [], "b": []}  # [start, seconds of nested units]
+
+    def enter(way):
+        return lambda *_: stacks[way].append([time.perf_counter(), 0.0])
+
+    def leave(way, group):
+        def hook(*_):
+            start, nested = stacks[way].pop()
+            spent = time.perf_counter() - start
+            acc[group] += spent - nested
+            if stacks[way]:
+                stacks[way][-1][1] += spent
+
+        return hook
+
+    for name, module in net.named_modules():
+        group = unit_group(name, module)
+        if group:
+            module.register_forward_pre_hook(enter("f"))
+            module.register_forward_hook(leave("f", group))
+            module.register_full_backward_pre_hook(enter("b"))
+            module.register_full_backward_hook(leave("b", group))
+    return acc
+
+
+def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
+    """Builds the row with the tool, times ``steps`` steps after ``warmup`` and prints a RESULT line."""
+    import torch
+
+    import mimkit  # noqa: F401  (before timm: the torchvision shim)
+
+    base, compiled, kept = variant(row)
+    if compiled:
+        raise SystemExit(f"--rows: {row!r}: compiled rows have no module boundaries to clock")
+    if kept:
+        from mimkit.engine.host_memory import keep_freed_memory
+
+        keep_freed_memory()
+    torch.set_num_threads(os.cpu_count() or 1)  # as the tool's run_one
+    kind, model, batch_size, px = tool.ROWS[base]
+    torch.manual_seed(0)
+    if kind not in ("ref", "mk"):
+        raise SystemExit(f"--rows: {row!r}: only ref and mk rows")
+    made = tool.build_ref(model, ref_dir, batch_size, px) if kind == "ref" else tool.build_mk(model, batch_size, px)
+    net, opt, batch, step = made
+    net.train()
+    acc = hook_units(net)
+    batches = [batch() for _ in range(warmup + steps)]
+    walls = []
+    for i, b in enumerate(batches):
+        if i == warmup:
+            acc.clear()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = step(b)
+        loss.item()
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            walls.append(time.perf_counter() - t0)
+    ms = {g: round(s / steps * 1e3, 1) for g, s in sorted(acc.items())}
+    ms["rest"] = round(statistics.fmean(walls) * 1e3 - sum(ms.values()), 1)
+    ms["step"] = round(statistics.fmean(walls) * 1e3, 1)
+    print("RESULT " + json.dumps({"row": row, "ms": ms}), flush=True)
+
+
+def table(lines: list[str]) -> str:
+    """Markdown: one line per group, one column per row, median (range) of the rounds."""
+    runs: dict[str, list[dict]] = collections.defaultdict(list)
+    for line in lines:
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            runs[r["row"]].append(r["ms"])
+    rows = list(runs)
+    groups = sorted({g for rs in runs.values() for r in rs for g in r} - {"rest", "step"}) + ["rest", "step"]
+    out = ["| ms per step | " + " | ".join(f"`{r}`" for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for g in groups:
+        cells = []
+        for r in rows:
+            vals = [x[g] for x in runs[r] if g in x]
+            cells.append(f"{statistics.median(vals):.0f} ({min(vals):.0f}-{max(vals):.0f})" if vals else "-")
+        out.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--render":  # docs/benchmarks.md's generated block
+        with open(sys.argv[2]) as f:
+            print(table(f.read().splitlines()))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_tool_args(ap, warmup=2, steps=4)
+    ap.add_argument("--rows", required=True, help="comma-separated ref_X / mk_X rows of the tool, k prefix allowed")
+    a = ap.parse_args()
+    tool = load_tool(a.tool)
+    if a.one:
+        return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps)
+    for row in a.rows.split(","):
+        if variant(row)[0] not in tool.ROWS:
+            raise SystemExit(f"--rows: {row!r}: the tool has no row {variant(row)[0]!r}")
+    print(table(run_rounds(__file__, a, a.rows.split(","), ["--rows", a.rows])))
+
+
+if __name__ == "__main__":
+    main()
