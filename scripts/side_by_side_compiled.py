@@ -39,6 +39,14 @@ def variant(row: str) -> tuple[str, bool, bool]:
     return f"{kind}_{suffix}", "c" in flags, "k" in flags
 
 
+def checked_rows(tool, rows: str) -> list[str]:
+    """The comma-separated ``--rows``, each a row of the tool with a known prefix (else exits with a message)."""
+    for row in rows.split(","):
+        if variant(row)[0] not in tool.ROWS:
+            raise SystemExit(f"--rows: {row!r}: the tool has no row {variant(row)[0]!r}")
+    return rows.split(",")
+
+
 def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
     base, compiled, kept = variant(row)
     tool.ROWS[row] = tool.ROWS[base]
@@ -105,10 +113,7 @@ def main() -> None:
     tool = load_tool(a.tool)
     if a.one:
         return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps)
-    for row in a.rows.split(","):
-        if variant(row)[0] not in tool.ROWS:
-            raise SystemExit(f"--rows: {row!r}: the tool has no row {variant(row)[0]!r}")
-    run_rounds(__file__, a, a.rows.split(","), ["--rows", a.rows])
+    run_rounds(__file__, a, checked_rows(tool, a.rows), ["--rows", a.rows])
 
 
 if __name__ == "__main__":

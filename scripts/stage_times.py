@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from side_by_side_compiled import add_tool_args, load_tool, run_rounds, variant
+from side_by_side_compiled import add_tool_args, checked_rows, load_tool, run_rounds, variant
 
 
 def unit_group(name: str, module) -> str | None:
@@ -146,10 +146,7 @@ def main() -> None:
     tool = load_tool(a.tool)
     if a.one:
         return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps)
-    for row in a.rows.split(","):
-        if variant(row)[0] not in tool.ROWS:
-            raise SystemExit(f"--rows: {row!r}: the tool has no row {variant(row)[0]!r}")
-    print(table(run_rounds(__file__, a, a.rows.split(","), ["--rows", a.rows])))
+    print(table(run_rounds(__file__, a, checked_rows(tool, a.rows), ["--rows", a.rows])))
 
 
 if __name__ == "__main__":
