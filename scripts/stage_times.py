@@ -110,8 +110,9 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
         if i >= warmup:
             walls.append(time.perf_counter() - t0)
     ms = {g: round(s / steps * 1e3, 1) for g, s in sorted(acc.items())}
-    ms["rest"] = round(statistics.fmean(walls) * 1e3 - sum(ms.values()), 1)
-    ms["step"] = round(statistics.fmean(walls) * 1e3, 1)
+    step_ms = statistics.fmean(walls) * 1e3
+    ms["rest"] = round(step_ms - sum(ms.values()), 1)
+    ms["step"] = round(step_ms, 1)
     print("RESULT " + json.dumps({"row": row, "ms": ms}), flush=True)
 
 
@@ -123,7 +124,11 @@ def table(lines: list[str]) -> str:
             r = json.loads(line[7:])
             runs[r["row"]].append(r["ms"])
     rows = list(runs)
-    groups = sorted({g for rs in runs.values() for r in rs for g in r} - {"rest", "step"}) + ["rest", "step"]
+    units = {g for rs in runs.values() for r in rs for g in r} - {"rest", "step"}
+    by_width = sorted(
+        units, key=lambda g: (g.startswith("encoder"), int(g.rsplit(" ", 1)[-1]) if "width" in g else 0, g)
+    )
+    groups = by_width + ["rest", "step"]
     out = ["| ms per step | " + " | ".join(f"`{r}`" for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for g in groups:
         cells = []
