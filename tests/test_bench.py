@@ -15,10 +15,11 @@ def test_encoder_flops_follow_the_visible_tokens_and_params_add_up():
     training = forward_flops(quarter_model, images)
     quarter = forward_flops(quarter_model.eval(), images)
     # 64 patches: 1 + 32 tokens against 1 + 16 (linear layers dominate at this width); in evaluation the same decoder
-    # blocks, whose embedding (and, counted with the rest, the ViT's kept-patch embedding: a functional linear map,
-    # no module call) grows with the visible patches: 5 % here
+    # blocks, but the embedding (and, counted with the rest, the ViT's kept-patch embedding: a functional linear map,
+    # no module call) and the first block's norm and qkv (mask-token rows once per position) grow with the visible
+    # patches: 8 % here
     assert half["encoder_gflops"] / quarter["encoder_gflops"] == pytest.approx(33 / 17, rel=0.08)
-    assert half["decoder_gflops"] == pytest.approx(quarter["decoder_gflops"], rel=0.06)
+    assert quarter["decoder_gflops"] < half["decoder_gflops"] < 1.12 * quarter["decoder_gflops"]
     # a training forward runs the decoder's last block and head at the 48 masked positions only
     assert training["encoder_gflops"] == pytest.approx(quarter["encoder_gflops"])
     assert 0.8 * quarter["decoder_gflops"] < training["decoder_gflops"] < 0.98 * quarter["decoder_gflops"]

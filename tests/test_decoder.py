@@ -1,5 +1,6 @@
 """The MAE decoder (mimkit/models/decoder.py): predicting at the masked positions only (the training path) gives the
-loss and gradients of predicting everywhere (the evaluation path)."""
+loss and gradients of predicting everywhere (the evaluation path); the first block's mask-token rows computed once per
+position give those of the full sequence."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from timm.models.vision_transformer import Block
 
 from mimkit.masking import gather_tokens
 from mimkit.methods import create_method
-from mimkit.models.decoder import DecoderBlock
+from mimkit.models.decoder import DecoderBlock, TransformerDecoder
 
 
 def test_decoder_block_at_some_tokens_equals_the_whole_block_gathered_in_values_and_gradients():
@@ -20,6 +21,35 @@ def test_decoder_block_at_some_tokens_equals_the_whole_block_gathered_in_values_
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(want)
     params = [x, *blk.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [False, True], ids=["no-cls", "cls"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("at_masked", [False, True], ids=["everywhere", "at-masked"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_mask_token_rows_equal_decoding_the_full_sequence_in_values_and_gradients(
+    cls, depth, at_masked, checkpointing
+):
+    """``forward`` (mask-token rows once per position in the first block) against ``decode`` of the full sequence
+    built the plain way: mask tokens concatenated and unshuffled."""
+    torch.manual_seed(0)
+    dec = TransformerDecoder(24, (4, 4), 12, dim=32, depth=depth, num_heads=4, cls_token=cls)
+    dec.grad_checkpointing = checkpointing
+    n, length, visible, prefix = 3, 16, 5, int(cls)
+    ids_shuffle = torch.rand(n, length).argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    latent = torch.randn(n, prefix + visible, 24, requires_grad=True)
+    at = ids_shuffle[:, visible:] if at_masked else None
+    x = dec.embed(latent)
+    masks = dec.mask_token.expand(n, length - visible, -1)
+    full = torch.cat([x[:, :prefix], gather_tokens(torch.cat([x[:, prefix:], masks], 1), ids_restore)], 1)
+    want, got = dec.decode(full, at), dec(latent, ids_restore, at)
+    assert got.shape == (n, length - visible if at_masked else length, 12)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(want)
+    params = [latent, *dec.parameters()]
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mimkit  # noqa: F401
 from mimkit.methods import create_method, list_methods
-from mimkit.models.layers import bias_rows, window_attention
+from mimkit.models.layers import bias_rows, patch_linear, window_attention
 
 
 def explicit_attention(q, k, v, bias):
@@ -56,6 +56,22 @@ def test_bias_rows_lookups_equal_indexing_in_values_and_gradients(lookup, index_
     g_got, g_want = (torch.autograd.grad(b, table, grad)[0] for b in (got, want))
     torch.testing.assert_close(g_got, g_want)
     assert g_want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel,in_dim,out_dim", [(1, 6, 6), (2, 5, 7), (4, 3, 8)])
+def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(kernel, in_dim, out_dim):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_dim, out_dim, kernel, kernel)
+    x = torch.randn(2, 4 * kernel, 2 * kernel, in_dim, requires_grad=True)  # NHWC, a non-square map
+    got = patch_linear(x, conv)
+    want = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert got.shape == (2, 4, 2, out_dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(want)
+    g_got = torch.autograd.grad(got, (x, conv.weight, conv.bias), grad)
+    g_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bias_rows_rejects_unknown_lookups():

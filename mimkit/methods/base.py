@@ -60,19 +60,21 @@ class MIMMethod(nn.Module):
         reads the others, so loss and gradients are those of decoding every position, for a quarter less of the last
         block at MAE's ratio; ``pred`` then holds the masked positions' predictions (detached) and zeros elsewhere.
         In evaluation every position is predicted, as the visualization shows them all (docs/design.md)."""
-        target = self.target(imgs)
         if not self.training or visible >= mask.shape[1]:  # evaluation, or nothing masked (a loss of 0, as before)
             pred = self.decoder(latent, ids_restore)
-            return masked_mse(pred, target, mask), pred
+            return masked_mse(pred, self.target(imgs), mask), pred
         at = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : mask.shape[1] - visible]
         part = self.decoder(latent, ids_restore, at)
-        loss = patch_mse(part, gather_tokens(target, at)).mean()
+        loss = patch_mse(part, self.target(imgs, at)).mean()
         index = at.unsqueeze(-1).expand(-1, -1, part.shape[-1])
         return loss, part.new_zeros(*mask.shape, part.shape[-1]).scatter(1, index, part.detach())
 
-    def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Reconstruction target: patchified images (N, L, p*p*C), per-patch normalized when ``norm_pix_loss``."""
+    def target(self, imgs: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction target: patchified images (N, L, p*p*C), per-patch normalized when ``norm_pix_loss``; with
+        ``at`` (N, M) the patches at those positions only (N, M, p*p*C), normalized after the gather."""
         patches = patchify(imgs, self.patch_size)
+        if at is not None:
+            patches = gather_tokens(patches, at)
         return normalized_target(patches) if self.norm_pix_loss else patches
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -128,7 +128,7 @@ class LoMaR(MIMMethod):
         ids = self.draw_windows(n, imgs.device)  # (N, W, K*K)
         mask = self.draw_masks(n * self.num_windows, imgs.device)  # (N*W, K*K)
         pred = self.encode_windows(self.embed_windows(imgs, ids), mask)
-        target = gather_tokens(self.target(imgs), ids.flatten(1)).view_as(pred)
+        target = self.target(imgs, ids.flatten(1)).view_as(pred)
         loss = masked_mse(pred, target, mask)
         return loss, self.image_outputs(pred, mask, ids)
 

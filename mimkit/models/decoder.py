@@ -11,38 +11,71 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import gather_tokens
-from mimkit.models._checkpoint import run_blocks
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.vit import mae_init_
 
 
-class DecoderBlock(Block):
-    """timm's ViT ``Block`` (the same parameters and state-dict keys) whose forward can stop at some tokens:
-    ``forward(x, at)`` is ``forward(x)`` gathered at the tokens ``at`` (N, M), computed with queries, gate, output
-    projection, MLP and residuals at those tokens only and keys and values from every token. Going through the
-    block's own call keeps the hooks on it working (FSDP's gather of its shards, activation checkpointing)."""
+def spread(own: torch.Tensor, common: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(N, T, C): ``common`` (T, C) at every position of every sample, except ``own`` (N, G, C) at the positions
+    ``where`` (N, G)."""
+    index = where.unsqueeze(-1).expand(-1, -1, common.shape[-1])
+    return common.expand(own.shape[0], -1, -1).scatter(1, index, own)
 
-    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if at is None:
+
+class DecoderBlock(Block):
+    """timm's ViT ``Block`` (the same parameters and state-dict keys) whose forward can stop at some tokens and can
+    take the rows every sample shares once.
+
+    ``forward(x, at)`` is ``forward(x)`` gathered at the tokens ``at`` (N, M), computed with queries, gate, output
+    projection, MLP and residuals at those tokens only and keys and values from every token.
+    ``forward(x, at, shared=(rows, where))`` is the forward of ``spread(x, rows, where)``: the input holds only the
+    tokens ``x`` (N, G, D) at the positions ``where`` (N, G), every other position of a sample holds the same row of
+    ``rows`` (T, D) (the decoder's mask token plus its position). Those rows go through the first norm and the qkv
+    projection once per position rather than once per sample, the costliest shared part of a first decoder block
+    (about 3/4 of its rows at MAE's ratio); attention, projection and MLP mix the samples' tokens and run on all.
+    Going through the block's own call keeps the hooks on it working (FSDP's gather of its shards, activation
+    checkpointing)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        at: torch.Tensor | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if at is None and shared is None:
             return super().forward(x)
         attn = self.attn
-        y = self.norm1(x)
-        n, length, _ = y.shape
-        ys = gather_tokens(y, at)
-        m, heads, hd = at.shape[1], attn.num_heads, attn.head_dim
+        heads, hd = attn.num_heads, attn.head_dim
         d = heads * hd
         w, b = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(ys, w[:d], None if b is None else b[:d]).view(n, m, heads, hd).transpose(1, 2)
-        kv = F.linear(y, w[d:], None if b is None else b[d:]).view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        if shared is None:
+            y = self.norm1(x)
+            ys = y if at is None else gather_tokens(y, at)
+            q = F.linear(ys, w[:d], None if b is None else b[:d])
+            kv = F.linear(y, w[d:], None if b is None else b[d:])
+        else:
+            rows, where = shared
+            qkv = spread(attn.qkv(self.norm1(x)), attn.qkv(self.norm1(rows)), where)
+            x = spread(x, rows, where)
+            q, kv = qkv[..., :d], qkv[..., d:]
+            if at is not None:
+                q = gather_tokens(q, at)
+            ys = None
+        n, length = x.shape[:2]
+        m = length if at is None else at.shape[1]
+        q = q.reshape(n, m, heads, hd).transpose(1, 2)
+        kv = kv.reshape(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         drop = attn.attn_drop.p if attn.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=attn.scale)
         o = attn.norm(o.transpose(1, 2).reshape(n, m, d))
         if getattr(attn, "gate", None) is not None:
+            if ys is None:
+                ys = self.norm1(x) if at is None else gather_tokens(self.norm1(x), at)
             o = o * attn.gate(ys).sigmoid()
         o = attn.proj_drop(attn.proj(o))
-        xs = gather_tokens(x, at) + self.drop_path1(self.ls1(o))
+        xs = (x if at is None else gather_tokens(x, at)) + self.drop_path1(self.ls1(o))
         return xs + self.drop_path2(self.ls2(self.mlp(self.norm2(xs))))
 
 
@@ -84,31 +117,50 @@ class TransformerDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder tokens take their positions; every other position holds the mask token plus its position
+        embedding, a row the first block computes once per position (``DecoderBlock``'s ``shared``): the same
+        predictions as ``decode`` of the full sequence, for less work."""
         x = self.embed(latent)
         prefix = 1 if self.has_cls else 0
         n, length = ids_restore.shape
-        visible = x[:, prefix:]
-        masks = self.mask_token.expand(n, length - visible.shape[1], -1).to(visible.dtype)
-        x_ = gather_tokens(torch.cat([visible, masks], dim=1), ids_restore)
-        return self.decode(torch.cat([x[:, :prefix], x_], dim=1), at)
+        pos = self.pos_embed.to(x.dtype)
+        # where the given tokens sit: the class token first, encoder token j where ids_restore points to j
+        order = torch.arange(length, device=ids_restore.device).expand(n, -1)
+        where = torch.empty_like(ids_restore).scatter_(1, ids_restore, order)[:, : x.shape[1] - prefix] + prefix
+        where = torch.cat([where.new_zeros(n, prefix), where], dim=1)
+        x = x + gather_tokens(pos.expand(n, -1, -1), where)
+        return self.run(x, at, (self.mask_token.to(x.dtype) + pos)[0], where)
 
     def decode(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """Embedded tokens at every position (N, [1 +] L, dim), mask tokens already in place -> predictions at every
         grid position, or at the positions ``at`` (N, M) only: every block but the last runs on all tokens, the last
         one's queries, MLP and residuals and the head at ``at`` only (keys and values from every token), which is
         what a loss that reads only those positions needs (same loss, same gradients)."""
+        return self.run(x + self.pos_embed.to(x.dtype), at)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        at: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        where: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Blocks, norm and head on position-embedded tokens ``x``: the whole sequence, or (``rows``, ``where``) the
+        tokens at ``where`` with ``rows`` everywhere else (``DecoderBlock``)."""
         prefix = 1 if self.has_cls else 0
-        x = x + self.pos_embed.to(x.dtype)
-        if at is None:
-            x = run_blocks(self.blocks, x, enabled=self.grad_checkpointing)
-            return self.pred(self.norm(x)[:, prefix:])
-        x = run_blocks(self.blocks[:-1], x, enabled=self.grad_checkpointing)
-        last, ids = self.blocks[-1], at + prefix
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(last, x, ids, use_reentrant=False)
-        else:
-            x = last(x, ids)
-        return self.pred(self.norm(x))
+        shared = None if rows is None or where is None else (rows, where)
+        if shared is not None and not len(self.blocks):
+            x, shared = spread(x, rows, where), None
+        ids = None if at is None else at + prefix
+        use = self.grad_checkpointing and torch.is_grad_enabled()
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            args = (x, ids if i == last else None, shared if i == 0 else None)
+            x = checkpoint(blk, *args, use_reentrant=False) if use else blk(*args)
+        if ids is not None and not len(self.blocks):
+            x = gather_tokens(x, ids)
+        x = self.norm(x)
+        return self.pred(x if ids is not None else x[:, prefix:])
 
 
 def visible_token_decoder(

@@ -21,7 +21,7 @@ from mimkit.masking import compact
 from mimkit.models._checkpoint import run_blocks
 from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
-from mimkit.models.layers import PreNormBlock, drop_path_rates
+from mimkit.models.layers import PreNormBlock, drop_path_rates, patch_linear
 from mimkit.models.pos_embed import sincos_2d
 
 
@@ -44,11 +44,9 @@ class SRAttention(nn.Module):
         b, h, w, c = x.shape
         hd = c // self.num_heads
         q = self.q(x).view(b, h * w, self.num_heads, hd).transpose(1, 2)
-        if self.reduce:
-            y = x.permute(0, 3, 1, 2)
-            if pool > 1:
-                y = F.avg_pool2d(y, pool)
-            y = self.norm(self.sr(y).flatten(2).transpose(1, 2))
+        if self.reduce:  # pooled channel-last (avg_pool2d keeps the layout), the 1x1 conv as a matrix product
+            y = F.avg_pool2d(x.permute(0, 3, 1, 2), pool).permute(0, 2, 3, 1) if pool > 1 else x
+            y = self.norm(patch_linear(y, self.sr).reshape(b, -1, c))
         else:
             y = x.reshape(b, h * w, c)
         k, v = self.kv(y).view(b, -1, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
@@ -83,6 +81,10 @@ class PVTStage(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H', W', dim)."""
         return self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
+
+    def embed_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H', W', dim): ``embed`` of a channel-last map (a later stage's input)."""
+        return self.patch_embed.norm(patch_linear(x, self.patch_embed.proj))
 
     def run_blocks(self, x: torch.Tensor, compact: bool) -> torch.Tensor:
         """The blocks at full-resolution pooling ratios, or halved ones on the compact map."""
@@ -200,7 +202,7 @@ class PVT(PyramidEncoder):
         outs = []
         for i, stage in enumerate(self.stages):
             if i > 0:
-                x = stage.embed(x.permute(0, 3, 1, 2))
+                x = stage.embed_nhwc(x)
             x = stage.run_blocks(x, compact)
             outs.append(x)
         x = self.norm(x)

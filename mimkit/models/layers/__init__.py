@@ -2,7 +2,7 @@
 pre-norm transformer block. One implementation of each; a backbone file holds only what is its own."""
 
 from mimkit.models.layers.block import PreNormBlock, drop_path_rates
-from mimkit.models.layers.merge import PatchMerge, PatchMerging
+from mimkit.models.layers.merge import PatchMerge, PatchMerging, patch_linear
 from mimkit.models.layers.position import COORD_UNITS, PositionBiasMLP, bias_rows, log_spaced, relative_index
 from mimkit.models.layers.windows import window_attention, window_partition, window_reverse
 
@@ -12,6 +12,7 @@ __all__ = [
     "drop_path_rates",
     "PatchMerge",
     "PatchMerging",
+    "patch_linear",
     "PositionBiasMLP",
     "PreNormBlock",
     "log_spaced",
