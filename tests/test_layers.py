@@ -1,5 +1,6 @@
 """Shared layers (mimkit/models/layers/): window attention against an explicit softmax, and the call shape that lets
-PyTorch use its fused kernels; no host synchronisation in any method's training step (a GPU stall each time)."""
+PyTorch use its fused kernels; strided convolutions as channel-last products; contiguous maps into the blocks' norms;
+no host synchronisation in any method's training step (a GPU stall each time)."""
 
 import collections
 
@@ -72,6 +73,20 @@ def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(ker
     g_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["umae_pvt_pico_128", "simmim_pvt_pico_128", "umae_swin_pico_128"])
+def test_block_layer_norms_get_contiguous_maps(name):
+    """A permuted view carried through a stage's residual stream is copied by every LayerNorm, forward and backward
+    (PVT's stem had no norm after its permute); only a stem's own norm may take the convolution's permuted output."""
+    torch.manual_seed(0)
+    net = create_method(name).train()
+    seen: list[bool] = []
+    for m in net.encoder.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    net({"image": torch.randn(2, 3, 128, 128)})[0].backward()
+    assert len(seen) > 4 and seen[1:].count(False) == 0, seen
 
 
 def test_bias_rows_rejects_unknown_lookups():

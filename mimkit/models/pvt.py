@@ -79,8 +79,9 @@ class PVTStage(nn.Module):
         )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H', W', dim)."""
-        return self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))
+        """(B, C, H, W) -> (B, H', W', dim), contiguous: a permuted view would be carried through the stage's
+        residual stream and copied by every LayerNorm, forward and backward."""
+        return self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1).contiguous())
 
     def embed_nhwc(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H', W', dim): ``embed`` of a channel-last map (a later stage's input)."""
