@@ -9,7 +9,8 @@ update), for rows of the shared side-by-side tool, each in its own process, rows
 Rows are the tool's (``ref_X``, ``mk_X``) with scripts/side_by_side_compiled.py's ``k`` prefix (host memory kept);
 each row is built by the tool's own builders and stepped as its ``run_one`` steps it. A unit is a module whose class
 or a base class has a name ending in ``Block`` (grouped as "decoder blocks" when its name has "decoder", else by its
-first LayerNorm's width) or a patch merge (a class name with ``Merg``, or a later stage's ``patch_embed.proj``); a
+first LayerNorm's width) or a patch merge (a class name with ``Merg``, or a later stage's ``patch_embed`` or its
+``proj``); a
 unit inside another unit counts for itself only. Module hooks clock each unit's forward and backward (CPU
 operations are synchronous, so the clocks are exact there); full backward hooks cost a little time per unit in both
 codes alike, so the step is slower than the side-by-side's. Prints one RESULT line per process and a Markdown
@@ -35,7 +36,7 @@ def unit_group(name: str, module) -> str | None:
     from torch import nn
 
     classes = [c.__name__ for c in type(module).__mro__]  # the tool subclasses timm's Block for the reference
-    m = re.search(r"stages\.(\d+)\.patch_embed\.proj$", name)
+    m = re.search(r"stages\.(\d+)\.patch_embed(\.proj)?$", name)
     if "Merg" in classes[0] or (m and int(m.group(1)) > 0):
         return "patch merges"
     if not any(c.endswith("Block") for c in classes):

@@ -61,6 +61,21 @@ class PVTBlock(PreNormBlock):
         super().__init__(dim, SRAttention(dim, num_heads, sr_ratio, reduce=reduce), mlp_ratio, drop_path)
 
 
+class StageEmbed(nn.Module):
+    """A stage's patch embedding: a strided conv (``proj``) and an optional LayerNorm (``norm``). Called on a later
+    stage's NHWC input it applies the conv as ``patch_linear`` (one matrix product, no layout round trip); the first
+    stage embeds the NCHW image with the conv itself (``PVTStage.embed``)."""
+
+    def __init__(self, in_dim: int, dim: int, patch: int, norm: bool):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, dim, patch, patch)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H', W', dim)."""
+        return self.norm(patch_linear(x, self.proj))
+
+
 class PVTStage(nn.Module):
     """A stage's patch embedding (a strided conv, + LayerNorm with ``embed_norm``) and its blocks."""
 
@@ -71,9 +86,7 @@ class PVTStage(nn.Module):
     ):
         super().__init__()
         self.sr_ratio = sr_ratio
-        self.patch_embed = nn.Sequential()
-        self.patch_embed.proj = nn.Conv2d(in_dim, dim, patch, patch)
-        self.patch_embed.norm = nn.LayerNorm(dim) if embed_norm else nn.Identity()
+        self.patch_embed = StageEmbed(in_dim, dim, patch, embed_norm)
         self.blocks = nn.ModuleList(
             [PVTBlock(dim, num_heads, mlp_ratio, sr_ratio, dp, reduce=reduce) for dp in drop_paths]
         )
@@ -85,7 +98,7 @@ class PVTStage(nn.Module):
 
     def embed_nhwc(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H', W', dim): ``embed`` of a channel-last map (a later stage's input)."""
-        return self.patch_embed.norm(patch_linear(x, self.patch_embed.proj))
+        return self.patch_embed(x)
 
     def run_blocks(self, x: torch.Tensor, compact: bool) -> torch.Tensor:
         """The blocks at full-resolution pooling ratios, or halved ones on the compact map."""
