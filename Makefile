@@ -12,7 +12,7 @@ SHARED ?= ../shared
 REF    ?=
 SBS_ROWS := ref_umae_swin_t,mk_umae_swin_t,mkk_umae_swin_t,refk_umae_swin_t,ref_simmim_swin_t,mk_simmim_swin_t,mkk_simmim_swin_t,refk_simmim_swin_t,ref_umae_pvt_s,mk_umae_pvt_s,mkk_umae_pvt_s,refk_umae_pvt_s,ref_simmim_pvt_s,mk_simmim_pvt_s,mkk_simmim_pvt_s,refk_simmim_pvt_s,hf_mae_vit_b,mk_mae_vit_b,mkk_mae_vit_b,hfk_mae_vit_b
 BENCH_CPU := --steps 4 --warmup 1 --rounds 3 --precision fp32
-SBSC_ROWS := ref_umae_swin_t,mkck_umae_swin_t,ref_umae_pvt_s,mkck_umae_pvt_s,hf_mae_vit_b,mkck_mae_vit_b
+SBSC_ROWS := ref_umae_swin_t,mkck_umae_swin_t,ref_simmim_swin_t,mkck_simmim_swin_t,ref_umae_pvt_s,mkck_umae_pvt_s,ref_simmim_pvt_s,mkck_simmim_pvt_s,hf_mae_vit_b,mkck_mae_vit_b
 
 CALTECH ?= $(SHARED)/data/caltech101
 BENCH_WORK ?= /tmp/mimkit-bench-data
