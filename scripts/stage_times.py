@@ -10,10 +10,9 @@ Rows are the tool's (``ref_X``, ``mk_X``) with scripts/side_by_side_compiled.py'
 each row is built by the tool's own builders and stepped as its ``run_one`` steps it. A unit is a module whose class
 or a base class has a name ending in ``Block`` (grouped as "decoder blocks" when its name has "decoder", else by its
 first LayerNorm's width) or a patch merge (a class name with ``Merg``, or a later stage's ``patch_embed`` or its
-``proj``); a
-unit inside another unit counts for itself only. Module hooks clock each unit's forward and backward (CPU
-operations are synchronous, so the clocks are exact there); full backward hooks cost a little time per unit in both
-codes alike, so the step is slower than the side-by-side's. Prints one RESULT line per process and a Markdown
+``proj``); a unit inside another unit counts for itself only. Module hooks clock each unit's forward and backward
+(CPU operations are synchronous, so the clocks are exact there); full backward hooks cost a little time per unit in
+both codes alike, so the step is slower than the side-by-side's. Prints one RESULT line per process and a Markdown
 table of medians with ranges.
 """
 
