@@ -147,6 +147,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tool_args(ap, warmup=2, steps=4)
     ap.add_argument("--rows", required=True, help="comma-separated ref_X / mk_X rows of the tool, k prefix allowed")
+    ap.add_argument(  # taken before the parser above, alone: then no other option is needed
+        "--render", metavar="LOG", help="alone: print the table of a recorded LOG and exit (docs/benchmarks.md)"
+    )
     a = ap.parse_args()
     tool = load_tool(a.tool)
     if a.one:
