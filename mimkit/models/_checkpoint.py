@@ -10,12 +10,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def run_block(blk: nn.Module, x: torch.Tensor, *args, enabled: bool = False) -> torch.Tensor:
+    """``blk(x, *args)``; with ``enabled`` (and gradients on) its activations are dropped after the forward and
+    recomputed in the backward (same results: the RNG state is replayed)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(blk, x, *args, use_reentrant=False)
+    return blk(x, *args)
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args, enabled: bool = False) -> torch.Tensor:
-    """``x = blk(x, *args)`` for each block; with ``enabled`` (and gradients on) each block's activations are dropped
-    after the forward and recomputed in the backward (same results: the RNG state is replayed)."""
-    use = enabled and torch.is_grad_enabled()
+    """``x = run_block(blk, x, *args)`` for each block."""
     for blk in blocks:
-        x = checkpoint(blk, x, *args, use_reentrant=False) if use else blk(x, *args)
+        x = run_block(blk, x, *args, enabled=enabled)
     return x
 
 

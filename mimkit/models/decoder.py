@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import gather_tokens
+from mimkit.models._checkpoint import run_block
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.vit import mae_init_
 
@@ -152,11 +152,9 @@ class TransformerDecoder(nn.Module):
         if shared is not None and not len(self.blocks):
             x, shared = spread(x, rows, where), None
         ids = None if at is None else at + prefix
-        use = self.grad_checkpointing and torch.is_grad_enabled()
-        last = len(self.blocks) - 1
+        last, enabled = len(self.blocks) - 1, self.grad_checkpointing
         for i, blk in enumerate(self.blocks):
-            args = (x, ids if i == last else None, shared if i == 0 else None)
-            x = checkpoint(blk, *args, use_reentrant=False) if use else blk(*args)
+            x = run_block(blk, x, ids if i == last else None, shared if i == 0 else None, enabled=enabled)
         if ids is not None and not len(self.blocks):
             x = gather_tokens(x, ids)
         x = self.norm(x)
