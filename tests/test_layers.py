@@ -75,6 +75,21 @@ def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(ker
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        (torch.nn.Conv2d(4, 8, 2, 1), "stride equals its kernel"),
+        (torch.nn.Conv2d(4, 8, 2, 2, padding=1), "without padding"),
+        (torch.nn.Conv2d(4, 8, 2, 2, groups=2), "groups"),
+        (torch.nn.Conv2d(4, 8, 3, 3), "does not split into 3x3 patches"),
+    ],
+)
+def test_patch_linear_refuses_a_convolution_it_does_not_compute(conv, message):
+    """Overlapping, padded or grouped convolutions, or a map the patches do not tile: an error, not other values."""
+    with pytest.raises(ValueError, match=message):
+        patch_linear(torch.randn(1, 4, 4, 4), conv)
+
+
 @pytest.mark.parametrize("name", ["umae_pvt_pico_128", "simmim_pvt_pico_128", "umae_swin_pico_128"])
 def test_block_layer_norms_get_contiguous_maps(name):
     """A permuted view carried through a stage's residual stream is copied by every LayerNorm, forward and backward

@@ -13,7 +13,14 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     ``conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)`` without the round trip through NCHW (faster forward and backward
     on a CPU, docs/benchmarks.md). The module keeps its Conv2d weights and state-dict keys."""
     out_dim, in_dim, kh, kw = conv.weight.shape
+    if conv.stride != (kh, kw) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+        raise ValueError(
+            f"patch_linear needs a Conv2d whose stride equals its kernel ({kh}x{kw}), without padding, dilation or "
+            f"groups; got stride {conv.stride}, padding {conv.padding}, dilation {conv.dilation}, groups {conv.groups}"
+        )
     b, h, w, c = x.shape
+    if h % kh or w % kw:
+        raise ValueError(f"patch_linear: a {h}x{w} map does not split into {kh}x{kw} patches")
     if (kh, kw) != (1, 1):
         x = x.view(b, h // kh, kh, w // kw, kw, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h // kh, w // kw, kh * kw * c)
     return F.linear(x, conv.weight.permute(0, 2, 3, 1).reshape(out_dim, kh * kw * in_dim), conv.bias)
