@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import json
-import os
 import re
 import statistics
 import sys
 import time
 
 from side_by_side_compiled import add_tool_args, checked_rows, load_tool, run_rounds, variant
+from side_by_side_compiled import run_one as run_tool_row
 
 
 def unit_group(name: str, module) -> str | None:
@@ -46,9 +48,8 @@ def unit_group(name: str, module) -> str | None:
     return f"encoder blocks, width {width}"
 
 
-def hook_units(net) -> dict[str, float]:
-    """Accumulates each unit's exclusive seconds (its own minus its units') in the returned dict, by group."""
-    acc: dict[str, float] = collections.defaultdict(float)
+def hook_units(net, acc: dict[str, float]) -> None:
+    """Accumulates each unit's exclusive seconds (its own minus its units') in ``acc`` (a defaultdict), by group."""
     stacks: dict[str, list[list[float]]] = {"f": [], "b": []}  # [start, seconds of nested units]
 
     def enter(way):
@@ -71,49 +72,48 @@ def hook_units(net) -> dict[str, float]:
             module.register_forward_hook(leave("f", group))
             module.register_full_backward_pre_hook(enter("b"))
             module.register_full_backward_hook(leave("b", group))
-    return acc
 
 
 def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
-    """Builds the row with the tool, times ``steps`` steps after ``warmup`` and prints a RESULT line."""
-    import torch
-
-    import mimkit  # noqa: F401  (before timm: the torchvision shim)
-
-    base, compiled, kept = variant(row)
+    """The row as scripts/side_by_side_compiled.py runs it (the tool's ``run_one``: its builders, step loop and
+    timing), with the units hooked on the built model and their clocks reset once the warm-up steps are done; prints
+    a RESULT line of milliseconds per step."""
+    base, compiled, _ = variant(row)
     if compiled:
         raise SystemExit(f"--rows: {row!r}: compiled rows have no module boundaries to clock")
-    if kept:
-        from mimkit.engine.host_memory import keep_freed_memory
-
-        keep_freed_memory()
-    torch.set_num_threads(os.cpu_count() or 1)  # as the tool's run_one
-    kind, model, batch_size, px = tool.ROWS[base]
-    torch.manual_seed(0)
-    if kind not in ("ref", "mk"):
+    if tool.ROWS[base][0] not in ("ref", "mk"):
         raise SystemExit(f"--rows: {row!r}: only ref and mk rows")
-    made = tool.build_ref(model, ref_dir, batch_size, px) if kind == "ref" else tool.build_mk(model, batch_size, px)
-    net, opt, batch, step = made
-    net.train()
-    acc = hook_units(net)
-    batches = [batch() for _ in range(warmup + steps)]
-    walls = []
-    for i, b in enumerate(batches):
-        if i == warmup:
-            acc.clear()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = step(b)
-        loss.item()
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            walls.append(time.perf_counter() - t0)
+    acc: dict[str, float] = collections.defaultdict(float)
+    for name in ("build_ref", "build_mk"):
+        setattr(tool, name, hooked(getattr(tool, name), acc, warmup))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_tool_row(tool, row, ref_dir, warmup, steps)
+    times = next(json.loads(line[7:])["times"] for line in out.getvalue().splitlines() if line.startswith("RESULT "))
     ms = {g: round(s / steps * 1e3, 1) for g, s in sorted(acc.items())}
-    step_ms = statistics.fmean(walls) * 1e3
+    step_ms = statistics.fmean(times) * 1e3
     ms["rest"] = round(step_ms - sum(ms.values()), 1)
     ms["step"] = round(step_ms, 1)
     print("RESULT " + json.dumps({"row": row, "ms": ms}), flush=True)
+
+
+def hooked(build, acc: dict[str, float], warmup: int):
+    """``build`` whose model has its units hooked into ``acc``, cleared after the optimizer's ``warmup``-th step."""
+
+    def build_hooked(*args):
+        net, opt, batch, step = build(*args)
+        hook_units(net, acc)
+        done = [0]
+
+        def count(*_):
+            done[0] += 1
+            if done[0] == warmup:
+                acc.clear()
+
+        opt.register_step_post_hook(count)
+        return net, opt, batch, step
+
+    return build_hooked
 
 
 def table(lines: list[str]) -> str:
