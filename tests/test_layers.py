@@ -80,6 +80,7 @@ def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(ker
     [
         (torch.nn.Conv2d(4, 8, 2, 1), "stride equals its kernel"),
         (torch.nn.Conv2d(4, 8, 2, 2, padding=1), "without padding"),
+        (torch.nn.Conv2d(4, 8, 2, 2, dilation=2), "dilation"),
         (torch.nn.Conv2d(4, 8, 2, 2, groups=2), "groups"),
         (torch.nn.Conv2d(4, 8, 3, 3), "does not split into 3x3 patches"),
     ],
