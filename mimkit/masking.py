@@ -238,7 +238,6 @@ def cycle_mask(
     return torch.zeros(indices.shape[0], num_units, device=indices.device).scatter(1, chosen, 1.0)
 
 
-def keep_restore(mask: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A mask (N, L) with ``len_keep`` zeros per row -> (ids_keep in raster order, ids_restore)."""
-    ids_shuffle = torch.argsort(mask, dim=1, stable=True)
-    return ids_shuffle[:, :len_keep], torch.argsort(ids_shuffle, dim=1)
+def keep_positions(mask: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """A mask (N, L) with ``len_keep`` zeros per row -> the positions of its zeros (N, len_keep), in raster order."""
+    return torch.argsort(mask, dim=1, stable=True)[:, :len_keep]

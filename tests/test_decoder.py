@@ -45,7 +45,7 @@ def test_shared_mask_token_rows_equal_decoding_the_full_sequence_in_values_and_g
     x = dec.embed(latent)
     masks = dec.mask_token.expand(n, length - visible, -1)
     full = torch.cat([x[:, :prefix], gather_tokens(torch.cat([x[:, prefix:], masks], 1), ids_restore)], 1)
-    want, got = dec.decode(full, at), dec(latent, ids_restore, at)
+    want, got = dec.decode(full, at), dec(latent, ids_shuffle[:, :visible], at)
     assert got.shape == (n, length - visible if at_masked else length, 12)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(want)

@@ -95,17 +95,18 @@ def test_compact_window_attention_equals_masked_full_resolution(shifted, grid):
 def test_decoder_positions_follow_the_compaction_order():
     model = create_method("umae_swin_pico_128")
     us, ids, _ = model.draw_masks(4, "cpu")
-    latent_source = ids.float().unsqueeze(-1)  # token j carries the id of the patch it came from
-    masks = torch.full((4, us.shape[1] - ids.shape[1], 1), -1.0)
-    restore = model.decoder_restore_ids(us, ids)
-    placed = torch.gather(torch.cat([latent_source, masks], 1), 1, restore.unsqueeze(-1)).squeeze(-1)
     kept = us == 0
-    assert torch.equal(placed[kept], torch.nonzero(kept)[:, 1].float())  # every kept position got its own token
+
+    def placed() -> torch.Tensor:
+        # the id of the patch each grid position's encoder token came from, -1 at the dropped positions
+        out = torch.full(us.shape, -1.0)
+        return out.scatter(1, model.decoder_positions(ids), ids.float())
+
+    assert torch.equal(placed()[kept], torch.nonzero(kept)[:, 1].float())  # every kept position got its own token
+    assert (placed()[~kept] == -1).all()
     model.decoder_pos_order = "reference"
-    placed_ref = torch.gather(
-        torch.cat([latent_source, masks], 1), 1, model.decoder_restore_ids(us, ids).unsqueeze(-1)
-    ).squeeze(-1)
-    assert (placed_ref[kept] != torch.nonzero(kept)[:, 1].float()).any()  # the released code's mismatch
+    assert (placed()[kept] != torch.nonzero(kept)[:, 1].float()).any()  # the released code's mismatch
+    assert (placed()[~kept] == -1).all()
 
 
 @pytest.mark.parametrize(

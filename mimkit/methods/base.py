@@ -51,20 +51,21 @@ class MIMMethod(nn.Module):
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=())
 
     def decode_masked(
-        self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor, visible: int, imgs: torch.Tensor
+        self, latent: torch.Tensor, where: torch.Tensor, mask: torch.Tensor, visible: int, imgs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, pred) of a decoder ``self.decoder`` (mimkit/models/decoder.py) scored on the positions where
-        ``mask`` (N, L) is 1, all but ``visible`` of every row (a host number, so no device value is read back).
+        """(loss, pred) of a decoder ``self.decoder`` (mimkit/models/decoder.py) given the encoder tokens ``latent``
+        of the grid positions ``where`` (N, G), scored on the positions where ``mask`` (N, L) is 1, all but
+        ``visible`` of every row (a host number, so no device value is read back).
 
         In training the decoder's last block and head run at the masked positions only (``at=``): the loss never
         reads the others, so loss and gradients are those of decoding every position, for a quarter less of the last
         block at MAE's ratio; ``pred`` then holds the masked positions' predictions (detached) and zeros elsewhere.
         In evaluation every position is predicted, as the visualization shows them all (docs/design.md)."""
         if not self.training or visible >= mask.shape[1]:  # evaluation, or nothing masked (a loss of 0, as before)
-            pred = self.decoder(latent, ids_restore)
+            pred = self.decoder(latent, where)
             return masked_mse(pred, self.target(imgs), mask), pred
         at = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : mask.shape[1] - visible]
-        part = self.decoder(latent, ids_restore, at)
+        part = self.decoder(latent, where, at)
         loss = patch_mse(part, self.target(imgs, at)).mean()
         index = at.unsqueeze(-1).expand(-1, -1, part.shape[-1])
         return loss, part.new_zeros(*mask.shape, part.shape[-1]).scatter(1, index, part.detach())

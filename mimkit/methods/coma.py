@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from mimkit.masking import complementary_pair, cycle_mask, keep_restore, num_masked, random_masking
+from mimkit.masking import complementary_pair, cycle_mask, keep_positions, num_masked, random_masking
 from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
@@ -106,8 +106,8 @@ class CoMA(MIMMethod):
         n_visible: int,
     ) -> torch.Tensor:  # fmt: skip
         """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * C)."""
-        ids_keep, ids_restore = keep_restore(mask, n_visible)
-        return decoder(encoder.encode_visible(imgs, ids_keep), ids_restore)
+        ids_keep = keep_positions(mask, n_visible)
+        return decoder(encoder.encode_visible(imgs, ids_keep), ids_keep)
 
     def forward(self, batch: dict):
         imgs = batch["image"]

@@ -51,7 +51,7 @@ class MAE(MIMMethod):
     def forward(self, batch: dict):
         imgs = batch["image"]
         latent, draw = self.forward_encoder(imgs, self.mask_ratio)
-        loss, pred = self.decode_masked(latent, draw.ids_restore, draw.mask, draw.ids_keep.shape[1], imgs)
+        loss, pred = self.decode_masked(latent, draw.ids_keep, draw.mask, draw.ids_keep.shape[1], imgs)
         return loss, {"pred": pred, "mask": draw.mask, "hidden": draw.mask}
 
 

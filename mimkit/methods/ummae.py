@@ -146,19 +146,17 @@ class UMMAE(MIMMethod):
         x = F.pixel_shuffle(x, 2)  # (N, D, rows/2, cols/2): one token per kept patch, block order
         return x.flatten(2).transpose(1, 2)
 
-    def decoder_restore_ids(self, us: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Unshuffle indices for the decoder input [encoder tokens (order of ids), mask tokens]: with "block" the
-        j-th encoder token gets the position of patch ids[j]; "reference" assigns the kept positions in raster order."""
-        dropped = torch.argsort(us, dim=1, descending=True, stable=True)[:, : us.shape[1] - ids.shape[1]]
-        keep_order = ids if self.decoder_pos_order == "block" else ids.sort(dim=1).values
-        return torch.argsort(torch.cat([keep_order, dropped], dim=1), dim=1)
+    def decoder_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """The grid position the decoder gives the j-th encoder token (which comes from patch ids[j]): with "block"
+        that patch's own position; "reference" assigns the kept positions in raster order."""
+        return ids if self.decoder_pos_order == "block" else ids.sort(dim=1).values
 
     def forward(self, batch: dict):
         imgs = batch["image"]
         n = imgs.shape[0]
         us, ids, sm = self.draw_masks(n, imgs.device)
         latent = self.encode(imgs, ids, sm)
-        loss, pred = self.decode_masked(latent, self.decoder_restore_ids(us, ids), us, ids.shape[1], imgs)
+        loss, pred = self.decode_masked(latent, self.decoder_positions(ids), us, ids.shape[1], imgs)
         secondary = torch.zeros_like(us).scatter(1, ids, sm)
         return loss, {"pred": pred, "mask": us, "hidden": us + secondary, "secondary": secondary}
 

@@ -57,7 +57,7 @@ class DecoderBlock(Block):
             rows, where = shared
             qkv = spread(attn.qkv(self.norm1(x)), attn.qkv(self.norm1(rows)), where)
             x = spread(x, rows, where)
-            q, kv = qkv[..., :d], qkv[..., d:]
+            q, kv = qkv.split([d, 2 * d], dim=-1)  # one gradient buffer in the backward, not two zero-filled ones
             if at is not None:
                 q = gather_tokens(q, at)
             ys = None
@@ -82,9 +82,10 @@ class DecoderBlock(Block):
 class TransformerDecoder(nn.Module):
     """Linear embed -> mask tokens at removed positions -> fixed sin-cos positions -> ViT blocks -> LN -> Linear.
 
-    ``forward(latent, ids_restore)`` takes encoder tokens ``[cls?, visible...]`` in the order given by
-    ``ids_restore`` (MAE) and returns one prediction of ``out_dim`` values per grid position; with ``at`` (N, M)
-    grid positions, the predictions at those positions only, (N, M, out_dim), for less work (``DecoderBlock``).
+    ``forward(latent, where)`` takes encoder tokens ``[cls?, visible...]``, visible token j belonging at grid position
+    ``where[:, j]`` (MAE's ``ids_keep``), and returns one prediction of ``out_dim`` values per grid position; with
+    ``at`` (N, M) grid positions, the predictions at those positions only, (N, M, out_dim), for less work
+    (``DecoderBlock``).
     """
 
     grad_checkpointing = False
@@ -116,18 +117,16 @@ class TransformerDecoder(nn.Module):
         self.pred = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder tokens take their positions; every other position holds the mask token plus its position
-        embedding, a row the first block computes once per position (``DecoderBlock``'s ``shared``): the same
-        predictions as ``decode`` of the full sequence, for less work."""
+    def forward(self, latent: torch.Tensor, where: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder tokens take their positions ``where`` (N, G), distinct grid positions; every other position
+        holds the mask token plus its position embedding, a row the first block computes once per position
+        (``DecoderBlock``'s ``shared``): the same predictions as ``decode`` of the full sequence, for less work."""
         x = self.embed(latent)
         prefix = 1 if self.has_cls else 0
-        n, length = ids_restore.shape
+        n = where.shape[0]
         pos = self.pos_embed.to(x.dtype)
-        # where the given tokens sit: the class token first, encoder token j where ids_restore points to j
-        order = torch.arange(length, device=ids_restore.device).expand(n, -1)
-        where = torch.empty_like(ids_restore).scatter_(1, ids_restore, order)[:, : x.shape[1] - prefix] + prefix
-        where = torch.cat([where.new_zeros(n, prefix), where], dim=1)
+        # in the sequence [cls?, grid...]: the class token first, visible token j at grid position where[:, j]
+        where = torch.cat([where.new_zeros(n, prefix), where + prefix], dim=1)
         x = x + gather_tokens(pos.expand(n, -1, -1), where)
         return self.run(x, at, (self.mask_token.to(x.dtype) + pos)[0], where)
 
