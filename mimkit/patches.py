@@ -25,16 +25,16 @@ def patchify_channels_first(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def is_patchwise(conv) -> bool:
-    """Whether ``conv`` maps every non-overlapping patch on its own as one linear map: a square ``nn.Conv2d`` whose
-    kernel is its stride, with no padding, dilation or groups; then embedding some patches of an image equals
-    ``F.linear`` on their ``patchify_channels_first`` pixels, and the kept patches can be embedded alone."""
+    """Whether ``conv`` maps every non-overlapping patch on its own as one linear map: an ``nn.Conv2d`` whose kernel
+    is its stride, with no padding, dilation or groups; then embedding some patches of an image equals ``F.linear``
+    on their pixels (``patchify_channels_first`` for a square kernel, ``mimkit.models.layers.patch_linear`` on an
+    NHWC map), and the kept patches can be embedded alone."""
     from torch import nn
 
     return (
         isinstance(conv, nn.Conv2d)
         and conv.kernel_size == conv.stride
-        and conv.kernel_size[0] == conv.kernel_size[1]
-        and conv.padding == (0, 0)
+        and conv.padding in ((0, 0), "valid")
         and conv.dilation == (1, 1)
         and conv.groups == 1
     )

@@ -58,10 +58,12 @@ def test_sincos_embedding_shape_cls_row_and_uniqueness():
         (torch.nn.Conv2d(3, 8, 4, 4), True),
         (torch.nn.Conv2d(3, 8, 7, 4, padding=3), False),
         (torch.nn.Conv2d(4, 8, 4, 4, groups=2), False),
-        (torch.nn.Conv2d(3, 8, (4, 2), (4, 2)), False),
+        (torch.nn.Conv2d(3, 8, (4, 2), (4, 2)), True),
+        (torch.nn.Conv2d(3, 8, 4, 4, padding="valid"), True),
+        (torch.nn.Conv2d(3, 8, 4, 4, dilation=2), False),
         (torch.nn.Linear(3, 8), False),
     ],
-    ids=["patchwise", "overlapping", "grouped", "not-square", "not-a-conv"],
+    ids=["patchwise", "overlapping", "grouped", "not-square", "valid-padding", "dilated", "not-a-conv"],
 )
-def test_is_patchwise_only_for_one_linear_map_per_square_patch(conv, expected):
+def test_is_patchwise_only_for_one_linear_map_per_patch(conv, expected):
     assert is_patchwise(conv) is expected

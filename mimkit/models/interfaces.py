@@ -182,7 +182,7 @@ class ViTInterface:
 
         pe, (h, w) = self.vit.patch_embed, img.shape[-2:]
         proj: Any = getattr(pe, "proj", None)
-        if is_patchwise(proj) and getattr(pe, "flatten", False):
+        if is_patchwise(proj) and proj.kernel_size[0] == proj.kernel_size[1] and getattr(pe, "flatten", False):
             p = proj.kernel_size[0]
             if h % p == 0 and w % p == 0 and (h // p, w // p) == tuple(pe.grid_size):
                 pix = gather_tokens(patchify_channels_first(img, p), ids_keep)

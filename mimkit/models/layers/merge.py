@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.patches import is_patchwise
+
 
 def patch_linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv`` (a Conv2d whose stride equals its kernel, no padding) applied to an NHWC map, returning NHWC: the
@@ -13,7 +15,7 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     ``conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)`` without the round trip through NCHW (faster forward and backward
     on a CPU, docs/benchmarks.md). The module keeps its Conv2d weights and state-dict keys."""
     out_dim, in_dim, kh, kw = conv.weight.shape
-    if conv.stride != (kh, kw) or conv.padding not in ((0, 0), "valid") or conv.dilation != (1, 1) or conv.groups != 1:
+    if not is_patchwise(conv):
         raise ValueError(
             f"patch_linear needs a Conv2d whose stride equals its kernel ({kh}x{kw}), without padding, dilation or "
             f"groups; got stride {conv.stride}, padding {conv.padding}, dilation {conv.dilation}, groups {conv.groups}"
