@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) scripts/fsdp_build_memory.py --model mae_vit_large_patch16 --rounds 3 --out docs/benchmarks/fsdp_build_memory.json
 	$(PY) scripts/fsdp_build_memory.py --model mae_vit_large_patch16 --ranks 4 --rounds 3 --out docs/benchmarks/fsdp_build_memory_4.json
 	$(PY) scripts/time_demo.py --rounds 2 --out docs/benchmarks/demo_time.json
+	$(PY) scripts/compile_check.py --out docs/benchmarks/compile_check.json
 	$(PY) scripts/path_memory.py --paths 1000000 --workers 2 --rounds 3 --out docs/benchmarks/path_memory.json
 	$(MAKE) docs
 

@@ -1,9 +1,9 @@
 """--compile. On CPU: a compiled (inductor) step gives the eager step's loss and gradients on a tiny ViT; and every
 method family traces as one graph (``fullgraph=True``: no graph break) with the eager loss and gradients, through the
 cheap ``aot_eager`` backend. That trace does not catch a data-dependent shape (torch 2.13 traces ``.item()`` as an
-unbacked symbol; the Swin bias table's old ``.item()`` radius passes it and only failed in inductor), so UM-MAE
-Swin-Pico, UM-MAE PVT-Pico and SimMIM Swin-Pico were checked with inductor by hand (1.5-2.5 minutes of compilation
-each on 2 cores, too long for CI; docs/design.md)."""
+unbacked symbol; the Swin bias table's old ``.item()`` radius passes it and only failed in inductor), so every pico
+preset is checked with inductor by ``scripts/compile_check.py`` (up to a minute or more of compilation each on 2 cores,
+too long for CI; the table is in docs/design.md)."""
 
 import pytest
 import torch
