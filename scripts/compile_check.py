@@ -25,6 +25,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_table import add_result_args, write_result  # noqa: E402
 
 
+def small_batch(model) -> dict:
+    """2 random images at the method's size, with dataset indices (CoMA's masks read them)."""
+    import torch
+
+    side = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    return {"image": torch.randn(2, model.in_chans, side, side), "index": torch.arange(2)}
+
+
+def one_step(model, fn, batch: dict):
+    """(loss, gradients) of one step of ``model`` run through ``fn`` (the model itself or a compiled form of it),
+    with the seed reset first so that every form draws the same masks."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss, _ = fn(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 def check_one(name: str) -> dict:
     """Eager and compiled step of ``name``: the losses, the largest gradient difference, the compile time."""
     import torch
@@ -35,20 +55,11 @@ def check_one(name: str) -> dict:
 
     torch.manual_seed(0)
     model = create_method(name).train()
-    side = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
-    batch = {"image": torch.randn(2, model.in_chans, side, side), "index": torch.arange(2)}
-
-    def step(fn):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        loss, _ = fn(batch)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    eager_loss, eager_grads = step(model)
+    batch = small_batch(model)
+    eager_loss, eager_grads = one_step(model, model, batch)
     inductor_config.fallback_random = True
     t0 = time.perf_counter()
-    compiled_loss, compiled_grads = step(torch.compile(model))
+    compiled_loss, compiled_grads = one_step(model, torch.compile(model), batch)
     seconds = time.perf_counter() - t0
     grads_equal = len(compiled_grads) == len(eager_grads) and all(
         torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(compiled_grads, eager_grads)

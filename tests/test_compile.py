@@ -5,23 +5,18 @@ unbacked symbol; the Swin bias table's old ``.item()`` radius passes it and only
 preset is checked with inductor by ``scripts/compile_check.py`` (up to a minute or more of compilation each on 2 cores,
 too long for CI; the table is in docs/design.md)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mimkit.methods import create_method
 
-
-def _step(model, fn, batch):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same masks in both modes
-    loss, _ = fn(batch)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def _batch(model):
-    side = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
-    return {"image": torch.randn(2, model.in_chans, side, side), "index": torch.arange(2)}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+# the step and batch of scripts/compile_check.py, which runs the same check with inductor on every pico preset
+from compile_check import one_step as _step  # noqa: E402
+from compile_check import small_batch as _batch  # noqa: E402
 
 
 @pytest.mark.slow
