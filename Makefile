@@ -64,6 +64,8 @@ bench: $(STAMP)
 	$(PY) scripts/fsdp_build_memory.py --model mae_vit_large_patch16 --ranks 4 --rounds 3 --out docs/benchmarks/fsdp_build_memory_4.json
 	$(PY) scripts/time_demo.py --rounds 2 --out docs/benchmarks/demo_time.json
 	$(PY) scripts/compile_check.py --out docs/benchmarks/compile_check.json
+	$(PY) scripts/cpu_linear.py --sweep --rounds 5 --json docs/benchmarks/cpu_linear_sweep.json
+	$(PY) scripts/cpu_linear.py simmim_pvt_small_256 umae_pvt_small_256 simmim_swin_tiny_256 umae_swin_tiny_256 --rounds 4 --json docs/benchmarks/cpu_linear_steps.json
 	$(PY) scripts/path_memory.py --paths 1000000 --workers 2 --rounds 3 --out docs/benchmarks/path_memory.json
 	$(MAKE) docs
 

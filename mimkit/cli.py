@@ -301,9 +301,11 @@ def cmd_mask_frequency(args):
 def cmd_bench(args):
     """`mimkit bench`: training-step time, memory and FLOPs of models side by side."""
     from mimkit.bench import bench, format_table
+    from mimkit.models.layers import set_cpu_linear
 
     _device(args.device)
     _check_model_specs(args.models, dict(args.model_arg or []))
+    set_cpu_linear(args.cpu_linear)
     results = bench(
         args.models,
         args.batch_size,
@@ -645,6 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
+    p.add_argument(
+        "--cpu-linear",
+        choices=["auto", "aten"],
+        default="auto",
+        help="auto: tall, narrow fp32 CPU products through oneDNN, as `mimkit pretrain` runs them; aten: PyTorch's "
+        "linear everywhere",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")

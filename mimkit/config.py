@@ -161,6 +161,13 @@ class PretrainConfig:
         "its peak; docs/benchmarks.md); system: the C library's defaults (docs/design.md).",
         choices=["keep", "system"],
     )
+    cpu_linear: str = opt(
+        "auto",
+        "auto: on the CPU in fp32, the tall, narrow MLP products of a pyramid's first stages (8192 rows or more, "
+        "64-128 channels on one side, 4-8x that on the other) go through oneDNN with the bias fused (SimMIM PVT-S's "
+        "step about 1.06x faster); aten: PyTorch's own linear everywhere (docs/design.md).",
+        choices=["auto", "aten"],
+    )
     grad_checkpointing: bool = opt(
         False,
         "Activation checkpointing in every encoder and decoder block: activations are recomputed in the backward "

@@ -43,6 +43,7 @@ from mimkit.errors import (
     SaveFailed,
     TrainingDiverged,
 )
+from mimkit.models.layers import set_cpu_linear
 
 __all__ = ["Trainer", "TrainingDiverged", "autocast_context"]
 
@@ -168,6 +169,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.host_memory_kept = cfg.host_memory == "keep" and keep_freed_memory()
+        set_cpu_linear(cfg.cpu_linear)
 
         images = self.training_images()
         if d.is_main and getattr(images, "ignored", None):

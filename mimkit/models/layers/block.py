@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import nn
+
+from mimkit.models.layers.mlp import Mlp
 
 
 def drop_path_rates(rate: float, blocks: int) -> list[float]:

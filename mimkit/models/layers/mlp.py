@@ -1,0 +1,131 @@
+"""A linear map and an MLP that run their tall, narrow products through oneDNN on the CPU.
+
+The first stages of a pyramid at full resolution (SimMIM, fine-tuning) put tens of thousands of tokens of 64-128
+channels through MLPs 4-8x as wide. For those products PyTorch's CPU ``addmm`` first writes the bias into the whole
+(wide) output and then accumulates the product onto it, and the weight gradient ``dy^T x`` is slow in that
+orientation; oneDNN's linear adds the bias in its own kernel, and ``(x^T dy)^T`` computes the same gradient faster.
+On CPU-3 a stage-1 linear of SimMIM PVT-S (32768 rows, 64 -> 512) takes 31 instead of 42 ms forward and backward and the
+whole SimMIM PVT-S step 1.05-1.13x less time (docs/benchmarks.md, "Tall, narrow products"). Elsewhere (few rows, or
+products wide on both sides, as in ViT-B) oneDNN is the slower one, so :func:`linear` takes this path only for the
+shapes where it was measured to win (:func:`uses_onednn`) and calls ``F.linear`` otherwise; the values and gradients
+are those of ``F.linear`` up to float rounding (tests/test_mlp.py).
+
+``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns the path off. It is never taken under autocast, under
+``torch.compile`` (inductor sees plain ``F.linear``), off the CPU, for other dtypes than float32, for tensor subclasses
+(FSDP's sharded parameters) or where PyTorch was built without oneDNN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+CPU_LINEAR_CHOICES = ("auto", "aten")
+ONEDNN_MIN_ROWS = 8192  # rows (tokens in the batch) from which the tall, narrow products pay on CPU-3
+NARROW = 128  # the narrow side, in channels
+WIDENING = 4  # out >= WIDENING * in when in <= NARROW (an MLP's first layer)
+NARROWING = 8  # in >= NARROWING * out when out <= NARROW (an MLP's second layer, 8x only: 4x measured slower)
+
+_mode = {"cpu_linear": "auto"}
+
+
+def set_cpu_linear(mode: str) -> None:
+    """``auto``: tall, narrow CPU products through oneDNN (:func:`uses_onednn`); ``aten``: always ``F.linear``."""
+    if mode not in CPU_LINEAR_CHOICES:
+        raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}, got {mode!r}")
+    _mode["cpu_linear"] = mode
+
+
+def cpu_linear() -> str:
+    """The current setting of :func:`set_cpu_linear`."""
+    return _mode["cpu_linear"]
+
+
+def uses_onednn(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a product of this shape is one of those measured faster through oneDNN (module docstring)."""
+    if rows < ONEDNN_MIN_ROWS:
+        return False
+    widening = in_features <= NARROW and out_features >= WIDENING * in_features
+    narrowing = out_features <= NARROW and in_features >= NARROWING * out_features
+    return widening or narrowing
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = _onednn_available()
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if _mode["cpu_linear"] != "auto" or not _ONEDNN or torch.compiler.is_compiling():
+        return False
+    if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() < 2:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return uses_onednn(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
+
+
+def _onednn_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with oneDNN's products forward and for the input gradient, the weight gradient with the narrow
+    operand on the left."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_linear(dy2, weight.t(), None).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            out_f, in_f = weight.shape
+            dw = dy2.t() @ x2 if out_f <= in_f else (x2.t() @ dy2).t().contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The oneDNN path whatever the shape (float32 CPU tensors; for measuring it, scripts/cpu_linear.py)."""
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where that was measured faster (module docstring)."""
+    if _eligible(x, weight, bias):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm's ``Mlp`` without dropout, with its names, so state dicts keep their keys), both
+    products through :func:`linear`."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(linear(x, self.fc1.weight, self.fc1.bias))
+        return linear(x, self.fc2.weight, self.fc2.bias)

@@ -1,0 +1,100 @@
+"""mimkit/models/layers/mlp.py: the tall, narrow CPU products through oneDNN give F.linear's values and gradients,
+are taken only where chosen, and the MLP keeps timm's parameter names."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp as TimmMlp
+
+import mimkit  # noqa: F401
+from mimkit.models.layers import Mlp, linear, set_cpu_linear
+from mimkit.models.layers import mlp as mlp_module
+from mimkit.models.layers.mlp import cpu_linear, uses_onednn
+
+needs_onednn = pytest.mark.skipif(not mlp_module._ONEDNN, reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def _restore_setting():
+    before = cpu_linear()
+    yield
+    set_cpu_linear(before)
+
+
+def _took_onednn(y: torch.Tensor) -> bool:
+    return type(y.grad_fn).__name__ == "_OneDNNLinearBackward"
+
+
+@pytest.mark.parametrize(
+    "rows, in_f, out_f, want",
+    [
+        (8192, 64, 512, True),  # an MLP's first layer in stage 1 of PVT-S
+        (32768, 512, 64, True),  # its second layer
+        (8192, 96, 384, True),  # Swin-T's first layer
+        (8192, 384, 96, False),  # 4x narrowing: measured slower
+        (4096, 64, 512, False),  # too few rows
+        (8192, 256, 1024, False),  # wide on both sides
+        (1576, 768, 3072, False),  # ViT-B
+    ],
+)
+def test_uses_onednn_picks_the_tall_narrow_products(rows, in_f, out_f, want):
+    assert uses_onednn(rows, in_f, out_f) is want
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "shape, in_f, out_f, bias, x_grad",
+    [
+        ((2, 4096), 16, 64, True, True),
+        ((2, 64, 64), 256, 32, True, True),
+        ((8192,), 16, 64, False, True),
+        ((2, 4096), 16, 64, True, False),
+        ((2, 64, 64), 256, 32, False, False),
+    ],
+    ids=["widening", "narrowing-4d", "no-bias", "input-without-grad", "narrowing-no-bias-no-input-grad"],
+)
+def test_linear_gives_f_linears_values_and_gradients(shape, in_f, out_f, bias, x_grad):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, in_f, requires_grad=x_grad)
+    w = torch.randn(out_f, in_f, requires_grad=True)
+    b = torch.randn(out_f, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    dy = torch.randn(*shape, out_f)
+    got = linear(x, w, b)
+    assert _took_onednn(got)
+    want = F.linear(x, w, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for g, r in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+        assert g.shape == r.shape and g.is_contiguous()
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@needs_onednn
+def test_linear_takes_f_linear_where_not_chosen():
+    w = torch.randn(64, 16, requires_grad=True)
+    tall = torch.randn(8192, 16)
+    assert _took_onednn(linear(tall, w))
+    assert not _took_onednn(linear(torch.randn(4096, 16), w))  # too few rows
+    assert not _took_onednn(linear(tall.double(), w.double()))  # not float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _took_onednn(linear(tall, w))
+    set_cpu_linear("aten")
+    assert not _took_onednn(linear(tall, w))
+    set_cpu_linear("auto")
+    with torch.no_grad():  # no graph, the same values
+        torch.testing.assert_close(linear(tall, w), F.linear(tall, w), rtol=1e-5, atol=1e-4)
+
+
+def test_set_cpu_linear_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="cpu_linear must be one of auto, aten"):
+        set_cpu_linear("mkl")
+
+
+def test_mlp_loads_timms_state_dict_and_computes_the_same():
+    torch.manual_seed(0)
+    theirs, ours = TimmMlp(16, 64), Mlp(16, 64)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 8192, 16)  # tall enough for the oneDNN path
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
