@@ -82,8 +82,9 @@ def test_linear_takes_f_linear_where_not_chosen():
     set_cpu_linear("aten")
     assert not _took_onednn(linear(tall, w))
     set_cpu_linear("auto")
-    with torch.no_grad():  # no graph, the same values
-        torch.testing.assert_close(linear(tall, w), F.linear(tall, w), rtol=1e-5, atol=1e-4)
+    for mode in (torch.no_grad, torch.inference_mode):  # no graph, the same values
+        with mode():
+            torch.testing.assert_close(linear(tall, w), F.linear(tall, w), rtol=1e-5, atol=1e-4)
 
 
 def test_set_cpu_linear_rejects_an_unknown_mode():

@@ -4,11 +4,11 @@ The first stages of a pyramid at full resolution (SimMIM, fine-tuning) put tens 
 channels through MLPs 4-8x as wide. For those products PyTorch's CPU ``addmm`` first writes the bias into the whole
 (wide) output and then accumulates the product onto it, and the weight gradient ``dy^T x`` is slow in that
 orientation; oneDNN's linear adds the bias in its own kernel, and ``(x^T dy)^T`` computes the same gradient faster.
-On CPU-3 a stage-1 linear of SimMIM PVT-S (32768 rows, 64 -> 512) takes 31 instead of 42 ms forward and backward and the
-whole SimMIM PVT-S step 1.05-1.13x less time (docs/benchmarks.md, "Tall, narrow products"). Elsewhere (few rows, or
-products wide on both sides, as in ViT-B) oneDNN is the slower one, so :func:`linear` takes this path only for the
-shapes where it was measured to win (:func:`uses_onednn`) and calls ``F.linear`` otherwise; the values and gradients
-are those of ``F.linear`` up to float rounding (tests/test_mlp.py).
+On CPU-3 a stage-1 linear of SimMIM PVT-S (32768 rows, 64 -> 512) takes 31 instead of 42 ms forward and backward,
+and the whole SimMIM PVT-S step runs 1.06x (1.03-1.06) as fast (docs/benchmarks.md, "Tall, narrow products").
+Elsewhere (few rows, or products wide on both sides, as in ViT-B) oneDNN is the slower one, so :func:`linear` takes
+this path only for the shapes where it was measured to win (:func:`uses_onednn`) and calls ``F.linear`` otherwise;
+the values and gradients are those of ``F.linear`` up to float rounding (tests/test_mlp.py).
 
 ``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns the path off. It is never taken under autocast, under
 ``torch.compile`` (inductor sees plain ``F.linear``), off the CPU, for other dtypes than float32, for tensor subclasses
