@@ -99,3 +99,32 @@ def test_mlp_loads_timms_state_dict_and_computes_the_same():
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 8192, 16)  # tall enough for the oneDNN path
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", ["simmim_pvt_pico_128", "simmim_swin_pico_128"])
+def test_a_pyramid_training_step_gives_the_same_loss_and_gradients_either_way(method, monkeypatch):
+    """A whole SimMIM step at 8 x 128 px, whose stage-1 MLP (8192 rows, 32 -> 128 channels) takes the oneDNN path
+    under ``auto``: the same loss and gradients as with ``aten``."""
+    from mimkit.methods import create_method
+
+    taken = []
+    apply = mlp_module._OneDNNLinear.apply
+    monkeypatch.setattr(mlp_module._OneDNNLinear, "apply", lambda *a: taken.append(1) or apply(*a))
+    torch.manual_seed(0)
+    net = create_method(method).train()
+    batch = {"image": torch.randn(8, 3, 128, 128)}
+    results = {}
+    for mode in ("aten", "auto"):
+        set_cpu_linear(mode)
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same masks
+        loss = net(batch)[0]
+        loss.backward()
+        results[mode] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert taken  # auto took the oneDNN path somewhere
+    torch.testing.assert_close(results["auto"][0], results["aten"][0], rtol=1e-5, atol=1e-6)
+    assert results["auto"][1].keys() == results["aten"][1].keys()
+    for name, want in results["aten"][1].items():
+        got = results["auto"][1][name]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(want.abs().max().item(), 1e-3), msg=name)
