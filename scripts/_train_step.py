@@ -1,6 +1,6 @@
-"""What the step scripts share (profile_step.py, step_breakdown.py, host_memory_faults.py): a method with its fused
-AdamW and random batches, and one training step as ``mimkit pretrain`` takes it (zero_grad, forward under bf16
-autocast on CUDA, backward, the update)."""
+"""What the step scripts share (profile_step.py, step_breakdown.py, host_memory_faults.py, cpu_linear.py): a method
+with its fused AdamW and random batches, one training step as ``mimkit pretrain`` takes it (zero_grad, forward under
+bf16 autocast on CUDA, backward, the update), and settings compared in alternating processes."""
 
 from __future__ import annotations
 
@@ -32,3 +32,27 @@ def train_step(net, opt, batch: dict, cpu_bf16: bool = False) -> torch.Tensor:
     loss.backward()
     opt.step()
     return loss
+
+
+def run_alternating(
+    script: str, models: list[str], settings: tuple[str, ...], rounds: int, steps: int, batch_size: int
+):
+    """Every (model, setting) in its own process (``python script --one MODEL SETTING --steps N --batch-size B``,
+    which prints one ``RESULT {json}`` line), the settings alternating in order over ``rounds``; returns the results,
+    each with its round, and prints their lines. Exits naming a run that printed no result."""
+    import json
+    import subprocess
+    import sys
+
+    runs = []
+    for rnd in range(rounds):
+        for model in models:
+            for setting in settings if rnd % 2 == 0 else settings[::-1]:
+                cmd = [sys.executable, script, "--one", model, setting, "--steps", str(steps)]
+                p = subprocess.run([*cmd, "--batch-size", str(batch_size)], capture_output=True, text=True)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{model} {setting}: failed\n{p.stderr[-2000:]}")
+                runs.append(dict(json.loads(line[len("RESULT ") :]), round=rnd))
+                print(line, flush=True)
+    return runs

@@ -23,8 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 SETTINGS = ("aten", "auto")
@@ -135,18 +133,9 @@ def main() -> None:
     if a.sweep:
         out["shapes"] = sweep(a.rounds)
     elif a.models:
-        runs = []
-        for rnd in range(a.rounds):
-            for model in a.models:
-                for setting in SETTINGS if rnd % 2 == 0 else SETTINGS[::-1]:
-                    cmd = [sys.executable, __file__, "--one", model, setting, "--steps", str(a.steps)]
-                    p = subprocess.run([*cmd, "--batch-size", str(a.batch_size)], capture_output=True, text=True)
-                    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if line is None:
-                        sys.exit(f"{model} {setting}: failed\n{p.stderr[-2000:]}")
-                    runs.append(dict(json.loads(line[len("RESULT ") :]), round=rnd))
-                    print(line, flush=True)
-        out["runs"] = runs
+        from _train_step import run_alternating
+
+        out["runs"] = run_alternating(__file__, a.models, SETTINGS, a.rounds, a.steps, a.batch_size)
     else:
         ap.error("give --sweep or at least one model")
     if a.json:
