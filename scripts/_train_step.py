@@ -56,3 +56,43 @@ def run_alternating(
                 runs.append(dict(json.loads(line[len("RESULT ") :]), round=rnd))
                 print(line, flush=True)
     return runs
+
+
+def add_alternating_args(ap, steps: int) -> None:
+    """The options of a script that compares settings with :func:`run_alternating`: rounds, timed steps, batch size,
+    the result file (``--json``), ``--render FILE`` and the hidden ``--one MODEL SETTING`` of a run's own process."""
+    import argparse
+
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--render", metavar="FILE", help="print the Markdown table of a result file and stop")
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+
+
+def answered_here(a, render, one) -> bool:
+    """``--render`` (``render(path)``) or ``--one`` (``one(model, setting, batch_size, steps)``, printed as its
+    ``RESULT`` line), if ``a`` asks for either: True when done."""
+    import json
+
+    if a.render:
+        render(a.render)
+    elif a.one:
+        print("RESULT " + json.dumps(one(a.one[0], a.one[1], a.batch_size, a.steps)), flush=True)
+    return bool(a.render or a.one)
+
+
+def write_results(path: str | None, results: dict) -> None:
+    """``results`` with the date and machine, as JSON at ``path`` (if given)."""
+    import json
+    import platform
+    import time
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(
+                {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), **results},
+                f,
+                indent=1,
+            )

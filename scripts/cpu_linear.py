@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -114,33 +113,21 @@ def render(path: str) -> None:
 
 
 def main() -> None:
+    from _train_step import add_alternating_args, answered_here, run_alternating, write_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="mimkit method names for whole steps (mimkit models)")
     ap.add_argument("--sweep", action="store_true", help="time single linear layers of many shapes instead")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--render", metavar="FILE", help="print the Markdown table of a result file and stop")
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    add_alternating_args(ap, steps=5)
     a = ap.parse_args()
-    if a.render:
-        return render(a.render)
-    if a.one:
-        print("RESULT " + json.dumps(one(a.one[0], a.one[1], a.batch_size, a.steps)), flush=True)
+    if answered_here(a, render, one):
         return
-    out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
     if a.sweep:
-        out["shapes"] = sweep(a.rounds)
+        write_results(a.json, {"shapes": sweep(a.rounds)})
     elif a.models:
-        from _train_step import run_alternating
-
-        out["runs"] = run_alternating(__file__, a.models, SETTINGS, a.rounds, a.steps, a.batch_size)
+        write_results(a.json, {"runs": run_alternating(__file__, a.models, SETTINGS, a.rounds, a.steps, a.batch_size)})
     else:
         ap.error("give --sweep or at least one model")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -82,29 +81,17 @@ def render(path: str) -> None:
 
 
 def main() -> None:
+    from _train_step import add_alternating_args, answered_here, run_alternating, write_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="mimkit method names (mimkit models)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--json", help="write the runs here")
-    ap.add_argument("--render", metavar="FILE", help="print the Markdown table of a result file and stop")
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    add_alternating_args(ap, steps=4)
     a = ap.parse_args()
-    if a.render:
-        return render(a.render)
-    if a.one:
-        print("RESULT " + json.dumps(one(a.one[0], a.one[1], a.batch_size, a.steps)), flush=True)
+    if answered_here(a, render, one):
         return
     if not a.models:
         ap.error("give at least one model")
-    from _train_step import run_alternating
-
-    runs = run_alternating(__file__, a.models, SETTINGS, a.rounds, a.steps, a.batch_size)
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "runs": runs}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_results(a.json, {"runs": run_alternating(__file__, a.models, SETTINGS, a.rounds, a.steps, a.batch_size)})
 
 
 if __name__ == "__main__":
