@@ -13,6 +13,7 @@ REF    ?=
 SBS_ROWS := ref_umae_swin_t,mk_umae_swin_t,mkk_umae_swin_t,refk_umae_swin_t,ref_simmim_swin_t,mk_simmim_swin_t,mkk_simmim_swin_t,refk_simmim_swin_t,ref_umae_pvt_s,mk_umae_pvt_s,mkk_umae_pvt_s,refk_umae_pvt_s,ref_simmim_pvt_s,mk_simmim_pvt_s,mkk_simmim_pvt_s,refk_simmim_pvt_s,hf_mae_vit_b,mk_mae_vit_b,mkk_mae_vit_b,hfk_mae_vit_b
 BENCH_CPU := --steps 4 --warmup 1 --rounds 3 --precision fp32
 SBSEC_ROWS := ref_umae_swin_t,mkk_umae_swin_t,mkck_umae_swin_t,ref_simmim_swin_t,mkk_simmim_swin_t,mkck_simmim_swin_t,ref_umae_pvt_s,mkk_umae_pvt_s,mkck_umae_pvt_s,ref_simmim_pvt_s,mkk_simmim_pvt_s,mkck_simmim_pvt_s,hf_mae_vit_b,mkk_mae_vit_b,mkck_mae_vit_b
+SBS5_ROWS := ref_umae_swin_t,mkk_umae_swin_t,ref_simmim_swin_t,mkk_simmim_swin_t,ref_umae_pvt_s,mkk_umae_pvt_s,ref_simmim_pvt_s,mkk_simmim_pvt_s,hf_mae_vit_b,mkk_mae_vit_b
 SBSC_ROWS := ref_umae_swin_t,mkck_umae_swin_t,ref_simmim_swin_t,mkck_simmim_swin_t,ref_umae_pvt_s,mkck_umae_pvt_s,ref_simmim_pvt_s,mkck_simmim_pvt_s,hf_mae_vit_b,mkck_mae_vit_b
 
 CALTECH ?= $(SHARED)/data/caltech101
@@ -51,6 +52,7 @@ bench: $(STAMP)
 	mkdir -p docs/benchmarks
 	{ echo "# $$(date -u +%F) $$(nproc) cores, eager, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBS_ROWS); } > docs/benchmarks/side_by_side.log
 	{ echo "# $$(date -u +%F) $$(nproc) cores, compiled rows, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBSC_ROWS); } > docs/benchmarks/side_by_side_compiled.log
+	{ echo "# $$(date -u +%F) $$(nproc) cores, eager, rounds 5"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 5 --rows $(SBS5_ROWS); } > docs/benchmarks/side_by_side_5rounds.log
 	{ echo "# $$(date -u +%F) $$(nproc) cores, eager and compiled rows in one run, rounds 3"; $(PY) scripts/side_by_side_compiled.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows $(SBSEC_ROWS); } > docs/benchmarks/side_by_side_eager_compiled.log
 	{ echo "# $$(date -u +%F) $$(nproc) cores, rounds 3"; $(PY) scripts/stage_times.py --tool $(SHARED)/tools/side_by_side.py --ref-dir $(REF) --rounds 3 --rows ref_umae_pvt_s,mkk_umae_pvt_s; } > docs/benchmarks/stage_times_pvt.log
 	$(PY) scripts/bench_table.py record docs/benchmarks/lomar_vs_mae.json -- --models mae_vit_base_patch16 lomar_vit_base_patch16 --img-size 224 384 448 --batch-size 4 $(BENCH_CPU)
