@@ -87,6 +87,17 @@ def test_linear_takes_f_linear_where_not_chosen():
             torch.testing.assert_close(linear(tall, w), F.linear(tall, w), rtol=1e-5, atol=1e-4)
 
 
+def test_a_changed_internal_operator_turns_the_path_off(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("schema changed")
+
+    assert mlp_module._onednn_available() is mlp_module._ONEDNN
+    monkeypatch.setattr(mlp_module, "_onednn_linear", broken)
+    assert mlp_module._onednn_available() is False
+    monkeypatch.setattr(mlp_module, "_onednn_linear", lambda x, w, b: torch.zeros(x.shape[0], w.shape[0]))
+    assert mlp_module._onednn_available() is False  # wrong values: off too
+
+
 def test_set_cpu_linear_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="cpu_linear must be one of auto, aten"):
         set_cpu_linear("mkl")

@@ -12,7 +12,8 @@ the values and gradients are those of ``F.linear`` up to float rounding (tests/t
 
 ``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns the path off. It is never taken under autocast, under
 ``torch.compile`` (inductor sees plain ``F.linear``), off the CPU, for other dtypes than float32, for tensor subclasses
-(FSDP's sharded parameters) or where PyTorch was built without oneDNN.
+(FSDP's sharded parameters), or where PyTorch lacks the operator or it fails a check against ``F.linear`` at import
+(``mkldnn::_linear_pointwise`` is internal to PyTorch).
 """
 
 from __future__ import annotations
@@ -53,11 +54,17 @@ def uses_onednn(rows: int, in_features: int, out_features: int) -> bool:
 
 
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_ONEDNN = _onednn_available()
-_PLAIN = (torch.Tensor, nn.Parameter)
+    """oneDNN's linear is there and computes ``F.linear`` (an internal operator: checked once on a small product, so
+    that a PyTorch whose operator changed falls back to ``F.linear`` instead of failing mid-run)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    cpu = torch.device("cpu")  # no random draw, whatever the default device
+    x, w = torch.linspace(-1, 1, 12, device=cpu).view(4, 3), torch.linspace(-0.5, 0.5, 15, device=cpu).view(5, 3)
+    b = torch.linspace(0, 1, 5, device=cpu)
+    try:
+        return bool(torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5))
+    except Exception:  # noqa: BLE001  (any failure of the internal operator means: not usable)
+        return False
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -74,6 +81,10 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 def _onednn_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+
+
+_ONEDNN = _onednn_available()
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 class _OneDNNLinear(torch.autograd.Function):
