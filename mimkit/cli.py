@@ -649,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
     p.add_argument(
         "--cpu-linear",
-        choices=["auto", "aten"],
-        default="auto",
+        choices=PretrainConfig.__dataclass_fields__["cpu_linear"].metadata["choices"],  # the pretrain option's
+        default=PretrainConfig.cpu_linear,
         help="auto: tall, narrow fp32 CPU products through oneDNN, as `mimkit pretrain` runs them; aten: PyTorch's "
         "linear everywhere",
     )

@@ -98,6 +98,14 @@ def test_a_changed_internal_operator_turns_the_path_off(monkeypatch):
     assert mlp_module._onednn_available() is False  # wrong values: off too
 
 
+def test_the_options_offer_the_modes_the_layer_knows():
+    from mimkit.config import PretrainConfig
+    from mimkit.models.layers.mlp import CPU_LINEAR_CHOICES
+
+    choices = PretrainConfig.__dataclass_fields__["cpu_linear"].metadata["choices"]
+    assert list(choices) == list(CPU_LINEAR_CHOICES) and PretrainConfig.cpu_linear == "auto"
+
+
 def test_set_cpu_linear_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="cpu_linear must be one of auto, aten"):
         set_cpu_linear("mkl")
