@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(PY) scripts/compile_check.py --out docs/benchmarks/compile_check.json
 	$(PY) scripts/cpu_linear.py --sweep --rounds 5 --json docs/benchmarks/cpu_linear_sweep.json
 	$(PY) scripts/cpu_linear.py simmim_pvt_small_256 umae_pvt_small_256 simmim_swin_tiny_256 umae_swin_tiny_256 --rounds 4 --json docs/benchmarks/cpu_linear_steps.json
+	$(PY) scripts/row_gather.py > docs/benchmarks/row_gather_cpu.txt
 	$(PY) scripts/path_memory.py --paths 1000000 --workers 2 --rounds 3 --out docs/benchmarks/path_memory.json
 	$(MAKE) docs
 

@@ -87,3 +87,20 @@ def test_nothing_masked_scores_zero_in_training_instead_of_an_empty_mean():
     model = create_method("mae_vit_pico_patch8", mask_ratio=0.0).train()
     loss, out = model({"image": torch.randn(2, 3, 64, 64)})
     assert loss.item() == 0.0 and out["mask"].sum() == 0
+
+
+def test_spread_equals_scatter_in_values_and_gradients():
+    """``spread`` (whole rows through ``index_copy``) against ``scatter`` into the expanded common rows."""
+    from mimkit.models.decoder import spread
+
+    torch.manual_seed(0)
+    n, length, d, g_ = 3, 9, 5, 4
+    own = torch.randn(n, g_, d, requires_grad=True)
+    common = torch.randn(length, d, requires_grad=True)
+    where = torch.stack([torch.randperm(length)[:g_] for _ in range(n)])
+    got = spread(own, common, where)
+    want = common.expand(n, -1, -1).scatter(1, where.unsqueeze(-1).expand(-1, -1, d), own)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (own, common), g), torch.autograd.grad(want, (own, common), g)):
+        torch.testing.assert_close(a, b)

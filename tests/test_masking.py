@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,3 +50,19 @@ def test_gather_then_unshuffle_is_identity_on_kept_tokens():
     restored = gather_tokens(torch.cat([kept, filler], 1), draw.ids_restore)
     visible = (draw.mask == 0).unsqueeze(-1)
     assert torch.equal(restored * visible, x * visible)
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["own-rows", "expanded"])
+def test_gather_tokens_equals_torch_gather_in_values_and_gradients(expanded):
+    """Whole-row ``index_select`` (and, for one sequence expanded over the batch, a select from that sequence)
+    against ``torch.gather`` with the index expanded over the channels."""
+    torch.manual_seed(0)
+    n, length, d, k = 4, 13, 6, 5
+    src = torch.randn(1 if expanded else n, length, d, requires_grad=True)
+    x = src.expand(n, -1, -1) if expanded else src
+    ids = torch.stack([torch.randperm(length)[:k] for _ in range(n)])
+    got = gather_tokens(x, ids)
+    want = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, d))
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, src, g)[0], torch.autograd.grad(want, src, g)[0])

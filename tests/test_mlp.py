@@ -46,12 +46,20 @@ def test_uses_onednn_picks_the_tall_narrow_products(rows, in_f, out_f, want):
     "shape, in_f, out_f, bias, x_grad",
     [
         ((2, 4096), 16, 64, True, True),
+        ((8192,), 32, 256, True, True),
         ((2, 64, 64), 256, 32, True, True),
         ((8192,), 16, 64, False, True),
         ((2, 4096), 16, 64, True, False),
         ((2, 64, 64), 256, 32, False, False),
     ],
-    ids=["widening", "narrowing-4d", "no-bias", "input-without-grad", "narrowing-no-bias-no-input-grad"],
+    ids=[
+        "widening",
+        "widening-bias-by-mv",
+        "narrowing-4d",
+        "no-bias",
+        "input-without-grad",
+        "narrowing-no-bias-no-input-grad",
+    ],
 )
 def test_linear_gives_f_linears_values_and_gradients(shape, in_f, out_f, bias, x_grad):
     torch.manual_seed(0)

@@ -31,6 +31,15 @@ def test_normalized_target_has_zero_mean_unit_unbiased_var():
     assert torch.allclose(t.var(-1), torch.ones(4, 10), atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [3.0, 1e-4], ids=["spread", "near-constant"])
+def test_normalized_target_equals_the_mean_and_unbiased_var_formula(scale):
+    """The layer-norm form against (t - mean) / sqrt(var + eps) written out, also where eps dominates the var
+    (there around 0, so that float32 cancellation does not decide the comparison)."""
+    x = torch.randn(4, 10, 48) * scale + (5 if scale > 1 else 0)
+    want = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5
+    torch.testing.assert_close(normalized_target(x), want, atol=2e-5, rtol=1e-5)
+
+
 def test_loss_only_on_masked_patches():
     pred = torch.randn(2, 10, 12, requires_grad=True)
     target = torch.randn(2, 10, 12)

@@ -6,7 +6,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from mimkit.masking import gather_tokens
+from mimkit.masking import flat_rows, gather_tokens
 from mimkit.patches import masked_mse, normalized_target, patch_mse, patchify
 
 
@@ -67,8 +67,9 @@ class MIMMethod(nn.Module):
         at = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : mask.shape[1] - visible]
         part = self.decoder(latent, where, at)
         loss = patch_mse(part, self.target(imgs, at)).mean()
-        index = at.unsqueeze(-1).expand(-1, -1, part.shape[-1])
-        return loss, part.new_zeros(*mask.shape, part.shape[-1]).scatter(1, index, part.detach())
+        n, length, d = *mask.shape, part.shape[-1]
+        pred = part.new_zeros(n * length, d).index_copy_(0, flat_rows(at, length), part.detach().reshape(-1, d))
+        return loss, pred.view(n, length, d)
 
     def target(self, imgs: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction target: patchified images (N, L, p*p*C), per-patch normalized when ``norm_pix_loss``; with

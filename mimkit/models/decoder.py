@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mimkit.masking import gather_tokens
+from mimkit.masking import flat_rows, gather_tokens
 from mimkit.models._checkpoint import run_block
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.vit import mae_init_
@@ -17,9 +17,10 @@ from mimkit.models.vit import mae_init_
 
 def spread(own: torch.Tensor, common: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """(N, T, C): ``common`` (T, C) at every position of every sample, except ``own`` (N, G, C) at the positions
-    ``where`` (N, G)."""
-    index = where.unsqueeze(-1).expand(-1, -1, common.shape[-1])
-    return common.expand(own.shape[0], -1, -1).scatter(1, index, own)
+    ``where`` (N, G). Rows are copied whole (``index_copy``, as :func:`mimkit.masking.gather_tokens`)."""
+    n, (length, d) = own.shape[0], common.shape
+    base = common.expand(n, length, d).reshape(n * length, d)
+    return base.index_copy(0, flat_rows(where, length), own.reshape(-1, d)).view(n, length, d)
 
 
 class DecoderBlock(Block):
