@@ -3,7 +3,8 @@ gathers"): ``torch.gather`` with an index expanded over the channels against ``m
 (``index_select`` of rows), ``scatter`` into expanded rows against ``mimkit.models.decoder.spread`` (``index_copy``),
 and the norm_pix target as mean and ``var`` against ``mimkit.patches.normalized_target`` (a layer norm).
 
-    python scripts/row_gather.py [--device cuda] [--batch 8]
+    python scripts/row_gather.py [--device cuda] [--batch 8] > docs/benchmarks/row_gather_cpu.txt
+    python scripts/row_gather.py --render docs/benchmarks/row_gather_cpu.txt    # the kept result, for the docs
 
 The shapes of a UM-MAE / MAE decoder at 256 px with 16 px patches (256 positions, 64 visible, 512 channels; its first
 block's qkv rows, 1536 channels; 768 target values per patch); 3 warm-up and 20 timed repetitions, synchronised;
@@ -36,7 +37,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--render", metavar="FILE", help="print a kept result as a Markdown code block and stop")
     a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            print("```\n" + f.read().rstrip("\n") + "\n```")
+        return
     dev = torch.device(a.device)
     torch.manual_seed(0)
     n, length, visible = a.batch, 256, 64

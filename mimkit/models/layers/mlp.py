@@ -112,7 +112,7 @@ class _OneDNNLinear(torch.autograd.Function):
             out_f, in_f = weight.shape
             dw = dy2.t() @ x2 if out_f <= in_f else (x2.t() @ dy2).t().contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:  # column sums; from 256 columns a matrix-vector product is
-            # 1.2-1.6x faster than sum(0) on CPU-3 (docs/benchmarks.md, "Tall, narrow products")
+            # 1.2-1.6x faster than sum(0) on CPU-3 (docs/benchmarks.md, "Row gathers")
             db = torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])) if dy2.shape[1] >= BIAS_MV_COLUMNS else dy2.sum(0)
         return dx, dw, db
 
