@@ -66,7 +66,9 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     n, length, d = x.shape
     if n > 1 and x.stride(0) == 0:  # one sequence expanded over the batch (positions): select from it, no copy
         return x[0].index_select(0, ids.reshape(-1)).view(n, ids.shape[1], d)
-    return x.reshape(n * length, d).index_select(0, flat_rows(ids, length)).view(n, ids.shape[1], d)
+    if not x.is_contiguous():  # rows are not rows of one matrix (a slice, a permuted view): no copy of all of x
+        return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, d))
+    return x.view(n * length, d).index_select(0, flat_rows(ids, length)).view(n, ids.shape[1], d)
 
 
 # -- UM-MAE: uniform sampling, secondary masking, compaction (docs/methods.md 4.2-4.4) --------------------------------

@@ -52,14 +52,15 @@ def test_gather_then_unshuffle_is_identity_on_kept_tokens():
     assert torch.equal(restored * visible, x * visible)
 
 
-@pytest.mark.parametrize("expanded", [False, True], ids=["own-rows", "expanded"])
-def test_gather_tokens_equals_torch_gather_in_values_and_gradients(expanded):
-    """Whole-row ``index_select`` (and, for one sequence expanded over the batch, a select from that sequence)
-    against ``torch.gather`` with the index expanded over the channels."""
+@pytest.mark.parametrize("layout", ["own-rows", "expanded", "slice"])
+def test_gather_tokens_equals_torch_gather_in_values_and_gradients(layout):
+    """Whole-row ``index_select`` (for one sequence expanded over the batch, a select from that sequence; for a
+    non-contiguous slice, ``torch.gather`` itself) against ``torch.gather`` with the index expanded over the
+    channels."""
     torch.manual_seed(0)
     n, length, d, k = 4, 13, 6, 5
-    src = torch.randn(1 if expanded else n, length, d, requires_grad=True)
-    x = src.expand(n, -1, -1) if expanded else src
+    src = torch.randn(1 if layout == "expanded" else n, length, 3 * d if layout == "slice" else d, requires_grad=True)
+    x = {"own-rows": src, "expanded": src.expand(n, -1, -1), "slice": src[..., d : 2 * d]}[layout]
     ids = torch.stack([torch.randperm(length)[:k] for _ in range(n)])
     got = gather_tokens(x, ids)
     want = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, d))
