@@ -61,8 +61,8 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (N, L, D), ids (N, K) -> (N, K, D): ``torch.gather`` along the tokens, taken as whole rows.
 
     ``index_select`` over the (N*L, D) rows copies each row at once (and its backward adds rows back), where
-    ``gather`` with an index expanded over D goes element by element: on CPU-3 3.4x faster forward and 1.8x
-    backward for a decoder's (8, 256, 1536) (docs/benchmarks.md, "Row gathers")."""
+    ``gather`` with an index expanded over D goes element by element: on CPU-3 2.2x faster forward and backward
+    for 192 of a decoder's (8, 256, 512) rows (docs/benchmarks.md, "Row gathers")."""
     n, length, d = x.shape
     if n > 1 and x.stride(0) == 0:  # one sequence expanded over the batch (positions): select from it, no copy
         return x[0].index_select(0, ids.reshape(-1)).view(n, ids.shape[1], d)

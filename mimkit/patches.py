@@ -58,9 +58,9 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None, cha
 def normalized_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch normalization of targets: (t - mean) / sqrt(var + eps), unbiased var (MAE's norm_pix_loss).
 
-    Computed as a layer norm without affine (one fused pass; ``var`` was 9x slower on CPU-3 for a batch of
-    targets): with D values per patch, unbiased var = biased var * D / (D - 1), so the same value is
-    ``layer_norm(t, eps * (D - 1) / D) * sqrt((D - 1) / D)``."""
+    Computed as a layer norm without affine (one fused pass; the mean-and-``var`` form took 6.9x as long on CPU-3
+    for a batch of targets, docs/benchmarks.md, "Row gathers"): with D values per patch, unbiased var = biased var
+    * D / (D - 1), so the same value is ``layer_norm(t, eps * (D - 1) / D) * sqrt((D - 1) / D)``."""
     d = patches.shape[-1]
     if d < 2:  # no unbiased variance of one value: the plain formula (nan, as before)
         mean = patches.mean(dim=-1, keepdim=True)
