@@ -1,6 +1,7 @@
 """Shared layers (mimkit/models/layers/): window attention against an explicit softmax, and the call shape that lets
-PyTorch use its fused kernels; strided convolutions as channel-last products; contiguous maps into the blocks' norms;
-no host synchronisation in any method's training step (a GPU stall each time)."""
+PyTorch use its fused kernels; PVT's and Swin's attention modules against explicit forms of the released q/k/v layout;
+strided convolutions as channel-last products; contiguous maps into the blocks' norms; no host synchronisation in any
+method's training step (a GPU stall each time)."""
 
 import collections
 
@@ -73,6 +74,55 @@ def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(ker
     g_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def heads(t, n):
+    """(..., L, n * d) -> (..., n, L, d)."""
+    return t.unflatten(-1, (n, -1)).transpose(-3, -2)
+
+
+def assert_same_values_and_gradients(got, want, inputs):
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_pvt_attention_takes_q_from_q_and_k_then_v_from_kv():
+    """PVT's spatial-reduction attention against an explicit form with the released layout (keys the first half of
+    ``kv``'s output, values the second): the split happens on views, so a swapped or mis-strided split would still
+    run, just compute something else."""
+    from mimkit.models.pvt import SRAttention
+
+    torch.manual_seed(0)
+    attn = SRAttention(dim=16, num_heads=2, sr_ratio=2)
+    x = torch.randn(2, 4, 6, 16, requires_grad=True)  # NHWC, a non-square map
+    got = attn(x, pool=2)
+    q = heads(attn.q(x).flatten(1, 2), 2)
+    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), 2)
+    y = attn.norm(attn.sr(pooled).flatten(2).transpose(1, 2))
+    k, v = heads(attn.kv(y)[..., :16], 2), heads(attn.kv(y)[..., 16:], 2)
+    want = attn.proj(explicit_attention(q, k, v, 0.0).transpose(1, 2).flatten(2)).view(2, 4, 6, 16)
+    assert_same_values_and_gradients(got, want, (x, attn.q.weight, attn.kv.weight, attn.sr.weight))
+
+
+def test_swin_window_attention_takes_q_k_v_in_thirds_of_qkv():
+    """Swin's window attention against an explicit form: q, k and v the first, second and last third of ``qkv``'s
+    output (timm's and the released layout), the relative-position bias added to every window's scores."""
+    from mimkit.models.layers import window_partition
+    from mimkit.models.swin import WindowAttention, WindowLayout
+
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=12, num_heads=3)
+    layout = WindowLayout(8, 8, window=4, shift=0)
+    x = torch.randn(2, 8, 8, 12)
+    windows = window_partition(x, 4, 4).requires_grad_()  # (2, 4 windows, 16 tokens, 12)
+    got = attn(windows, layout)
+    bias = bias_rows(attn.pos_mlp.table(layout.radius, x.device), layout.index).permute(0, 1, 4, 2, 3)
+    qkv = attn.qkv(windows)
+    q, k, v = (heads(qkv[..., i * 12 : (i + 1) * 12], 3) for i in range(3))
+    want = attn.proj(explicit_attention(q, k, v, bias).transpose(-3, -2).flatten(-2))
+    assert_same_values_and_gradients(got, want, (windows, attn.qkv.weight, attn.proj.weight))
 
 
 @pytest.mark.parametrize(

@@ -65,8 +65,7 @@ class DecoderBlock(Block):
         n, length = x.shape[:2]
         m = length if at is None else at.shape[1]
         q = q.reshape(n, m, heads, hd).transpose(1, 2)
-        kv = kv.reshape(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        k, v = (t.transpose(1, 2) for t in kv.reshape(n, length, 2, heads, hd).unbind(2))  # as SRAttention
         q, k = attn.q_norm(q), attn.k_norm(k)
         drop = attn.attn_drop.p if attn.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=attn.scale)

@@ -49,7 +49,9 @@ class SRAttention(nn.Module):
             y = self.norm(patch_linear(y, self.sr).reshape(b, -1, c))
         else:
             y = x.reshape(b, h * w, c)
-        k, v = self.kv(y).view(b, -1, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        # split along the (2) axis of the row itself: the backward stacks the two gradients straight into the
+        # product's layout (splitting a permuted copy's first axis needs a second, permuting copy)
+        k, v = (t.transpose(1, 2) for t in self.kv(y).view(b, -1, 2, self.num_heads, hd).unbind(2))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 

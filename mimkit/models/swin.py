@@ -86,7 +86,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: WindowLayout, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, nw, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        qkv = self.qkv(x).view(b, nw, t, 3, self.num_heads, c // self.num_heads)
+        q, k, v = (u.transpose(2, 3) for u in qkv.unbind(3))  # the backward stacks into qkv's layout (SRAttention)
         bias = bias_rows(self.pos_mlp.table(layout.radius, x.device), layout.index)  # (b', nW, T, T, heads)
         bias = bias.permute(0, 1, 4, 2, 3)
         if layout.mask is not None:
