@@ -8,8 +8,11 @@ ratios and their range, the figure docs/benchmarks.md reports.
     .venv/bin/python ../shared/tools/side_by_side.py --ref-dir REF --rounds 3 > side_by_side.log
     .venv/bin/python scripts/reference_ratios.py side_by_side.log [--markdown]
     .venv/bin/python scripts/reference_ratios.py side_by_side.log --pair mk_simmim_swin_t,mk_umae_swin_t  # any two rows
+    .venv/bin/python scripts/reference_ratios.py --history docs/benchmarks/side_by_side_5rounds*.log  # run by run
 
 Each ratio also carries the two rows' peak memory growth (median over rounds) and its ratio (first / second).
+``--history`` prints one line per log instead: its header (date, commit) and, for each model, the speed-up of one
+kind of mimkit row (``--kind``, default ``mkk``: as ``mimkit pretrain`` runs) over the reference as released.
 """
 
 from __future__ import annotations
@@ -74,12 +77,57 @@ def ratios(rows: dict[str, list[float]], pairs=None, memory: dict[str, list[floa
     return out
 
 
+HISTORY_MODELS = {
+    "umae_swin_t": "UM-MAE Swin-T",
+    "simmim_swin_t": "SimMIM Swin-T",
+    "umae_pvt_s": "UM-MAE PVT-S",
+    "simmim_pvt_s": "SimMIM PVT-S",
+    "mae_vit_b": "MAE ViT-B (ViTMAE)",
+}
+
+
+def history(paths: list[str], kind: str = "mkk") -> str:
+    """Markdown: one line per log (the commit its ``#`` header names after "at", and its file name), one column per
+    model of ``HISTORY_MODELS``, each the median (range) over rounds of reference time / time of the ``kind`` row."""
+    import re
+
+    head = "| commit | log | " + " | ".join(HISTORY_MODELS.values()) + " | rounds |"
+    out = [head, "|---" * (len(HISTORY_MODELS) + 3) + "|"]
+    for path in paths:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        header = next((x for x in lines if x.startswith("#")), "")
+        commit = re.search(r"\bat ([0-9a-f]{7,40})\b", header)
+        rows = per_round_medians(lines)
+        pairs = [(f"ref_{m}" if f"ref_{m}" in rows else f"hf_{m}", f"{kind}_{m}") for m in HISTORY_MODELS]
+        found = {t["mimkit"]: t for t in ratios(rows, pairs)}
+        cells = []
+        for m in HISTORY_MODELS:
+            t = found.get(f"{kind}_{m}")
+            cells.append(f"{t['ratio']:.2f}x ({t['low']:.2f}-{t['high']:.2f})" if t else "-")
+        rounds = sorted({t["rounds"] for t in found.values()})
+        name = path.rsplit("/", 1)[-1]
+        out.append(
+            f"| {commit.group(1) if commit else '-'} | `{name}` | "
+            + " | ".join(cells)
+            + f" | {'/'.join(map(str, rounds)) or '-'} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("log", help="the side-by-side tool's output")
+    ap.add_argument("log", nargs="?", help="the side-by-side tool's output")
+    ap.add_argument("--history", nargs="+", metavar="LOG", help="one line per log: the speed-up of each model")
+    ap.add_argument("--kind", default="mkk", help="with --history: the mimkit rows to read (mk, mkk, mkc, mkck)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--pair", action="append", metavar="A,B", help="rows to compare (time of A / time of B)")
     a = ap.parse_args(argv)
+    if a.history:
+        print(history(a.history, a.kind))
+        return
+    if not a.log:
+        ap.error("give the tool's output (LOG) or --history LOG...")
     with open(a.log) as f:
         lines = f.read().splitlines()
     pairs = [tuple(p.split(",", 1)) for p in a.pair] if a.pair else None

@@ -43,3 +43,22 @@ def test_bench_table_renders_the_median_ratio_range_and_per_image_flops(tmp_path
     text = render_bench(path)
     assert text.startswith("2026-01-02, M, 3 alternating rounds") and "mimkit bench X" in text
     assert "| `b:mode=x` | 224 | 250 | 16.00 | 1.90x (1.50-2.25) | 50 | 0.50x | 8 | 2 |" in text  # per image
+
+
+def test_reference_ratios_history_gives_each_runs_per_round_median_and_range(tmp_path):
+    from reference_ratios import history
+
+    def line(row, seconds):
+        return "RESULT " + json.dumps({"row": row, "times": seconds, "peak_growth_MB": 1.0})
+
+    log = tmp_path / "run.log"  # two rounds: the reference 2.0 then 2.4 s, mimkit 1.0 s; ViTMAE 3 s, MAE 2 s
+    one_round = [("ref_umae_pvt_s", 2.0), ("mkk_umae_pvt_s", 1.0), ("hf_mae_vit_b", 3.0), ("mkk_mae_vit_b", 2.0)]
+    rounds = one_round + [("ref_umae_pvt_s", 2.4)] + one_round[1:]
+    log.write_text("# 2026-01-02 2 cores, eager, rounds 2, at abc1234, CPU-9\n" + "\n".join(
+        line(row, [s, s + 0.001, s - 0.001]) for row, s in rounds) + "\n")  # fmt: skip
+    table = history([str(log)]).splitlines()
+    assert table[0].startswith("| commit | log | UM-MAE Swin-T |") and len(table) == 3
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:2] == ["abc1234", "`run.log`"]
+    assert cells[4] == "2.20x (2.00-2.40)" and cells[6] == "1.50x (1.50-1.50)"  # UM-MAE PVT-S; MAE over ViTMAE
+    assert cells[2] == cells[3] == cells[5] == "-" and cells[7] == "2"  # rows not run; rounds
