@@ -1,4 +1,5 @@
-"""What the pyramid encoders (Swin, PVT) share: timm's classifier API, initialization, SimMIM's masked forward."""
+"""What the pyramid encoders (Swin, PVT, MixSwin, DyViT) share: timm's classifier API and model building,
+initialization, SimMIM's masked forward."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def pyramid_cfg(img_size: int, first_conv: str) -> dict:
         crop_pct=0.9,
         license="apache-2.0",
     )
+
+
+def create_pyramid(cls, variant: str, pretrained: bool, arch: dict, **kwargs):
+    """timm's ``build_model_with_cfg`` for the registered pyramid encoder ``variant`` of class ``cls``: the
+    architecture ``arch`` updated by ``kwargs``; ``features_only`` gives the four stage maps (strides 4 to 32) through
+    the model's own getter."""
+    from timm.models import build_model_with_cfg
+
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **{**arch, **kwargs})
 
 
 def he_conv_(weight: torch.Tensor, bias: torch.Tensor | None, fan_out: int) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimkit.masking import gather_tokens
 from mimkit.models._checkpoint import run_blocks
-from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._pyramid import PyramidEncoder, create_pyramid, pyramid_cfg
 from mimkit.models._size import require_square
 from mimkit.models.layers import (
     PatchMerging,
@@ -306,20 +306,11 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> DyViT:
-    return build_model_with_cfg(
-        DyViT,
-        variant,
-        pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **{**arch, **kwargs},
-    )
-
-
 @register_model
 def dyvit_pico_128(pretrained=False, **kwargs) -> DyViT:
     """CPU-sized DyViT (24-d, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create(
+    return create_pyramid(
+        DyViT,
         "dyvit_pico_128",
         pretrained,
         dict(img_size=128, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(3, 3, 6, 6)),
@@ -330,16 +321,20 @@ def dyvit_pico_128(pretrained=False, **kwargs) -> DyViT:
 @register_model
 def dyvit_tiny_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-T: Swin-T budget (96-d, depths 2-2-6-2, heads 3-6-12-24)."""
-    return _create(
-        "dyvit_tiny_224", pretrained, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), **kwargs
+    return create_pyramid(
+        DyViT, "dyvit_tiny_224", pretrained, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), **kwargs
     )
 
 
 @register_model
 def dyvit_small_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-S: 96-d, depths 2-2-18-2."""
-    return _create(
-        "dyvit_small_224", pretrained, dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)), **kwargs
+    return create_pyramid(
+        DyViT,
+        "dyvit_small_224",
+        pretrained,
+        dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+        **kwargs,
     )
 
 
@@ -347,7 +342,8 @@ def dyvit_small_224(pretrained=False, **kwargs) -> DyViT:
 def dyvit_base_224(pretrained=False, **kwargs) -> DyViT:
     """DyViT-B: 128-d, depths 2-2-18-2, heads 4-8-16-32; two window groups per stage (4 and 8 tokens at stage 1),
     since 128-d heads do not split into three groups."""
-    return _create(
+    return create_pyramid(
+        DyViT,
         "dyvit_base_224",
         pretrained,
         dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), windows=((4, 8), (2, 4), (2, 2))),

@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from mimkit.masking import upsample_cells
 from mimkit.models._checkpoint import run_blocks
-from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._pyramid import PyramidEncoder, create_pyramid, pyramid_cfg
 from mimkit.models._size import require_square
 from mimkit.models.layers import (
     PatchMerging,
@@ -220,20 +220,11 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> MixSwin:
-    return build_model_with_cfg(
-        MixSwin,
-        variant,
-        pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **{**arch, **kwargs},
-    )
-
-
 @register_model
 def mixswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> MixSwin:
     """CPU-sized MixMAE Swin (32-d, depths 1-1-1-1, windows 16-16-16-8) at 128 px: tests and demos."""
-    return _create(
+    return create_pyramid(
+        MixSwin,
         "mixswin_pico_patch4_window16_128",
         pretrained,
         dict(img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_sizes=(16, 16, 16, 8)),
@@ -244,7 +235,8 @@ def mixswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> MixSwin:
 @register_model
 def mixswin_base_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-B: Swin-B/W14 (128-d, depths 2-2-18-2, windows 14-14-14-7), 224 px."""
-    return _create(
+    return create_pyramid(
+        MixSwin,
         "mixswin_base_patch4_window14_224",
         pretrained,
         dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
@@ -255,7 +247,8 @@ def mixswin_base_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
 @register_model
 def mixswin_large_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-L: 192-d, depths 2-2-18-2, windows 14-14-14-7, 224 px."""
-    return _create(
+    return create_pyramid(
+        MixSwin,
         "mixswin_large_patch4_window14_224",
         pretrained,
         dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
@@ -266,7 +259,8 @@ def mixswin_large_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
 @register_model
 def mixswin_huge_patch4_window14_224(pretrained=False, **kwargs) -> MixSwin:
     """MixMAE-H: 352-d, depths 2-2-18-2, windows 14-14-14-7, 224 px."""
-    return _create(
+    return create_pyramid(
+        MixSwin,
         "mixswin_huge_patch4_window14_224",
         pretrained,
         dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from mimkit.masking import compact
 from mimkit.models._checkpoint import run_blocks
-from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._pyramid import PyramidEncoder, create_pyramid, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.layers import PreNormBlock, drop_path_rates, patch_linear
 from mimkit.models.pos_embed import sincos_2d
@@ -262,16 +262,11 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> PVT:
-    return build_model_with_cfg(
-        PVT, variant, pretrained, feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **{**arch, **kwargs}
-    )
-
-
 @register_model
 def mimpvt_pico_128(pretrained=False, **kwargs) -> PVT:
     """CPU-sized PVT (dims 32-64-128-256, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create(
+    return create_pyramid(
+        PVT,
         "mimpvt_pico_128",
         pretrained,
         dict(
@@ -288,4 +283,4 @@ def mimpvt_pico_128(pretrained=False, **kwargs) -> PVT:
 @register_model
 def mimpvt_small_256(pretrained=False, **kwargs) -> PVT:
     """PVT-S as in UM-MAE: dims 64-128-320-512, depths 3-4-6-3, SR ratios 8-4-2-1 (4-2-1-1 on compact input)."""
-    return _create("mimpvt_small_256", pretrained, dict(img_size=256), **kwargs)
+    return create_pyramid(PVT, "mimpvt_small_256", pretrained, dict(img_size=256), **kwargs)

@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mimkit.masking import compact
-from mimkit.models._pyramid import PyramidEncoder, pyramid_cfg
+from mimkit.models._pyramid import PyramidEncoder, create_pyramid, pyramid_cfg
 from mimkit.models._size import canonical, pair, size_text
 from mimkit.models.layers import (
     COORD_UNITS,
@@ -306,20 +306,11 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(variant: str, pretrained: bool, arch: dict, **kwargs) -> SwinUM:
-    return build_model_with_cfg(
-        SwinUM,
-        variant,
-        pretrained,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **{**arch, **kwargs},
-    )
-
-
 @register_model
 def mimswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> SwinUM:
     """CPU-sized Swin (32-d, depths 1-1-1-1) at 128 px: tests and demos."""
-    return _create(
+    return create_pyramid(
+        SwinUM,
         "mimswin_pico_patch4_window16_128",
         pretrained,
         dict(img_size=128, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=16),
@@ -330,7 +321,8 @@ def mimswin_pico_patch4_window16_128(pretrained=False, **kwargs) -> SwinUM:
 @register_model
 def mimswin_tiny_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-T as in UM-MAE: 96-d, depths 2-2-6-2, window 16 at 256 px (8 on the compact input)."""
-    return _create(
+    return create_pyramid(
+        SwinUM,
         "mimswin_tiny_patch4_window16_256",
         pretrained,
         dict(img_size=256, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=16),
@@ -341,7 +333,8 @@ def mimswin_tiny_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
 @register_model
 def mimswin_base_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-B: 128-d, depths 2-2-18-2, window 16 at 256 px."""
-    return _create(
+    return create_pyramid(
+        SwinUM,
         "mimswin_base_patch4_window16_256",
         pretrained,
         dict(img_size=256, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=16),
@@ -352,7 +345,8 @@ def mimswin_base_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
 @register_model
 def mimswin_large_patch4_window16_256(pretrained=False, **kwargs) -> SwinUM:
     """Swin-L as in UM-MAE: 192-d, depths 2-2-18-2, window 16 at 256 px, 64-wide position MLP."""
-    return _create(
+    return create_pyramid(
+        SwinUM,
         "mimswin_large_patch4_window16_256",
         pretrained,
         dict(
