@@ -40,21 +40,20 @@ def run_alternating(
     """Every (model, setting) in its own process (``python script --one MODEL SETTING --steps N --batch-size B``,
     which prints one ``RESULT {json}`` line), the settings alternating in order over ``rounds``; returns the results,
     each with its round, and prints their lines. Exits naming a run that printed no result."""
-    import json
-    import subprocess
     import sys
+
+    from _results import print_result, run_for_result
 
     runs = []
     for rnd in range(rounds):
         for model in models:
             for setting in settings if rnd % 2 == 0 else settings[::-1]:
                 cmd = [sys.executable, script, "--one", model, setting, "--steps", str(steps)]
-                p = subprocess.run([*cmd, "--batch-size", str(batch_size)], capture_output=True, text=True)
-                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
+                result, p = run_for_result([*cmd, "--batch-size", str(batch_size)])
+                if result is None:
                     sys.exit(f"{model} {setting}: failed\n{p.stderr[-2000:]}")
-                runs.append(dict(json.loads(line[len("RESULT ") :]), round=rnd))
-                print(line, flush=True)
+                runs.append(dict(result, round=rnd))
+                print_result(result)
     return runs
 
 
@@ -74,25 +73,21 @@ def add_alternating_args(ap, steps: int) -> None:
 def answered_here(a, render, one) -> bool:
     """``--render`` (``render(path)``) or ``--one`` (``one(model, setting, batch_size, steps)``, printed as its
     ``RESULT`` line), if ``a`` asks for either: True when done."""
-    import json
+    from _results import print_result
 
     if a.render:
         render(a.render)
     elif a.one:
-        print("RESULT " + json.dumps(one(a.one[0], a.one[1], a.batch_size, a.steps)), flush=True)
+        print_result(one(a.one[0], a.one[1], a.batch_size, a.steps))
     return bool(a.render or a.one)
 
 
 def write_results(path: str | None, results: dict) -> None:
-    """``results`` with the date and machine, as JSON at ``path`` (if given)."""
-    import json
-    import platform
-    import time
+    """``results`` with the date and machine, as JSON at ``path`` (if given): ``bench_table.write_result``, the
+    stamp every result file of docs/benchmarks/ starts with."""
+    from pathlib import Path
+
+    from bench_table import write_result
 
     if path:
-        with open(path, "w") as f:
-            json.dump(
-                {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), **results},
-                f,
-                indent=1,
-            )
+        write_result(Path(path), results)

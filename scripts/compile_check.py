@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _results import print_result, run_for_result  # noqa: E402
 from bench_table import add_result_args, write_result  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def main() -> None:
         print(render(args.render))
         return
     if args.one:
-        print("RESULT " + json.dumps(check_one(args.one)), flush=True)
+        print_result(check_one(args.one))
         return
     import mimkit  # noqa: F401
     from mimkit.methods.registry import list_methods
@@ -119,10 +120,9 @@ def main() -> None:
     models = args.models or [m for m in list_methods() if "pico" in m]
     results = []
     for name in models:
-        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if found:
-            results.append(json.loads(found[-1]))
+        result, proc = run_for_result([sys.executable, __file__, "--one", name])
+        if result is not None:
+            results.append(result)
         else:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"model": name, "error": last[:200]})

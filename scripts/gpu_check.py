@@ -35,6 +35,8 @@ import time
 import traceback
 from pathlib import Path
 
+from _results import PREFIX, results_in
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -164,8 +166,8 @@ def phase_side_by_side(log, a, deadline):
         cmd += ["--rows", "hf_mae_vit_b,mk_mae_vit_b", "--rounds", "1", "--steps", "1", "--warmup", "0", "--batch", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            log("side_by_side", **json.loads(line[7:]))
+        if line.startswith(PREFIX):
+            log("side_by_side", **results_in([line])[0])
         elif line.strip():
             log("side_by_side", note=line[:1500])
     if p.returncode:

@@ -22,6 +22,8 @@ import json
 import statistics
 from collections import defaultdict
 
+from _results import results_in
+
 
 def pairs_of(rows) -> list[tuple[str, str]]:
     """(reference row, mimkit row) for every mimkit row (``mk_X`` eager, ``mkc_X`` compiled, ``mkk_X`` and ``mkck_X``
@@ -40,12 +42,10 @@ def pairs_of(rows) -> list[tuple[str, str]]:
 def per_round_medians(lines: list[str], key: str = "times") -> dict[str, list[float]]:
     """Row -> its median step time (s) in each round, in run order (``key="peak_growth_MB"``: its memory)."""
     rows: dict[str, list[float]] = defaultdict(list)
-    for line in lines:
-        if line.startswith("RESULT "):
-            d = json.loads(line[len("RESULT ") :])
-            value = d.get(key)
-            if value is not None:
-                rows[d["row"]].append(statistics.median(value) if isinstance(value, list) else float(value))
+    for d in results_in(lines):
+        value = d.get(key)
+        if value is not None:
+            rows[d["row"]].append(statistics.median(value) if isinstance(value, list) else float(value))
     return rows
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 import time
+
+from _results import result_line, run_for_result
 
 
 def load_tool(path: str):
@@ -83,7 +84,7 @@ def run_rounds(
     script: str, a: argparse.Namespace, rows: list[str], extra: list[str], deadline: float = 0.0
 ) -> list[str]:
     """Every row in its own process (``script --one ROW`` with ``a``'s options and ``extra``), rows alternating in
-    order over ``a.rounds``; prints each row's RESULT line or its failure, and returns the RESULT lines. No row starts
+    order over ``a.rounds``; prints each row's RESULT line or its failure, and returns the results. No row starts
     after ``deadline`` (unix time; 0: none)."""
     results = []
     for rnd in range(a.rounds):
@@ -93,10 +94,9 @@ def run_rounds(
                 return results
             cmd = [sys.executable, script, "--tool", a.tool, "--ref-dir", a.ref_dir, "--one", row]
             cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps), *extra]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-            print(lines[0] if lines else f"{row}: FAILED\n{p.stderr[-2000:]}", flush=True)
-            results += lines[:1]
+            result, p = run_for_result(cmd)
+            print(result_line(result) if result else f"{row}: FAILED\n{p.stderr[-2000:]}", flush=True)
+            results += [result] if result else []
     return results
 
 

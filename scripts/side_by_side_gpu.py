@@ -13,12 +13,12 @@ Prints the tool's ``RESULT`` lines, so ``scripts/reference_ratios.py`` reads the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import types
 from pathlib import Path
 
+from _results import print_result
 from side_by_side_compiled import add_tool_args, load_tool, run_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mimkit from this checkout, installed or not
@@ -99,7 +99,7 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int, batch: int, p
         "times": [round(t, 5) for t in times],
         "peak_growth_MB": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1) if cuda else 0.0,
     }
-    print("RESULT " + json.dumps(out), flush=True)
+    print_result(out)
 
 
 def main() -> None:

@@ -22,12 +22,12 @@ import argparse
 import collections
 import contextlib
 import io
-import json
 import re
 import statistics
 import sys
 import time
 
+from _results import print_result, results_in
 from side_by_side_compiled import add_tool_args, checked_rows, load_tool, run_rounds, variant
 from side_by_side_compiled import run_one as run_tool_row
 
@@ -89,12 +89,12 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         run_tool_row(tool, row, ref_dir, warmup, steps)
-    times = next(json.loads(line[7:])["times"] for line in out.getvalue().splitlines() if line.startswith("RESULT "))
+    times = results_in(out.getvalue())[0]["times"]
     ms = {g: round(s / steps * 1e3, 1) for g, s in sorted(acc.items())}
     step_ms = statistics.fmean(times) * 1e3
     ms["rest"] = round(step_ms - sum(ms.values()), 1)
     ms["step"] = round(step_ms, 1)
-    print("RESULT " + json.dumps({"row": row, "ms": ms}), flush=True)
+    print_result({"row": row, "ms": ms})
 
 
 def hooked(build, acc: dict[str, float], warmup: int):
@@ -116,13 +116,11 @@ def hooked(build, acc: dict[str, float], warmup: int):
     return build_hooked
 
 
-def table(lines: list[str]) -> str:
+def table(results: list[dict]) -> str:
     """Markdown: one line per group, one column per row, median (range) of the rounds."""
     runs: dict[str, list[dict]] = collections.defaultdict(list)
-    for line in lines:
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            runs[r["row"]].append(r["ms"])
+    for r in results:
+        runs[r["row"]].append(r["ms"])
     rows = list(runs)
     units = {g for rs in runs.values() for r in rs for g in r} - {"rest", "step"}
     by_width = sorted(
@@ -142,7 +140,7 @@ def table(lines: list[str]) -> str:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--render":  # docs/benchmarks.md's generated block
         with open(sys.argv[2]) as f:
-            print(table(f.read().splitlines()))
+            print(table(results_in(f.read())))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tool_args(ap, warmup=2, steps=4)
