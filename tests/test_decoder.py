@@ -89,18 +89,22 @@ def test_nothing_masked_scores_zero_in_training_instead_of_an_empty_mean():
     assert loss.item() == 0.0 and out["mask"].sum() == 0
 
 
-def test_spread_equals_scatter_in_values_and_gradients():
-    """``spread`` (whole rows through ``index_copy``) against ``scatter`` into the expanded common rows."""
+@pytest.mark.parametrize("n", [3, 1])
+def test_spread_equals_scatter_in_values_and_gradients(n):
+    """``spread`` (whole rows copied in place into one copy of the common rows) against ``scatter`` into the expanded
+    common rows; the common rows themselves stay as they were, also for one sample (where a reshape would be a view
+    of them)."""
     from mimkit.models.decoder import spread
 
     torch.manual_seed(0)
-    n, length, d, g_ = 3, 9, 5, 4
+    length, d, g_ = 9, 5, 4
     own = torch.randn(n, g_, d, requires_grad=True)
     common = torch.randn(length, d, requires_grad=True)
+    before = common.detach().clone()
     where = torch.stack([torch.randperm(length)[:g_] for _ in range(n)])
     got = spread(own, common, where)
     want = common.expand(n, -1, -1).scatter(1, where.unsqueeze(-1).expand(-1, -1, d), own)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(common.detach(), before)
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (own, common), g), torch.autograd.grad(want, (own, common), g)):
         torch.testing.assert_close(a, b)
