@@ -155,3 +155,36 @@ def test_a_pyramid_training_step_gives_the_same_loss_and_gradients_either_way(me
     for name, want in results["aten"][1].items():
         got = results["auto"][1][name]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(want.abs().max().item(), 1e-3), msg=name)
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "aten"])
+def test_compiled_mlp_keeps_the_cpu_kernels_as_operators_with_eager_values_and_gradients(mode):
+    """Under ``torch.compile`` the tall, narrow products and the GELU are mimkit's custom operators (oneDNN's linear,
+    ATen's GELU), called as they are, with the eager loss and gradients; ``aten`` leaves both to the compiler. The
+    forward and backward graphs are run as traced, their operators recorded (tests/test_compile.py compiles with
+    inductor)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = set()
+
+    def record(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    set_cpu_linear(mode)
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(8192, 16, requires_grad=True)
+    dy = torch.randn(8192, 16)
+    want = mlp.fc2(F.gelu(mlp.fc1(x)))
+    g_want = torch.autograd.grad(want, [x, *mlp.parameters()], dy)
+    torch._dynamo.reset()
+    got = torch.compile(mlp, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)(x)
+    g_got = torch.autograd.grad(got, [x, *mlp.parameters()], dy)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for g, r in zip(g_got, g_want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+    mine = {"mimkit.onednn_linear.default", "mimkit.gelu.default", "mimkit.gelu_backward.default"}
+    assert (seen & mine == mine) if mode == "auto" else not seen & mine, sorted(seen)

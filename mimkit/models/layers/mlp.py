@@ -10,10 +10,16 @@ Elsewhere (few rows, or products wide on both sides, as in ViT-B) oneDNN is the 
 this path only for the shapes where it was measured to win (:func:`uses_onednn`) and calls ``F.linear`` otherwise;
 the values and gradients are those of ``F.linear`` up to float rounding (tests/test_mlp.py).
 
-``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns the path off. It is never taken under autocast, under
-``torch.compile`` (inductor sees plain ``F.linear``), off the CPU, for other dtypes than float32, for tensor subclasses
-(FSDP's sharded parameters), or where PyTorch lacks the operator or it fails a check against ``F.linear`` at import
-(``mkldnn::_linear_pointwise`` is internal to PyTorch).
+Under ``torch.compile`` the same products go through oneDNN as a custom operator (``mimkit::onednn_linear``) that
+inductor calls as it is (it has no lowering of its own for oneDNN's unpacked linear), and the MLPs' GELU (:class:`GELU`,
+also in the MAE decoder's blocks) through ATen's kernels as ``mimkit::gelu``: inductor's generated GELU took 1.5-2x as
+long as ATen's on CPU-3, forward and backward, and in a compiled step it cost more than inductor's fusion of the
+neighbouring per-element work saved (docs/benchmarks.md, "Compiled").
+
+``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns both off (``F.linear`` and ``nn.GELU`` everywhere). Neither is
+taken under autocast, off the CPU, for other dtypes than float32, for tensor subclasses (FSDP's sharded parameters), or
+where PyTorch lacks the operator or it fails a check against ``F.linear`` at import (``mkldnn::_linear_pointwise`` is
+internal to PyTorch).
 """
 
 from __future__ import annotations
@@ -68,14 +74,22 @@ def _onednn_available() -> bool:
         return False
 
 
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x`` may take mimkit's CPU kernel choices: the setting is ``auto``, and ``x`` a plain float32 CPU
+    tensor outside autocast (under ``torch.compile`` dynamo sees plain tensors)."""
+    if _mode["cpu_linear"] != "auto" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if not torch.compiler.is_compiling() and type(x) not in _PLAIN:
+        return False
+    return not torch.is_autocast_enabled("cpu")
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if _mode["cpu_linear"] != "auto" or not _ONEDNN or torch.compiler.is_compiling():
+    if not _ONEDNN or not _cpu_kernels(x) or weight.dtype != torch.float32 or x.dim() < 2:
         return False
-    if type(x) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() < 2:
-        return False
-    if torch.is_autocast_enabled("cpu"):
+    if not torch.compiler.is_compiling() and (
+        type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN)
+    ):
         return False
     return uses_onednn(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
 
@@ -109,12 +123,90 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _onednn_linear(dy2, weight.t(), None).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            out_f, in_f = weight.shape
-            dw = dy2.t() @ x2 if out_f <= in_f else (x2.t() @ dy2).t().contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:  # column sums; from 256 columns a matrix-vector product is
-            # 1.2-1.6x faster than sum(0) on CPU-3 (docs/benchmarks.md, "Row gathers")
-            db = torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])) if dy2.shape[1] >= BIAS_MV_COLUMNS else dy2.sum(0)
+            dw = _weight_grad(x2, dy2, weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = _bias_grad(dy2)
         return dx, dw, db
+
+
+def _weight_grad(x2: torch.Tensor, dy2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy^T x`` with the narrow operand on the left."""
+    out_f, in_f = weight.shape
+    return dy2.t() @ x2 if out_f <= in_f else (x2.t() @ dy2).t().contiguous()
+
+
+def _bias_grad(dy2: torch.Tensor) -> torch.Tensor:
+    """Column sums; from 256 columns a matrix-vector product, 1.2-1.6x faster than ``sum(0)`` on CPU-3
+    (docs/benchmarks.md, "Row gathers")."""
+    return torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])) if dy2.shape[1] >= BIAS_MV_COLUMNS else dy2.sum(0)
+
+
+# the compiled path: the same kernels as operators inductor cannot look into (torch.library custom operators)
+@torch.library.custom_op("mimkit::onednn_linear", mutates_args=(), device_types="cpu")
+def _onednn_linear_op(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear(x2, weight, bias)
+
+
+@_onednn_linear_op.register_fake
+def _(x2, weight, bias):
+    return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
+def _onednn_linear_setup(ctx, inputs, output):
+    x2, weight, bias = inputs
+    ctx.save_for_backward(x2, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, dy2):
+    x2, weight = ctx.saved_tensors
+    dx = _onednn_linear_op(dy2, weight.t(), None) if ctx.needs_input_grad[0] else None
+    dw = _weight_grad(x2, dy2, weight) if ctx.needs_input_grad[1] else None
+    db = _bias_grad(dy2) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+_onednn_linear_op.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+@torch.library.custom_op("mimkit::gelu", mutates_args=(), device_types="cpu")
+def _gelu_op(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu(x)
+
+
+@_gelu_op.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mimkit::gelu_backward", mutates_args=(), device_types="cpu")
+def _gelu_backward_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(dy, x)
+
+
+@_gelu_backward_op.register_fake
+def _(dy, x):
+    return torch.empty_like(dy)
+
+
+def _gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _gelu_backward(ctx, dy):
+    return _gelu_backward_op(dy, ctx.saved_tensors[0])
+
+
+_gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` (exact); compiled on the CPU (module docstring), ATen's kernels as the operator ``mimkit::gelu``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "none" and torch.compiler.is_compiling() and _cpu_kernels(x):
+            return _gelu_op(x)
+        return super().forward(x)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,6 +217,9 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where that was measured faster (module docstring)."""
     if _eligible(x, weight, bias):
+        if torch.compiler.is_compiling():
+            out = _onednn_linear_op(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -136,7 +231,7 @@ class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
