@@ -11,7 +11,6 @@ from torch import nn
 
 from mimkit.masking import flat_rows, gather_tokens
 from mimkit.models._checkpoint import run_block
-from mimkit.models.layers.mlp import GELU
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.vit import mae_init_
 
@@ -111,9 +110,7 @@ class TransformerDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0), persistent=False)
         self.blocks = nn.Sequential(
             *[
-                DecoderBlock(
-                    dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=GELU
-                )
+                DecoderBlock(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
                 for _ in range(depth)
             ]
         )

@@ -11,10 +11,10 @@ this path only for the shapes where it was measured to win (:func:`uses_onednn`)
 the values and gradients are those of ``F.linear`` up to float rounding (tests/test_mlp.py).
 
 Under ``torch.compile`` the same products go through oneDNN as a custom operator (``mimkit::onednn_linear``) that
-inductor calls as it is (it has no lowering of its own for oneDNN's unpacked linear), and the MLPs' GELU (:class:`GELU`,
-also in the MAE decoder's blocks) through ATen's kernels as ``mimkit::gelu``: inductor's generated GELU took 1.5-2x as
-long as ATen's on CPU-3, forward and backward, and in a compiled step it cost more than inductor's fusion of the
-neighbouring per-element work saved (docs/benchmarks.md, "Compiled").
+inductor calls as it is (it has no lowering of its own for oneDNN's unpacked linear), and the GELU after such a product
+through ATen's kernels as ``mimkit::gelu``: inductor's generated GELU took 1.5-2x as long as ATen's on CPU-3, forward
+and backward, and after an opaque product there is no bias add for inductor to fuse it with (after ``F.linear`` it
+fuses bias and GELU into one pass, and keeps its own; docs/benchmarks.md, "Compiled CPU kernels").
 
 ``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns both off (``F.linear`` and ``nn.GELU`` everywhere). Neither is
 taken under autocast, off the CPU, for other dtypes than float32, for tensor subclasses (FSDP's sharded parameters), or
@@ -200,15 +200,6 @@ def _gelu_backward(ctx, dy):
 _gelu_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
 
 
-class GELU(nn.GELU):
-    """``nn.GELU`` (exact); compiled on the CPU (module docstring), ATen's kernels as the operator ``mimkit::gelu``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "none" and torch.compiler.is_compiling() and _cpu_kernels(x):
-            return _gelu_op(x)
-        return super().forward(x)
-
-
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The oneDNN path whatever the shape (float32 CPU tensors; for measuring it, scripts/cpu_linear.py)."""
     return _OneDNNLinear.apply(x, weight, bias)
@@ -231,9 +222,11 @@ class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = GELU()
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(linear(x, self.fc1.weight, self.fc1.bias))
-        return linear(x, self.fc2.weight, self.fc2.bias)
+        # compiled, a GELU after oneDNN's product (an operator inductor cannot fuse into) runs ATen's kernels
+        kernels = torch.compiler.is_compiling() and _eligible(x, self.fc1.weight, self.fc1.bias)
+        h = linear(x, self.fc1.weight, self.fc1.bias)
+        return linear(_gelu_op(h) if kernels else self.act(h), self.fc2.weight, self.fc2.bias)
