@@ -651,8 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-linear",
         choices=PretrainConfig.__dataclass_fields__["cpu_linear"].metadata["choices"],  # the pretrain option's
         default=PretrainConfig.cpu_linear,
-        help="auto: tall, narrow fp32 CPU products through oneDNN, as `mimkit pretrain` runs them; aten: PyTorch's "
-        "linear everywhere",
+        help="auto: tall, narrow fp32 CPU products through oneDNN (compiled too), as `mimkit pretrain` runs them; "
+        "aten: PyTorch's linear and GELU everywhere",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true")

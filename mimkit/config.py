@@ -165,7 +165,8 @@ class PretrainConfig:
         "auto",
         "auto: on the CPU in fp32, the tall, narrow MLP products of a pyramid's first stages (8192 rows or more, "
         "64-128 channels on one side, 4-8x that on the other) go through oneDNN with the bias fused (SimMIM PVT-S's "
-        "step about 1.06x faster); aten: PyTorch's own linear everywhere (docs/design.md).",
+        "step about 1.06x faster), under torch.compile too, with ATen's GELU after them; aten: PyTorch's own linear "
+        "and GELU everywhere (docs/design.md).",
         choices=["auto", "aten"],
     )
     grad_checkpointing: bool = opt(
