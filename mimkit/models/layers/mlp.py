@@ -76,10 +76,8 @@ def _onednn_available() -> bool:
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
     """Whether ``x`` may take mimkit's CPU kernel choices: the setting is ``auto``, and ``x`` a plain float32 CPU
-    tensor outside autocast (under ``torch.compile`` dynamo sees plain tensors)."""
-    if _mode["cpu_linear"] != "auto" or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if not torch.compiler.is_compiling() and type(x) not in _PLAIN:
+    tensor outside autocast."""
+    if _mode["cpu_linear"] != "auto" or x.device.type != "cpu" or x.dtype != torch.float32 or type(x) not in _PLAIN:
         return False
     return not torch.is_autocast_enabled("cpu")
 
@@ -87,9 +85,7 @@ def _cpu_kernels(x: torch.Tensor) -> bool:
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if not _ONEDNN or not _cpu_kernels(x) or weight.dtype != torch.float32 or x.dim() < 2:
         return False
-    if not torch.compiler.is_compiling() and (
-        type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN)
-    ):
+    if type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
     return uses_onednn(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
 
