@@ -1,7 +1,8 @@
 """Forward + backward time of moving whole token rows, element-wise against row-wise, for docs/benchmarks.md ("Row
 gathers"): ``torch.gather`` with an index expanded over the channels against ``mimkit.masking.gather_tokens``
-(``index_select`` of rows), ``scatter`` into expanded rows against ``mimkit.models.decoder.spread`` (``index_copy``),
-and the norm_pix target as mean and ``var`` against ``mimkit.patches.normalized_target`` (a layer norm).
+(``index_select`` of rows), ``scatter`` into expanded rows against ``mimkit.models.decoder.spread``
+(``index_copy_`` into a ``repeat``), and the norm_pix target as mean and ``var`` against
+``mimkit.patches.normalized_target`` (a layer norm).
 
     python scripts/row_gather.py [--device cuda] [--batch 8] > docs/benchmarks/row_gather_cpu.txt
     python scripts/row_gather.py --render docs/benchmarks/row_gather_cpu.txt    # the kept result, for the docs

@@ -17,11 +17,11 @@ from mimkit.models.vit import mae_init_
 
 def spread(own: torch.Tensor, common: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """(N, T, C): ``common`` (T, C) at every position of every sample, except ``own`` (N, G, C) at the positions
-    ``where`` (N, G). Rows are copied whole (``index_copy_``, as :func:`mimkit.masking.gather_tokens`) into the one
-    materialized copy of ``common`` (a clone: never a view of ``common``, which the caller may still need)."""
+    ``where`` (N, G). Rows are copied whole (``index_copy_``, as :func:`mimkit.masking.gather_tokens`) into one
+    materialized copy of ``common``: ``repeat`` gives new memory, never a view (an in-place copy into a view of it
+    would alter ``common``, or, into a view of a clone, make the backward rebuild the whole base)."""
     n, (length, d) = own.shape[0], common.shape
-    base = common.expand(n, length, d).clone(memory_format=torch.contiguous_format).view(n * length, d)
-    return base.index_copy_(0, flat_rows(where, length), own.reshape(-1, d)).view(n, length, d)
+    return common.repeat(n, 1).index_copy_(0, flat_rows(where, length), own.reshape(-1, d)).view(n, length, d)
 
 
 class DecoderBlock(Block):
