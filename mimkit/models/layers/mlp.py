@@ -14,7 +14,8 @@ Under ``torch.compile`` the same products go through oneDNN as a custom operator
 inductor calls as it is (it has no lowering of its own for oneDNN's unpacked linear), and the GELU after such a product
 through ATen's kernels as ``mimkit::gelu``: inductor's generated GELU took 1.5-2x as long as ATen's on CPU-3, forward
 and backward, and after an opaque product there is no bias add for inductor to fuse it with (after ``F.linear`` it
-fuses bias and GELU into one pass, and keeps its own; docs/benchmarks.md, "Compiled CPU kernels").
+fuses bias and GELU into one pass, and keeps its own; docs/benchmarks.md, "Compiled CPU kernels"). Eager steps keep
+the ``autograd.Function``: the custom operator, called eagerly, costs 60-100 us more per forward and backward.
 
 ``set_cpu_linear("aten")`` (``--cpu-linear aten``) turns both off (``F.linear`` and ``nn.GELU`` everywhere). Neither is
 taken under autocast, off the CPU, for other dtypes than float32, for tensor subclasses (FSDP's sharded parameters), or
