@@ -12,7 +12,9 @@ ratios and their range, the figure docs/benchmarks.md reports.
 
 Each ratio also carries the two rows' peak memory growth (median over rounds) and its ratio (first / second).
 ``--history`` prints one line per log instead: its header (date, commit) and, for each model, the speed-up of one
-kind of mimkit row (``--kind``, default ``mkk``: as ``mimkit pretrain`` runs) over the reference as released.
+kind of mimkit row (``--kind``, default ``mkk``: as ``mimkit pretrain`` runs) over the reference as released. Where a
+log holds the machine's matrix rate (``machine_rate`` lines of scripts/machine_rate.py, printed around the rounds by
+scripts/side_by_side_compiled.py), both give its median and range, how fast the machine ran during that run.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def per_round_medians(lines: list[str], key: str = "times") -> dict[str, list[fl
         if value is not None:
             rows[d["row"]].append(statistics.median(value) if isinstance(value, list) else float(value))
     return rows
+
+
+def machine_rate(lines: list[str]) -> str:
+    """``"372 GFLOP/s (365-380)"``: median and range of the log's ``machine_rate`` probes; "-" where it has none."""
+    rates = [d["gflops"] for d in results_in(lines) if d.get("row") == "machine_rate" and "gflops" in d]
+    if not rates:
+        return "-"
+    return f"{statistics.median(rates):.0f} GFLOP/s ({min(rates):.0f}-{max(rates):.0f})"
 
 
 def ratios(rows: dict[str, list[float]], pairs=None, memory: dict[str, list[float]] | None = None) -> list[dict]:
@@ -88,11 +98,12 @@ HISTORY_MODELS = {
 
 def history(paths: list[str], kind: str = "mkk") -> str:
     """Markdown: one line per log (the commit its ``#`` header names after "at", and its file name), one column per
-    model of ``HISTORY_MODELS``, each the median (range) over rounds of reference time / time of the ``kind`` row."""
+    model of ``HISTORY_MODELS``, each the median (range) over rounds of reference time / time of the ``kind`` row,
+    and the machine's matrix rate during the run (:func:`machine_rate`)."""
     import re
 
-    head = "| commit | log | " + " | ".join(HISTORY_MODELS.values()) + " | rounds |"
-    out = [head, "|---" * (len(HISTORY_MODELS) + 3) + "|"]
+    head = "| commit | log | " + " | ".join(HISTORY_MODELS.values()) + " | rounds | machine rate |"
+    out = [head, "|---" * (len(HISTORY_MODELS) + 4) + "|"]
     for path in paths:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -110,7 +121,7 @@ def history(paths: list[str], kind: str = "mkk") -> str:
         out.append(
             f"| {commit.group(1) if commit else '-'} | `{name}` | "
             + " | ".join(cells)
-            + f" | {'/'.join(map(str, rounds)) or '-'} |"
+            + f" | {'/'.join(map(str, rounds)) or '-'} | {machine_rate(lines)} |"
         )
     return "\n".join(out)
 
@@ -145,6 +156,8 @@ def main(argv=None) -> None:
             f"{t.get('reference_mb', '-')} | {t.get('mimkit_mb', '-')} | "
             + (f"{t['memory_ratio']:.2f}x |" if "memory_ratio" in t else "- |")
         )
+    if machine_rate(lines) != "-":
+        print(f"\nMachine rate around the rounds (scripts/machine_rate.py): {machine_rate(lines)}.")
 
 
 if __name__ == "__main__":

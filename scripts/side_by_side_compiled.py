@@ -6,7 +6,8 @@ mimkit/engine/host_memory.py).
 
 Each row runs in its own process through the tool's own ``run_one`` (same batch, optimizer, warm-up and timing; the
 first warm-up step of a compiled row includes the compilation and is not timed), rows alternate over rounds, and the
-output is the tool's ``RESULT`` lines, read by ``scripts/reference_ratios.py``:
+output is the tool's ``RESULT`` lines, read by ``scripts/reference_ratios.py``, with the machine's matrix rate before
+every round and after the last (``scripts/machine_rate.py``):
 
     .venv/bin/python scripts/side_by_side_compiled.py --tool ../shared/tools/side_by_side.py --ref-dir REF \\
         --rows ref_umae_swin_t,mk_umae_swin_t,mkc_umae_swin_t,mkk_umae_swin_t,refk_umae_swin_t --rounds 3 > out.log
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 
@@ -80,14 +82,25 @@ def add_tool_args(ap: argparse.ArgumentParser, warmup: int, steps: int) -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
+def print_machine_rate() -> None:
+    """The CPU's matrix rate now (scripts/machine_rate.py, in its own process): its RESULT line, for the log."""
+    result, p = run_for_result(
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "machine_rate.py")]
+    )
+    print(result_line(result) if result else f"machine_rate: FAILED\n{p.stderr[-2000:]}", flush=True)
+
+
 def run_rounds(
-    script: str, a: argparse.Namespace, rows: list[str], extra: list[str], deadline: float = 0.0
+    script: str, a: argparse.Namespace, rows: list[str], extra: list[str], deadline: float = 0.0, probe: bool = False
 ) -> list[str]:
     """Every row in its own process (``script --one ROW`` with ``a``'s options and ``extra``), rows alternating in
     order over ``a.rounds``; prints each row's RESULT line or its failure, and returns the results. No row starts
-    after ``deadline`` (unix time; 0: none)."""
+    after ``deadline`` (unix time; 0: none). With ``probe`` the CPU's matrix rate is printed before every round and
+    after the last (``machine_rate`` lines, not among the results)."""
     results = []
     for rnd in range(a.rounds):
+        if probe:
+            print_machine_rate()
         for row in rows if rnd % 2 == 0 else rows[::-1]:
             if deadline and time.time() > deadline:
                 print(f"# deadline reached in round {rnd + 1}: stopped", flush=True)
@@ -97,6 +110,8 @@ def run_rounds(
             result, p = run_for_result(cmd)
             print(result_line(result) if result else f"{row}: FAILED\n{p.stderr[-2000:]}", flush=True)
             results += [result] if result else []
+    if probe:
+        print_machine_rate()
     return results
 
 
@@ -113,7 +128,7 @@ def main() -> None:
     tool = load_tool(a.tool)
     if a.one:
         return run_one(tool, a.one, a.ref_dir, a.warmup, a.steps)
-    run_rounds(__file__, a, checked_rows(tool, a.rows), ["--rows", a.rows])
+    run_rounds(__file__, a, checked_rows(tool, a.rows), ["--rows", a.rows], probe=True)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,26 @@ def test_reference_ratios_history_gives_each_runs_per_round_median_and_range(tmp
     log = tmp_path / "run.log"  # two rounds: the reference 2.0 then 2.4 s, mimkit 1.0 s; ViTMAE 3 s, MAE 2 s
     one_round = [("ref_umae_pvt_s", 2.0), ("mkk_umae_pvt_s", 1.0), ("hf_mae_vit_b", 3.0), ("mkk_mae_vit_b", 2.0)]
     rounds = one_round + [("ref_umae_pvt_s", 2.4)] + one_round[1:]
+    probes = ["RESULT " + json.dumps({"row": "machine_rate", "gflops": g}) for g in (380.0, 300.0, 350.0)]
     log.write_text("# 2026-01-02 2 cores, eager, rounds 2, at abc1234, CPU-9\n" + "\n".join(
-        line(row, [s, s + 0.001, s - 0.001]) for row, s in rounds) + "\n")  # fmt: skip
+        line(row, [s, s + 0.001, s - 0.001]) for row, s in rounds) + "\n" + "\n".join(probes) + "\n")  # fmt: skip
     table = history([str(log)]).splitlines()
     assert table[0].startswith("| commit | log | UM-MAE Swin-T |") and len(table) == 3
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:2] == ["abc1234", "`run.log`"]
     assert cells[4] == "2.20x (2.00-2.40)" and cells[6] == "1.50x (1.50-1.50)"  # UM-MAE PVT-S; MAE over ViTMAE
     assert cells[2] == cells[3] == cells[5] == "-" and cells[7] == "2"  # rows not run; rounds
+    assert cells[8] == "350 GFLOP/s (300-380)"  # the probes' median and range
+    old = tmp_path / "old.log"  # a log from before the probes
+    old.write_text("\n".join(line(row, [s]) for row, s in one_round) + "\n")
+    assert history([str(old)]).splitlines()[2].rstrip("|").rsplit("|", 1)[-1].strip() == "-"
+
+
+def test_machine_rate_times_a_product_and_prints_a_result_line(capsys):
+    from _results import results_in
+    from machine_rate import main, rate
+
+    assert rate(64, 32, 64, repeats=3, warmup=1) > 0
+    main(["--repeats", "2"])
+    (result,) = results_in(capsys.readouterr().out)
+    assert result["row"] == "machine_rate" and result["gflops"] > 0 and result["shape"] == [2048, 512, 2048]
