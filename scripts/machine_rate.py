@@ -17,6 +17,7 @@ import statistics
 import time
 
 ROW = "machine_rate"
+SHAPE = (2048, 512, 2048)  # (m, k, n) of the probe
 
 
 def rate(m: int = 2048, k: int = 512, n: int = 2048, repeats: int = 20, warmup: int = 3) -> float:
@@ -44,10 +45,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     a = ap.parse_args(argv)
-    gflops = rate(repeats=a.repeats)
-    print_result(
-        {"row": ROW, "gflops": round(gflops, 1), "shape": [2048, 512, 2048], "threads": torch.get_num_threads()}
-    )
+    gflops = rate(*SHAPE, repeats=a.repeats)
+    print_result({"row": ROW, "gflops": round(gflops, 1), "shape": list(SHAPE), "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

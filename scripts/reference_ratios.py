@@ -25,6 +25,7 @@ import statistics
 from collections import defaultdict
 
 from _results import results_in
+from machine_rate import ROW as MACHINE_RATE
 
 
 def pairs_of(rows) -> list[tuple[str, str]]:
@@ -53,7 +54,7 @@ def per_round_medians(lines: list[str], key: str = "times") -> dict[str, list[fl
 
 def machine_rate(lines: list[str]) -> str:
     """``"372 GFLOP/s (365-380)"``: median and range of the log's ``machine_rate`` probes; "-" where it has none."""
-    rates = [d["gflops"] for d in results_in(lines) if d.get("row") == "machine_rate" and "gflops" in d]
+    rates = [d["gflops"] for d in results_in(lines) if d.get("row") == MACHINE_RATE and "gflops" in d]
     if not rates:
         return "-"
     return f"{statistics.median(rates):.0f} GFLOP/s ({min(rates):.0f}-{max(rates):.0f})"
@@ -156,8 +157,9 @@ def main(argv=None) -> None:
             f"{t.get('reference_mb', '-')} | {t.get('mimkit_mb', '-')} | "
             + (f"{t['memory_ratio']:.2f}x |" if "memory_ratio" in t else "- |")
         )
-    if machine_rate(lines) != "-":
-        print(f"\nMachine rate around the rounds (scripts/machine_rate.py): {machine_rate(lines)}.")
+    rate = machine_rate(lines)
+    if rate != "-":
+        print(f"\nMachine rate around the rounds (scripts/machine_rate.py): {rate}.")
 
 
 if __name__ == "__main__":

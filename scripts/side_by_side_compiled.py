@@ -23,6 +23,7 @@ import sys
 import time
 
 from _results import result_line, run_for_result
+from machine_rate import ROW as MACHINE_RATE
 
 
 def load_tool(path: str):
@@ -87,7 +88,7 @@ def print_machine_rate() -> None:
     result, p = run_for_result(
         [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "machine_rate.py")]
     )
-    print(result_line(result) if result else f"machine_rate: FAILED\n{p.stderr[-2000:]}", flush=True)
+    print(result_line(result) if result else f"{MACHINE_RATE}: FAILED\n{p.stderr[-2000:]}", flush=True)
 
 
 def run_rounds(
