@@ -145,9 +145,20 @@ def cmd_pretrain(args):
     cfg = config_from_args(args, PretrainConfig)
     if not cfg.data:
         raise ConfigError("data (--data) is required: a folder of images, an ImageFolder root, or a file list")
+    _host_huge_pages(args, cfg.host_memory, cfg.host_huge_pages)
     summary = pretrain(cfg)
     print(json.dumps(summary, indent=2))
     return _run_exit_code(summary)
+
+
+def _host_huge_pages(args, host_memory: str, huge_pages: str) -> None:
+    """``--host-huge-pages auto`` with ``--host-memory keep``: start the command again with the C heap in 2 MiB
+    pages where that changes something (mimkit/engine/host_memory.py). Only when ``main`` runs as the program (not
+    when called with an argument list, as tests do), and before the command has written anything."""
+    if getattr(args, "process_entry", False) and host_memory == "keep" and huge_pages == "auto":
+        from mimkit.engine.host_memory import restart_with_huge_page_heap
+
+        restart_with_huge_page_heap()
 
 
 def _run_exit_code(summary: dict) -> int:
@@ -165,6 +176,7 @@ def cmd_finetune(args):
     cfg = config_from_args(args, FinetuneConfig)
     if not cfg.data:
         raise ConfigError("data (--data) is required: an ImageFolder root with train/<class>/ and val/<class>/")
+    _host_huge_pages(args, cfg.host_memory, cfg.host_huge_pages)
     summary = finetune(cfg)
     print(json.dumps(summary, indent=2))
     return _run_exit_code(summary)
@@ -305,6 +317,7 @@ def cmd_bench(args):
 
     _device(args.device)
     _check_model_specs(args.models, dict(args.model_arg or []))
+    _host_huge_pages(args, "keep", args.host_huge_pages)  # its steps are timed with freed memory kept
     set_cpu_linear(args.cpu_linear)
     results = bench(
         args.models,
@@ -454,6 +467,7 @@ def cmd_demo(args):
     values = load_recipe("demo_cpu")
     values.update(data=str(data), output=str(out), time_limit_min=args.minutes)
     cfg = config_from_dict(PretrainConfig, values, "demo")
+    _host_huge_pages(args, cfg.host_memory, cfg.host_huge_pages)
     print(f"[1/4] pretraining {cfg.model} on {data} for up to {args.minutes} min ...", flush=True)
     summary = pretrain(cfg)
     ns = argparse.Namespace(
@@ -654,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: tall, narrow fp32 CPU products through oneDNN (compiled too), as `mimkit pretrain` runs them; "
         "aten: PyTorch's linear and GELU everywhere",
     )
+    p.add_argument(
+        "--host-huge-pages",
+        choices=PretrainConfig.__dataclass_fields__["host_huge_pages"].metadata["choices"],  # the pretrain option's
+        default=PretrainConfig.host_huge_pages,
+        help="auto: the C heap in 2 MiB pages where the system allows (the command starts itself again once), as "
+        "`mimkit pretrain` runs; off: as the environment gives it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
@@ -768,12 +789,14 @@ def main(argv=None) -> int:
     import mimkit  # noqa: F401  (compat shim + model registries)
     from mimkit.errors import MimkitError
 
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or a one-line usage error (2)
         return int(done.code or 0)
     args.argv = argv  # the command as given, for records such as the ablation table
+    args.process_entry = entry  # the program itself, which may start again (``_host_huge_pages``)
     try:
         code = args.func(args)
     except MimkitError as err:

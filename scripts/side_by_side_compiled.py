@@ -1,8 +1,8 @@
 """The shared side-by-side tool's protocol with more rows: compiled mimkit (``mkc_X``: ``torch.compile`` of the
-``mk_X`` model, inductor on CPU) and rows run with freed host memory kept for reuse, the trainer's default
-``--host-memory keep`` (``mkk_X``: mimkit as ``mimkit pretrain`` runs it; ``refk_X``, ``hfk_X``: the reference code
-with the same setting, which it does not make itself; ``mkck_X``: both compiled and kept;
-mimkit/engine/host_memory.py).
+``mk_X`` model, inductor on CPU) and rows run with freed host memory kept for reuse in a heap of 2 MiB pages where the
+system allows, the trainer's defaults ``--host-memory keep`` and ``--host-huge-pages auto`` (``mkk_X``: mimkit as
+``mimkit pretrain`` runs it; ``refk_X``, ``hfk_X``: the reference code with the same settings, which it does not make
+itself; ``mkck_X``: both compiled and kept; mimkit/engine/host_memory.py; the huge pages since 2026-12-02).
 
 Each row runs in its own process through the tool's own ``run_one`` (same batch, optimizer, warm-up and timing; the
 first warm-up step of a compiled row includes the compilation and is not timed), rows alternate over rounds, and the
@@ -55,8 +55,9 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
     base, compiled, kept = variant(row)
     tool.ROWS[row] = tool.ROWS[base]
     if kept:
-        from mimkit.engine.host_memory import keep_freed_memory
+        from mimkit.engine.host_memory import keep_freed_memory, restart_with_huge_page_heap
 
+        restart_with_huge_page_heap()  # this row's process again with the tunable, as the `mimkit` command does
         keep_freed_memory()
     if compiled:
         eager = tool.build_mk

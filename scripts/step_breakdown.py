@@ -1,6 +1,7 @@
 """Where a training step's time goes: wall seconds per step, split into forward, backward and update, and the
 decoder's share of the forward and the backward (module hooks; CPU operations are synchronous, so the hooks' clocks
-are exact there), for docs/benchmarks.md. Host memory is kept for reuse, as the trainer does by default.
+are exact there), for docs/benchmarks.md. Host memory is kept for reuse, in 2 MiB pages where the system allows, as
+the ``mimkit`` command runs by default.
 
     .venv/bin/python scripts/step_breakdown.py umae_pvt_small_256 [--steps 4] [--batch-size 8]
     .venv/bin/python scripts/step_breakdown.py umae_swin_tiny_256 --steps 5 --total-only   # one line: s per step
@@ -19,7 +20,7 @@ import time
 import torch
 from _train_step import build, train_step
 
-from mimkit.engine.host_memory import keep_freed_memory
+from mimkit.engine.host_memory import keep_freed_memory, restart_with_huge_page_heap
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--total-only", action="store_true", help="print only the median seconds per step")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (the trainer's --cpu-autocast)")
     a = ap.parse_args()
+    restart_with_huge_page_heap()  # host memory as the `mimkit` command runs (mimkit/engine/host_memory.py)
     keep_freed_memory()
     net, opt, (batch,) = build(a.model, a.batch_size)
     acc: dict[str, float] = collections.defaultdict(float)

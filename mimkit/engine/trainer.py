@@ -28,7 +28,7 @@ from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.data import default_workers, epoch_data
 from mimkit.engine.distributed import all_reduce_, broadcast_object, cleanup, gather_objects, init_distributed
 from mimkit.engine.guard import DivergenceGuard, parameter_norm
-from mimkit.engine.host_memory import keep_freed_memory
+from mimkit.engine.host_memory import huge_page_heap, keep_freed_memory
 from mimkit.engine.metrics import RunRecorder, setup_logging, truncate_metrics
 from mimkit.engine.optim import absolute_lr, build_optimizer, build_scheduler
 from mimkit.engine.run_folder import RunLock, existing_outputs, move_aside
@@ -294,7 +294,11 @@ class Trainer:
             self.num_workers,
         )
         if self.host_memory_kept:
-            self.log.info("host memory: freed blocks kept for reuse (glibc; --host-memory system for its defaults)")
+            pages = "2 MiB" if huge_page_heap() else "4 KiB"
+            self.log.info(
+                f"host memory: freed blocks kept for reuse, heap pages of {pages} (glibc; --host-memory, "
+                "--host-huge-pages)"
+            )
 
     # -- resume and rollback ---------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path | None, dict | None]:
