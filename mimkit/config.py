@@ -166,7 +166,7 @@ class PretrainConfig:
         "auto: with host_memory keep, the `mimkit` command starts itself again once with glibc's tunable "
         "glibc.malloc.hugetlb=1, which backs the C heap with 2 MiB pages where the kernel's transparent huge pages "
         "are in madvise mode and glibc is 2.35 or later (fewer address-cache misses: UM-MAE PVT-S's CPU step about "
-        '1.06x faster; docs/benchmarks.md, "Huge pages"); nothing elsewhere, or when GLIBC_TUNABLES sets it; '
+        '1.05x faster; docs/benchmarks.md, "Huge pages"); nothing elsewhere, or when GLIBC_TUNABLES sets it; '
         "off: no restart, the heap as the environment gives it (docs/design.md).",
         choices=["auto", "off"],
     )

@@ -9,8 +9,8 @@ itself again with glibc's tunable, as the ``mimkit`` command does), the settings
 
     .venv/bin/python scripts/host_memory_faults.py simmim_swin_tiny_256 umae_pvt_small_256 --rounds 3 \\
         --json docs/benchmarks/host_memory.json
-    .venv/bin/python scripts/host_memory_faults.py umae_pvt_small_256 --settings keep,keep-huge --rounds 8 \\
-        --json docs/benchmarks/host_huge_pages.json
+    .venv/bin/python scripts/host_memory_faults.py umae_pvt_small_256 simmim_pvt_small_256 umae_swin_tiny_256 \\
+        mae_vit_base_patch16 --settings keep,keep-huge --rounds 5 --steps 5 --json docs/benchmarks/host_huge_pages.json
     .venv/bin/python scripts/host_memory_faults.py --render docs/benchmarks/host_memory.json   # its Markdown table
 """
 

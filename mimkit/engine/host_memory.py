@@ -15,7 +15,7 @@ The heap's pages are 4 KiB unless the kernel is asked for more: with transparent
 "madvise" mode, only memory marked so gets 2 MiB pages, and glibc marks its heap when the tunable
 ``glibc.malloc.hugetlb=1`` (glibc 2.35 or later) is in ``GLIBC_TUNABLES`` when a program starts. A CPU step then
 misses the processor's address cache far less while it streams through activations, gradients and optimizer state
-(UM-MAE PVT-S's step about 1.06x as fast on CPU-3; docs/benchmarks.md, "Huge pages"). glibc reads its tunables only
+(UM-MAE PVT-S's step about 1.05x as fast on CPU-3; docs/benchmarks.md, "Huge pages"). glibc reads its tunables only
 at start-up, so :func:`restart_with_huge_page_heap` starts the program again in the same process with the tunable
 added; the ``mimkit`` command does this for its training commands (``--host-huge-pages``).
 """
@@ -101,9 +101,10 @@ def huge_page_heap_env(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 def huge_page_heap() -> bool:
     """Whether this process's heap gets 2 MiB pages: the kernel gives them to all memory ("always"), or to marked
-    memory ("madvise") and glibc was started with the tunable."""
-    mode = transparent_huge_pages()
-    return mode == "always" or (mode == "madvise" and HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""))
+    memory ("madvise") and glibc, 2.35 or later, was started with the tunable."""
+    mode, version = transparent_huge_pages(), glibc_version()
+    tunable = HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") and version is not None and version >= (2, 35)
+    return mode == "always" or (mode == "madvise" and tunable)
 
 
 def restart_with_huge_page_heap() -> None:
