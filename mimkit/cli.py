@@ -661,20 +661,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--cpu-autocast", action="store_true", help="use bf16 autocast on CPU too")
-    p.add_argument(
-        "--cpu-linear",
-        choices=PretrainConfig.__dataclass_fields__["cpu_linear"].metadata["choices"],  # the pretrain option's
-        default=PretrainConfig.cpu_linear,
-        help="auto: tall, narrow fp32 CPU products through oneDNN (compiled too), as `mimkit pretrain` runs them; "
-        "aten: PyTorch's linear and GELU everywhere",
-    )
-    p.add_argument(
-        "--host-huge-pages",
-        choices=PretrainConfig.__dataclass_fields__["host_huge_pages"].metadata["choices"],  # the pretrain option's
-        default=PretrainConfig.host_huge_pages,
-        help="auto: the C heap in 2 MiB pages where the system allows (the command starts itself again once), as "
-        "`mimkit pretrain` runs; off: as the environment gives it",
-    )
+    for name, text in (
+        (
+            "cpu_linear",
+            "auto: tall, narrow fp32 CPU products through oneDNN (compiled too), as `mimkit pretrain` runs them; "
+            "aten: PyTorch's linear and GELU everywhere",
+        ),
+        (
+            "host_huge_pages",
+            "auto: the C heap in 2 MiB pages where the system allows (the command starts itself again once), as "
+            "`mimkit pretrain` runs; off: as the environment gives it",
+        ),
+    ):  # the pretrain options' choices and defaults
+        choices = PretrainConfig.__dataclass_fields__[name].metadata["choices"]
+        p.add_argument("--" + name.replace("_", "-"), choices=choices, default=getattr(PretrainConfig, name), help=text)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", type=_kv, help="option for every model")
