@@ -32,7 +32,7 @@ def one(model: str, setting: str, batch_size: int, steps: int) -> dict:
     import torch
     from _train_step import build, train_step
 
-    from mimkit.engine.host_memory import huge_page_heap, keep_freed_memory, restart_with_huge_page_heap
+    from mimkit.engine.host_memory import huge_page_heap, huge_page_mb, keep_freed_memory, restart_with_huge_page_heap
 
     if setting == "keep-huge":
         restart_with_huge_page_heap()  # this process again, with the tunable (if it changes something)
@@ -49,7 +49,6 @@ def one(model: str, setting: str, batch_size: int, steps: int) -> dict:
     for b in batches[2:]:
         step(b)
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
-    rollup = open("/proc/self/smaps_rollup").read().split()
     return {
         "model": model,
         "setting": setting,
@@ -60,7 +59,7 @@ def one(model: str, setting: str, batch_size: int, steps: int) -> dict:
         "user_s_per_step": (r1.ru_utime - r0.ru_utime) / steps,
         "wall_s_per_step": wall / steps,
         "huge_page_heap": huge_page_heap(),
-        "anon_huge_mb": int(rollup[rollup.index("AnonHugePages:") + 1]) / 1024,  # this process's memory in 2 MiB pages
+        "anon_huge_mb": huge_page_mb(),  # this process's memory in 2 MiB pages after the steps
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }

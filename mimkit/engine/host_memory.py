@@ -85,6 +85,12 @@ def transparent_huge_pages(path: str = THP_MODE_FILE) -> str | None:
     return found[1] if found else None
 
 
+def _glibc_has_tunable() -> bool:
+    """glibc 2.35 or later, the first with ``glibc.malloc.hugetlb``."""
+    version = glibc_version()
+    return version is not None and version >= (2, 35)
+
+
 def huge_page_heap_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """``environ`` with :data:`HUGE_PAGE_TUNABLE` added to ``GLIBC_TUNABLES``, or None where that would change
     nothing: not glibc 2.35 or later, the kernel's mode is not "madvise" ("always" gives the heap huge pages
@@ -93,8 +99,7 @@ def huge_page_heap_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb=" in tunables:
         return None
-    version = glibc_version()
-    if version is None or version < (2, 35) or transparent_huge_pages() != "madvise":
+    if not _glibc_has_tunable() or transparent_huge_pages() != "madvise":
         return None
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGE_TUNABLE}" if tunables else HUGE_PAGE_TUNABLE}
 
@@ -102,9 +107,19 @@ def huge_page_heap_env(environ: Mapping[str, str]) -> dict[str, str] | None:
 def huge_page_heap() -> bool:
     """Whether this process's heap gets 2 MiB pages: the kernel gives them to all memory ("always"), or to marked
     memory ("madvise") and glibc, 2.35 or later, was started with the tunable."""
-    mode, version = transparent_huge_pages(), glibc_version()
-    tunable = HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") and version is not None and version >= (2, 35)
+    mode = transparent_huge_pages()
+    tunable = HUGE_PAGE_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") and _glibc_has_tunable()
     return mode == "always" or (mode == "madvise" and tunable)
+
+
+def huge_page_mb() -> float | None:
+    """MB of this process's memory in 2 MiB pages now (``AnonHugePages`` of /proc/self/smaps_rollup); None where
+    the file cannot be read."""
+    try:
+        fields = Path("/proc/self/smaps_rollup").read_text().split()
+        return int(fields[fields.index("AnonHugePages:") + 1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def restart_with_huge_page_heap() -> None:
