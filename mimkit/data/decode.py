@@ -104,7 +104,7 @@ def _decode_array(f, tiff_name: bool) -> np.ndarray:
     with Image.open(f) as im:
         im.load()
         if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-            im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+            return np.asarray(im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB"))
         return np.asarray(im)
 
 

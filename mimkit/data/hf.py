@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mimkit.data.shards import ShardDataset
 from mimkit.errors import DataError
@@ -152,7 +153,7 @@ class HFColumn:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.dataset[int(i)]  # type: ignore[index]
+        row = self.dataset[int(i)]
         return _to_source(row[self.column], f"{self.root}[{int(i)}]")
 
 
@@ -195,7 +196,7 @@ class HFStream:
     def rows(self, seed: int | None, buffer: int) -> Iterator:
         """All image cells, shuffled (shard order and a ``buffer``-row window, seeded) unless ``seed`` is None.
         ``IterableDataset.iter`` reads the whole stream in this process, not datasets' per-worker share."""
-        ds = self.dataset if seed is None else self.dataset.shuffle(seed=seed, buffer_size=buffer)  # type: ignore[attr-defined]
+        ds: Any = self.dataset if seed is None else self.dataset.shuffle(seed=seed, buffer_size=buffer)  # type: ignore[attr-defined]
         for batch in ds.iter(batch_size=256):
             yield from batch[self.column]
 

@@ -23,7 +23,7 @@ class ImageList:
     ``PathArray`` and labels in a numpy array, which forked data-loader workers share instead of copying."""
 
     paths: Sequence[str]
-    labels: Sequence[int] | None = None
+    labels: Sequence[int] | np.ndarray | None = None  # an int64 array after __post_init__
     classes: list[str] = field(default_factory=list)
     root: str = ""
     ignored: dict[str, int] = field(default_factory=dict)  # files skipped for an unsupported type, by extension
@@ -198,6 +198,7 @@ def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: in
     rng = random.Random(seed)
     split: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], [])}
     by_class: dict[int, list[str]] = {}
+    assert train.labels is not None  # a class-folder list has labels
     for path_, label in zip(train.paths, train.labels):
         by_class.setdefault(int(label), []).append(path_)
     for label, items in sorted(by_class.items()):

@@ -32,7 +32,7 @@ class MIMMethod(nn.Module):
     decoder: nn.Module  # where there is one (``decode_masked``)
     encoder_name: str
     encoder_args: dict
-    img_size: int
+    img_size: int | tuple[int, int]  # an int for squares (mimkit/models/_size.py, canonical)
     patch_size: int
     in_chans: int = 3
     norm_pix_loss: bool = False

@@ -30,7 +30,7 @@ from mimkit.methods._encoders import build_encoder
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models._size import require_square
-from mimkit.models.decoder import TransformerDecoder, visible_token_decoder
+from mimkit.models.decoder import visible_token_decoder
 from mimkit.models.interfaces import VisibleTokenEncoder
 from mimkit.patches import masked_mse, patch_mse
 
@@ -40,6 +40,9 @@ TEACHERS = ("none", "copy", "ema")
 
 class CoMA(MIMMethod):
     """CoMA: complementary masks over mask units, a frozen model M_{t-1} one step behind (docs/coma.md)."""
+
+    io: VisibleTokenEncoder  # the encoder (and teacher_io the frozen one) as this method may use it (mypy-checked)
+    teacher_io: VisibleTokenEncoder
 
     def __init__(
         self,
@@ -70,7 +73,7 @@ class CoMA(MIMMethod):
             raise ValueError("teacher_weight needs a teacher: set teacher to copy or ema")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
-        io = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "CoMA")
+        io: VisibleTokenEncoder = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "CoMA")
         self.patch_size, self.grid = io.unit, io.mask_grid
         self.num_units = self.grid[0] * self.grid[1]
         if not 0 < num_masked(self.num_units, mask_ratio) < self.num_units:
@@ -102,7 +105,7 @@ class CoMA(MIMMethod):
 
     # -- model --------------------------------------------------------------------------------------------------
     def reconstruct(
-        self, encoder: VisibleTokenEncoder, decoder: TransformerDecoder, imgs: torch.Tensor, mask: torch.Tensor,
+        self, encoder: VisibleTokenEncoder, decoder: nn.Module, imgs: torch.Tensor, mask: torch.Tensor,
         n_visible: int,
     ) -> torch.Tensor:  # fmt: skip
         """Encode the ``n_visible`` unmasked units only, decode every unit: (N, units, unit_px**2 * C)."""
@@ -142,8 +145,8 @@ class CoMA(MIMMethod):
         next step the frozen model holds the parameters of the step before: M_{t-1} of the paper's Fig. 3."""
         if self.teacher is None:
             return
-        student = list(self.encoder.parameters()) + list(self.decoder.parameters())
-        frozen = list(self.teacher["encoder"].parameters()) + list(self.teacher["decoder"].parameters())
+        student: list[torch.Tensor] = [*self.encoder.parameters(), *self.decoder.parameters()]
+        frozen: list[torch.Tensor] = [*self.teacher["encoder"].parameters(), *self.teacher["decoder"].parameters()]
         if self.teacher_mode == "copy":
             torch._foreach_copy_(frozen, student)
         else:

@@ -16,6 +16,8 @@ Window sampling (``window_sampling``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from torch import nn
@@ -34,6 +36,9 @@ WINDOW_SAMPLING = ("image", "batch", "reference")
 
 class LoMaR(MIMMethod):
     """LoMaR: MAE-style reconstruction inside a few random local windows, encoder over visible and mask tokens."""
+
+    windows: WindowSequenceEncoder  # the encoder as this method may use it (attach_interface; checked by mypy)
+    _full: tuple[tuple, nn.Module] | None
 
     def __init__(
         self,
@@ -55,18 +60,18 @@ class LoMaR(MIMMethod):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder_name = encoder
-        self.img_size = img_size = canonical(img_size)
+        self.img_size = canonical(img_size)
         channels = {"in_chans": in_chans} if in_chans != 3 else {}
-        self.encoder_args = {"img_size": img_size, **channels, **(encoder_args or {})}
+        self.encoder_args = {"img_size": self.img_size, **channels, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         self.encoder = enc
-        windows = self.attach_interface("windows", enc, WindowSequenceEncoder, "LoMaR")
+        windows: WindowSequenceEncoder = self.attach_interface("windows", enc, WindowSequenceEncoder, "LoMaR")
         self.patch_size = windows.patch_px
         self.grid = windows.grid
         if window_size > min(self.grid):
             raise ValueError(
                 f"window_size {window_size} does not fit the {self.grid[0]}x{self.grid[1]} patch grid of "
-                f"{size_text(img_size)} images; use window_size <= {min(self.grid)} or a larger --img-size"
+                f"{size_text(self.img_size)} images; use window_size <= {min(self.grid)} or a larger --img-size"
             )
         # the encoder runs on one window at a time: its bias tables cover exactly the window's offsets
         windows.set_window(window_size)
@@ -166,7 +171,8 @@ class LoMaR(MIMMethod):
         """A whole-image copy of the encoder with the current weights (kept outside the module tree, refreshed when
         the weights changed)."""
         version = sum(p._version for p in self.encoder.parameters())
-        key = (version, self.encoder.patch_embed.proj.weight.device, self.encoder.patch_embed.proj.weight.dtype)
+        first = next(self.encoder.parameters())
+        key = (version, first.device, first.dtype)
         if self._full is None or self._full[0] != key:
             full = (
                 self._full[1]
@@ -181,7 +187,7 @@ class LoMaR(MIMMethod):
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         """Global features from the whole-image copy of the encoder: class token or pooled patch tokens."""
-        enc = self.full_encoder()
+        enc: Any = self.full_encoder()  # a timm Beit over the whole image
         out = enc.forward_features(images)
         return out[:, 0] if pool == "cls" else enc.forward_head(out, pre_logits=True)
 

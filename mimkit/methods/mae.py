@@ -18,6 +18,8 @@ from mimkit.models.interfaces import VisibleTokenEncoder
 class MAE(MIMMethod):
     """MAE: random masking, the encoder on the visible units only, a light decoder, loss on the masked patches."""
 
+    io: VisibleTokenEncoder  # the encoder as this method may use it (attach_interface; checked by mypy)
+
     def __init__(
         self,
         encoder: str = "vit_base_patch16_224",
@@ -36,7 +38,7 @@ class MAE(MIMMethod):
         self.encoder_name = encoder
         self.img_size = canonical(img_size)
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
-        io = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "MAE")
+        io: VisibleTokenEncoder = self.attach_interface("io", self.encoder, VisibleTokenEncoder, "MAE")
         self.patch_size, self.grid = io.unit, io.mask_grid
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss

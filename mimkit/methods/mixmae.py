@@ -33,6 +33,9 @@ GRANULARITIES = ("batch", "pair")
 class MixMAE(MIMMethod):
     """MixMAE: two images' tokens mixed into one input, attention kept inside each source, both reconstructed."""
 
+    io: MixedTokenEncoder  # the encoder as this method may use it (attach_interface; checked by mypy)
+    decoder: TransformerDecoder
+
     def __init__(
         self,
         encoder: str = "mixswin_base_patch4_window14_224",
@@ -57,7 +60,7 @@ class MixMAE(MIMMethod):
         img_size = require_square(img_size, "MixMAE")
         self.encoder, self.encoder_args = build_encoder(encoder, img_size, drop_path, encoder_args, in_chans)
         self.encoder_name, self.img_size = encoder, img_size
-        io = self.attach_interface("io", self.encoder, MixedTokenEncoder, "MixMAE")
+        io: MixedTokenEncoder = self.attach_interface("io", self.encoder, MixedTokenEncoder, "MixMAE")
         self.patch_size = io.stride  # one mask cell = one decoder token = one predicted patch
         self.grid = (img_size // self.patch_size,) * 2
         cells = self.grid[0] * self.grid[1]

@@ -45,7 +45,7 @@ def get_preset(name: str) -> Preset:
 def method_options(name: str) -> dict[str, object]:
     """Every option of a registered model with its default (class defaults overlaid with the preset's)."""
     preset = get_preset(name)
-    params = inspect.signature(preset.cls.__init__).parameters
+    params = inspect.signature(preset.cls).parameters  # the class's __init__, without self
     opts = {k: p.default for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
     return {**opts, **preset.defaults}
 

@@ -31,6 +31,7 @@ class SimMIM(MIMMethod):
     # SimMIM's released optimizer setup: no weight decay on the mask token and the relative position tables / bias
     # MLP, besides timm's rule for biases and norms (1-D parameters)
     no_decay_names = ("mask_token", "relative_position_bias_table", "pos_mlp")
+    io: MaskTokenEncoder  # the encoder as this method may use it (attach_interface; checked by mypy)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """timm's no-decay rule plus SimMIM's: no weight decay on the mask token and the position-bias tables / MLP."""
@@ -56,7 +57,7 @@ class SimMIM(MIMMethod):
         self.encoder_name, self.img_size = encoder, canonical(img_size)
         height, width = pair(img_size)
         self.mask_ratio, self.mask_unit, self.norm_pix_loss = mask_ratio, mask_unit, norm_pix_loss
-        io = self.attach_interface("io", self.encoder, MaskTokenEncoder, "SimMIM")
+        io: MaskTokenEncoder = self.attach_interface("io", self.encoder, MaskTokenEncoder, "SimMIM")
         self.patch_size, self.stride, dim0, dim_last = io.token_px, io.out_stride, io.token_dim, io.out_dim
         if mask_unit % self.patch_size or height % mask_unit or width % mask_unit:
             raise ValueError(

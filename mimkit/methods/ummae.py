@@ -15,6 +15,8 @@ positions of the kept patches in raster order (a mismatch for ~64 % of tokens, d
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,10 @@ from mimkit.models.vit import mae_init_
 
 class UMMAE(MIMMethod):
     """UM-MAE: uniform sampling + secondary masking, a compact map for pyramids (or visible tokens for a ViT)."""
+
+    # the encoder as this method may use it (attach_interface; checked by mypy): which one is ``self.vit``'s choice
+    io: VisibleTokenEncoder | UniformCompactEncoder
+    to_decoder: nn.Module
 
     def __init__(
         self,
@@ -71,7 +77,8 @@ class UMMAE(MIMMethod):
         io = self.attach_interface(
             "io", self.encoder, VisibleTokenEncoder if self.vit else UniformCompactEncoder, "UM-MAE"
         )
-        if self.vit and sm_ratio > 0 and not io.replaces_tokens:
+        vis, compact = cast(VisibleTokenEncoder, io), cast(UniformCompactEncoder, io)  # the one self.vit names
+        if self.vit and sm_ratio > 0 and not vis.replaces_tokens:
             raise ValueError(
                 f"UM-MAE's secondary masking replaces kept tokens by a mask token, which encoder '{encoder}' cannot "
                 "take; use sm_ratio=0 or a mimswin_* / mimpvt_* / plain ViT encoder"
@@ -82,7 +89,7 @@ class UMMAE(MIMMethod):
                 f"sampling='{sampling}' keeps an uneven number of patches per window; only a plain ViT "
                 "encoder can take it (pyramid encoders need sampling='uniform')"
             )
-        self.patch_size = io.unit if self.vit else 16
+        self.patch_size = vis.unit if self.vit else 16
         need = 2 * self.patch_size if self.vit else 64
         for side in (height, width):
             if side % need:
@@ -92,19 +99,19 @@ class UMMAE(MIMMethod):
                     f"{max(need, side // need * need)} or {(side // need + 1) * need} for {side}"
                 )
         if not self.vit:
-            io.check_size(img_size, compact=True)
+            compact.check_size(img_size, compact=True)
         self.grid = (height // self.patch_size, width // self.patch_size)
-        first_dim = io.out_dim if self.vit else io.embed_dims[0]
+        first_dim = vis.out_dim if self.vit else compact.embed_dims[0]
         self.vis_mask_token = nn.Parameter(torch.zeros(1, 1, first_dim))
         nn.init.normal_(self.vis_mask_token, std=0.02)
         if self.vit:
             self.to_decoder = nn.Identity()
             values = self.patch_size**2 * in_chans
-            self.decoder = visible_token_decoder(io, self.grid, values, decoder_dim, decoder_depth, decoder_heads)
+            self.decoder = visible_token_decoder(vis, self.grid, values, decoder_dim, decoder_depth, decoder_heads)
         else:
-            self.to_decoder = nn.Linear(io.num_features, 4 * decoder_dim)
-            nn.init.xavier_uniform_(self.to_decoder.weight)  # the released decoder_embed's init
-            nn.init.zeros_(self.to_decoder.bias)
+            self.to_decoder = embed = nn.Linear(compact.num_features, 4 * decoder_dim)
+            nn.init.xavier_uniform_(embed.weight)  # the released decoder_embed's init
+            nn.init.zeros_(embed.bias)
             self.decoder = TransformerDecoder(
                 None,
                 self.grid,
@@ -133,9 +140,9 @@ class UMMAE(MIMMethod):
 
     def encode(self, imgs: torch.Tensor, ids: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
         """Encoder output as one token per kept patch, in the order of ``ids`` (plus a cls token for ViT)."""
-        enc = self.io
         if self.vit:
-            return enc.encode_visible(imgs, ids, sm, self.vis_mask_token)
+            return cast(VisibleTokenEncoder, self.io).encode_visible(imgs, ids, sm, self.vis_mask_token)
+        enc = cast(UniformCompactEncoder, self.io)
         kept = enc.embed_kept(imgs, ids, self.grid)  # (N, H1/2, W1/2, C): stage-1 tokens of the kept patches
         k = kept.shape[1] // (self.grid[0] // 2)
         w = sm.view(sm.shape[0], self.grid[0] // 2, self.grid[1] // 2)

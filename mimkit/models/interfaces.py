@@ -145,6 +145,10 @@ class WindowSequenceEncoder(Protocol):
         """The weights for whole images of ``grid`` patches (position biases widened from the window)."""
         ...
 
+    def reset_parameters(self, bias_std: float = 0.02) -> None:
+        """LoMaR's initialization of the patch embedding, the class token and the position biases."""
+        ...
+
 
 class ViTInterface:
     """A timm ``VisionTransformer`` (class token, fixed position embedding) seen through the protocols it can serve:
