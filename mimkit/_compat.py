@@ -76,7 +76,7 @@ def patch_timm_posterize() -> None:
             return Image.new(img.mode, img.size, 0 if img.mode in ("L", "I", "F") else (0,) * len(img.getbands()))
         return original(img, bits_to_keep, **kwargs)
 
-    posterize._mimkit_safe = True
+    setattr(posterize, "_mimkit_safe", True)  # noqa: B010  (a mark on a function)
     aa.posterize = posterize
     for name, fn in list(aa.NAME_TO_OP.items()):
         if fn is original:

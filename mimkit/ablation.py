@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from mimkit.config import PretrainConfig, config_from_dict, load_recipe
 
-VARIANTS = [
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("RS (random, MAE)", dict(sampling="random", sm_ratio=0.0)),
     ("GS (grid)", dict(sampling="grid", sm_ratio=0.0)),
     ("US (uniform)", dict(sampling="uniform", sm_ratio=0.0)),
@@ -71,6 +72,7 @@ def run_masking_ablation(
         }
         if knn:
             model, saved = load_pretrained(cfg.output)
+            assert saved.img_size is not None  # a run's saved config has the size the trainer resolved
             row["knn_top1"] = knn_evaluate(model, data, saved.img_size, saved.mean, saved.std)["top1"]
         rows.append(row)
     return rows

@@ -100,12 +100,13 @@ def run_comparison(
             summary = pretrain(cfg)
             model, saved = load_pretrained(str(run_dir))
             size = saved.img_size
+            assert size is not None  # a run's saved config has the size the trainer resolved
             key = (str(size), tuple(saved.mean), tuple(saved.std), getattr(model, "in_chans", 3))
             if key not in decoded:
                 decoded[key] = _decode_if_small(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
             knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             torch.manual_seed(seed)
-            base = random_init(name, img_size=size if isinstance(size, int) else None, seed=seed, **args)
+            base = random_init(name, img_size=size, seed=seed, **args)  # at the run's size, rectangles too
             knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             curve = _loss_curve(run_dir)
             final = summary["final_loss"]

@@ -23,7 +23,8 @@ def export_encoder(model, path: str | Path, head_classes: int | None = None, sou
     state, timm_name, timm_kwargs = model.export_encoder()
     state = {k: v.contiguous() for k, v in state.items()}
     if head_classes is None:
-        head_classes = timm.models.get_pretrained_cfg(timm_name).num_classes or 0
+        cfg = timm.models.get_pretrained_cfg(timm_name)  # None for a model registered without one
+        head_classes = (cfg.num_classes if cfg is not None else 0) or 0
     if head_classes:
         dim = model.encoder.num_features
         state["head.weight"] = torch.zeros(head_classes, dim)

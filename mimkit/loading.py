@@ -11,6 +11,7 @@ import torch
 from mimkit.config import ConfigError, PretrainConfig, config_from_dict
 from mimkit.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from mimkit.methods import MIMMethod
+from mimkit.models._size import ImageSize
 
 log = logging.getLogger("mimkit")
 
@@ -76,7 +77,7 @@ def saved_config(values, path: Path) -> PretrainConfig:
         raise CheckpointError(f"{path}: its stored configuration is invalid ({err})") from None
 
 
-def random_init(model_name: str, img_size: int | None = None, seed: int = 0, **model_args) -> MIMMethod:
+def random_init(model_name: str, img_size: ImageSize | None = None, seed: int = 0, **model_args) -> MIMMethod:
     """A freshly initialised registered method (the random-init baseline of every evaluation)."""
     from mimkit.methods import create_method
 

@@ -34,7 +34,7 @@ def display_bands(images: torch.Tensor, bands=None) -> torch.Tensor:
 def _to_pil(img01: torch.Tensor, scale: int) -> Image.Image:
     arr = (img01.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
     im = Image.fromarray(arr)
-    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+    return im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) if scale > 1 else im
 
 
 def denormalize_predictions(

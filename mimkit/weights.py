@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ def _resample(name: str, value: torch.Tensor, target: torch.Tensor, model: nn.Mo
         return None
     from timm.layers import resample_abs_pos_embed
 
-    encoder = model.encoder  # type: ignore[union-attr]
+    encoder: Any = model.encoder  # a timm ViT
     prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
     grid = getattr(encoder, "pos_grid", None) or tuple(encoder.patch_embed.grid_size)
     n_old = value.shape[1] - prefix

@@ -69,3 +69,15 @@ def test_compare_two_models_two_seeds(tiny_folder, tmp_path, capsys, monkeypatch
     assert again["steps"] == 6 and again["knn_top1"] == result["runs"][0]["knn_top1"]
     assert again["final_loss"] == result["runs"][0]["loss_curve"][-1][1]  # from its log, not NaN
     assert again["knn_top1_random_init"] == result["runs"][0]["knn_top1_random_init"] and decodes == [32]
+
+
+def test_compare_a_rectangular_recipe_evaluates_random_init_at_that_size(tiny_folder, tmp_path):
+    recipe = tmp_path / "rect.yaml"
+    recipe.write_text("model: mae_vit_pico_patch8\nimg_size: [32, 48]\n")
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", str(tiny_folder), "--eval-data", str(tiny_folder), "--recipe", str(recipe),
+               "--models", "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--batch-size", "4",
+               "--num-workers", "0", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    (run,) = json.loads((out / "compare.json").read_text())["runs"]
+    assert 0 <= run["knn_top1_random_init"] <= 100 and 0 <= run["knn_top1"] <= 100

@@ -6,13 +6,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimkit.data import ImageDataset, ImageList, collate, eval_transform
+from mimkit.models._size import ImageSize
 
 
 @torch.no_grad()
 def predict(
     fn,
     images: ImageList,
-    img_size: int,
+    img_size: ImageSize,
     mean,
     std,
     batch_size: int = 128,
@@ -53,7 +54,7 @@ def _apply(fn, batches, device, autocast: bool) -> torch.Tensor:
     return torch.cat(outputs)
 
 
-def decode_labelled(data, img_size: int, mean, std, in_chans: int = 3, num_workers: int = 0) -> dict:
+def decode_labelled(data, img_size: ImageSize, mean, std, in_chans: int = 3, num_workers: int = 0) -> dict:
     """A labelled root's train and val splits decoded once into float32 tensors (center crop, normalised: exactly
     what ``extract_features`` feeds the model), for evaluating several encoders on one set (``mimkit compare``):
     {"train": (images, labels), "val": (images, labels), "classes": n}. Memory: 4 x C x size^2 bytes per image."""
@@ -77,7 +78,7 @@ def features_of_tensors(model, images: torch.Tensor, batch_size: int = 128, devi
 def extract_features(
     model,
     images: ImageList,
-    img_size: int,
+    img_size: ImageSize,
     mean,
     std,
     batch_size: int = 128,

@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -29,7 +30,7 @@ from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
-from mimkit.models._size import pair
+from mimkit.models._size import ImageSize, canonical, pair
 from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 
 log = logging.getLogger("mimkit")
@@ -200,10 +201,10 @@ class ClassifierTask(nn.Module):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: Any,  # a timm classifier
         timm_name: str,
         timm_kwargs: dict,
-        img_size: int,
+        img_size: ImageSize,
         layer_decay: float,
         mixup: Mixup | None,
         smoothing: float,
@@ -213,6 +214,7 @@ class ClassifierTask(nn.Module):
         self.timm_name, self.timm_kwargs, self.img_size = timm_name, timm_kwargs, img_size
         self.layer_decay = layer_decay
         self.mixup = mixup
+        self.train_loss: nn.Module
         if mixup is not None:
             self.train_loss = SoftTargetCrossEntropy()
         elif smoothing > 0:
@@ -254,14 +256,15 @@ class ClassifierTask(nn.Module):
 
 
 def build_classifier(
-    state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: int | None, drop_path: float
-) -> tuple[nn.Module, int]:
+    state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: ImageSize | None, drop_path: float
+) -> tuple[Any, ImageSize]:
     """A timm classifier from exported or released encoder weights (or random init), with a new head."""
     kwargs = dict(timm_kwargs)
     if img_size:
         kwargs["img_size"] = img_size
     if timm_name.startswith("vit_"):
         kwargs.update(global_pool="avg", fc_norm=False)  # average of the final normed patch tokens
+    net: Any  # a timm classifier
     try:
         net = timm.create_model(
             timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs
@@ -298,7 +301,8 @@ def build_classifier(
     with torch.no_grad():
         nn.init.trunc_normal_(net.get_classifier().weight, std=2e-5)
         nn.init.zeros_(net.get_classifier().bias)
-    return net, kwargs.get("img_size", timm_kwargs.get("img_size"))
+    size = kwargs.get("img_size", timm_kwargs.get("img_size"))  # else the size timm built the model for
+    return net, size or canonical(net.pretrained_cfg["input_size"][-2:])
 
 
 class FinetuneTrainer(Trainer):
@@ -374,6 +378,7 @@ class FinetuneTrainer(Trainer):
         """Evaluate on val, log top-1/top-5 and mark the best epoch."""
         cfg = self.cfg
         self.model.eval()
+        assert cfg.img_size is not None  # resolved by the trainer from the model before any data is read
         logits, labels = predict(
             self.model.net,
             self.val_list,

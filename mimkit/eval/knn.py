@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mimkit.data import labelled_splits
 from mimkit.eval.features import extract_features, features_of_tensors
+from mimkit.models._size import ImageSize
 
 
 def knn_predict(
@@ -46,7 +47,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 def knn_evaluate(
     model,
     data: str,
-    img_size: int,
+    img_size: ImageSize,
     mean,
     std,
     k: int = 20,

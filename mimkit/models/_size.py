@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+ImageSize = int | Sequence[int]  # what the functions below take: 224 or (192, 256)
+
 
 def pair(size: int | Sequence[int]) -> tuple[int, int]:
     """``224`` -> (224, 224); ``(192, 256)`` -> (192, 256)."""
