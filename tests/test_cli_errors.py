@@ -362,3 +362,20 @@ def test_a_worker_that_raises_gives_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "could not be read" in errors[0] and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == errors[0]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model", "umae_swin_pico_128", "--img-size", "96"],  # 24 stage-1 tokens: not a whole number of windows
+        ["--model", "umae_vit_pico_patch8", "--model-arg", "sm_ratio=1.5"],
+    ],
+    ids=["size-against-windows", "model-arg-range"],
+)
+def test_values_only_the_model_can_check_stop_the_run_before_any_work(env, extra, capsys):
+    """The method is built on the meta device before the output folder, the data index or the dataset statistics."""
+    out = env["tmp"] / f"no_work_{extra[1]}"
+    rc = main(["pretrain", *env["base"]["pretrain"], "--output", str(out), "--compute-mean-std", *extra])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.err.count("\n") == 1 and extra[1] in captured.err and "Traceback" not in captured.err
+    assert not out.exists() and "dataset mean" not in captured.out + captured.err
