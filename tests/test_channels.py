@@ -153,3 +153,27 @@ def test_cli_pretrains_16_bit_grey_and_6_band_tiff(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "has 6 channel(s), the model takes --in-chans 4" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_finetune_from_random_init_takes_the_channel_count_and_names_a_bad_size(tmp_path, capsys):
+    """The from-scratch baseline on grey data (--random-init with --in-chans 1), and an image size a pyramid cannot
+    take: one line naming --img-size, exit code 2 (it was a ValueError traceback)."""
+    from mimkit.cli import main
+
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "g" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                _gray16(tmp_path / "g" / split / cls / f"{i}.png", seed=i + 10 * (cls == "b"))
+    common = ["--data", str(tmp_path / "g"), "--in-chans", "1", "--epochs", "1", "--batch-size", "4", "--mixup", "0",
+              "--cutmix", "0", "--num-workers", "0", "--no-progress", "--no-tensorboard"]  # fmt: skip
+    rc = main(["finetune", "--random-init", "umae_swin_pico_128", "--img-size", "64", *common,
+               "--output", str(tmp_path / "ft")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    assert json.loads(captured.out[captured.out.index("{") :])["steps"] == 2
+    rc = main(["finetune", "--random-init", "umae_swin_pico_128", "--img-size", "96", *common,
+               "--output", str(tmp_path / "ft96")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: img_size (--img-size) = 96 px:") and "window" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

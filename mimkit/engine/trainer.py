@@ -179,16 +179,16 @@ class Trainer:
                 sum(images.ignored.values()),
                 ", ".join(f"{ext or '(none)'} {n}" for ext, n in sorted(images.ignored.items())),
             )
-        if cfg.compute_mean_std:
-            mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed, in_chans=cfg.in_chans)
-            cfg.mean, cfg.std = list(mean), list(std)
-            self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
 
         self.fsdp = cfg.strategy == "fsdp" and d.distributed
         # FSDP: rank 0 alone builds the full task (on the CPU); the others build it on the meta device
         on_meta = self.fsdp and self.build_on_meta
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         task = self.checked_task(meta=on_meta and not d.is_main)
+        if cfg.compute_mean_std:  # after the task is built: a size or option it refuses stops the run before this read
+            mean, std = compute_mean_std(images.paths, max_images=1000, seed=cfg.seed, in_chans=cfg.in_chans)
+            cfg.mean, cfg.std = list(mean), list(std)
+            self.log.info("dataset mean %s std %s", cfg.mean, cfg.std)
         self.resume_from = self.find_checkpoint()
         self.model: Any = task if on_meta else task.to(d.device)
         # A fresh run's starting weights go in before sharding; a resume loads its checkpoint after it.

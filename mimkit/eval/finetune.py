@@ -30,7 +30,7 @@ from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
-from mimkit.models._size import ImageSize, canonical, pair
+from mimkit.models._size import ImageSize, canonical, pair, size_text
 from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 
 log = logging.getLogger("mimkit")
@@ -130,9 +130,10 @@ class FinetuneConfig(PretrainConfig):
                 ) from None
 
 
-def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0, init: str = ""):
+def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0, init: str = "", in_chans: int = 3):
     """(encoder state dict, timm model name, timm kwargs) from a checkpoint, an export, a released MAE/timm ViT file,
-    or a random-init model (with ``init``: public weights mapped onto it, ``mimkit/weights.py``)."""
+    or a random-init model of ``in_chans`` channels (with ``init``: public weights mapped onto it,
+    ``mimkit/weights.py``)."""
     if pretrained and not _is_mimkit_file(pretrained):
         from mimkit.weights import read_state, released_vit_encoder
 
@@ -163,7 +164,7 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
     if random_init:
         from mimkit.loading import random_init as make
 
-        model = make(random_init, seed=seed)
+        model = make(random_init, seed=seed, **({"in_chans": in_chans} if in_chans != 3 else {}))
         if init:
             from mimkit.weights import load_public_weights
 
@@ -271,6 +272,9 @@ def build_classifier(
         )
     except RuntimeError as err:  # timm: "Unknown model"
         raise ckpt.CheckpointError(f"encoder '{timm_name}' named by the weights file cannot be built ({err})") from None
+    except ValueError as err:  # the model's own check, e.g. an image size that does not fit a pyramid's windows
+        given = f"img_size (--img-size) = {size_text(img_size)}" if img_size else f"encoder '{timm_name}'"
+        raise ConfigError(f"{given}: {err}") from None
     state = dict(state)
     pos = getattr(net, "pos_embed", None)
     if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
@@ -319,7 +323,7 @@ class FinetuneTrainer(Trainer):
     def build_task(self) -> ClassifierTask:
         """The classifier task (encoder weights, head, mixup / label smoothing loss)."""
         cfg = self.cfg
-        state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed, cfg.init)
+        state, name, kwargs = load_encoder_source(cfg.pretrained, cfg.random_init, cfg.seed, cfg.init, cfg.in_chans)
         if kwargs.get("in_chans", 3) != cfg.in_chans:
             raise ConfigError(
                 f"in_chans (--in-chans) = {cfg.in_chans}: the encoder of {cfg.pretrained or cfg.random_init} takes "
