@@ -128,12 +128,24 @@ def _load_model(args):
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
         model, cfg = load_pretrained(args.checkpoint)
+        if args.in_chans != 3 and args.in_chans != cfg.in_chans:
+            raise ConfigError(
+                f"in_chans (--in-chans) = {args.in_chans}: {args.checkpoint} is a model of {cfg.in_chans} channel(s), "
+                "which it keeps; --in-chans sets a --random-init model's"
+            )
         args._viz_bands = cfg.viz_bands  # the run's display bands, for figures of more than 3 channels
         return model, cfg.img_size, cfg.mean, cfg.std
     if not args.random_init:
         raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
-    model = random_init(args.random_init, img_size=args.img_size, seed=args.seed)
-    return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+    channels = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
+    model = random_init(args.random_init, img_size=args.img_size, seed=args.seed, **channels)
+    if not channels:
+        return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+    # N channels: normalised with statistics measured from the data, as `mimkit pretrain --in-chans N` does
+    from mimkit.data import compute_mean_std, find_images
+
+    mean, std = compute_mean_std(find_images(args.data).paths, max_images=1000, seed=args.seed, in_chans=args.in_chans)
+    return model, model.img_size, list(mean), list(std)
 
 
 def cmd_pretrain(args):
@@ -533,6 +545,13 @@ def _eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
     p.add_argument("--img-size", type=_number(int, 8), help="resolution (default: the checkpoint's)")
     p.add_argument("--seed", type=NONNEG_INT, default=0)
+    p.add_argument(
+        "--in-chans",
+        type=_number(int, 1),
+        default=3,
+        help="channels of the --random-init model (a checkpoint keeps its own); not 3: images read at full bit depth "
+        "with exactly that many channels and normalised with statistics measured from --data",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

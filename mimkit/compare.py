@@ -65,7 +65,7 @@ def run_comparison(
     from mimkit.config import load_recipe
     from mimkit.eval import knn_evaluate
     from mimkit.loading import load_pretrained, random_init
-    from mimkit.pretraining import pretrain
+    from mimkit.pretraining import method_kwargs, pretrain
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,8 @@ def run_comparison(
                 decoded[key] = _decode_if_small(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
             knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             torch.manual_seed(seed)
-            base = random_init(name, img_size=size, seed=seed, **args)  # at the run's size, rectangles too
+            # the run's model at random init: its options, size (rectangles too) and channel count
+            base = random_init(name, seed=seed, **method_kwargs(saved))
             knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
             curve = _loss_curve(run_dir)
             final = summary["final_loss"]

@@ -177,3 +177,44 @@ def test_finetune_from_random_init_takes_the_channel_count_and_names_a_bad_size(
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: img_size (--img-size) = 96 px:") and "window" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_knn_linprobe_visualize_random_init_take_in_chans(tmp_path, capsys, monkeypatch):
+    """The random-init baseline of an N-channel run: built with N channels, normalised with statistics measured from
+    the data (one per channel); a checkpoint keeps its own channel count and a different --in-chans names it."""
+    import mimkit.eval
+    from mimkit.cli import main
+
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / "g" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                _gray16(tmp_path / "g" / split / cls / f"{i}.png", seed=i + 10 * (cls == "b"))
+    seen = []
+    real = mimkit.eval.knn_evaluate
+    monkeypatch.setattr(
+        mimkit.eval,
+        "knn_evaluate",
+        lambda m, d, s, mean, std, **kw: seen.append((m, mean, std)) or real(m, d, s, mean, std, **kw),
+    )
+    data = str(tmp_path / "g")
+    assert (
+        main(["knn", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--in-chans", "1", "--data", data])
+        == 0
+    )
+    ((model, mean, std),) = seen
+    assert (
+        model.in_chans == 1 and len(mean) == len(std) == 1 and 0.05 < mean[0] < 0.95
+    )  # 16-bit values scaled to [0, 1]
+    assert "top-1" in capsys.readouterr().out
+    out = tmp_path / "v.png"
+    assert main(["visualize", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--in-chans", "1",
+                 "--data", data, "--out", str(out), "--num", "2"]) == 0 and out.is_file()  # fmt: skip
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", data, "--in-chans", "1", "--model", "mae_vit_pico_patch8", "--img-size", "32",
+                 "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+                 "--output", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["knn", str(run), "--in-chans", "2", "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: in_chans (--in-chans) = 2:") and "1 channel(s)" in err and err.count("\n") == 1

@@ -81,3 +81,25 @@ def test_compare_a_rectangular_recipe_evaluates_random_init_at_that_size(tiny_fo
     assert rc == 0
     (run,) = json.loads((out / "compare.json").read_text())["runs"]
     assert 0 <= run["knn_top1_random_init"] <= 100 and 0 <= run["knn_top1"] <= 100
+
+
+def test_compare_a_one_channel_recipe_evaluates_random_init_with_one_channel(tmp_path):
+    """The baseline is the run's model at random init: its channel count too (it was built for RGB and crashed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c, cls in enumerate(("dark", "light")):
+            (tmp_path / "g" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((40, 40)) * 20000 + 30000 * c).astype(np.uint16)
+                Image.fromarray(arr).save(tmp_path / "g" / split / cls / f"{i}.png")
+    recipe = tmp_path / "grey.yaml"
+    recipe.write_text("model: mae_vit_pico_patch8\nimg_size: 32\nin_chans: 1\n")
+    data, out = str(tmp_path / "g"), tmp_path / "cmp"
+    rc = main(["compare", "--data", data, "--eval-data", data, "--recipe", str(recipe), "--models",
+               "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+               "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    (run,) = json.loads((out / "compare.json").read_text())["runs"]
+    assert 0 <= run["knn_top1_random_init"] <= 100 and 0 <= run["knn_top1"] <= 100
