@@ -60,3 +60,22 @@ def test_built_optimizer_is_fused_on_cpu_and_makes_the_plain_adamw_update():
         plain.step()
     for p, t in zip(params, twins):
         assert not torch.equal(p, t.detach() * 0) and torch.allclose(p, t, atol=1e-6)
+
+
+def test_a_run_that_is_all_warm_up_is_said_in_its_options_terms(tiny_folder, tmp_path, caplog):
+    """timm's "cosine will have no effect" warning is replaced by one naming --warmup-epochs; a run with room for the
+    cosine has neither."""
+    import logging
+
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
+
+    with caplog.at_level(logging.WARNING):
+        pretrain(pico_config(tiny_folder, tmp_path / "short", epochs=1, warmup_epochs=40, max_steps=1))
+    text = caplog.text + (tmp_path / "short" / "train.log").read_text()
+    assert "--warmup-epochs 40" in text and "never decays" in text and "no effect" not in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pretrain(pico_config(tiny_folder, tmp_path / "long", epochs=2, warmup_epochs=1, max_steps=1))
+    assert "warm-up" not in caplog.text + (tmp_path / "long" / "train.log").read_text()

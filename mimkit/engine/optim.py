@@ -23,16 +23,26 @@ def build_optimizer(param_groups: list[dict], lr: float, betas, device: torch.de
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> CosineLRScheduler:
     """Linear warm-up from 0 over ``warmup_steps``, then half-cycle cosine to ``min_lr``; stepped per update."""
+    import logging
+
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup_steps),
-        lr_min=min_lr,
-        warmup_t=warmup_steps,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    # timm warns that a one-step cosine "will have no effect" (a run that is all warm-up); the trainer says it in
+    # terms of the run's options instead
+    quiet = logging.getLogger("timm.scheduler.cosine_lr")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, total_steps - warmup_steps),
+            lr_min=min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+    finally:
+        quiet.setLevel(level)
 
 
 def layer_decay_param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -239,9 +239,16 @@ class Trainer:
         betas = cfg.betas or self.model.betas
         self.grad_clip = cfg.grad_clip if cfg.grad_clip is not None else self.model.default_grad_clip
         self.optimizer = build_optimizer(self.model.param_groups(cfg.weight_decay), self.lr, betas, d.device)
-        self.scheduler = build_scheduler(
-            self.optimizer, self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch), cfg.min_lr
-        )
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, warmup, cfg.min_lr)
+        if d.is_main and warmup >= self.total_steps > 1:
+            self.log.warning(
+                "warm-up (--warmup-epochs %g: %d steps) is as long as the run (%d steps): the lr rises to its peak "
+                "at the last step and never decays; lower --warmup-epochs for a short run",
+                cfg.warmup_epochs,
+                warmup,
+                self.total_steps,
+            )
         self.fp16 = cfg.precision == "fp16" and d.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.fp16)
         self.guard = DivergenceGuard(cfg.loss_spike_factor, cfg.param_norm_factor)
