@@ -40,8 +40,15 @@ default_cfgs = generate_default_cfgs(
 
 
 def _small_vit(variant: str, pretrained: bool, arch: dict, **kwargs) -> VisionTransformer:
+    # features_only as timm's own ViTs: the last 3 blocks' maps by default, through the model's intermediate getter
+    feature_cfg = dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter")
     return build_model_with_cfg(
-        VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**arch, **kwargs}
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **{**arch, **kwargs},
     )
 
 
