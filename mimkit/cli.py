@@ -479,6 +479,13 @@ def cmd_demo(args):
     values = load_recipe("demo_cpu")
     values.update(data=str(data), output=str(out), time_limit_min=args.minutes)
     cfg = config_from_dict(PretrainConfig, values, "demo")
+    if args.data:  # the kNN steps need labels: checked before pretraining; a small folder gets a batch that fits
+        from mimkit.data import labelled_splits
+
+        n = len(labelled_splits(str(data), seed=0)[0])
+        if 2 <= n < cfg.batch_size:
+            cfg.batch_size = 1 << (n.bit_length() - 1)
+            print(f"[demo] {n} training images: batch size {cfg.batch_size}", flush=True)
     _host_huge_pages(args, cfg.host_memory, cfg.host_huge_pages)
     print(f"[1/4] pretraining {cfg.model} on {data} for up to {args.minutes} min ...", flush=True)
     summary = pretrain(cfg)
@@ -495,6 +502,7 @@ def cmd_demo(args):
         device="auto",
         pool="avg",
         json=False,
+        in_chans=cfg.in_chans,
     )
     print("[2/4] kNN evaluation of the pretrained encoder:", flush=True)
     trained = cmd_knn(ns)

@@ -274,3 +274,23 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_folder, tmp_pa
         == 2
     )
     assert "checkpoint is for model 'mae_vit_pico_patch8'" in capsys.readouterr().err
+
+
+def test_demo_on_a_small_labelled_folder_end_to_end(tiny_folder, tmp_path, capsys):
+    """README's first command on a user's folder: pretrain, kNN pretrained and at random init, the figure; a folder
+    smaller than the demo's batch (24 training images here) gets a batch that fits."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(tiny_folder), "--output", str(out), "--minutes", "0.02"]) == 0
+    printed = capsys.readouterr().out
+    assert "[demo] 24 training images: batch size 16" in printed and "Demo finished" in printed
+    result = json.loads((out / "demo_result.json").read_text())
+    assert 0 <= result["knn_top1_pretrained"] <= 100 and 0 <= result["knn_top1_random_init"] <= 100
+    assert result["pretrain"]["steps"] >= 1 and (out / "reconstruction.png").is_file()
+
+
+def test_demo_on_an_unlabelled_folder_stops_before_pretraining(tiny_folder, tmp_path, capsys):
+    """Its kNN steps need classes: one line naming the folder, exit 2, and no pretraining wasted first."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(tiny_folder / "train" / "red"), "--output", str(out), "--minutes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation needs labels" in err and err.count("\n") == 1 and not out.exists()
