@@ -291,8 +291,10 @@ def cmd_visualize(args):
     """`mimkit visualize`: original / masked input / reconstruction grids of a checkpoint."""
     import torch
 
-    from mimkit.data import ImageDataset, eval_transform, find_images
-    from mimkit.errors import ConfigError
+    from mimkit.data import BadImage, eval_transform, find_images, load_image
+    from mimkit.data.hf import hf_images, is_hf_source
+    from mimkit.data.shards import find_shards, is_shard_source
+    from mimkit.errors import ConfigError, DataError
     from mimkit.viz import save_reconstruction_figure
 
     _out_file(args.out, "--out")
@@ -300,11 +302,23 @@ def cmd_visualize(args):
     bands = args.bands or getattr(args, "_viz_bands", None)
     if bands and max(bands) >= model.in_chans:
         raise ConfigError(f"--bands {' '.join(map(str, bands))}: the model takes {model.in_chans} channel(s)")
-    images = find_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train")
-    step = max(1, len(images) // args.num)
-    subset = type(images)(images.paths[::step][: args.num], None, [], images.root)
-    ds = ImageDataset(subset, eval_transform(img_size, mean, std), min_image_size=1, in_chans=model.in_chans)
-    batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    if is_hf_source(args.data):
+        files = hf_images(args.data).paths
+    elif is_shard_source(args.data):
+        files = find_shards(args.data).paths  # from the first shards
+    else:
+        files = find_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train").paths
+    transform, picked = eval_transform(img_size, mean, std), []
+    for f in files[:: max(1, len(files) // args.num)]:  # spread over the source; an unreadable image is passed over
+        try:
+            picked.append(transform(load_image(f, 1, model.in_chans)))
+        except BadImage:
+            continue
+        if len(picked) == args.num:
+            break
+    if not picked:
+        raise DataError(f"{args.data}: none of the images sampled for the figure could be read")
+    batch = torch.stack(picked)
     title = f"{Path(args.checkpoint).name if args.checkpoint else 'random init'}"
     path = save_reconstruction_figure(
         model, batch, mean, std, args.out, stats=args.stats, title=title, seed=args.seed, bands=bands
@@ -639,7 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="reconstruction figure (original, encoder input, reconstruction, pasted)")
     _eval_model_args(p)
-    p.add_argument("--data", required=True, help="images to show (val/ of an ImageFolder root if present)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="images to show: any --data source of pretrain (val/ of an ImageFolder root if present; tar shards and "
+        "hf: sources too)",
+    )
     p.add_argument("--num", type=_number(int, 1, 64), default=8, help="number of images (1-64)")
     p.add_argument(
         "--stats",

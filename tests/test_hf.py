@@ -157,3 +157,15 @@ def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
     ds.to_parquet(str(tmp_path / "paths.parquet"))
     images = hf_images(f"hf:{tmp_path}", "file")  # a column of file paths
     assert images.paths[3] == paths[3]
+
+
+def test_visualize_reads_a_hugging_face_source(tiny_folder, tmp_path, capsys):
+    """`mimkit visualize --data hf:...` (it read folders and file lists only), one broken cell passed over."""
+    from mimkit.cli import main
+
+    _write(tiny_folder, tmp_path / "pq", broken=(0,), parts=1)
+    out = tmp_path / "v.png"
+    rc = main(["visualize", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--data",
+               f"hf:{tmp_path / 'pq'}", "--num", "3", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    assert Image.open(out).size[1] > 3 * 32  # three rows of images

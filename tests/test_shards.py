@@ -155,3 +155,12 @@ def test_resume_from_shards_with_workers_matches_an_uninterrupted_run(packed, tm
     assert a["step"] == b["step"] == total
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_visualize_reads_tar_shards(packed, tmp_path, capsys):
+    """`mimkit visualize --data SHARDS` (it read folders and file lists only: 'no images found')."""
+    out = tmp_path / "v.png"
+    rc = main(["visualize", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--data", str(packed[0]),
+               "--num", "4", "--out", str(out)])  # fmt: skip
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    assert Image.open(out).size[1] > 4 * 32  # four rows of images
