@@ -63,10 +63,13 @@ def test_missing_recipe_lists_bundled():
 def test_every_bundled_recipe_is_valid(name):
     from mimkit.methods import method_options
 
+    from mimkit.pretraining import check_model
+
     values = load_recipe(name)
     cfg = config_from_dict(PretrainConfig, values, name)
     opts = method_options(cfg.model)
     assert set(cfg.model_args) <= set(opts)
+    check_model(cfg)  # the model builds with the recipe's values (on the meta device): sizes, ratios, channels
 
 
 def test_defaults_documented_in_help(capsys):
