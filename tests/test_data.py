@@ -242,3 +242,15 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     ds.seed = 8
     ds.set_epoch(0)
     assert not torch.equal(ds[2]["image"], first)
+
+
+def test_an_image_above_pillows_pixel_limit_is_a_bad_image_that_says_what_to_do(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from mimkit.data.decode import BadImage, load_array, load_rgb
+
+    PILImage.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is above twice the limit
+    for load in (load_rgb, lambda p: load_array(p, in_chans=1)):
+        with pytest.raises(BadImage, match="too large: .*Cut it into tiles"):
+            load(tmp_path / "big.png")

@@ -43,7 +43,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def _too_small(width: int, height: int, min_size: int) -> BadImage:
     return BadImage(
-        f"too small: {width}x{height} px, the minimum side is {min_size} px (set data.min_image_size to change it)"
+        f"too small: {width}x{height} px, the minimum side is {min_size} px (--min-image-size changes it)"
+    )
+
+
+def _too_large(err: Exception) -> BadImage:
+    return BadImage(
+        f"too large: {err} Cut it into tiles (or raise PIL.Image.MAX_IMAGE_PIXELS when calling mimkit from Python)."
     )
 
 
@@ -58,7 +64,9 @@ def load_rgb(path: str, min_size: int = 1) -> Image.Image:
             rgb.load()
     except FileNotFoundError as err:
         raise BadImage(f"file not found ({err.strerror})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise _too_large(err) from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"cannot decode: {err}") from None
     if min(rgb.size) < min_size:
         raise _too_small(rgb.size[0], rgb.size[1], min_size)
@@ -133,6 +141,8 @@ def load_array(src, min_size: int = 1, in_chans: int | None = 1):
         raise BadImage(f"file not found ({err.strerror})") from None
     except BadImage:
         raise
+    except Image.DecompressionBombError as err:
+        raise _too_large(err) from None
     except Exception as err:  # PIL and tifffile raise many types for damaged files
         raise BadImage(f"cannot decode: {type(err).__name__}: {err}") from None
     if arr.size == 0:
