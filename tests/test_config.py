@@ -62,7 +62,6 @@ def test_missing_recipe_lists_bundled():
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_bundled_recipe_is_valid(name):
     from mimkit.methods import method_options
-
     from mimkit.pretraining import check_model
 
     values = load_recipe(name)
