@@ -42,9 +42,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _too_small(width: int, height: int, min_size: int) -> BadImage:
-    return BadImage(
-        f"too small: {width}x{height} px, the minimum side is {min_size} px (--min-image-size changes it)"
-    )
+    return BadImage(f"too small: {width}x{height} px, the minimum side is {min_size} px (--min-image-size changes it)")
 
 
 def _too_large(err: Exception) -> BadImage:
