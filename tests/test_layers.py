@@ -74,6 +74,10 @@ def test_patch_linear_equals_the_strided_convolution_in_values_and_gradients(ker
     g_want = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    patch_linear(x, conv).square().sum().backward()
+    # the accumulated gradient has the weight's strides exactly (DDP compares them: a 1x1 reduction's was
+    # (out, 1, out, out), a warning on every PVT run under torchrun)
+    assert conv.weight.grad.stride() == conv.weight.stride()
 
 
 def heads(t, n):
