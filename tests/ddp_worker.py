@@ -14,9 +14,9 @@ from mimkit.pretraining import PretrainTrainer as Trainer  # noqa: E402
 from conftest import pico_config  # noqa: E402
 
 
-def main(data, out):
+def main(data, out, model="mae_vit_pico_patch8"):
     faulthandler.dump_traceback_later(240, exit=True)  # a hang prints stacks instead of blocking CI
-    trainer = Trainer(pico_config(data, Path(out) / "run", epochs=1, batch_size=4))
+    trainer = Trainer(pico_config(data, Path(out) / "run", epochs=1, batch_size=4, model=model))
     summary = trainer.run()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
@@ -37,4 +37,4 @@ def main(data, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -31,6 +31,12 @@ def test_every_registered_model_builds_and_trains_one_step(name):
         loss.backward()
         grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reaches the encoder"
+        # what DistributedDataParallel needs of every step (LoMaR's unused fc_norm stopped torchrun at step 2): every
+        # trainable parameter gets a gradient, laid out as the parameter is (DDP compares strides)
+        unused = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"trainable parameters outside the loss: {unused}"
+        strided = [k for k, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+        assert not strided, f"gradients in another layout than their parameters: {strided}"
         if isinstance(outputs, dict) and "pred" in outputs:
             pred, mask = outputs["pred"], outputs["mask"]
             assert pred.shape[:2] == mask.shape and pred.shape[0] == 2 and torch.isfinite(pred).all()

@@ -150,7 +150,8 @@ def test_learning_rate_scaling_and_schedule(tiny_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
+@pytest.mark.parametrize("model", ["mae_vit_pico_patch8", "lomar_vit_pico_patch8"])  # LoMaR: an unused norm failed DDP
+def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path, model):
     import subprocess
     import sys
 
@@ -167,6 +168,7 @@ def test_two_process_ddp_replicas_stay_identical(tiny_folder, tmp_path):
             worker,
             str(tiny_folder),
             str(tmp_path),
+            model,
         ],
         capture_output=True,
         text=True,

@@ -65,6 +65,10 @@ class LoMaR(MIMMethod):
         self.encoder_args = {"img_size": self.img_size, **channels, **(encoder_args or {})}
         enc = create_encoder(encoder, drop_path_rate=drop_path, **self.encoder_args)
         self.encoder = enc
+        # the classifier-side norm (timm Beit's fc_norm with average pooling) is not in the pretraining loss: frozen,
+        # so that every trainable parameter has a gradient at every step, as DistributedDataParallel requires
+        for p in getattr(enc, "fc_norm", nn.Identity()).parameters():
+            p.requires_grad_(False)
         windows: WindowSequenceEncoder = self.attach_interface("windows", enc, WindowSequenceEncoder, "LoMaR")
         self.patch_size = windows.patch_px
         self.grid = windows.grid

@@ -29,7 +29,9 @@ class _RowsByIndexAdd(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         g = grad.movedim(-1, 0).reshape(grad.shape[-1], -1)  # (heads, n): a view when grad is stored heads first
         out = torch.zeros(g.shape[0], ctx.rows, dtype=g.dtype, device=g.device)
-        return out.index_add_(1, index.reshape(-1), g).t(), None
+        out.index_add_(1, index.reshape(-1), g)
+        # in the table's own (rows, heads) layout, strides included (DDP compares them; one head: (1, 1), not (1, rows))
+        return (out.view(ctx.rows, 1) if out.shape[0] == 1 else out.t().contiguous()), None
 
 
 def bias_rows(table: torch.Tensor, index: torch.Tensor, lookup: str | None = None) -> torch.Tensor:
