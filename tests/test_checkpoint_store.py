@@ -92,3 +92,31 @@ def test_guard_skips_non_finite_and_spikes_and_trips_on_exploded_parameters():
 def test_parameter_norm_is_the_norm_of_all_parameters():
     params = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
     assert float(parameter_norm(params)) == pytest.approx(5.0)
+
+
+def test_optimizer_state_of_a_parameter_frozen_since_is_left_out_on_resume():
+    """A parameter that never had a gradient has no AdamW state; a model that now freezes it (LoMaR's unused norm)
+    resumes the rest of the state, each moment on its own parameter. A surplus parameter with state does not fit."""
+    from mimkit.engine.checkpoint import without_stateless_params
+
+    def build(frozen: bool):
+        torch.manual_seed(0)
+        net = torch.nn.ModuleDict(
+            {"a": torch.nn.Linear(3, 4), "unused": torch.nn.LayerNorm(4), "b": torch.nn.Linear(4, 2)}
+        )
+        net["unused"].requires_grad_(not frozen)
+        return net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1)
+
+    old, old_opt = build(frozen=False)
+    old["b"](old["a"](torch.randn(5, 3))).sum().backward()  # "unused" gets no gradient
+    old_opt.step()
+    saved = old_opt.state_dict()
+    new, new_opt = build(frozen=True)
+    fitted, dropped = without_stateless_params(saved, new_opt)
+    assert dropped == 2
+    new_opt.load_state_dict(fitted)
+    for name in ("a", "b"):
+        for p_new, p_old in zip(new[name].parameters(), old[name].parameters()):
+            assert torch.equal(new_opt.state[p_new]["exp_avg"], old_opt.state[p_old]["exp_avg"])
+    old_opt.state[next(old["unused"].parameters())]["exp_avg"] = torch.zeros(4)  # now it has state: no fit
+    assert without_stateless_params(old_opt.state_dict(), new_opt) is None

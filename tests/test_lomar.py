@@ -155,3 +155,26 @@ def test_lomar_pretrains_finetunes_and_visualizes_from_the_cli(tmp_path, capsys)
     capsys.readouterr()
     ft = cli_finetune(data, run, tmp_path / "ft", "--img-size", "64")
     assert ft["model"] == "finetune:rpbvit_pico_patch8_64"
+
+
+def test_a_run_from_before_the_frozen_fc_norm_resumes(tiny_folder, tmp_path, monkeypatch):
+    """Checkpoints written while fc_norm was trainable (and never had a gradient) resume with it frozen: its empty
+    optimizer entries are left out, with a warning in the log."""
+    from mimkit.methods.lomar import LoMaR
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
+
+    init = LoMaR.__init__
+
+    def old_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.encoder.fc_norm.requires_grad_(True)  # as LoMaR was built before
+
+    cfg = dict(model="lomar_vit_pico_patch8", epochs=2, batch_size=4, resume="auto")
+    with monkeypatch.context() as m:
+        m.setattr(LoMaR, "__init__", old_init)
+        assert pretrain(pico_config(tiny_folder, tmp_path / "run", max_steps=2, **cfg))["steps"] == 2
+    summary = pretrain(pico_config(tiny_folder, tmp_path / "run", max_steps=4, **cfg))
+    assert summary["steps"] == 4 and summary["train_steps_this_run"] == 2
+    assert "2 parameter(s) that never had a gradient" in (tmp_path / "run" / "train.log").read_text()

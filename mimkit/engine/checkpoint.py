@@ -124,6 +124,32 @@ def load_weights(model, weights: dict, path: Path, model_name: str, hint: str = 
         raise CheckpointError(f"{path}: weights do not fit model '{model_name}': {detail[:300]} ...{hint}") from None
 
 
+def without_stateless_params(saved: dict, optimizer: torch.optim.Optimizer) -> tuple[dict, int] | None:
+    """``saved`` (an optimizer state dict) with the parameters that have no optimizer state dropped from the groups
+    that hold more parameters than ``optimizer``'s, when that makes every group fit; with the count dropped. A
+    parameter without state never had a gradient (AdamW skips it), so nothing is lost: this resumes a run whose model
+    has since frozen a parameter that was outside its loss (LoMaR's classifier-side norm). None when it cannot fit."""
+    current = optimizer.state_dict()["param_groups"]
+    groups, dropped = [], 0
+    if len(saved.get("param_groups", [])) != len(current):
+        return None
+    for old, new in zip(saved["param_groups"], current):
+        surplus = len(old["params"]) - len(new["params"])
+        if surplus < 0:
+            return None
+        keep = list(old["params"])
+        if surplus:
+            stateless = [p for p in keep if p not in saved["state"]]
+            if len(stateless) != surplus:
+                return None
+            keep = [p for p in keep if p in saved["state"]]
+            dropped += surplus
+        groups.append({**old, "params": keep})
+    if not dropped:
+        return None
+    return {**saved, "param_groups": groups}, dropped
+
+
 def tensor_leaves(obj, prefix: str = ""):
     """(key path, tensor) of every tensor inside nested dicts / lists."""
     if torch.is_tensor(obj):

@@ -366,7 +366,21 @@ class Trainer:
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (ValueError, KeyError, RuntimeError) as err:
-                raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
+                fitted = ckpt.without_stateless_params(state["optimizer"], self.optimizer)
+                if fitted is None:
+                    raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
+                self.optimizer.load_state_dict(fitted[0])
+                for group in self.optimizer.param_groups:  # each moment where its parameter is, or stop here
+                    for p in group["params"]:
+                        moment = self.optimizer.state.get(p, {}).get("exp_avg")
+                        if moment is not None and moment.shape != p.shape:
+                            raise CheckpointError(f"{path}: optimizer state does not fit this run ({err})") from None
+                self.log.warning(
+                    "%s: %d parameter(s) that never had a gradient (no optimizer state) left out of its optimizer "
+                    "state: this model now keeps them frozen",
+                    path.name,
+                    fitted[1],
+                )
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
