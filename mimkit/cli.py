@@ -273,17 +273,21 @@ def cmd_linprobe(args):
 
 def cmd_export(args):
     """`mimkit export`: the encoder as a timm-loadable safetensors file with its metadata."""
-    from mimkit.export import export_encoder
+    from mimkit.export import data_cfg_overlay, export_encoder
     from mimkit.loading import load_pretrained
 
     _out_file(args.out, "--out")
-    model, _ = load_pretrained(args.checkpoint)
-    meta = export_encoder(model, args.out, head_classes=args.head_classes, source=str(args.checkpoint))
+    model, cfg = load_pretrained(args.checkpoint)
+    meta = export_encoder(
+        model, args.out, head_classes=args.head_classes, source=str(args.checkpoint), mean=cfg.mean, std=cfg.std
+    )
     kwargs = json.loads(meta["timm_kwargs"])
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    data = "".join(f", {k}={tuple(round(x, 6) for x in v)!r}" for k, v in data_cfg_overlay(meta).items())
     print(
-        f"wrote {args.out}\nload it with:\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
-        f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False){extra})"
+        f"wrote {args.out}\nload it with (input size and normalization of the run in the overlay, for timm's "
+        f"resolve_data_config):\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False{data}){extra})"
     )
 
 

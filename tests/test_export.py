@@ -52,3 +52,30 @@ def test_encoder_only_export_into_a_real_timm_architecture(tmp_path):
     assert torch.equal(
         clf.state_dict()["blocks.1.mlp.fc2.weight"], model.encoder.state_dict()["blocks.1.mlp.fc2.weight"]
     )
+
+
+def test_export_carries_the_runs_input_size_and_normalization_to_timm(tmp_path, capsys):
+    """A 2-channel encoder at 32x48 with its run's mean/std: the printed call and create_timm_from_export give timm's
+    resolve_data_config those values, not the architecture's 3-channel ImageNet defaults."""
+    from timm.data import resolve_data_config
+
+    from mimkit.cli import main
+
+    model = _trained_like("mae_vit_pico_patch8", img_size=(32, 48), in_chans=2)
+    path = tmp_path / "enc.safetensors"
+    export_encoder(model, path, mean=[0.25, 0.5], std=[0.125, 0.0625])
+    net = create_timm_from_export(path)
+    data = resolve_data_config({}, model=net)
+    assert data["input_size"] == (2, 32, 48) and data["mean"] == (0.25, 0.5) and data["std"] == (0.125, 0.0625)
+    x = torch.randn(1, 2, 32, 48)
+    with torch.no_grad():
+        assert torch.allclose(net.eval().forward_features(x), model.encoder.forward_features(x), atol=1e-5)
+    # the CLI prints the same overlay, from the run's saved config
+    from mimkit.pretraining import pretrain
+
+    from conftest import make_folder, pico_config
+
+    pretrain(pico_config(make_folder(tmp_path / "imgs"), tmp_path / "run", epochs=1, max_steps=1, mean=[0.4, 0.5, 0.6]))
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "input_size=(3, 32, 32), mean=(0.4, 0.5, 0.6), std=(0.229, 0.224, 0.225)" in printed
