@@ -81,10 +81,9 @@ def dispatch_times(a) -> None:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from mimkit.engine.host_memory import keep_freed_memory, restart_with_huge_page_heap
+    from mimkit.engine.host_memory import as_the_command_runs
 
-    restart_with_huge_page_heap()  # host memory as the `mimkit` command runs (mimkit/engine/host_memory.py)
-    keep_freed_memory()
+    as_the_command_runs()  # host memory as the `mimkit` command runs (mimkit/engine/host_memory.py)
     net, opt, (batch,) = build(a.model, a.batch_size, a.img_size, "cpu")
     totals: dict = collections.defaultdict(lambda: [0.0, 0])
 

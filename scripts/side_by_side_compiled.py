@@ -55,10 +55,9 @@ def run_one(tool, row: str, ref_dir: str, warmup: int, steps: int) -> None:
     base, compiled, kept = variant(row)
     tool.ROWS[row] = tool.ROWS[base]
     if kept:
-        from mimkit.engine.host_memory import keep_freed_memory, restart_with_huge_page_heap
+        from mimkit.engine.host_memory import as_the_command_runs
 
-        restart_with_huge_page_heap()  # this row's process again with the tunable, as the `mimkit` command does
-        keep_freed_memory()
+        as_the_command_runs()  # this row's process again with the tunable, then freed memory kept
     if compiled:
         eager = tool.build_mk
 

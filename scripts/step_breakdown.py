@@ -20,7 +20,7 @@ import time
 import torch
 from _train_step import build, train_step
 
-from mimkit.engine.host_memory import keep_freed_memory, restart_with_huge_page_heap
+from mimkit.engine.host_memory import as_the_command_runs
 
 
 def main() -> None:
@@ -31,8 +31,7 @@ def main() -> None:
     ap.add_argument("--total-only", action="store_true", help="print only the median seconds per step")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU (the trainer's --cpu-autocast)")
     a = ap.parse_args()
-    restart_with_huge_page_heap()  # host memory as the `mimkit` command runs (mimkit/engine/host_memory.py)
-    keep_freed_memory()
+    as_the_command_runs()  # host memory as the `mimkit` command runs (mimkit/engine/host_memory.py)
     net, opt, (batch,) = build(a.model, a.batch_size)
     acc: dict[str, float] = collections.defaultdict(float)
     start: dict[str, float] = {}
