@@ -414,10 +414,15 @@ def cmd_compare(args):
     from mimkit.errors import ConfigError
 
     _out_dir(args.output, "--output")
-    from mimkit.data.sources import is_labelled_root
+    from mimkit.data.hf import is_hf_source
+    from mimkit.data.sources import is_labelled_root, labelled_splits
 
-    if not is_labelled_root(Path(args.eval_data).expanduser()):
-        raise ConfigError(f"--eval-data {args.eval_data}: not a labelled ImageFolder root (train/<class>/...)")
+    if is_hf_source(args.eval_data):
+        labelled_splits(args.eval_data)  # its labels and splits, checked before any run (a one-line DataError)
+    elif not is_labelled_root(Path(args.eval_data).expanduser()):
+        raise ConfigError(
+            f"--eval-data {args.eval_data}: not a labelled ImageFolder root (train/<class>/...) or hf: dataset"
+        )
     _check_model_specs(args.models, {})
     extra = {"num_workers": args.num_workers} if args.num_workers is not None else {}
     result = run_comparison(
@@ -617,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("knn", help="weighted cosine kNN top-1 on a labelled ImageFolder (train/ and val/)")
     _eval_model_args(p)
-    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument(
+        "--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/, or a labelled hf: dataset"
+    )
     p.add_argument("--k", type=POS_INT, default=20)
     p.add_argument("--temperature", type=POS_FLOAT, default=0.07)
     p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="feature: mean of patch tokens, or cls")
@@ -633,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _eval_model_args(p)
-    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    p.add_argument(
+        "--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/, or a labelled hf: dataset"
+    )
     p.add_argument("--epochs", type=POS_INT, default=90)
     p.add_argument("--batch-size", type=POS_INT, default=256)
     p.add_argument("--blr", type=POS_FLOAT, default=0.1, help="lr = blr x batch / 256")
@@ -744,7 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="pretraining images (any --data source of pretrain)")
-    p.add_argument("--eval-data", required=True, help="a labelled ImageFolder root for the kNN evaluation")
+    p.add_argument(
+        "--eval-data",
+        required=True,
+        help="a labelled ImageFolder root or hf: dataset for the kNN evaluation",
+    )
     p.add_argument(
         "--models", nargs="+", required=True, help="registered models, each optionally name:key=value,key=value"
     )

@@ -169,3 +169,43 @@ def test_visualize_reads_a_hugging_face_source(tiny_folder, tmp_path, capsys):
                f"hf:{tmp_path / 'pq'}", "--num", "3", "--out", str(out)])  # fmt: skip
     assert rc == 0 and "wrote" in capsys.readouterr().out
     assert Image.open(out).size[1] > 3 * 32  # three rows of images
+
+
+def _labelled_parquet(folder, out, label_kind="classlabel"):
+    """``folder``'s train/ and val/ as a Parquet dataset: train and validation files, a ClassLabel or string label."""
+    from mimkit.data import labelled_splits
+
+    train, val = labelled_splits(folder)
+    names = train.classes
+    label = datasets.ClassLabel(names=names) if label_kind == "classlabel" else datasets.Value("string")
+    features = datasets.Features({"image": datasets.Image(), "label": label})
+    out.mkdir(parents=True)
+    for split, images in (("train", train), ("validation", val)):
+        cells = [{"bytes": open(p, "rb").read(), "path": p} for p in images.paths]
+        labels = [int(y) if label_kind == "classlabel" else names[int(y)] for y in images.labels]
+        ds = datasets.Dataset.from_dict({"image": cells, "label": labels}, features=features)
+        ds.to_parquet(str(out / f"{split}-00000.parquet"))
+
+
+def test_knn_on_a_labelled_parquet_dataset_equals_knn_on_the_folder(tiny_folder, tmp_path):
+    """Evaluation data as Parquet (hf:): its train and validation splits and ClassLabel names give exactly the
+    ImageFolder's kNN; a string label column and no validation split give a seeded per-class hold-out."""
+    from mimkit.data import labelled_splits
+    from mimkit.eval import knn_evaluate
+    from mimkit.methods import create_method
+
+    _labelled_parquet(tiny_folder, tmp_path / "cl")
+    torch.manual_seed(0)
+    model = create_method("mae_vit_pico_patch8", img_size=32)
+    args = (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    on_folder = knn_evaluate(model, str(tiny_folder), *args, k=3)
+    on_parquet = knn_evaluate(model, f"hf:{tmp_path / 'cl'}", *args, k=3)
+    assert on_parquet == on_folder and on_folder["n_val"] == 8
+    _labelled_parquet(tiny_folder, tmp_path / "str", label_kind="string")
+    (tmp_path / "str" / "validation-00000.parquet").unlink()
+    train, val = labelled_splits(f"hf:{tmp_path / 'str'}")
+    assert train.classes == sorted(train.classes) and len(train) + len(val) == 24
+    assert val.labels.tolist() == [0, 0, 1, 1]  # 20 % of each class's 12 rows, rounded: 2 each
+    _write(tiny_folder, tmp_path / "pq", parts=1)  # an image column and an int "idx" column, no label
+    with pytest.raises(DataError, match="evaluation needs labels"):
+        labelled_splits(f"hf:{tmp_path / 'pq'}")

@@ -22,6 +22,8 @@ from mimkit.errors import DataError
 
 PREFIX = "hf:"
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "pixel_values")
+LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target")
+VAL_SPLITS = ("validation", "val", "test")  # the evaluation split of a dataset named without one, in this order
 
 
 def is_hf_source(data: str) -> bool:
@@ -163,7 +165,7 @@ class HFImages:
 
     paths: HFColumn
     root: str
-    labels: None = None
+    labels: Any = None  # an int64 array for evaluation (hf_labelled_splits), None for pretraining
     classes: list = field(default_factory=list)
     ignored: dict = field(default_factory=dict)
 
@@ -179,6 +181,84 @@ def hf_images(data: str, image_column: str = "") -> HFImages:
     if len(ds) == 0:
         raise DataError(f"--data {data}: the split holds no rows")
     return HFImages(HFColumn(ds, column, data), data)
+
+
+def _label_column(ds, where: str) -> str:
+    import datasets
+
+    names = list(ds.features or {})
+    typed = [n for n in names if isinstance(ds.features[n], datasets.ClassLabel)]
+    guess = typed or [n for n in names if n.lower() in LABEL_COLUMN_GUESSES]
+    if not guess:
+        raise DataError(
+            f"{where}: evaluation needs labels: a ClassLabel column or one named {' / '.join(LABEL_COLUMN_GUESSES)} "
+            f"(columns: {', '.join(names)})"
+        )
+    return guess[0]
+
+
+def _labelled(ds, data: str, where: str, classes: list | None = None) -> HFImages:
+    """``ds`` as HFImages with integer labels (ClassLabel indices, else the sorted distinct values, or ``classes``)."""
+    import datasets
+    import numpy as np
+
+    column = _image_column(ds, "", where)
+    label = _label_column(ds, where)
+    values = ds[label]
+    feature = ds.features[label]
+    if isinstance(feature, datasets.ClassLabel):
+        names, labels = list(feature.names), np.asarray(values, dtype=np.int64)
+    else:
+        names = classes if classes is not None else sorted({str(v) for v in values})
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted({str(v) for v in values} - set(index))
+        if unknown:
+            raise DataError(f"{where}: labels not in the training split: {', '.join(unknown[:5])}")
+        labels = np.asarray([index[str(v)] for v in values], dtype=np.int64)
+    if len(ds) == 0:
+        raise DataError(f"{where}: the split holds no rows")
+    return HFImages(HFColumn(_undecoded(ds, column), column, data), data, labels=labels, classes=names)
+
+
+def hf_labelled_splits(data: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[HFImages, HFImages]:
+    """(train, val) of a labelled Hugging Face dataset for evaluation: the named split (default ``train``) and, when
+    ``data`` names none, the dataset's own validation split (``validation``, ``val`` or ``test``); otherwise a fixed,
+    seeded ``val_fraction`` of every class is held out, as for an ImageFolder without ``val/``. Labels: the first
+    ClassLabel column, else a column named label / labels / class / category / target."""
+    import random
+
+    name, split = parse_hf_source(data)
+    train = _labelled(load_hf(data), data, f"--data {data}")
+    if str(data) == PREFIX + name:  # no split named: the dataset's own evaluation split, if it has one
+        for val_split in VAL_SPLITS:
+            try:
+                ds = load_hf(f"{PREFIX}{name}:{val_split}")
+            except DataError:
+                continue
+            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", f"--data {data} ({val_split})", train.classes)
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(train.labels):
+        by_class.setdefault(int(label), []).append(i)
+    keep: dict[str, list[int]] = {"train": [], "val": []}
+    for _, rows in sorted(by_class.items()):
+        rng.shuffle(rows)
+        n_val = max(1, round(len(rows) * val_fraction)) if len(rows) > 1 else 0
+        keep["val"] += rows[:n_val]
+        keep["train"] += rows[n_val:]
+    parts = []
+    for part, suffix in (("train", ""), ("val", " (held out)")):
+        rows = sorted(keep[part])
+        cells = train.paths
+        parts.append(
+            HFImages(
+                HFColumn(cells.dataset.select(rows), cells.column, data),  # type: ignore[attr-defined]
+                data + suffix,
+                labels=train.labels[rows],
+                classes=train.classes,
+            )
+        )
+    return parts[0], parts[1]
 
 
 @dataclass

@@ -182,8 +182,13 @@ def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: in
     """Train and val splits with labels, for kNN and other evaluations.
 
     Needs an ImageFolder root: ``train/<class>/*`` and ideally ``val/<class>/*``. Without ``val/`` a fixed, seeded
-    ``val_fraction`` of every class is held out.
+    ``val_fraction`` of every class is held out. An ``hf:`` source is a labelled Hugging Face dataset
+    (``mimkit.data.hf.hf_labelled_splits``).
     """
+    from mimkit.data.hf import hf_labelled_splits, is_hf_source
+
+    if is_hf_source(str(path)):  # a labelled Hugging Face dataset (mimkit/data/hf.py)
+        return hf_labelled_splits(str(path), val_fraction, seed)  # type: ignore[return-value]
     p = Path(path).expanduser()
     if not is_labelled_root(p):
         raise DataError(
