@@ -297,7 +297,7 @@ class PretrainConfig:
     )
     monitor_data: str = opt(
         "",
-        "A labelled ImageFolder root: the kNN top-1 of the encoder is logged every --monitor-every epochs.",
+        "A labelled ImageFolder root or hf: dataset: the encoder's kNN top-1 is logged every --monitor-every epochs.",
         "output",
     )
     monitor_every: int = opt(1, "Epochs between kNN evaluations on --monitor-data.", "output", min=1)
@@ -342,10 +342,11 @@ class PretrainConfig:
                 )
             if name != "csv" and importlib.util.find_spec(name) is None:
                 raise ConfigError(f"logger (--logger) = {self.logger!r}: {name} is not installed; pip install {name}")
-        if self.monitor_data and not (Path(self.monitor_data).expanduser() / "train").is_dir():
+        monitor = self.monitor_data
+        if monitor and not monitor.startswith("hf:") and not (Path(monitor).expanduser() / "train").is_dir():
             raise ConfigError(
-                f"monitor_data (--monitor-data) = {self.monitor_data!r}: not a labelled ImageFolder root "
-                "(train/<class>/..., optional val/<class>/...)"
+                f"monitor_data (--monitor-data) = {monitor!r}: not a labelled ImageFolder root "
+                "(train/<class>/..., optional val/<class>/...) or labelled hf: dataset"
             )
         for name in ("image_column", "hf_streaming"):
             if getattr(self, name) and not self.data.startswith("hf:"):

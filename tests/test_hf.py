@@ -209,3 +209,14 @@ def test_knn_on_a_labelled_parquet_dataset_equals_knn_on_the_folder(tiny_folder,
     _write(tiny_folder, tmp_path / "pq", parts=1)  # an image column and an int "idx" column, no label
     with pytest.raises(DataError, match="evaluation needs labels"):
         labelled_splits(f"hf:{tmp_path / 'pq'}")
+
+
+def test_the_knn_monitor_reads_a_labelled_parquet_dataset(tiny_folder, tmp_path):
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
+
+    _labelled_parquet(tiny_folder, tmp_path / "cl")
+    pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, monitor_data=f"hf:{tmp_path / 'cl'}"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if 0 <= r.get("monitor_knn_top1", -1) <= 100], "no kNN monitor record"
