@@ -12,7 +12,7 @@ from mimkit.data.decode import BadImage, load_image
 from mimkit.data.hf import HFStream, HFStreamDataset, is_hf_source
 from mimkit.data.shards import ShardDataset, ShardList, find_shards, is_shard_source
 from mimkit.engine.trainer import Trainer, run_trainer
-from mimkit.errors import ConfigError
+from mimkit.errors import ConfigError, DataError
 from mimkit.methods import create_method, method_options
 from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import get_preset
@@ -68,6 +68,13 @@ class PretrainTrainer(Trainer):
 
     def __init__(self, cfg: PretrainConfig):
         check_model(cfg)
+        if cfg.monitor_data:  # its labels and splits, before any work (not at the first monitor epoch)
+            from mimkit.data import labelled_splits
+
+            try:
+                labelled_splits(cfg.monitor_data, seed=cfg.seed)
+            except DataError as err:
+                raise DataError(f"monitor_data (--monitor-data): {err}") from None
         super().__init__(cfg)
 
     def training_images(self):

@@ -220,3 +220,14 @@ def test_the_knn_monitor_reads_a_labelled_parquet_dataset(tiny_folder, tmp_path)
     pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, monitor_data=f"hf:{tmp_path / 'cl'}"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if 0 <= r.get("monitor_knn_top1", -1) <= 100], "no kNN monitor record"
+
+
+def test_an_unlabelled_monitor_dataset_stops_the_run_before_any_work(tiny_folder, tmp_path):
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
+
+    _write(tiny_folder, tmp_path / "pq", parts=1)  # no label column
+    with pytest.raises(DataError, match=r"monitor_data \(--monitor-data\): hf:.*evaluation needs labels"):
+        pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, monitor_data=f"hf:{tmp_path / 'pq'}"))
+    assert not (tmp_path / "run").exists()

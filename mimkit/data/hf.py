@@ -228,14 +228,14 @@ def hf_labelled_splits(data: str, val_fraction: float = 0.2, seed: int = 0) -> t
     import random
 
     name, split = parse_hf_source(data)
-    train = _labelled(load_hf(data), data, f"--data {data}")
+    train = _labelled(load_hf(data), data, str(data))  # named as given: --data, --eval-data or --monitor-data
     if str(data) == PREFIX + name:  # no split named: the dataset's own evaluation split, if it has one
         for val_split in VAL_SPLITS:
             try:
                 ds = load_hf(f"{PREFIX}{name}:{val_split}")
             except DataError:
                 continue
-            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", f"--data {data} ({val_split})", train.classes)
+            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", f"{data} ({val_split})", train.classes)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(train.labels):
