@@ -294,3 +294,19 @@ def test_demo_on_an_unlabelled_folder_stops_before_pretraining(tiny_folder, tmp_
     assert main(["demo", "--data", str(tiny_folder / "train" / "red"), "--output", str(out), "--minutes", "1"]) == 2
     err = capsys.readouterr().err
     assert "evaluation needs labels" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_readme_python_api_block_runs(tmp_path):
+    """README's "Python API" block, as written but for the sample folder's absolute path, in a fresh interpreter."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text()
+    block = re.search(r"### Python API\s+```python\n(.*?)```", text, re.S).group(1)
+    assert "pretrain(PretrainConfig(" in block and "knn_evaluate(" in block
+    block = block.replace('"examples/sample_images"', repr(str(repo / "examples" / "sample_images")))
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 0 <= float(done.stdout.strip().splitlines()[-1]) <= 100 and (tmp_path / "runs" / "api").is_dir()
