@@ -305,7 +305,7 @@ def test_readme_python_api_block_runs(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     text = (repo / "README.md").read_text()
     block = re.search(r"### Python API\s+```python\n(.*?)```", text, re.S).group(1)
-    assert "pretrain(PretrainConfig(" in block and "knn_evaluate(" in block
+    assert "pretrain(cfg)" in block and "knn_evaluate(" in block
     block = block.replace('"examples/sample_images"', repr(str(repo / "examples" / "sample_images")))
     done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
