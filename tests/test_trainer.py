@@ -190,3 +190,20 @@ def test_bf16_autocast_training_is_finite(tiny_folder, tmp_path, model):
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
     state = _final_state(tmp_path)
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # master weights stay fp32
+
+
+def test_resume_with_another_batch_layout_carries_the_epoch_position_and_schedule_over(tiny_folder, tmp_path):
+    """A requeue with another batch size (or GPU count): the epoch goes on after the images already trained on, the
+    lr schedule from the same point of the epoch, the step counter keeps counting (checkpoint names stay in order)."""
+    cfg = dict(epochs=2, resume="auto", warmup_epochs=0)
+    first = pretrain(pico_config(tiny_folder, tmp_path / "run", batch_size=4, max_steps=3, **cfg))  # 12 images
+    assert first["steps"] == 3
+    again = pretrain(pico_config(tiny_folder, tmp_path / "run", batch_size=8, **cfg))  # 3 steps per epoch now
+    # 12 images = 1 step of 8 done in epoch 1 (4 images again); 2 more there and 3 in epoch 2
+    assert again["train_steps_this_run"] == 5 and again["steps"] == 8 and again["epochs_done"] == 2
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "x batch 4 x 1 micro-batch(es), this run has 1 x 8 x 1: epoch 1 goes on after 8 of its images" in log
+    assert "the lr schedule at its step 1 of 6; the step counter goes on from 3" in log
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
+    # the logged epoch is the schedule's: 2 of epoch 1's 3 steps after the first step of the resumed run (not 4 / 3)
+    assert [(r["step"], r["epoch"]) for r in rows][3:] == [(4, 0.6667), (5, 1.0), (6, 1.3333), (7, 1.6667), (8, 2.0)]

@@ -254,6 +254,7 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.loss_spike_factor, cfg.param_norm_factor)
 
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.schedule_offset = 0  # the lr schedule's position minus the step counter (after a resume's relayout)
         self.lr_scale, self.rollbacks = 1.0, 0
         self.saved_step = (-1, -1)
         if not self.resume():
@@ -384,6 +385,15 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.schedule_offset = int(state.get("schedule_offset", 0))
+        saved = state.get("config") or {}
+        old = state.get("layout") or {  # before layouts were saved: the world size is taken to be this run's
+            **self.layout(),
+            "batch_size": saved.get("batch_size", cfg.batch_size),
+            "accum_steps": saved.get("accum_steps", cfg.accum_steps),
+        }
+        if old != self.layout():
+            self.relayout(old, path)
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.extra_summary.update(state.get("extra", {}))
@@ -505,7 +515,48 @@ class Trainer:
             "extra": dict(self.extra_summary),
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
+            "layout": self.layout(),
+            "schedule_offset": self.schedule_offset,
         }
+
+    def layout(self) -> dict:
+        """How this run turns images into steps: processes, batch per process, micro-batches per step."""
+        return {
+            "world_size": self.dist.world_size,
+            "batch_size": self.cfg.batch_size,
+            "accum_steps": self.cfg.accum_steps,
+        }
+
+    def relayout(self, old: dict, path: Path) -> None:
+        """Resume a checkpoint written with another layout (a requeue on more or fewer GPUs, another batch size): the
+        position in the epoch is carried over by images trained on, and the lr schedule continues from the same point
+        of the same epoch; the step counter (checkpoint names, --max-steps) keeps counting."""
+        cfg = self.cfg
+        seen = self.batch_in_epoch * old["batch_size"] * old["world_size"]  # images of this epoch already trained on
+        per_step = cfg.batch_size * self.dist.world_size * cfg.accum_steps
+        steps_done = seen // per_step
+        self.batch_in_epoch = steps_done * cfg.accum_steps
+        position = self.epoch * self.steps_per_epoch + steps_done
+        self.schedule_offset = position - self.step
+        if not self.dist.is_main:
+            return
+        self.log.warning(
+            "%s was written with %d process(es) x batch %d x %d micro-batch(es), this run has %d x %d x %d: epoch %d "
+            "goes on after %d of its images (in this layout's order, not the interrupted run's) and the lr schedule "
+            "at its step %d of %d; the step counter goes on from %d",
+            path.name,
+            old["world_size"],
+            old["batch_size"],
+            old["accum_steps"],
+            self.dist.world_size,
+            cfg.batch_size,
+            cfg.accum_steps,
+            self.epoch + 1,
+            steps_done * per_step,
+            position,
+            self.total_steps,
+            self.step,
+        )
 
     def write_sharded(self, reason: str, rngs: list, skipped: list) -> str | None:
         """Collective: a sharded checkpoint (``mimkit/engine/sharded.py``); returns the failure message or None."""
@@ -620,7 +671,7 @@ class Trainer:
             )
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 self.diverged(f"{self.bad_in_a_row} consecutive steps skipped (last: {skip_reason or 'another rank'})")
-            self.scheduler.step_update(self.step)
+            self.scheduler.step_update(self.step + self.schedule_offset)
             self.apply_lr_scale()
             return False
         self.model.before_optimizer_step()
@@ -640,7 +691,7 @@ class Trainer:
         if cfg.max_steps is not None and self.step >= cfg.max_steps:  # the same on every rank
             self.stop_now = self.save_now = True
             self.stopped = self.stopped or "max steps"
-        self.scheduler.step_update(self.step)
+        self.scheduler.step_update(self.step + self.schedule_offset)
         self.apply_lr_scale()
         return True
 
@@ -676,7 +727,7 @@ class Trainer:
         self.rec.log(
             {
                 "step": self.step,
-                "epoch": round(self.step / self.steps_per_epoch, 4),
+                "epoch": round((self.step + self.schedule_offset) / self.steps_per_epoch, 4),
                 "loss": mean_loss,
                 "lr": lr,
                 "grad_norm": self.last_grad_norm,
@@ -797,7 +848,7 @@ class Trainer:
         )
         self.bad_in_a_row, self.last_loss, self.last_grad_norm = 0, float("nan"), float("nan")
         self.reset_window()
-        self.scheduler.step_update(self.step)
+        self.scheduler.step_update(self.step + self.schedule_offset)
         self.apply_lr_scale()
         try:
             while not self.finished():
