@@ -195,10 +195,16 @@ def _run_exit_code(summary: dict) -> int:
 
 def cmd_finetune(args):
     """`mimkit finetune`: fine-tune a pretrained (or randomly initialised) encoder as a classifier."""
-    from mimkit.config import config_from_args
+    from mimkit.config import config_from_args, load_recipe
     from mimkit.errors import ConfigError
-    from mimkit.eval.finetune import FinetuneConfig, finetune
+    from mimkit.eval.finetune import FinetuneConfig, finetune, source_normalization
 
+    norm_keys = ("mean", "std", "compute_mean_std")
+    given = any(getattr(args, k, None) is not None for k in norm_keys)
+    given = given or (bool(args.recipe) and any(k in load_recipe(args.recipe) for k in norm_keys))
+    norm = source_normalization(args.pretrained) if args.pretrained and not given else None
+    if norm is not None:  # the encoder sees its images normalized as in pretraining, unless told otherwise
+        args.mean, args.std = norm
     cfg = config_from_args(args, FinetuneConfig)
     if not cfg.data:
         raise ConfigError("data (--data) is required: an ImageFolder root with train/<class>/ and val/<class>/")

@@ -7,7 +7,7 @@ from mimkit.cli import main
 from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.eval.finetune import FinetuneConfig, default_layer_decay, finetune
 
-from conftest import make_folder
+from conftest import cli_finetune, cli_pretrain, make_folder
 
 COMMON = dict(
     img_size=32,
@@ -141,3 +141,25 @@ def test_finetune_help_hides_pretraining_only_options(capsys):
     text = capsys.readouterr().out
     assert "--layer-decay" in text and "--mixup" in text and "--pretrained" in text
     assert "--mask-ratio" not in text and "--norm-pix-loss" not in text
+
+
+def test_finetune_takes_the_pretraining_runs_normalization_unless_told(tiny_folder, tmp_path):
+    """A run pretrained with its own mean/std is fine-tuned with them (from the run folder, a checkpoint file or an
+    export); --mean/--std given on the command line win; released weights keep ImageNet's."""
+    import yaml
+
+    from mimkit.cli import main
+
+    run = tmp_path / "run"
+    cli_pretrain(tiny_folder, run, "mae_vit_pico_patch8", "--img-size", "32", "--mean", "0.4", "0.5", "0.6",
+                 "--std", "0.2", "0.2", "0.2")  # fmt: skip
+    assert main(["export", str(run), "--out", str(tmp_path / "e.safetensors")]) == 0
+    sources = {"folder": run, "file": next(run.glob("checkpoint-*.pt")), "export": tmp_path / "e.safetensors"}
+    for name, source in sources.items():
+        cli_finetune(tiny_folder, source, tmp_path / f"ft-{name}", "--img-size", "32", "--max-steps", "1")
+        saved = yaml.safe_load((tmp_path / f"ft-{name}" / "config.yaml").read_text())
+        assert saved["mean"] == [0.4, 0.5, 0.6] and saved["std"] == [0.2, 0.2, 0.2], name
+    cli_finetune(tiny_folder, run, tmp_path / "ft-given", "--img-size", "32", "--max-steps", "1",
+                 "--mean", "0.1", "0.1", "0.1")  # fmt: skip
+    given = yaml.safe_load((tmp_path / "ft-given" / "config.yaml").read_text())
+    assert given["mean"] == [0.1, 0.1, 0.1] and given["std"] == [0.229, 0.224, 0.225]  # ImageNet's std, as before

@@ -130,6 +130,29 @@ class FinetuneConfig(PretrainConfig):
                 ) from None
 
 
+def source_normalization(pretrained: str) -> tuple[list[float], list[float]] | None:
+    """(mean, std) the encoder at ``pretrained`` was pretrained with: a run folder's config.yaml, a checkpoint's saved
+    config or a ``mimkit export`` file's ``data_cfg``; None for released weights, older exports, or a file this cannot
+    read (the loader reports those in its own words)."""
+    import yaml
+
+    path = Path(pretrained).expanduser()
+    try:
+        if path.is_dir():
+            values = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                values = json.loads((fh.metadata() or {}).get("data_cfg", "{}"))
+        else:
+            values = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+    except Exception:  # missing, damaged or foreign: no statistics from here
+        return None
+    mean, std = values.get("mean"), values.get("std")
+    return (list(mean), list(std)) if mean and std else None
+
+
 def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0, init: str = "", in_chans: int = 3):
     """(encoder state dict, timm model name, timm kwargs) from a checkpoint, an export, a released MAE/timm ViT file,
     or a random-init model of ``in_chans`` channels (with ``init``: public weights mapped onto it,
