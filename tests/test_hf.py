@@ -231,3 +231,21 @@ def test_an_unlabelled_monitor_dataset_stops_the_run_before_any_work(tiny_folder
     with pytest.raises(DataError, match=r"monitor_data \(--monitor-data\): hf:.*evaluation needs labels"):
         pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, monitor_data=f"hf:{tmp_path / 'pq'}"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_single_other_column_is_taken_as_the_label(tiny_folder, tmp_path):
+    """Neither ClassLabel nor a usual name (a "species" column next to the images): the one column of strings."""
+    from mimkit.data import find_images, labelled_splits
+
+    paths = list(find_images(tiny_folder).paths)
+    cells = [{"bytes": open(p, "rb").read(), "path": p} for p in paths]
+    species = [p.split("/")[-2] for p in paths]
+    features = datasets.Features({"picture": datasets.Image(), "species": datasets.Value("string")})
+    (tmp_path / "sp").mkdir()
+    datasets.Dataset.from_dict({"picture": cells, "species": species}, features=features).to_parquet(
+        str(tmp_path / "sp" / "train-00000.parquet")
+    )
+    train, val = labelled_splits(f"hf:{tmp_path / 'sp'}")
+    assert train.classes == ["blue", "red"] and len(train) + len(val) == len(paths)
+    for part in (train, val):  # each row keeps its own label: the class folder in the cell's path
+        assert all(part.classes[part.labels[i]] == str(part.paths[i]).split("/")[-2] for i in range(len(part)))

@@ -189,10 +189,16 @@ def _label_column(ds, where: str) -> str:
     names = list(ds.features or {})
     typed = [n for n in names if isinstance(ds.features[n], datasets.ClassLabel)]
     guess = typed or [n for n in names if n.lower() in LABEL_COLUMN_GUESSES]
+    if not guess:  # else the one column of integers or strings besides the image's (e.g. "species")
+        image = _image_column(ds, "", where)
+        kinds = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "string", "large_string")
+        guess = [n for n in names if n != image and getattr(ds.features[n], "dtype", "") in kinds]
+        # and classes repeat: a column of distinct values is an id, not a label
+        guess = guess if len(guess) == 1 and len(set(ds[guess[0]])) < len(ds) else []
     if not guess:
         raise DataError(
-            f"{where}: evaluation needs labels: a ClassLabel column or one named {' / '.join(LABEL_COLUMN_GUESSES)} "
-            f"(columns: {', '.join(names)})"
+            f"{where}: evaluation needs labels: a ClassLabel column, one named {' / '.join(LABEL_COLUMN_GUESSES)}, "
+            f"or a single column of integers or strings besides the images (columns: {', '.join(names)})"
         )
     return guess[0]
 
