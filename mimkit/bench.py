@@ -283,7 +283,7 @@ def bench_data(cfg, workers: list[int], batches: int, warmup: int = 2) -> list[d
     from mimkit.engine.data import epoch_data
     from mimkit.pretraining import pretrain_dataset, source_images
 
-    images = source_images(cfg)
+    images = source_images(cfg.data, cfg.image_column, cfg.shard_index, cfg.hf_streaming)
     rows = []
     for n in workers:
         dataset = pretrain_dataset(cfg, images)

@@ -143,23 +143,11 @@ def _load_model(args):
         return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
     # N channels: normalised with statistics measured from the data, as `mimkit pretrain --in-chans N` does
     from mimkit.data import compute_mean_std
+    from mimkit.pretraining import source_images
 
-    mean, std = compute_mean_std(_source_paths(args.data), max_images=1000, seed=args.seed, in_chans=args.in_chans)
+    paths = source_images(args.data).paths
+    mean, std = compute_mean_std(paths, max_images=1000, seed=args.seed, in_chans=args.in_chans)
     return model, model.img_size, list(mean), list(std)
-
-
-def _source_paths(data: str, split: str = "train"):
-    """The images of any ``--data`` source, as the decoder reads them: a folder tree, a file list or an ImageFolder
-    split (files), tar shards (members of the first shards, in memory) or an ``hf:`` dataset (its image cells)."""
-    from mimkit.data import find_images
-    from mimkit.data.hf import hf_images, is_hf_source
-    from mimkit.data.shards import find_shards, is_shard_source
-
-    if is_hf_source(data):
-        return hf_images(data).paths
-    if is_shard_source(data):
-        return find_shards(data).paths
-    return find_images(data, split=split).paths
 
 
 def cmd_pretrain(args):
@@ -317,6 +305,7 @@ def cmd_visualize(args):
 
     from mimkit.data import BadImage, eval_transform, load_image
     from mimkit.errors import ConfigError, DataError
+    from mimkit.pretraining import source_images
     from mimkit.viz import save_reconstruction_figure
 
     _out_file(args.out, "--out")
@@ -324,7 +313,7 @@ def cmd_visualize(args):
     bands = args.bands or getattr(args, "_viz_bands", None)
     if bands and max(bands) >= model.in_chans:
         raise ConfigError(f"--bands {' '.join(map(str, bands))}: the model takes {model.in_chans} channel(s)")
-    files = _source_paths(args.data, split="val" if Path(args.data, "val").is_dir() else "train")
+    files = source_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train").paths
     transform, picked = eval_transform(img_size, mean, std), []
     for f in files[:: max(1, len(files) // args.num)]:  # spread over the source; an unreadable image is passed over
         try:

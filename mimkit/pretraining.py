@@ -233,16 +233,19 @@ def pretrain_dataset(cfg: PretrainConfig, images) -> ImageDataset | ShardDataset
     return ImageDataset(images, transform, cfg.min_image_size, seed=cfg.seed, in_chans=cfg.in_chans)
 
 
-def source_images(cfg: PretrainConfig):
-    """The images of ``cfg.data`` in one process (no shared index): for benchmarks and tools."""
+def source_images(
+    data: str, image_column: str = "", shard_index: str = "", hf_streaming: bool = False, split: str = "train"
+):
+    """The images of a ``--data`` source in one process (no shared index), for benchmarks and tools: a folder tree,
+    a file list or an ImageFolder ``split`` (files), tar shards, or an ``hf:`` dataset (map-style or streamed)."""
     from mimkit.data import find_images
     from mimkit.data.hf import hf_images, hf_stream
 
-    if is_hf_source(cfg.data):
-        return hf_stream(cfg.data, cfg.image_column) if cfg.hf_streaming else hf_images(cfg.data, cfg.image_column)
-    if is_shard_source(cfg.data):
-        return find_shards(cfg.data, cfg.shard_index)
-    return find_images(cfg.data)
+    if is_hf_source(data):
+        return hf_stream(data, image_column) if hf_streaming else hf_images(data, image_column)
+    if is_shard_source(data):
+        return find_shards(data, shard_index)
+    return find_images(data, split=split)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
