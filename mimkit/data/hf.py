@@ -183,14 +183,13 @@ def hf_images(data: str, image_column: str = "") -> HFImages:
     return HFImages(HFColumn(ds, column, data), data)
 
 
-def _label_column(ds, where: str) -> str:
+def _label_column(ds, where: str, image: str) -> str:
     import datasets
 
     names = list(ds.features or {})
     typed = [n for n in names if isinstance(ds.features[n], datasets.ClassLabel)]
     guess = typed or [n for n in names if n.lower() in LABEL_COLUMN_GUESSES]
-    if not guess:  # else the one column of integers or strings besides the image's (e.g. "species")
-        image = _image_column(ds, "", where)
+    if not guess:  # else the one column of integers or strings besides the ``image`` column (e.g. "species")
         kinds = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "string", "large_string")
         guess = [n for n in names if n != image and getattr(ds.features[n], "dtype", "") in kinds]
         # and classes repeat: a column of distinct values is an id, not a label
@@ -209,15 +208,16 @@ def _labelled(ds, data: str, where: str, classes: list | None = None) -> HFImage
     import numpy as np
 
     column = _image_column(ds, "", where)
-    label = _label_column(ds, where)
+    label = _label_column(ds, where, column)
     values = ds[label]
     feature = ds.features[label]
     if isinstance(feature, datasets.ClassLabel):
         names, labels = list(feature.names), np.asarray(values, dtype=np.int64)
     else:
-        names = classes if classes is not None else sorted({str(v) for v in values})
+        distinct = {str(v) for v in values}
+        names = classes if classes is not None else sorted(distinct)
         index = {n: i for i, n in enumerate(names)}
-        unknown = sorted({str(v) for v in values} - set(index))
+        unknown = sorted(distinct - set(index))
         if unknown:
             raise DataError(f"{where}: labels not in the training split: {', '.join(unknown[:5])}")
         labels = np.asarray([index[str(v)] for v in values], dtype=np.int64)
@@ -230,7 +230,8 @@ def hf_labelled_splits(data: str, val_fraction: float = 0.2, seed: int = 0) -> t
     """(train, val) of a labelled Hugging Face dataset for evaluation: the named split (default ``train``) and, when
     ``data`` names none, the dataset's own validation split (``validation``, ``val`` or ``test``); otherwise a fixed,
     seeded ``val_fraction`` of every class is held out, as for an ImageFolder without ``val/``. Labels: the first
-    ClassLabel column, else a column named label / labels / class / category / target."""
+    ClassLabel column, else a column named label / labels / class / category / target, else the one column of
+    integers or strings besides the images whose values repeat."""
     import random
 
     name, split = parse_hf_source(data)
@@ -252,10 +253,9 @@ def hf_labelled_splits(data: str, val_fraction: float = 0.2, seed: int = 0) -> t
         n_val = max(1, round(len(rows) * val_fraction)) if len(rows) > 1 else 0
         keep["val"] += rows[:n_val]
         keep["train"] += rows[n_val:]
-    parts = []
+    parts, cells = [], train.paths
     for part, suffix in (("train", ""), ("val", " (held out)")):
         rows = sorted(keep[part])
-        cells = train.paths
         parts.append(
             HFImages(
                 HFColumn(cells.dataset.select(rows), cells.column, data),  # type: ignore[attr-defined]
