@@ -133,7 +133,15 @@ def gather_objects(obj) -> list:
     return out
 
 
-def cleanup() -> None:
-    """Destroy the process group if one was created."""
+def cleanup(finished: bool = False) -> None:
+    """Destroy the process group if one was created. After a run that ``finished`` on every rank, a barrier first: no
+    rank closes its connections while a peer is still inside the last collective (with gloo, a rank that tore down
+    early made the other abort at exit, now and then, after a good run). After a failure there is no barrier: a
+    peer may be gone."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 -- the run's result is already written; the teardown goes on
+                pass
         dist.destroy_process_group()

@@ -937,8 +937,11 @@ def _collective_failure(err: BaseException) -> bool:
 
 
 def run_trainer(trainer: Trainer) -> dict:
-    """``trainer.run()``, then the process group is torn down whatever happened."""
+    """``trainer.run()``, then the process group is torn down whatever happened (after a barrier when it finished)."""
+    finished = False
     try:
-        return trainer.run()
+        out = trainer.run()
+        finished = True
+        return out
     finally:
-        cleanup()
+        cleanup(finished)
