@@ -145,7 +145,7 @@ def _load_model(args):
     from mimkit.data import compute_mean_std
     from mimkit.pretraining import source_images
 
-    paths = source_images(args.data).paths
+    paths = source_images(args.data, getattr(args, "image_column", "")).paths
     mean, std = compute_mean_std(paths, max_images=1000, seed=args.seed, in_chans=args.in_chans)
     return model, model.img_size, list(mean), list(std)
 
@@ -208,6 +208,7 @@ def cmd_knn(args):
     from mimkit.models._size import size_text
 
     device = _device(args.device)
+    columns = _columns(args)
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
@@ -224,6 +225,7 @@ def cmd_knn(args):
         device=device,
         pool=args.pool,
         progress=True,
+        columns=columns,
     )
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
     print(
@@ -243,6 +245,7 @@ def cmd_linprobe(args):
 
     device = _device(args.device)
     out = _out_dir(args.output, "--output") if args.output else None
+    columns = _columns(args)
     model, img_size, mean, std = _load_model(args)
     if args.img_size:
         img_size = args.img_size
@@ -262,6 +265,7 @@ def cmd_linprobe(args):
         device=device,
         seed=args.seed,
         progress=True,
+        columns=columns,
     )
     head = res.pop("head")
     res["checkpoint"] = str(args.checkpoint or f"random init: {args.random_init}")
@@ -309,11 +313,13 @@ def cmd_visualize(args):
     from mimkit.viz import save_reconstruction_figure
 
     _out_file(args.out, "--out")
+    _columns(args)
     model, img_size, mean, std = _load_model(args)
     bands = args.bands or getattr(args, "_viz_bands", None)
     if bands and max(bands) >= model.in_chans:
         raise ConfigError(f"--bands {' '.join(map(str, bands))}: the model takes {model.in_chans} channel(s)")
-    files = source_images(args.data, split="val" if Path(args.data, "val").is_dir() else "train").paths
+    split = "val" if Path(args.data, "val").is_dir() else "train"
+    files = source_images(args.data, getattr(args, "image_column", ""), split=split).paths
     transform, picked = eval_transform(img_size, mean, std), []
     for f in files[:: max(1, len(files) // args.num)]:  # spread over the source; an unreadable image is passed over
         try:
@@ -412,14 +418,18 @@ def cmd_compare(args):
     from mimkit.data.hf import is_hf_source
     from mimkit.data.sources import is_labelled_root, labelled_splits
 
-    if is_hf_source(args.eval_data):
-        labelled_splits(args.eval_data)  # its labels and splits, checked before any run (a one-line DataError)
+    _columns(args)
+    eval_columns = _columns(args, "eval-")
+    if is_hf_source(args.eval_data):  # its labels and splits, checked before any run (a one-line DataError)
+        labelled_splits(args.eval_data, **eval_columns)
     elif not is_labelled_root(Path(args.eval_data).expanduser()):
         raise ConfigError(
             f"--eval-data {args.eval_data}: not a labelled ImageFolder root (train/<class>/...) or hf: dataset"
         )
     _check_model_specs(args.models, {})
     extra = {"num_workers": args.num_workers} if args.num_workers is not None else {}
+    if args.image_column:
+        extra["image_column"] = args.image_column
     result = run_comparison(
         args.data,
         args.eval_data,
@@ -433,6 +443,7 @@ def cmd_compare(args):
         extra,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
         recipe=args.recipe or "",
+        eval_columns=eval_columns,
     )
     print((Path(args.output) / "compare.md").read_text())
     return result
@@ -573,6 +584,43 @@ def cmd_ablate_masking(args):
     return rows
 
 
+def _column_args(p: argparse.ArgumentParser, prefix: str = "", labels: bool = True) -> None:
+    """--[PREFIX]image-column and --[PREFIX]label-column: the columns of an hf: dataset (``_columns``)."""
+    data = f"--{prefix}data"
+    p.add_argument(
+        f"--{prefix}image-column",
+        default="",
+        help=f"hf: {data}: the column holding the images (default: the first of Image type, or one named image/img)",
+    )
+    if labels:
+        p.add_argument(
+            f"--{prefix}label-column",
+            default="",
+            help=f"hf: {data}: the column holding the labels (default: the first ClassLabel column, else one named "
+            "label/labels/class/category/target, else the one column of integers or strings whose values repeat)",
+        )
+
+
+def _columns(args, prefix: str = "") -> dict:
+    """``labelled_splits``' column arguments from ``_column_args``' options; refused unless their data is hf:."""
+    from mimkit.data.hf import is_hf_source
+    from mimkit.errors import ConfigError
+
+    key = prefix.replace("-", "_")
+    data = getattr(args, key + "data")
+    columns = {
+        "image_column": getattr(args, key + "image_column", ""),
+        "label_column": getattr(args, key + "label_column", ""),
+    }
+    flags = (f"--{prefix}image-column", f"--{prefix}label-column")
+    for flag, value in zip(flags, columns.values(), strict=True):
+        if value and not is_hf_source(str(data)):
+            raise ConfigError(
+                f"{flag} {value}: only for Hugging Face sources (--{prefix}data hf:NAME_OR_PATH), not {data}"
+            )
+    return {**columns, "flags": flags}
+
+
 def _eval_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run folder (its newest checkpoint)")
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
@@ -620,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/, or a labelled hf: dataset"
     )
+    _column_args(p)
     p.add_argument("--k", type=POS_INT, default=20)
     p.add_argument("--temperature", type=POS_FLOAT, default=0.07)
     p.add_argument("--pool", choices=["avg", "cls"], default="avg", help="feature: mean of patch tokens, or cls")
@@ -638,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=True, help="ImageFolder root with train/<class>/ and val/<class>/, or a labelled hf: dataset"
     )
+    _column_args(p)
     p.add_argument("--epochs", type=POS_INT, default=90)
     p.add_argument("--batch-size", type=POS_INT, default=256)
     p.add_argument("--blr", type=POS_FLOAT, default=0.1, help="lr = blr x batch / 256")
@@ -674,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to show: any --data source of pretrain (val/ of an ImageFolder root if present; tar shards and "
         "hf: sources too)",
     )
+    _column_args(p, labels=False)
     p.add_argument("--num", type=_number(int, 1, 64), default=8, help="number of images (1-64)")
     p.add_argument(
         "--stats",
@@ -753,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a labelled ImageFolder root or hf: dataset for the kNN evaluation",
     )
+    _column_args(p, labels=False)
+    _column_args(p, "eval-")
     p.add_argument(
         "--models", nargs="+", required=True, help="registered models, each optionally name:key=value,key=value"
     )

@@ -22,17 +22,19 @@ from mimkit.config import PretrainConfig, config_from_dict
 EVAL_CACHE_BYTES = 4 * 2**30
 
 
-def _decode_if_small(eval_data: str, size, mean, std, in_chans: int, num_workers: int) -> dict | None:
+def _decode_if_small(
+    eval_data: str, size, mean, std, in_chans: int, num_workers: int, columns: dict | None = None
+) -> dict | None:
     """The eval set decoded (``features.decode_labelled``) when it needs at most EVAL_CACHE_BYTES, else None."""
     from mimkit.data import labelled_splits
     from mimkit.eval.features import decode_labelled
     from mimkit.models._size import pair
 
-    train, val = labelled_splits(eval_data)
+    train, val = labelled_splits(eval_data, **(columns or {}))
     h, w = pair(size)
     if (len(train.paths) + len(val.paths)) * in_chans * h * w * 4 > EVAL_CACHE_BYTES:
         return None
-    return decode_labelled(eval_data, size, mean, std, in_chans, num_workers)
+    return decode_labelled(eval_data, size, mean, std, in_chans, num_workers, columns)
 
 
 def _loss_curve(run: Path) -> list[tuple[float, float]]:
@@ -57,9 +59,11 @@ def run_comparison(
     extra: dict | None = None,
     log=print,
     recipe: str = "",
+    eval_columns: dict | None = None,
 ) -> dict:
     """Pretrain every spec (``name`` or ``name:key=value,...``) for every seed, evaluate, and write the reports.
-    ``recipe``: its values (learning rate, warm-up, ...) are the base of every run; the arguments here win."""
+    ``recipe``: its values (learning rate, warm-up, ...) are the base of every run; the arguments here win.
+    ``eval_columns``: ``eval_data``'s image and label columns when it is an hf: dataset (``labelled_splits``)."""
     import torch
 
     from mimkit.config import load_recipe
@@ -103,12 +107,14 @@ def run_comparison(
             assert size is not None  # a run's saved config has the size the trainer resolved
             key = (str(size), tuple(saved.mean), tuple(saved.std), getattr(model, "in_chans", 3))
             if key not in decoded:
-                decoded[key] = _decode_if_small(eval_data, size, saved.mean, saved.std, key[3], max(cfg.num_workers, 0))
-            knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
+                workers = max(cfg.num_workers, 0)
+                decoded[key] = _decode_if_small(eval_data, size, saved.mean, saved.std, key[3], workers, eval_columns)
+            kw = dict(decoded=decoded[key], columns=eval_columns)
+            knn = knn_evaluate(model, eval_data, size, saved.mean, saved.std, **kw)
             torch.manual_seed(seed)
             # the run's model at random init: its options, size (rectangles too) and channel count
             base = random_init(name, seed=seed, **method_kwargs(saved))
-            knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, decoded=decoded[key])
+            knn0 = knn_evaluate(base, eval_data, size, saved.mean, saved.std, **kw)
             curve = _loss_curve(run_dir)
             final = summary["final_loss"]
             if not math.isfinite(final) and curve:  # a finished run reused: no step this time, its log has the loss

@@ -301,6 +301,15 @@ class PretrainConfig:
         "output",
     )
     monitor_every: int = opt(1, "Epochs between kNN evaluations on --monitor-data.", "output", min=1)
+    monitor_image_column: str = opt(
+        "", "hf: --monitor-data: the column holding the images (default: found as for --image-column).", "output"
+    )
+    monitor_label_column: str = opt(
+        "",
+        "hf: --monitor-data: the column holding the labels (default: the first ClassLabel column, else one named "
+        "label/labels/class/category/target, else the one column of integers or strings whose values repeat).",
+        "output",
+    )
 
     def __post_init__(self):
         validate_config(self)
@@ -348,6 +357,11 @@ class PretrainConfig:
                 f"monitor_data (--monitor-data) = {monitor!r}: not a labelled ImageFolder root "
                 "(train/<class>/..., optional val/<class>/...) or labelled hf: dataset"
             )
+        for name in ("monitor_image_column", "monitor_label_column"):
+            if getattr(self, name) and not monitor.startswith("hf:"):
+                raise ConfigError(
+                    f"{_flag_of(name)}: only with a Hugging Face --monitor-data (hf:NAME_OR_PATH), not {monitor!r}"
+                )
         for name in ("image_column", "hf_streaming"):
             if getattr(self, name) and not self.data.startswith("hf:"):
                 raise ConfigError(

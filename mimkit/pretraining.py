@@ -63,6 +63,15 @@ def build_pretrain_model(cfg: PretrainConfig) -> MIMMethod:
     return create_method(cfg.model, **method_kwargs(cfg))
 
 
+def monitor_columns(cfg: PretrainConfig) -> dict:
+    """``labelled_splits``' column arguments for ``--monitor-data`` (an hf: dataset's image and label columns)."""
+    return dict(
+        image_column=cfg.monitor_image_column,
+        label_column=cfg.monitor_label_column,
+        flags=("--monitor-image-column", "--monitor-label-column"),
+    )
+
+
 class PretrainTrainer(Trainer):
     """Self-supervised pretraining of ``cfg.model`` on the images of ``cfg.data`` (labels ignored)."""
 
@@ -72,7 +81,7 @@ class PretrainTrainer(Trainer):
             from mimkit.data import labelled_splits
 
             try:
-                labelled_splits(cfg.monitor_data, seed=cfg.seed)
+                labelled_splits(cfg.monitor_data, seed=cfg.seed, **monitor_columns(cfg))
             except DataError as err:
                 raise DataError(f"monitor_data (--monitor-data): {err}") from None
         super().__init__(cfg)
@@ -149,6 +158,7 @@ class PretrainTrainer(Trainer):
                         cfg.mean,
                         cfg.std,
                         device=self.dist.device,
+                        columns=monitor_columns(cfg),
                     )
                     if self.dist.is_main:
                         record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})

@@ -4,6 +4,7 @@ cells skipped and counted; an exact mid-epoch resume; pretraining through the re
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -249,3 +250,92 @@ def test_a_single_other_column_is_taken_as_the_label(tiny_folder, tmp_path):
     assert train.classes == ["blue", "red"] and len(train) + len(val) == len(paths)
     for part in (train, val):  # each row keeps its own label: the class folder in the cell's path
         assert all(part.classes[part.labels[i]] == str(part.paths[i]).split("/")[-2] for i in range(len(part)))
+
+
+def _two_column_parquet(folder, out):
+    """``folder``'s splits with decoys first: a "mask" image column (one grey image) before the "photo" one, and a
+    ClassLabel "group" (row number mod 3) before the string "colour" that holds the true class."""
+    from mimkit.data import labelled_splits
+
+    grey = io.BytesIO()
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(grey, format="PNG")
+    train, val = labelled_splits(folder)
+    features = datasets.Features(
+        {
+            "mask": datasets.Image(),
+            "photo": datasets.Image(),
+            "group": datasets.ClassLabel(names=["g0", "g1", "g2"]),
+            "colour": datasets.Value("string"),
+        }
+    )
+    out.mkdir(parents=True)
+    for split, images in (("train", train), ("validation", val)):
+        rows = {
+            "mask": [{"bytes": grey.getvalue(), "path": "grey.png"}] * len(images),
+            "photo": [{"bytes": open(p, "rb").read(), "path": p} for p in images.paths],
+            "group": [i % 3 for i in range(len(images))],
+            "colour": [train.classes[int(y)] for y in images.labels],
+        }
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / f"{split}-00000.parquet"))
+
+
+def test_image_and_label_columns_are_chosen_by_name(tiny_folder, tmp_path, capsys):
+    """--image-column / --label-column pick the columns where the guesses would take the decoys (the first image
+    column, the ClassLabel): `mimkit knn` then gives the folder's own result; linprobe and finetune take them too;
+    a column that is missing, holds the images, or given for a folder is a one-line error naming the option."""
+    from mimkit.cli import main
+    from mimkit.data import labelled_splits
+
+    from conftest import _cli_json
+
+    _two_column_parquet(tiny_folder, tmp_path / "two")
+    data = f"hf:{tmp_path / 'two'}"
+    guessed, _ = labelled_splits(data)
+    assert guessed.paths.column == "mask" and guessed.classes == ["g0", "g1", "g2"]  # what the guesses take
+    train, val = labelled_splits(data, image_column="photo", label_column="colour")
+    assert train.classes == ["blue", "red"] and len(val) == 8
+    knn = ["knn", *("--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--k", "3", "--json")]
+    columns = ["--image-column", "photo", "--label-column", "colour"]
+    on_folder = _cli_json([*knn, "--data", str(tiny_folder)])
+    on_hf = _cli_json([*knn, "--data", data, *columns])
+    assert on_hf["classes"] == 2 and {k: on_hf[k] for k in ("top1", "top5", "n_val")} == {
+        k: on_folder[k] for k in ("top1", "top5", "n_val")
+    }
+    assert _cli_json([*knn, "--data", data])["classes"] == 3  # the decoys, without the options
+    probe = _cli_json(["linprobe", *knn[1:5], "--data", data, *columns, "--epochs", "1", "--json"])
+    assert probe["classes"] == 2
+    tune = ["finetune", "--data", data, *columns, *knn[1:5], "--epochs", "1", "--max-steps", "1", "--batch-size", "4"]
+    tune += ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--mixup", "0", "--cutmix", "0"]
+    summary = _cli_json([*tune, "--output", str(tmp_path / "ft")])
+    assert summary["steps"] == 1
+    head = torch.load(sorted((tmp_path / "ft").glob("checkpoint-*.pt"))[-1], weights_only=True)["model"]
+    assert head["net.head.weight"].shape[0] == 2  # a classifier of the two colours, not of the three groups
+    capsys.readouterr()
+    for command, extra, message in (
+        (
+            "knn",
+            ["--label-column", "nope"],
+            r"--label-column nope: .* has no such column \(columns: mask, photo, group",
+        ),
+        ("knn", ["--label-column", "photo", "--image-column", "photo"], "--label-column photo: .* holds the images"),
+        ("linprobe", ["--image-column", "group"], "--image-column group: .* holds int64 values there"),
+        ("knn", ["--label-column", "colour", "--data", str(tiny_folder)], "--label-column colour: only for Hugging"),
+    ):
+        assert main([command, *knn[1:5], "--data", data, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_the_monitor_takes_its_own_columns(tiny_folder, tmp_path):
+    from mimkit.pretraining import pretrain
+
+    from conftest import pico_config
+
+    _two_column_parquet(tiny_folder, tmp_path / "two")
+    monitor = dict(monitor_data=f"hf:{tmp_path / 'two'}", monitor_label_column="nope")
+    with pytest.raises(DataError, match="--monitor-label-column nope: .* has no such column"):
+        pretrain(pico_config(tiny_folder, tmp_path / "bad", epochs=1, **monitor))
+    monitor.update(monitor_image_column="photo", monitor_label_column="colour")
+    pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, **monitor))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if 0 <= r.get("monitor_knn_top1", -1) <= 100], "no kNN monitor record"

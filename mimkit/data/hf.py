@@ -23,6 +23,8 @@ from mimkit.errors import DataError
 PREFIX = "hf:"
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "pixel_values")
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target")
+INTEGER_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+LABEL_DTYPES = (*INTEGER_DTYPES, "string", "large_string")  # integers or strings: the kinds a label column holds
 VAL_SPLITS = ("validation", "val", "test")  # the evaluation split of a dataset named without one, in this order
 
 
@@ -80,27 +82,27 @@ def _to_source(value, label: str):
     )
 
 
-def _image_column(ds, column: str, where: str) -> str:
+def _image_column(ds, column: str, where: str, flag: str = "--image-column") -> str:
+    """The image column: ``column`` when given (by the option ``flag``), checked; else the first of Image type, or
+    one of the usual names."""
     import datasets
 
     names = list(ds.features or {})
     if column:
         if column not in names:
-            raise DataError(f"--image-column {column}: {where} has no such column (columns: {', '.join(names)})")
+            raise DataError(f"{flag} {column}: {where} has no such column (columns: {', '.join(names)})")
         feature = ds.features[column]
         kind = getattr(feature, "dtype", "")
         if not isinstance(feature, datasets.Image) and kind not in ("binary", "large_binary", "string", "large_string"):
             raise DataError(
-                f"--image-column {column}: {where} holds {kind or type(feature).__name__} values there; it needs "
+                f"{flag} {column}: {where} holds {kind or type(feature).__name__} values there; it needs "
                 "images, bytes or file paths"
             )
         return column
     typed = [n for n in names if isinstance(ds.features[n], datasets.Image)]
     guess = typed or [n for n in names if n.lower() in IMAGE_COLUMN_GUESSES]
     if not guess:
-        raise DataError(
-            f"{where}: no image column found (columns: {', '.join(names)}); name it with --image-column COLUMN"
-        )
+        raise DataError(f"{where}: no image column found (columns: {', '.join(names)}); name it with {flag} COLUMN")
     return guess[0]
 
 
@@ -183,32 +185,54 @@ def hf_images(data: str, image_column: str = "") -> HFImages:
     return HFImages(HFColumn(ds, column, data), data)
 
 
-def _label_column(ds, where: str, image: str) -> str:
+def _label_column(ds, where: str, image: str, column: str = "", flag: str = "--label-column") -> str:
+    """The label column: ``column`` (--label-column) when given, checked; else found (see hf_labelled_splits)."""
     import datasets
 
     names = list(ds.features or {})
+    if column:
+        if column not in names:
+            raise DataError(f"{flag} {column}: {where} has no such column (columns: {', '.join(names)})")
+        feature = ds.features[column]
+        if column == image or not (
+            isinstance(feature, datasets.ClassLabel) or getattr(feature, "dtype", "") in LABEL_DTYPES
+        ):
+            what = "the images" if column == image else getattr(feature, "dtype", "") or type(feature).__name__
+            raise DataError(
+                f"{flag} {column}: {where} holds {what} there; labels are a ClassLabel column or one of "
+                "integers or strings"
+            )
+        return column
     typed = [n for n in names if isinstance(ds.features[n], datasets.ClassLabel)]
     guess = typed or [n for n in names if n.lower() in LABEL_COLUMN_GUESSES]
     if not guess:  # else the one column of integers or strings besides the ``image`` column (e.g. "species")
-        kinds = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "string", "large_string")
-        guess = [n for n in names if n != image and getattr(ds.features[n], "dtype", "") in kinds]
+        guess = [n for n in names if n != image and getattr(ds.features[n], "dtype", "") in LABEL_DTYPES]
         # and classes repeat: a column of distinct values is an id, not a label
         guess = guess if len(guess) == 1 and len(set(ds[guess[0]])) < len(ds) else []
     if not guess:
         raise DataError(
             f"{where}: evaluation needs labels: a ClassLabel column, one named {' / '.join(LABEL_COLUMN_GUESSES)}, "
-            f"or a single column of integers or strings besides the images (columns: {', '.join(names)})"
+            f"or a single column of integers or strings besides the images (columns: {', '.join(names)}); name it with "
+            f"{flag} COLUMN"
         )
     return guess[0]
 
 
-def _labelled(ds, data: str, where: str, classes: list | None = None) -> HFImages:
+def _labelled(
+    ds,
+    data: str,
+    where: str,
+    classes: list | None = None,
+    image_column: str = "",
+    label_column: str = "",
+    flags: tuple[str, str] = ("--image-column", "--label-column"),
+) -> HFImages:
     """``ds`` as HFImages with integer labels (ClassLabel indices, else the sorted distinct values, or ``classes``)."""
     import datasets
     import numpy as np
 
-    column = _image_column(ds, "", where)
-    label = _label_column(ds, where, column)
+    column = _image_column(ds, image_column, where, flags[0])
+    label = _label_column(ds, where, column, label_column, flags[1])
     values = ds[label]
     feature = ds.features[label]
     if isinstance(feature, datasets.ClassLabel):
@@ -226,23 +250,34 @@ def _labelled(ds, data: str, where: str, classes: list | None = None) -> HFImage
     return HFImages(HFColumn(_undecoded(ds, column), column, data), data, labels=labels, classes=names)
 
 
-def hf_labelled_splits(data: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[HFImages, HFImages]:
+def hf_labelled_splits(
+    data: str,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    image_column: str = "",
+    label_column: str = "",
+    flags: tuple[str, str] = ("--image-column", "--label-column"),
+) -> tuple[HFImages, HFImages]:
     """(train, val) of a labelled Hugging Face dataset for evaluation: the named split (default ``train``) and, when
     ``data`` names none, the dataset's own validation split (``validation``, ``val`` or ``test``); otherwise a fixed,
     seeded ``val_fraction`` of every class is held out, as for an ImageFolder without ``val/``. Labels: the first
     ClassLabel column, else a column named label / labels / class / category / target, else the one column of
-    integers or strings besides the images whose values repeat."""
+    integers or strings besides the images whose values repeat; ``image_column`` / ``label_column`` name them instead
+    (the options ``flags`` of the command, named in its errors)."""
     import random
 
     name, split = parse_hf_source(data)
-    train = _labelled(load_hf(data), data, str(data))  # named as given: --data, --eval-data or --monitor-data
+    columns: dict[str, Any] = dict(image_column=image_column, label_column=label_column, flags=flags)
+    # named as given (--data, --eval-data, --monitor-data) in its errors
+    train = _labelled(load_hf(data), data, str(data), **columns)
     if str(data) == PREFIX + name:  # no split named: the dataset's own evaluation split, if it has one
         for val_split in VAL_SPLITS:
             try:
                 ds = load_hf(f"{PREFIX}{name}:{val_split}")
             except DataError:
                 continue
-            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", f"{data} ({val_split})", train.classes)
+            where = f"{data} ({val_split})"
+            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", where, train.classes, **columns)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(train.labels):

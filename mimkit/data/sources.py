@@ -178,17 +178,28 @@ def find_images(path: str | os.PathLike, split: str = "train", dirs: list | None
     return _require_images(images, p)
 
 
-def labelled_splits(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageList, ImageList]:
+def labelled_splits(
+    path: str | os.PathLike,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    image_column: str = "",
+    label_column: str = "",
+    flags: tuple[str, str] = ("--image-column", "--label-column"),
+) -> tuple[ImageList, ImageList]:
     """Train and val splits with labels, for kNN and other evaluations.
 
     Needs an ImageFolder root: ``train/<class>/*`` and ideally ``val/<class>/*``. Without ``val/`` a fixed, seeded
     ``val_fraction`` of every class is held out. An ``hf:`` source is a labelled Hugging Face dataset
-    (``mimkit.data.hf.hf_labelled_splits``).
+    (``mimkit.data.hf.hf_labelled_splits``), whose columns ``image_column`` and ``label_column`` may name (given by
+    the options ``flags``, named in errors).
     """
     from mimkit.data.hf import hf_labelled_splits, is_hf_source
 
     if is_hf_source(str(path)):  # a labelled Hugging Face dataset (mimkit/data/hf.py)
-        return hf_labelled_splits(str(path), val_fraction, seed)  # type: ignore[return-value]
+        return hf_labelled_splits(str(path), val_fraction, seed, image_column, label_column, flags)  # type: ignore[return-value]
+    for flag, value in zip(flags, (image_column, label_column), strict=True):
+        if value:
+            raise DataError(f"{flag} {value}: only for Hugging Face sources (hf:NAME_OR_PATH), not {path}")
     p = Path(path).expanduser()
     if not is_labelled_root(p):
         raise DataError(

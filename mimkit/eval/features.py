@@ -54,13 +54,16 @@ def _apply(fn, batches, device, autocast: bool) -> torch.Tensor:
     return torch.cat(outputs)
 
 
-def decode_labelled(data, img_size: ImageSize, mean, std, in_chans: int = 3, num_workers: int = 0) -> dict:
+def decode_labelled(
+    data, img_size: ImageSize, mean, std, in_chans: int = 3, num_workers: int = 0, columns: dict | None = None
+) -> dict:
     """A labelled root's train and val splits decoded once into float32 tensors (center crop, normalised: exactly
     what ``extract_features`` feeds the model), for evaluating several encoders on one set (``mimkit compare``):
-    {"train": (images, labels), "val": (images, labels), "classes": n}. Memory: 4 x C x size^2 bytes per image."""
+    {"train": (images, labels), "val": (images, labels), "classes": n}. Memory: 4 x C x size^2 bytes per image.
+    ``columns``: an ``hf:`` dataset's image and label columns (``labelled_splits``' image_column, label_column)."""
     from mimkit.data import labelled_splits
 
-    train, val = labelled_splits(data)
+    train, val = labelled_splits(data, **(columns or {}))
     decoded: dict = {"classes": len(train.classes)}
     for name, images in (("train", train), ("val", val)):
         decoded[name] = predict(lambda x: x, images, img_size, mean, std, num_workers=num_workers, in_chans=in_chans)

@@ -67,9 +67,10 @@ class FinetuneConfig(PretrainConfig):
         "recon_every",
         "monitor_data",
         "monitor_every",
+        "monitor_image_column",
+        "monitor_label_column",
         "shard_index",
         "shuffle_buffer",
-        "image_column",
         "hf_streaming",
         "viz_bands",
     )
@@ -103,10 +104,21 @@ class FinetuneConfig(PretrainConfig):
     output: str = opt(
         "runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.", "output"
     )
+    label_column: str = opt(
+        "",
+        "hf: sources: the column holding the labels (default: the first ClassLabel column, else one named "
+        "label/labels/class/category/target, else the one column of integers or strings whose values repeat).",
+        "data",
+    )
 
     def check_pairs(self) -> None:
         """Exactly one of --pretrained and --random-init; --init only with --random-init; a --pretrained path exists."""
         super().check_pairs()
+        if self.label_column and not self.data.startswith("hf:"):
+            raise ConfigError(
+                f"label_column (--label-column): only for Hugging Face sources (--data hf:NAME_OR_PATH), not "
+                f"{self.data!r}"
+            )
         if bool(self.pretrained) == bool(self.random_init):
             raise ConfigError(
                 "give exactly one of --pretrained (checkpoint, run folder or .safetensors) and --random-init MODEL"
@@ -340,7 +352,9 @@ class FinetuneTrainer(Trainer):
 
     def training_images(self):
         """The labelled train split of ``--data``."""
-        self.train_list, self.val_list = labelled_splits(self.cfg.data, seed=self.cfg.seed)
+        cfg = self.cfg
+        columns = dict(image_column=cfg.image_column, label_column=cfg.label_column)
+        self.train_list, self.val_list = labelled_splits(cfg.data, seed=cfg.seed, **columns)
         return self.train_list
 
     def build_task(self) -> ClassifierTask:

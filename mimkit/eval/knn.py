@@ -58,16 +58,18 @@ def knn_evaluate(
     pool: str = "avg",
     progress: bool = False,
     decoded: dict | None = None,
+    columns: dict | None = None,
 ) -> dict:
     """Weighted kNN (cosine, temperature-weighted votes of the ``k`` nearest) of ``model``'s features: top-1/5.
-    ``decoded``: ``features.decode_labelled(data, img_size, mean, std)``'s tensors, to skip decoding the images."""
+    ``decoded``: ``features.decode_labelled(data, img_size, mean, std)``'s tensors, to skip decoding the images.
+    ``columns``: an ``hf:`` dataset's image and label columns (``labelled_splits``' image_column, label_column)."""
     if decoded is not None:
         (tr_x, tr_y), (va_x, va_y) = decoded["train"], decoded["val"]
         tr_f = features_of_tensors(model, tr_x, batch_size, device, pool)
         va_f = features_of_tensors(model, va_x, batch_size, device, pool)
         classes = decoded["classes"]
     else:
-        train, val = labelled_splits(data)
+        train, val = labelled_splits(data, **(columns or {}))
         args = dict(
             img_size=img_size,
             mean=mean,

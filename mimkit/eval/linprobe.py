@@ -49,11 +49,13 @@ def linear_probe(
     device="cpu",
     seed: int = 0,
     progress: bool = False,
+    columns: dict | None = None,
 ) -> dict:
-    """Train a linear classifier on frozen (optionally cached) features of ``data``'s train split; top-1 on val."""
+    """Train a linear classifier on frozen (optionally cached) features of ``data``'s train split; top-1 on val.
+    ``columns``: an ``hf:`` dataset's image and label columns (``labelled_splits``' image_column, label_column)."""
     torch.manual_seed(seed)
     device = torch.device(device)
-    train, val = labelled_splits(data)
+    train, val = labelled_splits(data, **(columns or {}))
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
