@@ -339,3 +339,53 @@ def test_the_monitor_takes_its_own_columns(tiny_folder, tmp_path):
     pretrain(pico_config(tiny_folder, tmp_path / "run", epochs=1, **monitor))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if 0 <= r.get("monitor_knn_top1", -1) <= 100], "no kNN monitor record"
+
+
+def test_rows_without_labels_are_left_out_and_an_unlabelled_test_split_is_not_used(
+    tiny_folder, tmp_path, capsys, caplog
+):
+    """A Hub benchmark's test split with hidden labels (ClassLabel -1 in every row) gave kNN top-1 0 % silently: it is
+    passed over for a held-out part of train, with a warning; rows without a label in a split (-1, an empty cell) are
+    left out, counted; a split where no row has a label is a one-line error (exit 2)."""
+    from mimkit.cli import main
+    from mimkit.data import labelled_splits
+
+    from conftest import _cli_json
+
+    train, val = labelled_splits(tiny_folder)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=train.classes)})
+
+    def write(name, splits):
+        (tmp_path / name).mkdir()
+        for split, images, labels in splits:
+            cells = [{"bytes": open(p, "rb").read(), "path": p} for p in images.paths]
+            datasets.Dataset.from_dict({"image": cells, "label": labels}, features=features).to_parquet(
+                str(tmp_path / name / f"{split}-00000.parquet")
+            )
+        return f"hf:{tmp_path / name}"
+
+    hidden = write("hidden", [("train", train, train.labels.tolist()), ("test", val, [-1] * len(val))])
+    knn = ["knn", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--k", "3", "--json"]
+    capsys.readouterr()
+    res = _cli_json([*knn, "--data", hidden])
+    assert (res["n_train"], res["n_val"]) == (20, 4)  # 20 % of each class of train held out, not the 8 test rows
+    assert "(test): no row has a label (column 'label': -1 in all 8 rows): not used" in caplog.text
+    some = train.labels.tolist()
+    some[:3] = [-1, -1, -1]
+    part, _ = labelled_splits(write("some", [("train", train, some), ("validation", val, val.labels.tolist())]))
+    assert len(part) == len(train) - 3 and part.labels.tolist() == train.labels.tolist()[3:]
+    assert "3 of 24 rows have no label" in caplog.text
+    none = write("none", [("train", train, [-1] * len(train))])
+    capsys.readouterr()  # the progress bars of writing it
+    assert main([*knn, "--data", none]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no row has a label" in err and "hf:NAME:SPLIT" in err, err
+    paths = list(find_images(tiny_folder).paths)
+    (tmp_path / "str").mkdir()
+    species = [None if i % 4 == 0 else p.split("/")[-2] for i, p in enumerate(paths)]
+    cells = [{"bytes": open(p, "rb").read(), "path": p} for p in paths]
+    ds = datasets.Dataset.from_dict({"image": cells, "label": species}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("string")}))  # fmt: skip
+    ds.to_parquet(str(tmp_path / "str" / "train-00000.parquet"))
+    a, b = labelled_splits(f"hf:{tmp_path / 'str'}:train")
+    assert a.classes == ["blue", "red"] and len(a) + len(b) == len(paths) - len(paths[::4])  # no "None" class

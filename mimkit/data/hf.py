@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 from mimkit.data.shards import ShardDataset
 from mimkit.errors import DataError
 
+log = logging.getLogger("mimkit")
 PREFIX = "hf:"
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "pixel_values")
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target")
@@ -185,6 +187,15 @@ def hf_images(data: str, image_column: str = "") -> HFImages:
     return HFImages(HFColumn(ds, column, data), data)
 
 
+class UnlabelledSplit(DataError):
+    """A split of a labelled dataset in which no row has a label (a benchmark's hidden test labels); ``fact`` is the
+    message without the advice."""
+
+    def __init__(self, message: str, fact: str):
+        super().__init__(message)
+        self.fact = fact
+
+
 def _label_column(ds, where: str, image: str, column: str = "", flag: str = "--label-column") -> str:
     """The label column: ``column`` (--label-column) when given, checked; else found (see hf_labelled_splits)."""
     import datasets
@@ -227,7 +238,9 @@ def _labelled(
     label_column: str = "",
     flags: tuple[str, str] = ("--image-column", "--label-column"),
 ) -> HFImages:
-    """``ds`` as HFImages with integer labels (ClassLabel indices, else the sorted distinct values, or ``classes``)."""
+    """``ds`` as HFImages with integer labels (ClassLabel indices, else the sorted distinct values, or ``classes``).
+    Rows without a label (a ClassLabel's -1, an empty cell) are left out, with a warning naming how many; a split
+    where no row has one raises ``UnlabelledSplit``."""
     import datasets
     import numpy as np
 
@@ -235,7 +248,25 @@ def _labelled(
     label = _label_column(ds, where, column, label_column, flags[1])
     values = ds[label]
     feature = ds.features[label]
-    if isinstance(feature, datasets.ClassLabel):
+    classlabel = isinstance(feature, datasets.ClassLabel)
+    missing = [i for i, v in enumerate(values) if v is None or (classlabel and v < 0)]
+    empty = "-1" if classlabel else "empty"
+    if missing and len(missing) == len(values):
+        fact = f"{where}: no row has a label (column {label!r}: {empty} in all {len(values)} rows)"
+        raise UnlabelledSplit(f"{fact}; name a labelled split (hf:NAME:SPLIT) or another column ({flags[1]})", fact)
+    if missing:
+        gone = set(missing)
+        rows = [i for i in range(len(values)) if i not in gone]
+        ds, values = ds.select(rows), [values[i] for i in rows]
+        log.warning(
+            "%s: %d of %d rows have no label (column %r: %s); evaluated without them",
+            where,
+            len(missing),
+            len(missing) + len(rows),
+            label,
+            empty,
+        )
+    if classlabel:
         names, labels = list(feature.names), np.asarray(values, dtype=np.int64)
     else:
         distinct = {str(v) for v in values}
@@ -277,7 +308,10 @@ def hf_labelled_splits(
             except DataError:
                 continue
             where = f"{data} ({val_split})"
-            return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", where, train.classes, **columns)
+            try:
+                return train, _labelled(ds, f"{PREFIX}{name}:{val_split}", where, train.classes, **columns)
+            except UnlabelledSplit as err:  # a benchmark's hidden test labels: the next split, or a hold-out
+                log.warning("%s: not used; evaluating on the next labelled split or a held-out part of train", err.fact)
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(train.labels):
