@@ -284,21 +284,39 @@ def cmd_linprobe(args):
 
 
 def cmd_export(args):
-    """`mimkit export`: the encoder as a timm-loadable safetensors file with its metadata."""
-    from mimkit.export import data_cfg_overlay, export_encoder
+    """`mimkit export`: the encoder (of a pretraining run) or the classifier (of a fine-tuning run) as a
+    timm-loadable safetensors file with its metadata."""
+    from mimkit.errors import ConfigError
+    from mimkit.export import data_cfg_overlay, export_classifier, export_encoder, finetune_checkpoint
     from mimkit.loading import load_pretrained
 
     _out_file(args.out, "--out")
-    model, cfg = load_pretrained(args.checkpoint)
-    meta = export_encoder(
-        model, args.out, head_classes=args.head_classes, source=str(args.checkpoint), mean=cfg.mean, std=cfg.std
-    )
+    tuned = finetune_checkpoint(args.checkpoint)
+    if tuned is not None:
+        if args.head_classes is not None:
+            raise ConfigError(
+                f"--head-classes {args.head_classes}: {args.checkpoint} is a fine-tuning run, whose trained "
+                f"classifier is exported as it is; leave --head-classes out"
+            )
+        meta = export_classifier(*tuned, args.out)
+        classes = len(json.loads(meta.get("classes", "[]"))) or meta["head"]
+        score = f", val top-1 {float(meta['val_top1']):.2f}%" if "val_top1" in meta else ""
+        print(f"classifier of {tuned[0]} ({classes} classes{score}; class names in the file's metadata)")
+    else:
+        model, cfg = load_pretrained(args.checkpoint)
+        meta = export_encoder(
+            model, args.out, head_classes=args.head_classes, source=str(args.checkpoint), mean=cfg.mean, std=cfg.std
+        )
     kwargs = json.loads(meta["timm_kwargs"])
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-    data = "".join(f", {k}={tuple(round(x, 6) for x in v)!r}" for k, v in data_cfg_overlay(meta).items())
+    overlay = {
+        k: tuple(round(x, 6) for x in v) if isinstance(v, tuple) else v for k, v in data_cfg_overlay(meta).items()
+    }
+    data = "".join(f", {k}={v!r}" for k, v in overlay.items())
+    head = "; the class count too, so that timm keeps the trained head" if "num_classes" in overlay else ""
     print(
         f"wrote {args.out}\nload it with (input size and normalization of the run in the overlay, for timm's "
-        f"resolve_data_config):\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
+        f"resolve_data_config{head}):\n  import mimkit, timm\n  timm.create_model('{meta['timm_model']}', "
         f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}', custom_load=False{data}){extra})"
     )
 
@@ -704,8 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_linprobe)
 
-    p = sub.add_parser("export", help="write the encoder as safetensors with timm key names")
-    p.add_argument("checkpoint", help="checkpoint file or run folder")
+    p = sub.add_parser(
+        "export",
+        help="write the encoder (pretraining) or the classifier (fine-tuning) as safetensors with timm key names",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file or run folder (a fine-tuning run folder: its best.pt, else its newest checkpoint)",
+    )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument(
         "--head-classes",

@@ -55,9 +55,15 @@ def export_encoder(
 
 def data_cfg_overlay(meta: dict) -> dict:
     """The exported encoder's input size and normalization for ``pretrained_cfg_overlay`` (so that timm's
-    ``resolve_data_config`` gives them, not the architecture's ImageNet defaults); empty for older exports."""
+    ``resolve_data_config`` gives them, not the architecture's ImageNet defaults); empty for older exports. For a
+    fine-tuned classifier also its class count: timm drops a file's head whose class count is not the pretrained
+    configuration's, and would leave the trained head at random init."""
     cfg = json.loads(meta.get("data_cfg", "{}"))
-    return {k: tuple(v) for k, v in cfg.items()}
+    overlay: dict = {k: tuple(v) for k, v in cfg.items()}
+    classes = json.loads(meta.get("timm_kwargs", "{}")).get("num_classes")
+    if classes is not None:
+        overlay["num_classes"] = classes
+    return overlay
 
 
 def create_timm_from_export(path: str | Path, num_classes: int | None = None, **overrides):
@@ -68,6 +74,93 @@ def create_timm_from_export(path: str | Path, num_classes: int | None = None, **
         meta = fh.metadata()
     kwargs = {**json.loads(meta["timm_kwargs"]), **overrides}
     overlay = {**data_cfg_overlay(meta), "file": str(path), "custom_load": False}
-    if num_classes is not None:
+    if num_classes is not None:  # another class count: timm keeps the file's head only where it is this one
         kwargs["num_classes"] = num_classes
     return timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+FINETUNE_PREFIX = "finetune:"  # a fine-tuning run's model name: finetune:<timm name> (mimkit/eval/finetune.py)
+
+
+def finetune_checkpoint(path: str | Path) -> tuple[Path, dict] | None:
+    """(checkpoint, its contents) when ``path`` is a fine-tuning checkpoint or run folder (a folder: its best.pt,
+    else its newest checkpoint); None for anything else (a pretraining checkpoint or run, which the caller reads)."""
+    import yaml
+
+    from mimkit.engine import sharded
+    from mimkit.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+
+    path = Path(path)
+    if path.is_dir() and not sharded.is_sharded(path):
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None  # not a run folder mimkit wrote: the pretraining reader says what is wrong
+        if not str(saved.get("model", "")).startswith(FINETUNE_PREFIX):
+            return None
+        found = [path / "best.pt"] if (path / "best.pt").is_file() else list_checkpoints(path)[-1:]
+        if not found:
+            raise CheckpointError(f"{path}: a fine-tuning run folder with no best.pt and no checkpoint")
+        path = found[0]
+    state = load_checkpoint(path)
+    model = str((state.get("config") or {}).get("model", ""))
+    return (path, state) if model.startswith(FINETUNE_PREFIX) else None
+
+
+def export_classifier(path: str | Path, state: dict, out: str | Path) -> dict:
+    """Write a fine-tuned timm classifier (``finetune_checkpoint``'s checkpoint and contents) as safetensors with
+    timm key names, its trained head included; returns the metadata: the timm model name and the options to create
+    it (``num_classes`` among them), the class names in label order (``classes``), the input size and normalization
+    (``data_cfg``) and the checkpoint's val top-1. ``create_timm_from_export`` loads it."""
+    from mimkit.engine import sharded
+    from mimkit.engine.checkpoint import CheckpointError
+    from mimkit.eval.finetune import classifier_kwargs
+
+    path = Path(path)
+    cfg = state.get("config") or {}
+    name = str(cfg.get("model", ""))[len(FINETUNE_PREFIX) :]
+    weights = sharded.model_state(path) if state.get("format") == "sharded" else state.get("model") or {}
+    weights = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
+    info = state.get("classifier")
+    if info is None:  # written before the checkpoint kept its classifier's options: they are rebuilt
+        head = weights.get("head.weight")
+        if head is None:
+            raise CheckpointError(f"{path}: a fine-tuning checkpoint without 'head.weight'; it cannot be exported")
+        chans = {"in_chans": cfg["in_chans"]} if cfg.get("in_chans", 3) != 3 else {}
+        kwargs = {**classifier_kwargs(name, chans, cfg.get("img_size")), "num_classes": int(head.shape[0])}
+        info = {"timm_model": name, "timm_kwargs": kwargs, "classes": None}
+    try:
+        net = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: its classifier {info['timm_model']} cannot be built here ({err})") from None
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit {info['timm_model']} (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    kwargs = info["timm_kwargs"]
+    meta = {
+        "timm_model": info["timm_model"],
+        "timm_kwargs": json.dumps(kwargs),
+        "head": str(kwargs["num_classes"]),
+        "format": "timm",
+        "mimkit_version": mimkit.__version__,
+        "source": str(path),
+    }
+    if info.get("classes"):
+        meta["classes"] = json.dumps(info["classes"])
+    extra = state.get("extra") or {}
+    for key in ("val_top1", "best_val_top1", "best_epoch"):
+        if key in extra:
+            meta[key] = str(extra[key])
+    if cfg.get("mean") and cfg.get("std"):
+        from mimkit.models._size import pair
+
+        built = tuple(getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-2:])  # timm's default
+        size = pair(kwargs.get("img_size") or built)
+        shape = [int(kwargs.get("in_chans", 3)), *size]
+        meta["data_cfg"] = json.dumps({"input_size": shape, "mean": list(cfg["mean"]), "std": list(cfg["std"])})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out), metadata=meta)
+    return meta

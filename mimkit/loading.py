@@ -45,6 +45,12 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
         state["model"] = sharded.model_state(path)
     if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (expected keys 'model' and 'config')")
+    model_name = str(state["config"].get("model", "")) if isinstance(state["config"], dict) else ""
+    if model_name.startswith("finetune:"):
+        raise CheckpointError(
+            f"{path}: a fine-tuning checkpoint ({model_name}), not a pretraining one; `mimkit export {path} --out "
+            "FILE.safetensors` writes its classifier for timm, and `--pretrained` takes that file"
+        )
     cfg = saved_config(state["config"], path)
     try:
         model = build_pretrain_model(cfg)

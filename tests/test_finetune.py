@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mimkit.cli import main
 from mimkit.engine.checkpoint import load_checkpoint
@@ -163,3 +164,66 @@ def test_finetune_takes_the_pretraining_runs_normalization_unless_told(tiny_fold
                  "--mean", "0.1", "0.1", "0.1")  # fmt: skip
     given = yaml.safe_load((tmp_path / "ft-given" / "config.yaml").read_text())
     assert given["mean"] == [0.1, 0.1, 0.1] and given["std"] == [0.229, 0.224, 0.225]  # ImageNet's std, as before
+
+
+def _val_top1_of_export(path, data):
+    """The val top-1 of an exported classifier, loaded by timm as `mimkit export` says, fed as fine-tuning fed it."""
+    from safetensors import safe_open
+
+    from mimkit.data import labelled_splits
+    from mimkit.eval.features import predict
+    from mimkit.eval.knn import topk_accuracy
+    from mimkit.export import create_timm_from_export
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    net = create_timm_from_export(path).eval()
+    own = net.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in load_file(str(path)).items())  # the head too: timm kept it
+    cfg = json.loads(meta["data_cfg"])
+    logits, labels = predict(net, labelled_splits(data)[1], tuple(cfg["input_size"][1:]), cfg["mean"], cfg["std"])
+    return topk_accuracy(logits, labels)["top1"], meta
+
+
+def test_export_of_a_fine_tuning_run_is_the_trained_classifier(easy, tmp_path, capsys):
+    """`mimkit export RUN` of a fine-tuning run (it stopped: "unknown model 'finetune:...'") writes the timm
+    classifier of best.pt with its trained head, class names and normalization: loaded by timm, it scores the val
+    top-1 the run recorded, for a ViT and for a mimkit pyramid; a checkpoint written before the classifier's options
+    were kept exports too; --head-classes is refused with one line."""
+    for name, size in (("mae_vit_pico_patch8", 32), ("umae_swin_pico_128", 64)):
+        run = tmp_path / name
+        res = finetune(
+            FinetuneConfig(data=str(easy), output=str(run), random_init=name, epochs=2, **{**COMMON, "img_size": size})
+        )
+        out = tmp_path / f"{name}.safetensors"
+        capsys.readouterr()
+        assert main(["export", str(run), "--out", str(out)]) == 0
+        assert f"classifier of {run / 'best.pt'} (2 classes" in capsys.readouterr().out
+        top1, meta = _val_top1_of_export(out, easy)
+        assert top1 == pytest.approx(res["best_val_top1"]) and float(meta["best_val_top1"]) == pytest.approx(top1)
+        assert json.loads(meta["classes"]) == ["blue", "red"] and meta["head"] == "2"
+        assert json.loads(meta["data_cfg"])["input_size"] == [3, size, size]
+        trained = torch.load(run / "best.pt", weights_only=True)["model"]
+        written = load_file(str(out))
+        assert written.keys() >= {"head.weight", "head.bias"}
+        for key, value in written.items():  # every tensor is the checkpoint's, the head included
+            assert torch.equal(value, trained[f"net.{key}"]), key
+    from mimkit.eval.finetune import load_encoder_source
+
+    for source in (run, out):  # fine-tuned again (on other data): the run itself, or its export
+        encoder, timm_name, kwargs = load_encoder_source(str(source))
+        assert timm_name == "mimswin_pico_patch4_window16_128" and "num_classes" not in kwargs
+        assert encoder.keys() == {k[4:] for k in trained if not k.startswith("net.head.")}
+        assert all(torch.equal(v, trained[f"net.{k}"]) for k, v in encoder.items())
+    again = FinetuneConfig(data=str(easy), output=str(tmp_path / "again"), pretrained=str(out), epochs=1, **COMMON)
+    assert finetune(again)["epochs_done"] == 1
+    state = torch.load(run / "best.pt", weights_only=True)
+    del state["classifier"]  # as written before this change
+    torch.save(state, tmp_path / "old.pt")
+    assert main(["export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old.safetensors")]) == 0
+    top1, meta = _val_top1_of_export(tmp_path / "old.safetensors", easy)
+    assert top1 == pytest.approx(state["extra"]["val_top1"]) and "classes" not in meta
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "x.safetensors"), "--head-classes", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--head-classes 5" in err and "fine-tuning run" in err

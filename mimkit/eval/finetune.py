@@ -190,7 +190,27 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
             raise ckpt.CheckpointError(
                 f"{pretrained}: no mimkit export metadata (timm_model); write it with `mimkit export`"
             )
-        return state, meta["timm_model"], json.loads(meta["timm_kwargs"])
+        kwargs = json.loads(meta["timm_kwargs"])
+        kwargs.pop("num_classes", None)  # a fine-tuned classifier's export: its head is replaced by a new one
+        return state, meta["timm_model"], kwargs
+    from mimkit.engine import sharded
+    from mimkit.export import finetune_checkpoint
+
+    tuned = finetune_checkpoint(pretrained) if pretrained else None
+    if tuned is not None:  # a fine-tuning run or checkpoint: its encoder (the timm classifier less its head)
+        path, saved = tuned
+        info = saved.get("classifier") or {}
+        if not info:
+            raise ckpt.CheckpointError(
+                f"{path}: a fine-tuning checkpoint from before they kept their classifier's options; export it "
+                "(`mimkit export`) and pass the .safetensors file to --pretrained"
+            )
+        weights = sharded.model_state(path) if saved.get("format") == "sharded" else saved["model"]
+        state = {
+            k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.") and not k.startswith("net.head.")
+        }
+        kwargs = {k: v for k, v in info["timm_kwargs"].items() if k != "num_classes"}
+        return state, info["timm_model"], kwargs
     if pretrained:
         from mimkit.loading import load_pretrained
 
@@ -291,15 +311,22 @@ class ClassifierTask(nn.Module):
         return {"encoder_params": n, "total_params": n}
 
 
-def build_classifier(
-    state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: ImageSize | None, drop_path: float
-) -> tuple[Any, ImageSize]:
-    """A timm classifier from exported or released encoder weights (or random init), with a new head."""
+def classifier_kwargs(timm_name: str, timm_kwargs: dict, img_size: ImageSize | None) -> dict:
+    """``timm.create_model`` options of the classifier fine-tuned from an encoder ``timm_name(**timm_kwargs)``: its
+    image size, and for a ViT the average of the final normed patch tokens as the feature."""
     kwargs = dict(timm_kwargs)
     if img_size:
         kwargs["img_size"] = img_size
     if timm_name.startswith("vit_"):
         kwargs.update(global_pool="avg", fc_norm=False)  # average of the final normed patch tokens
+    return kwargs
+
+
+def build_classifier(
+    state: dict, timm_name: str, timm_kwargs: dict, num_classes: int, img_size: ImageSize | None, drop_path: float
+) -> tuple[Any, ImageSize]:
+    """A timm classifier from exported or released encoder weights (or random init), with a new head."""
+    kwargs = classifier_kwargs(timm_name, timm_kwargs, img_size)
     net: Any  # a timm classifier
     try:
         net = timm.create_model(
@@ -366,8 +393,12 @@ class FinetuneTrainer(Trainer):
                 f"in_chans (--in-chans) = {cfg.in_chans}: the encoder of {cfg.pretrained or cfg.random_init} takes "
                 f"{kwargs.get('in_chans', 3)} channel(s); pass --in-chans {kwargs.get('in_chans', 3)}"
             )
-        net, img_size = build_classifier(state, name, kwargs, len(self.train_list.classes), cfg.img_size, cfg.drop_path)
+        classes = list(self.train_list.classes)
+        net, img_size = build_classifier(state, name, kwargs, len(classes), cfg.img_size, cfg.drop_path)
         cfg.model = f"finetune:{name}"
+        # what `mimkit export` needs to write the classifier for timm (mimkit/export.py, export_classifier)
+        built = {**classifier_kwargs(name, kwargs, img_size), "num_classes": len(classes)}
+        self.classifier_info = {"timm_model": name, "timm_kwargs": built, "classes": classes}
         decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(name)
         cfg.layer_decay = decay
         mixup = None
@@ -387,6 +418,10 @@ class FinetuneTrainer(Trainer):
         if cfg.grad_checkpointing:
             net.set_grad_checkpointing(True)  # timm's API; mimkit's pyramids implement it too
         return ClassifierTask(net, name, kwargs, img_size, decay, mixup, cfg.smoothing)
+
+    def train_state(self, rngs: list) -> dict:
+        """The trainer's, plus the classifier's timm name, options and class names (for `mimkit export`)."""
+        return {**super().train_state(rngs), "classifier": self.classifier_info}
 
     def build_dataset(self, images):
         """The train dataset with timm's RandAugment transform."""
