@@ -145,28 +145,24 @@ class PretrainTrainer(Trainer):
             return
         from mimkit.data.dataset import seeded
 
-        self.model.eval()
-        try:
-            with seeded(cfg.seed):
-                if monitor:
-                    from mimkit.eval import knn_evaluate
+        with self.evaluating(), seeded(cfg.seed):
+            if monitor:
+                from mimkit.eval import knn_evaluate
 
-                    res = knn_evaluate(
-                        self.model,
-                        cfg.monitor_data,
-                        cast(int, cfg.img_size),
-                        cfg.mean,
-                        cfg.std,
-                        device=self.dist.device,
-                        columns=monitor_columns(cfg),
-                    )
-                    if self.dist.is_main:
-                        record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})
-                    self.log.info("epoch %d: kNN top-1 %.2f%% on %s", self.epoch, res["top1"], cfg.monitor_data)
-                if recon:
-                    self.reconstruction_grid()
-        finally:
-            self.model.train()
+                res = knn_evaluate(
+                    self.model,
+                    cfg.monitor_data,
+                    cast(int, cfg.img_size),
+                    cfg.mean,
+                    cfg.std,
+                    device=self.dist.device,
+                    columns=monitor_columns(cfg),
+                )
+                if self.dist.is_main:
+                    record({"monitor_knn_top1": res["top1"], "monitor_knn_top5": res["top5"]})
+                self.log.info("epoch %d: kNN top-1 %.2f%% on %s", self.epoch, res["top1"], cfg.monitor_data)
+            if recon:
+                self.reconstruction_grid()
 
     def reconstruction_grid(self) -> None:
         """8 fixed images (the same every time) through the model: DIR/recon/epoch-NNNN.png and the loggers."""

@@ -91,3 +91,40 @@ def _same_state(one: dict, two: dict) -> None:
                 i,
                 moment,
             )
+
+
+@pytest.mark.slow
+def test_epoch_end_evaluations_run_under_fsdp_and_match_ddp(tiny_folder, tmp_path):
+    """The kNN monitor and the reconstruction figure of pretraining, and fine-tuning's val evaluation, call the
+    model outside its training forward: under FSDP they stopped the run at the first epoch end ("mixed torch.Tensor
+    and DTensor"); now every rank takes part with the root's parameters gathered, and the scores are DDP's."""
+    data = ["--data", str(tiny_folder), "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--num-workers", "0",
+            "--precision", "fp32", "--no-progress", "--no-tensorboard", "--host-huge-pages", "off"]  # fmt: skip
+    commands = {
+        "pretrain": [
+            "pretrain",
+            *data,
+            "--model",
+            "mae_vit_pico_patch8",
+            "--monitor-data",
+            str(tiny_folder),
+            "--recon-every",
+            "1",
+        ],  # fmt: skip
+        "finetune": ["finetune", *data, "--random-init", "mae_vit_pico_patch8", "--mixup", "0", "--cutmix", "0"],
+    }
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command, argv in commands.items():
+        scores = {}
+        for strategy in ("fsdp", "ddp"):
+            out = tmp_path / f"{command}-{strategy}"
+            cmd = [*launch, "mimkit.cli", *argv, "--strategy", strategy, "--output", str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr[-3000:]
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            key = "monitor_knn_top1" if command == "pretrain" else "val_top1"
+            scores[strategy] = [row[key] for row in rows if key in row]
+            if command == "pretrain":
+                assert (out / "recon" / "epoch-0001.png").is_file()
+        assert len(scores["fsdp"]) == 1 and scores["fsdp"] == pytest.approx(scores["ddp"]), scores

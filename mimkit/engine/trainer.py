@@ -519,6 +519,22 @@ class Trainer:
             "schedule_offset": self.schedule_offset,
         }
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in eval mode for work outside the training step (an evaluation, a figure), in train mode again
+        after. Under FSDP the root's own parameters (patch embedding, norms, heads: all outside the sharded blocks)
+        are gathered for it: only the root's forward gathers them, and an evaluation calls other methods or a
+        submodule. Each block still gathers its own as it runs, so every rank takes part (as the callers do)."""
+        self.model.eval()
+        if self.fsdp:
+            self.model.unshard()
+        try:
+            yield
+        finally:
+            if self.fsdp:
+                self.model.reshard()
+            self.model.train()
+
     def layout(self) -> dict:
         """How this run turns images into steps: processes, batch per process, micro-batches per step."""
         return {

@@ -10,6 +10,15 @@ from mimkit.models._size import ImageSize
 
 
 @torch.no_grad()
+def ready(model, device) -> None:
+    """``model`` in eval mode on ``device``: moved only when some parameter is elsewhere (a model sharded with FSDP
+    is on its device already, and moving it would put its sharded parameters back in place of the gathered ones)."""
+    model.eval()
+    dev = torch.device(device)
+    if any(p.device.type != dev.type or dev.index not in (None, p.device.index) for p in model.parameters()):
+        model.to(dev)
+
+
 def predict(
     fn,
     images: ImageList,
@@ -73,7 +82,7 @@ def decode_labelled(
 @torch.no_grad()
 def features_of_tensors(model, images: torch.Tensor, batch_size: int = 128, device="cpu", pool: str = "avg"):
     """``model.extract_features`` of already decoded images (N, C, H, W), in batches (bf16 autocast on GPUs)."""
-    model.eval().to(device)
+    ready(model, device)
     cuda = torch.device(device).type == "cuda"
     return _apply(lambda x: model.extract_features(x, pool=pool), images.split(batch_size), device, cuda)
 
@@ -92,7 +101,7 @@ def extract_features(
 ):
     """(features (N, D) float32, labels (N,)) of center-cropped images through ``model.extract_features``
     (bf16 autocast on GPUs)."""
-    model.eval().to(device)
+    ready(model, device)
     return predict(
         lambda x: model.extract_features(x, pool=pool),
         images,

@@ -453,20 +453,20 @@ class FinetuneTrainer(Trainer):
     def after_epoch(self, record) -> None:
         """Evaluate on val, log top-1/top-5 and mark the best epoch."""
         cfg = self.cfg
-        self.model.eval()
         assert cfg.img_size is not None  # resolved by the trainer from the model before any data is read
-        logits, labels = predict(
-            self.model.net,
-            self.val_list,
-            cfg.img_size,
-            cfg.mean,
-            cfg.std,
-            max(64, cfg.batch_size),
-            self.num_workers,
-            self.dist.device,
-            in_chans=cfg.in_chans,
-        )
-        self.model.train()
+        with self.evaluating():  # every rank, also under FSDP (its blocks gather their weights from all ranks)
+            logits, labels = predict(
+                self.model.net,
+                self.val_list,
+                cfg.img_size,
+                cfg.mean,
+                cfg.std,
+                max(64, cfg.batch_size),
+                self.num_workers,
+                self.dist.device,
+                autocast=cfg.precision == "bf16" and self.dist.device.type == "cuda",  # as trained
+                in_chans=cfg.in_chans,
+            )
         acc = topk_accuracy(logits, labels)
         record({"val_top1": acc["top1"], "val_top5": acc["top5"]})
         self.log.info("epoch %d: val top-1 %.2f%%, top-5 %.2f%%", self.epoch, acc["top1"], acc["top5"])
