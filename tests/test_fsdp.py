@@ -94,12 +94,19 @@ def _same_state(one: dict, two: dict) -> None:
 
 
 @pytest.mark.slow
-def test_epoch_end_evaluations_run_under_fsdp_and_match_ddp(tiny_folder, tmp_path):
+def test_epoch_end_evaluations_run_under_fsdp_and_score_the_saved_weights(tiny_folder, tmp_path):
     """The kNN monitor and the reconstruction figure of pretraining, and fine-tuning's val evaluation, call the
     model outside its training forward: under FSDP they stopped the run at the first epoch end ("mixed torch.Tensor
-    and DTensor"); now every rank takes part with the root's parameters gathered, and the scores are DDP's."""
+    and DTensor"); now every rank takes part with the root's parameters gathered, and the scores are those of the
+    epoch's weights evaluated in one process without FSDP."""
+    from test_finetune import _val_top1_of_export
+
+    from mimkit.eval import knn_evaluate
+    from mimkit.loading import load_pretrained
+
     data = ["--data", str(tiny_folder), "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--num-workers", "0",
-            "--precision", "fp32", "--no-progress", "--no-tensorboard", "--host-huge-pages", "off"]  # fmt: skip
+            "--precision", "fp32", "--no-progress", "--no-tensorboard", "--host-huge-pages", "off",
+            "--strategy", "fsdp", "--checkpoint-format", "file"]  # fmt: skip
     commands = {
         "pretrain": [
             "pretrain",
@@ -116,15 +123,21 @@ def test_epoch_end_evaluations_run_under_fsdp_and_match_ddp(tiny_folder, tmp_pat
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command, argv in commands.items():
-        scores = {}
-        for strategy in ("fsdp", "ddp"):
-            out = tmp_path / f"{command}-{strategy}"
-            cmd = [*launch, "mimkit.cli", *argv, "--strategy", strategy, "--output", str(out)]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-            assert r.returncode == 0, r.stderr[-3000:]
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            key = "monitor_knn_top1" if command == "pretrain" else "val_top1"
-            scores[strategy] = [row[key] for row in rows if key in row]
-            if command == "pretrain":
-                assert (out / "recon" / "epoch-0001.png").is_file()
-        assert len(scores["fsdp"]) == 1 and scores["fsdp"] == pytest.approx(scores["ddp"]), scores
+        out = tmp_path / command
+        r = subprocess.run([*launch, "mimkit.cli", *argv, "--output", str(out)], capture_output=True, text=True,
+                           timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "blocks and the model sharded over 2 ranks" in r.stderr
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        key = "monitor_knn_top1" if command == "pretrain" else "val_top1"
+        logged = [row[key] for row in rows if key in row]
+        if command == "pretrain":
+            assert (out / "recon" / "epoch-0001.png").is_file()
+            model, cfg = load_pretrained(out)
+            expected = knn_evaluate(model, str(tiny_folder), 32, cfg.mean, cfg.std)["top1"]
+        else:
+            from mimkit.cli import main
+
+            assert main(["export", str(out), "--out", str(tmp_path / "clf.safetensors")]) == 0
+            expected = _val_top1_of_export(tmp_path / "clf.safetensors", tiny_folder)[0]
+        assert logged == [pytest.approx(expected)], (command, logged, expected)
