@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mimkit.data import ImageDataset, collate, find_images
-from mimkit.data.hf import HFStreamDataset, hf_images, hf_stream, is_hf_source, parse_hf_source
+from mimkit.data.hf import HFStreamDataset, _to_source, hf_images, hf_stream, is_hf_source, parse_hf_source
 from mimkit.errors import DataError
 
 datasets = pytest.importorskip("datasets")
@@ -158,6 +158,31 @@ def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
     ds.to_parquet(str(tmp_path / "paths.parquet"))
     images = hf_images(f"hf:{tmp_path}", "file")  # a column of file paths
     assert images.paths[3] == paths[3]
+
+
+def test_relative_paths_in_cells_are_relative_to_the_dataset_folder(tiny_folder, tmp_path, monkeypatch):
+    """A Parquet file next to its images, listing them as "images/x.png": the paths are the dataset folder's (they
+    were the working directory's, so every image was missing), map-style and streaming; a path that is not in the
+    folder stays as given."""
+    import shutil
+
+    paths = list(find_images(tiny_folder).paths)
+    (tmp_path / "set" / "images").mkdir(parents=True)
+    names = []
+    for i, p in enumerate(paths):
+        shutil.copy(p, tmp_path / "set" / "images" / f"{i}.png")
+        names.append(f"images/{i}.png")
+    datasets.Dataset.from_dict({"file": names}).to_parquet(str(tmp_path / "set" / "train-00000.parquet"))
+    monkeypatch.chdir(tmp_path)  # not the dataset's folder
+    for images in (
+        hf_images(f"hf:{tmp_path / 'set'}", "file").paths,
+        hf_stream(f"hf:{tmp_path / 'set'}", "file").paths,
+    ):
+        assert images[3] == str(tmp_path / "set" / "images" / "3.png")
+    assert _to_source("elsewhere/missing.png", "row", f"hf:{tmp_path / 'set'}") == "elsewhere/missing.png"
+    stream = HFStreamDataset(hf_stream(f"hf:{tmp_path / 'set'}", "file"), _plain(), min_image_size=1, seed=0)
+    decoded = [x for batch in _epoch(stream, 0, 1, 0, 4) for x in batch["image"]]
+    assert len(decoded) == 24 and sorted(x.sum().item() for x in decoded) == pytest.approx(_folder_sums(tiny_folder))
 
 
 def test_visualize_reads_a_hugging_face_source(tiny_folder, tmp_path, capsys):

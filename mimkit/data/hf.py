@@ -9,6 +9,7 @@ precision. How a streaming epoch is split and resumed: docs/data.md, "Hugging Fa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -63,19 +64,36 @@ class NamedBytes(io.BytesIO):
     __repr__ = __str__
 
 
-def _to_source(value, label: str):
+@functools.lru_cache(maxsize=64)
+def local_folder(root: str) -> str | None:
+    """The folder of a local ``hf:`` source (``hf:/data/x[:split]``), None for a Hub dataset."""
+    name, _ = parse_hf_source(root)
+    folder = Path(name).expanduser()
+    return str(folder) if folder.is_dir() else None
+
+
+def _path(path: str, root: str) -> str:
+    """A file path from a cell: a relative one is relative to a local dataset's folder when the file is there (as
+    in a file list, relative to the list), else as given (relative to the working directory)."""
+    folder = local_folder(root) if not os.path.isabs(path) else None
+    if folder is not None and os.path.exists(os.path.join(folder, path)):
+        return os.path.join(folder, path)
+    return path
+
+
+def _to_source(value, label: str, root: str = ""):
     """A row's image value (undecoded ``{"bytes", "path"}``, raw bytes, or a file path) -> something
-    ``load_image`` opens."""
+    ``load_image`` opens; ``root``: the ``hf:`` source, against whose folder relative paths are resolved."""
     if isinstance(value, dict):
         if value.get("bytes"):
             return NamedBytes(value["bytes"], f"{label} ({value.get('path') or 'bytes'})")
         if value.get("path"):
-            return value["path"]
+            return _path(value["path"], root) if root else value["path"]
         raise DataError(f"{label}: the image cell is empty")
     if isinstance(value, (bytes, bytearray)):
         return NamedBytes(bytes(value), label)
     if isinstance(value, str):
-        return value
+        return _path(value, root) if root else value
     if value is None:
         return NamedBytes(b"", f"{label} (empty cell)")  # decodes as a bad image: skipped and counted
     raise DataError(
@@ -160,7 +178,7 @@ class HFColumn:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.dataset[int(i)]
-        return _to_source(row[self.column], f"{self.root}[{int(i)}]")
+        return _to_source(row[self.column], f"{self.root}[{int(i)}]", self.root)
 
 
 @dataclass
@@ -360,7 +378,7 @@ class HFStream:
         """Up to 1,000 images from the start of the stream (``--compute-mean-std``, reconstruction figures)."""
         files = []
         for i, value in enumerate(self.rows(None, 1)):
-            files.append(_to_source(value, f"{self.root}[{i}]"))
+            files.append(_to_source(value, f"{self.root}[{i}]", self.root))
             if len(files) >= 1000:
                 break
         return files
@@ -423,7 +441,7 @@ class HFStreamDataset(ShardDataset):
         from mimkit.data.dataset import sample_seed, seeded
         from mimkit.data.decode import load_image
 
-        img = load_image(_to_source(sample["cell"], key), self.min_image_size, self.in_chans)
+        img = load_image(_to_source(sample["cell"], key, self.shards.root), self.min_image_size, self.in_chans)
         with seeded(sample_seed(self.seed, self.epoch, key)):
             return self.transform(img)
 
