@@ -28,6 +28,7 @@ IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "ti
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target")
 INTEGER_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 LABEL_DTYPES = (*INTEGER_DTYPES, "string", "large_string")  # integers or strings: the kinds a label column holds
+COLUMN_FLAGS = ("--image-column", "--label-column")  # the options that name an evaluation's columns, for errors
 VAL_SPLITS = ("validation", "val", "test")  # the evaluation split of a dataset named without one, in this order
 
 
@@ -254,7 +255,7 @@ def _labelled(
     classes: list | None = None,
     image_column: str = "",
     label_column: str = "",
-    flags: tuple[str, str] = ("--image-column", "--label-column"),
+    flags: tuple[str, str] = COLUMN_FLAGS,
 ) -> HFImages:
     """``ds`` as HFImages with integer labels (ClassLabel indices, else the sorted distinct values, or ``classes``).
     Rows without a label (a ClassLabel's -1, an empty cell) are left out, with a warning naming how many; a split
@@ -305,7 +306,7 @@ def hf_labelled_splits(
     seed: int = 0,
     image_column: str = "",
     label_column: str = "",
-    flags: tuple[str, str] = ("--image-column", "--label-column"),
+    flags: tuple[str, str] = COLUMN_FLAGS,
 ) -> tuple[HFImages, HFImages]:
     """(train, val) of a labelled Hugging Face dataset for evaluation: the named split (default ``train``) and, when
     ``data`` names none, the dataset's own validation split (``validation``, ``val`` or ``test``); otherwise a fixed,

@@ -184,7 +184,7 @@ def labelled_splits(
     seed: int = 0,
     image_column: str = "",
     label_column: str = "",
-    flags: tuple[str, str] = ("--image-column", "--label-column"),
+    flags: tuple[str, str] | None = None,
 ) -> tuple[ImageList, ImageList]:
     """Train and val splits with labels, for kNN and other evaluations.
 
@@ -193,7 +193,9 @@ def labelled_splits(
     (``mimkit.data.hf.hf_labelled_splits``), whose columns ``image_column`` and ``label_column`` may name (given by
     the options ``flags``, named in errors).
     """
-    from mimkit.data.hf import hf_labelled_splits, is_hf_source
+    from mimkit.data.hf import COLUMN_FLAGS, hf_labelled_splits, is_hf_source
+
+    flags = flags or COLUMN_FLAGS
 
     if is_hf_source(str(path)):  # a labelled Hugging Face dataset (mimkit/data/hf.py)
         return hf_labelled_splits(str(path), val_fraction, seed, image_column, label_column, flags)  # type: ignore[return-value]
