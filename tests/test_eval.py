@@ -58,3 +58,15 @@ def test_linear_probe_learns_and_leaves_the_encoder_untouched(tiny_folder):
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert res["cache"] is False and res["top1"] >= 75.0 and len(res["history"]) == 10
+
+
+def test_predict_keeps_no_autograd_graph(tiny_folder):
+    """Evaluation outputs carry no graph (a val pass once ran with gradients on: memory for every activation)."""
+    from mimkit.data import labelled_splits
+    from mimkit.eval.features import predict
+
+    conv = torch.nn.Conv2d(3, 4, 8, 8)
+    out, labels = predict(
+        lambda x: conv(x).mean(dim=(2, 3)), labelled_splits(tiny_folder)[1], 32, [0.5] * 3, [0.25] * 3
+    )
+    assert out.shape == (len(labels), 4) and not out.requires_grad

@@ -9,7 +9,6 @@ from mimkit.data import ImageDataset, ImageList, collate, eval_transform
 from mimkit.models._size import ImageSize
 
 
-@torch.no_grad()
 def ready(model, device) -> None:
     """``model`` in eval mode on ``device``: moved only when some parameter is elsewhere (a model sharded with FSDP
     is on its device already, and moving it would put its sharded parameters back in place of the gathered ones)."""
@@ -19,6 +18,7 @@ def ready(model, device) -> None:
         model.to(dev)
 
 
+@torch.no_grad()
 def predict(
     fn,
     images: ImageList,
