@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLES
 
+# --host-huge-pages off: no start-up restart of every process (tests/test_host_memory.py tests the restart)
 COMMON = ["pretrain", "--data", str(SAMPLES), "--img-size", "32", "--batch-size", "4", "--epochs", "1",
-          "--num-workers", "0", "--precision", "fp32", "--no-progress", "--save-every-minutes", "1000"]  # fmt: skip
+          "--num-workers", "0", "--precision", "fp32", "--no-progress", "--save-every-minutes", "1000",
+          "--host-huge-pages", "off"]  # fmt: skip
 
 
 def _run(args, nproc, tmp_path):
