@@ -604,6 +604,8 @@ def cmd_ablate_masking(args):
 
 def _column_args(p: argparse.ArgumentParser, prefix: str = "", labels: bool = True) -> None:
     """--[PREFIX]image-column and --[PREFIX]label-column: the columns of an hf: dataset (``_columns``)."""
+    from mimkit.config import LABEL_COLUMN_HELP
+
     data = f"--{prefix}data"
     p.add_argument(
         f"--{prefix}image-column",
@@ -614,8 +616,7 @@ def _column_args(p: argparse.ArgumentParser, prefix: str = "", labels: bool = Tr
         p.add_argument(
             f"--{prefix}label-column",
             default="",
-            help=f"hf: {data}: the column holding the labels (default: the first ClassLabel column, else one named "
-            "label/labels/class/category/target, else the one column of integers or strings whose values repeat)",
+            help=f"hf: {data}: {LABEL_COLUMN_HELP}",
         )
 
 

@@ -27,6 +27,13 @@ def opt(default, help: str, group: str = "training", **kw):
     return field(default=default, metadata=meta)
 
 
+# the help of every option that names an hf: dataset's label column (knn, linprobe, finetune, compare, pretrain)
+LABEL_COLUMN_HELP = (
+    "the column holding the labels (default: the first ClassLabel column, else one named "
+    "label/labels/class/category/target, else the one column of integers or strings whose values repeat)"
+)
+
+
 @dataclass
 class PretrainConfig:
     # data
@@ -304,12 +311,7 @@ class PretrainConfig:
     monitor_image_column: str = opt(
         "", "hf: --monitor-data: the column holding the images (default: found as for --image-column).", "output"
     )
-    monitor_label_column: str = opt(
-        "",
-        "hf: --monitor-data: the column holding the labels (default: the first ClassLabel column, else one named "
-        "label/labels/class/category/target, else the one column of integers or strings whose values repeat).",
-        "output",
-    )
+    monitor_label_column: str = opt("", f"hf: --monitor-data: {LABEL_COLUMN_HELP}.", "output")
 
     def __post_init__(self):
         validate_config(self)
@@ -362,8 +364,8 @@ class PretrainConfig:
                 raise ConfigError(
                     f"{_flag_of(name)}: only with a Hugging Face --monitor-data (hf:NAME_OR_PATH), not {monitor!r}"
                 )
-        for name in ("image_column", "hf_streaming"):
-            if getattr(self, name) and not self.data.startswith("hf:"):
+        for name in ("image_column", "label_column", "hf_streaming"):  # label_column: a subclass's (fine-tuning)
+            if getattr(self, name, None) and not self.data.startswith("hf:"):
                 raise ConfigError(
                     f"{_flag_of(name)}: only for Hugging Face sources (--data hf:NAME_OR_PATH), not {self.data!r}"
                 )

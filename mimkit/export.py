@@ -33,20 +33,28 @@ def export_encoder(
         dim = model.encoder.num_features
         state["head.weight"] = torch.zeros(head_classes, dim)
         state["head.bias"] = torch.zeros(head_classes)
+    size = timm_kwargs.get("img_size", model.img_size)
+    return _write(state, path, timm_name, timm_kwargs, head_classes or 0, source, size, mean, std)
+
+
+def _write(state: dict, path, timm_name: str, timm_kwargs: dict, head: int, source, size, mean, std, **extra) -> dict:
+    """``state`` as a safetensors file at ``path`` with the metadata every export carries (the timm model and the
+    options to create it, the head's class count, the source; the input ``size`` and normalization as ``data_cfg``
+    when ``mean`` and ``std`` are known) plus ``extra``; returns the metadata."""
     meta = {
         "timm_model": timm_name,
         "timm_kwargs": json.dumps(timm_kwargs),
-        "head": str(head_classes or 0),
+        "head": str(head),
         "format": "timm",
         "mimkit_version": mimkit.__version__,
         "source": str(source),
+        **extra,
     }
     if mean is not None and std is not None:
         from mimkit.models._size import pair
 
-        size = pair(timm_kwargs.get("img_size", model.img_size))
         chans = int(timm_kwargs.get("in_chans", 3))
-        meta["data_cfg"] = json.dumps({"input_size": [chans, *size], "mean": list(mean), "std": list(std)})
+        meta["data_cfg"] = json.dumps({"input_size": [chans, *pair(size)], "mean": list(mean), "std": list(std)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
@@ -84,27 +92,29 @@ FINETUNE_PREFIX = "finetune:"  # a fine-tuning run's model name: finetune:<timm 
 
 def finetune_checkpoint(path: str | Path) -> tuple[Path, dict] | None:
     """(checkpoint, its contents) when ``path`` is a fine-tuning checkpoint or run folder (a folder: its best.pt,
-    else its newest checkpoint); None for anything else (a pretraining checkpoint or run, which the caller reads)."""
-    import yaml
-
+    else its newest checkpoint); None for anything else (a pretraining checkpoint or run, which the caller reads:
+    its saved configuration is peeked at, not loaded twice)."""
     from mimkit.engine import sharded
-    from mimkit.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+    from mimkit.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, peek_config
 
     path = Path(path)
+    if not str(peek_config(path).get("model", "")).startswith(FINETUNE_PREFIX):
+        return None
     if path.is_dir() and not sharded.is_sharded(path):
-        try:
-            saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            return None  # not a run folder mimkit wrote: the pretraining reader says what is wrong
-        if not str(saved.get("model", "")).startswith(FINETUNE_PREFIX):
-            return None
         found = [path / "best.pt"] if (path / "best.pt").is_file() else list_checkpoints(path)[-1:]
         if not found:
             raise CheckpointError(f"{path}: a fine-tuning run folder with no best.pt and no checkpoint")
         path = found[0]
-    state = load_checkpoint(path)
-    model = str((state.get("config") or {}).get("model", ""))
-    return (path, state) if model.startswith(FINETUNE_PREFIX) else None
+    return path, load_checkpoint(path)
+
+
+def classifier_weights(path: Path, state: dict) -> dict:
+    """The timm classifier's state dict of a fine-tuning checkpoint (``finetune_checkpoint``'s): its task's ``net.``
+    entries without the prefix, from the file or, for a sharded folder, from its shards."""
+    from mimkit.engine import sharded
+
+    weights = sharded.model_state(path) if state.get("format") == "sharded" else state.get("model") or {}
+    return {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
 
 
 def export_classifier(path: str | Path, state: dict, out: str | Path) -> dict:
@@ -112,15 +122,13 @@ def export_classifier(path: str | Path, state: dict, out: str | Path) -> dict:
     timm key names, its trained head included; returns the metadata: the timm model name and the options to create
     it (``num_classes`` among them), the class names in label order (``classes``), the input size and normalization
     (``data_cfg``) and the checkpoint's val top-1. ``create_timm_from_export`` loads it."""
-    from mimkit.engine import sharded
     from mimkit.engine.checkpoint import CheckpointError
     from mimkit.eval.finetune import classifier_kwargs
 
     path = Path(path)
     cfg = state.get("config") or {}
     name = str(cfg.get("model", ""))[len(FINETUNE_PREFIX) :]
-    weights = sharded.model_state(path) if state.get("format") == "sharded" else state.get("model") or {}
-    weights = {k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.")}
+    weights = classifier_weights(path, state)
     info = state.get("classifier")
     if info is None:  # written before the checkpoint kept its classifier's options: they are rebuilt
         head = weights.get("head.weight")
@@ -139,28 +147,12 @@ def export_classifier(path: str | Path, state: dict, out: str | Path) -> dict:
             f"{path}: weights do not fit {info['timm_model']} (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     kwargs = info["timm_kwargs"]
-    meta = {
-        "timm_model": info["timm_model"],
-        "timm_kwargs": json.dumps(kwargs),
-        "head": str(kwargs["num_classes"]),
-        "format": "timm",
-        "mimkit_version": mimkit.__version__,
-        "source": str(path),
-    }
+    scores = state.get("extra") or {}
+    extra = {k: str(scores[k]) for k in ("val_top1", "best_val_top1", "best_epoch") if k in scores}
     if info.get("classes"):
-        meta["classes"] = json.dumps(info["classes"])
-    extra = state.get("extra") or {}
-    for key in ("val_top1", "best_val_top1", "best_epoch"):
-        if key in extra:
-            meta[key] = str(extra[key])
-    if cfg.get("mean") and cfg.get("std"):
-        from mimkit.models._size import pair
-
-        built = tuple(getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-2:])  # timm's default
-        size = pair(kwargs.get("img_size") or built)
-        shape = [int(kwargs.get("in_chans", 3)), *size]
-        meta["data_cfg"] = json.dumps({"input_size": shape, "mean": list(cfg["mean"]), "std": list(cfg["std"])})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out), metadata=meta)
-    return meta
+        extra["classes"] = json.dumps(info["classes"])
+    built = tuple(getattr(net, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-2:])  # timm's default
+    mean, std = (cfg["mean"], cfg["std"]) if cfg.get("mean") and cfg.get("std") else (None, None)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    size = kwargs.get("img_size") or built
+    return _write(tensors, out, info["timm_model"], kwargs, kwargs["num_classes"], path, size, mean, std, **extra)

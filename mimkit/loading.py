@@ -45,8 +45,10 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
         state["model"] = sharded.model_state(path)
     if "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a mimkit pretraining checkpoint (expected keys 'model' and 'config')")
+    from mimkit.export import FINETUNE_PREFIX
+
     model_name = str(state["config"].get("model", "")) if isinstance(state["config"], dict) else ""
-    if model_name.startswith("finetune:"):
+    if model_name.startswith(FINETUNE_PREFIX):
         raise CheckpointError(
             f"{path}: a fine-tuning checkpoint ({model_name}), not a pretraining one; `mimkit export {path} --out "
             "FILE.safetensors` writes its classifier for timm, and `--pretrained` takes that file"

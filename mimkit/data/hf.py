@@ -103,6 +103,15 @@ def _to_source(value, label: str, root: str = ""):
     )
 
 
+def _named_feature(ds, column: str, where: str, flag: str):
+    """The feature of the column ``column`` that the option ``flag`` names; one line naming both when ``ds`` (the
+    source ``where``) has no such column."""
+    names = list(ds.features or {})
+    if column not in names:
+        raise DataError(f"{flag} {column}: {where} has no such column (columns: {', '.join(names)})")
+    return ds.features[column]
+
+
 def _image_column(ds, column: str, where: str, flag: str = "--image-column") -> str:
     """The image column: ``column`` when given (by the option ``flag``), checked; else the first of Image type, or
     one of the usual names."""
@@ -110,9 +119,7 @@ def _image_column(ds, column: str, where: str, flag: str = "--image-column") -> 
 
     names = list(ds.features or {})
     if column:
-        if column not in names:
-            raise DataError(f"{flag} {column}: {where} has no such column (columns: {', '.join(names)})")
-        feature = ds.features[column]
+        feature = _named_feature(ds, column, where, flag)
         kind = getattr(feature, "dtype", "")
         if not isinstance(feature, datasets.Image) and kind not in ("binary", "large_binary", "string", "large_string"):
             raise DataError(
@@ -221,9 +228,7 @@ def _label_column(ds, where: str, image: str, column: str = "", flag: str = "--l
 
     names = list(ds.features or {})
     if column:
-        if column not in names:
-            raise DataError(f"{flag} {column}: {where} has no such column (columns: {', '.join(names)})")
-        feature = ds.features[column]
+        feature = _named_feature(ds, column, where, flag)
         if column == image or not (
             isinstance(feature, datasets.ClassLabel) or getattr(feature, "dtype", "") in LABEL_DTYPES
         ):

@@ -78,6 +78,26 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def peek_config(path: Path) -> dict:
+    """The saved configuration of a run folder (its config.yaml), a checkpoint file (memory-mapped: no tensor is
+    read) or a sharded checkpoint folder (its train_state.pt); {} for anything else or unreadable (the readers
+    report what is wrong in their own words)."""
+    import yaml
+
+    from mimkit.engine import sharded
+
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir() and not sharded.is_sharded(path):
+            values = yaml.safe_load((path / "config.yaml").read_text())
+        else:
+            file = path / sharded.STATE_FILE if path.is_dir() else path
+            values = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:  # missing, damaged or foreign
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
 def load_checkpoint(path: Path) -> dict:
     """``torch.load(weights_only=True)`` whose every failure is one line naming the file. For a sharded folder:
     its ``train_state.pt`` (``format: sharded``, no tensors), once its files are found complete."""

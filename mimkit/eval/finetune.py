@@ -22,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from mimkit.config import PretrainConfig, opt
+from mimkit.config import LABEL_COLUMN_HELP, PretrainConfig, opt
 from mimkit.data import ImageDataset, labelled_splits
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.optim import layer_decay_param_groups
@@ -30,6 +30,7 @@ from mimkit.engine.trainer import Trainer, run_trainer
 from mimkit.errors import ConfigError
 from mimkit.eval.features import predict
 from mimkit.eval.knn import topk_accuracy
+from mimkit.export import FINETUNE_PREFIX, classifier_weights, finetune_checkpoint
 from mimkit.models._size import ImageSize, canonical, pair, size_text
 from mimkit.models.rpb_vit import expand_rel_pos_table, table_window
 
@@ -104,21 +105,11 @@ class FinetuneConfig(PretrainConfig):
     output: str = opt(
         "runs/finetune", "Output folder: checkpoints (best.pt, rotating last), metrics, config.", "output"
     )
-    label_column: str = opt(
-        "",
-        "hf: sources: the column holding the labels (default: the first ClassLabel column, else one named "
-        "label/labels/class/category/target, else the one column of integers or strings whose values repeat).",
-        "data",
-    )
+    label_column: str = opt("", f"hf: sources: {LABEL_COLUMN_HELP}.", "data")
 
     def check_pairs(self) -> None:
         """Exactly one of --pretrained and --random-init; --init only with --random-init; a --pretrained path exists."""
-        super().check_pairs()
-        if self.label_column and not self.data.startswith("hf:"):
-            raise ConfigError(
-                f"label_column (--label-column): only for Hugging Face sources (--data hf:NAME_OR_PATH), not "
-                f"{self.data!r}"
-            )
+        super().check_pairs()  # --label-column (as --image-column) only with an hf: --data
         if bool(self.pretrained) == bool(self.random_init):
             raise ConfigError(
                 "give exactly one of --pretrained (checkpoint, run folder or .safetensors) and --random-init MODEL"
@@ -146,21 +137,17 @@ def source_normalization(pretrained: str) -> tuple[list[float], list[float]] | N
     """(mean, std) the encoder at ``pretrained`` was pretrained with: a run folder's config.yaml, a checkpoint's saved
     config or a ``mimkit export`` file's ``data_cfg``; None for released weights, older exports, or a file this cannot
     read (the loader reports those in its own words)."""
-    import yaml
-
     path = Path(pretrained).expanduser()
-    try:
-        if path.is_dir():
-            values = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
+        try:
             with safe_open(str(path), "pt") as fh:
                 values = json.loads((fh.metadata() or {}).get("data_cfg", "{}"))
-        else:
-            values = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
-    except Exception:  # missing, damaged or foreign: no statistics from here
-        return None
+        except Exception:  # missing, damaged or foreign: no statistics from here
+            return None
+    else:
+        values = ckpt.peek_config(path)
     mean, std = values.get("mean"), values.get("std")
     return (list(mean), list(std)) if mean and std else None
 
@@ -193,9 +180,6 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
         kwargs = json.loads(meta["timm_kwargs"])
         kwargs.pop("num_classes", None)  # a fine-tuned classifier's export: its head is replaced by a new one
         return state, meta["timm_model"], kwargs
-    from mimkit.engine import sharded
-    from mimkit.export import finetune_checkpoint
-
     tuned = finetune_checkpoint(pretrained) if pretrained else None
     if tuned is not None:  # a fine-tuning run or checkpoint: its encoder (the timm classifier less its head)
         path, saved = tuned
@@ -205,10 +189,7 @@ def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int =
                 f"{path}: a fine-tuning checkpoint from before they kept their classifier's options; export it "
                 "(`mimkit export`) and pass the .safetensors file to --pretrained"
             )
-        weights = sharded.model_state(path) if saved.get("format") == "sharded" else saved["model"]
-        state = {
-            k[len("net.") :]: v for k, v in weights.items() if k.startswith("net.") and not k.startswith("net.head.")
-        }
+        state = {k: v for k, v in classifier_weights(path, saved).items() if not k.startswith("head.")}
         kwargs = {k: v for k, v in info["timm_kwargs"].items() if k != "num_classes"}
         return state, info["timm_model"], kwargs
     if pretrained:
@@ -395,7 +376,7 @@ class FinetuneTrainer(Trainer):
             )
         classes = list(self.train_list.classes)
         net, img_size = build_classifier(state, name, kwargs, len(classes), cfg.img_size, cfg.drop_path)
-        cfg.model = f"finetune:{name}"
+        cfg.model = FINETUNE_PREFIX + name
         # what `mimkit export` needs to write the classifier for timm (mimkit/export.py, export_classifier)
         built = {**classifier_kwargs(name, kwargs, img_size), "num_classes": len(classes)}
         self.classifier_info = {"timm_model": name, "timm_kwargs": built, "classes": classes}
