@@ -118,36 +118,61 @@ def _check_model_specs(specs: list[str], shared: dict) -> None:
                 )
 
 
-def _load_model(args):
-    """(model, img_size, mean, std) from a checkpoint, or a randomly initialized model."""
-    from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
+def _load_model(args, encoder_only: bool = True):
+    """(model, img_size, mean, std) from a checkpoint or run folder, from an encoder alone (``encoder_only``: a
+    `mimkit export` file, a fine-tuning run, released ViT weights), or a randomly initialized model."""
     from mimkit.errors import ConfigError
-    from mimkit.loading import load_pretrained, random_init
+    from mimkit.loading import is_encoder_source, load_encoder, load_pretrained, random_init
 
     if args.checkpoint and args.random_init:
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
+        if is_encoder_source(args.checkpoint):
+            if not encoder_only:
+                raise ConfigError(
+                    f"{args.checkpoint}: an encoder without its decoder (an export, a fine-tuning run or released "
+                    "weights); give the pretraining run or checkpoint, whose decoder draws the reconstructions"
+                )
+            model, known = load_encoder(args.checkpoint)
+            _keeps_channels(args, model.in_chans)
+            if "mean" in known:
+                return model, model.img_size, known["mean"], known["std"]
+            return model, model.img_size, *_normalization(args, model.in_chans)
         model, cfg = load_pretrained(args.checkpoint)
-        if args.in_chans != 3 and args.in_chans != cfg.in_chans:
-            raise ConfigError(
-                f"in_chans (--in-chans) = {args.in_chans}: {args.checkpoint} is a model of {cfg.in_chans} channel(s), "
-                "which it keeps; --in-chans sets a --random-init model's"
-            )
+        _keeps_channels(args, cfg.in_chans)
         args._viz_bands = cfg.viz_bands  # the run's display bands, for figures of more than 3 channels
         return model, cfg.img_size, cfg.mean, cfg.std
     if not args.random_init:
         raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
     channels = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     model = random_init(args.random_init, img_size=args.img_size, seed=args.seed, **channels)
-    if not channels:
-        return model, model.img_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
-    # N channels: normalised with statistics measured from the data, as `mimkit pretrain --in-chans N` does
+    return model, model.img_size, *_normalization(args, args.in_chans)
+
+
+def _keeps_channels(args, chans: int) -> None:
+    """A checkpoint's or encoder's channel count is its own: a different --in-chans is an error."""
+    from mimkit.errors import ConfigError
+
+    if args.in_chans != 3 and args.in_chans != chans:
+        raise ConfigError(
+            f"in_chans (--in-chans) = {args.in_chans}: {args.checkpoint} is a model of {chans} channel(s), "
+            "which it keeps; --in-chans sets a --random-init model's"
+        )
+
+
+def _normalization(args, chans: int) -> tuple[list[float], list[float]]:
+    """(mean, std) for a model that carries none: ImageNet's for 3 channels, else measured from ``--data`` as
+    `mimkit pretrain --in-chans N` does."""
+    from mimkit.data import IMAGENET_MEAN, IMAGENET_STD
+
+    if chans == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
     from mimkit.data import compute_mean_std
     from mimkit.pretraining import source_images
 
     paths = source_images(args.data, getattr(args, "image_column", "")).paths
-    mean, std = compute_mean_std(paths, max_images=1000, seed=args.seed, in_chans=args.in_chans)
-    return model, model.img_size, list(mean), list(std)
+    mean, std = compute_mean_std(paths, max_images=1000, seed=args.seed, in_chans=chans)
+    return list(mean), list(std)
 
 
 def cmd_pretrain(args):
@@ -185,14 +210,17 @@ def cmd_finetune(args):
     """`mimkit finetune`: fine-tune a pretrained (or randomly initialised) encoder as a classifier."""
     from mimkit.config import config_from_args, load_recipe
     from mimkit.errors import ConfigError
-    from mimkit.eval.finetune import FinetuneConfig, finetune, source_normalization
+    from mimkit.eval.finetune import FinetuneConfig, finetune, source_data
 
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    source = source_data(args.pretrained) if args.pretrained else {}
+    if args.in_chans is None and "in_chans" not in recipe and "in_chans" in source:
+        args.in_chans = source["in_chans"]  # the encoder's own channel count, as knn and linprobe take it
+    chans = args.in_chans if args.in_chans is not None else recipe.get("in_chans", 3)
     norm_keys = ("mean", "std", "compute_mean_std")
-    given = any(getattr(args, k, None) is not None for k in norm_keys)
-    given = given or (bool(args.recipe) and any(k in load_recipe(args.recipe) for k in norm_keys))
-    norm = source_normalization(args.pretrained) if args.pretrained and not given else None
-    if norm is not None:  # the encoder sees its images normalized as in pretraining, unless told otherwise
-        args.mean, args.std = norm
+    given = any(getattr(args, k, None) is not None for k in norm_keys) or any(k in recipe for k in norm_keys)
+    if not given and "mean" in source and len(source["mean"]) == chans:  # else a mismatch the task names
+        args.mean, args.std = source["mean"], source["std"]  # normalized as in pretraining, unless told otherwise
     cfg = config_from_args(args, FinetuneConfig)
     if not cfg.data:
         raise ConfigError("data (--data) is required: an ImageFolder root with train/<class>/ and val/<class>/")
@@ -332,7 +360,7 @@ def cmd_visualize(args):
 
     _out_file(args.out, "--out")
     _columns(args)
-    model, img_size, mean, std = _load_model(args)
+    model, img_size, mean, std = _load_model(args, encoder_only=False)
     bands = args.bands or getattr(args, "_viz_bands", None)
     if bands and max(bands) >= model.in_chans:
         raise ConfigError(f"--bands {' '.join(map(str, bands))}: the model takes {model.in_chans} channel(s)")
@@ -640,8 +668,16 @@ def _columns(args, prefix: str = "") -> dict:
     return {**columns, "flags": flags}
 
 
-def _eval_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run folder (its newest checkpoint)")
+def _eval_model_args(p: argparse.ArgumentParser, encoders: bool = True) -> None:
+    """The model options of the evaluations; ``encoders``: an encoder alone is accepted too (not by visualize,
+    which needs the decoder)."""
+    source = "a pretraining checkpoint file, or a run folder (its newest checkpoint)"
+    if encoders:
+        source += (
+            "; or an encoder alone: a `mimkit export` .safetensors file, a fine-tuning run or checkpoint (its "
+            "classifier's features before the head), or released MAE / timm ViT weights"
+        )
+    p.add_argument("checkpoint", nargs="?", help=source)
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
     p.add_argument("--img-size", type=_number(int, 8), help="resolution (default: the checkpoint's)")
     p.add_argument("--seed", type=NONNEG_INT, default=0)
@@ -742,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("visualize", help="reconstruction figure (original, encoder input, reconstruction, pasted)")
-    _eval_model_args(p)
+    _eval_model_args(p, encoders=False)
     p.add_argument(
         "--data",
         required=True,

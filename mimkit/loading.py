@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +66,44 @@ def load_pretrained(path: str | Path, map_location="cpu") -> tuple[MIMMethod, Pr
             f"unexpected {unexpected[:5]}); was it written by another mimkit version?"
         )
     return model.to(map_location), cfg
+
+
+def is_encoder_source(path: str | Path) -> bool:
+    """Whether ``path`` holds an encoder without its pretraining method: a `mimkit export` .safetensors file, a
+    fine-tuning run or checkpoint, or released ViT weights (what ``load_encoder`` reads; ``load_pretrained`` reads
+    the rest, and reports a missing or damaged file)."""
+    from mimkit.engine.checkpoint import peek_config
+    from mimkit.eval.finetune import _is_mimkit_file
+    from mimkit.export import FINETUNE_PREFIX
+
+    p = Path(path).expanduser()
+    if p.suffix == ".safetensors" or not _is_mimkit_file(str(p)):
+        return True
+    return str(peek_config(p).get("model", "")).startswith(FINETUNE_PREFIX)
+
+
+def load_encoder(path: str | Path, map_location="cpu"):
+    """(``EncoderFeatures`` over the encoder at ``path``, what its files say of its data: ``in_chans`` and, where
+    known, ``mean`` / ``std``) for an encoder source (``is_encoder_source``): the timm model its weights name, built
+    without a head and loaded strictly."""
+    import timm
+
+    from mimkit.eval.features import EncoderFeatures
+    from mimkit.eval.finetune import load_encoder_source, source_data
+    from mimkit.models._size import canonical
+
+    state, name, kwargs = load_encoder_source(str(path))
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    net: Any  # a timm model
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (RuntimeError, ValueError) as err:  # timm's "Unknown model", or the model's own size checks
+        raise CheckpointError(f"{path}: its encoder '{name}' cannot be built here ({err})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    load_weights(net, state, Path(path), name, hint=" (was it written by another mimkit or timm version?)")
+    size = kwargs.get("img_size") or canonical(net.pretrained_cfg["input_size"][-2:])
+    model = EncoderFeatures(net, size, int(kwargs.get("in_chans", 3))).eval()
+    return model.to(map_location), source_data(str(path))
 
 
 RENAMED_OPTIONS = {"max_nonfinite": "max_bad_steps"}

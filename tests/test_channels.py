@@ -181,7 +181,8 @@ def test_finetune_from_random_init_takes_the_channel_count_and_names_a_bad_size(
 
 def test_knn_linprobe_visualize_random_init_take_in_chans(tmp_path, capsys, monkeypatch):
     """The random-init baseline of an N-channel run: built with N channels, normalised with statistics measured from
-    the data (one per channel); a checkpoint keeps its own channel count and a different --in-chans names it."""
+    the data (one per channel); a checkpoint keeps its own channel count and a different --in-chans names it; fine-
+    tuning takes a run's (or export's) channel count and normalization."""
     import mimkit.eval
     from mimkit.cli import main
 
@@ -218,3 +219,19 @@ def test_knn_linprobe_visualize_random_init_take_in_chans(tmp_path, capsys, monk
     assert main(["knn", str(run), "--in-chans", "2", "--data", data]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: in_chans (--in-chans) = 2:") and "1 channel(s)" in err and err.count("\n") == 1
+    # fine-tuning takes the encoder's channel count and normalization from the run (or its export), as knn does; it
+    # used to need --in-chans and stopped with an error about a --mean nobody had given
+    ft_common = ["--data", data, "--epochs", "1", "--batch-size", "4", "--mixup", "0", "--cutmix", "0",
+                 "--num-workers", "0", "--no-progress", "--no-tensorboard"]  # fmt: skip
+    pretrained = torch.load(next(run.glob("checkpoint-*.pt")), map_location="cpu", weights_only=True)["config"]
+    assert main(["export", str(run), "--out", str(tmp_path / "enc.safetensors")]) == 0
+    for i, source in enumerate((run, tmp_path / "enc.safetensors")):
+        rc = main(["finetune", "--pretrained", str(source), *ft_common, "--output", str(tmp_path / f"ft{i}")])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err[-2000:]
+        tuned = torch.load(next((tmp_path / f"ft{i}").glob("checkpoint-*.pt")), map_location="cpu", weights_only=True)
+        assert tuned["config"]["in_chans"] == 1 and tuned["config"]["mean"] == pretrained["mean"]
+    rc = main(["finetune", "--pretrained", str(run), "--in-chans", "3", *ft_common, "--output", str(tmp_path / "ft3")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: in_chans (--in-chans) = 3:") and "takes 1 channel(s)" in err
+    assert err.count("\n") == 1

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mimkit.data import ImageDataset, ImageList, collate, eval_transform
 from mimkit.models._size import ImageSize
+from mimkit.models.interfaces import global_features
+
+
+class EncoderFeatures(nn.Module):
+    """A timm encoder without a pretraining method around it (a `mimkit export` file, a fine-tuned classifier,
+    released ViT weights: ``mimkit.loading.load_encoder``) as the evaluations see a method: ``extract_features``
+    by the same rule (``global_features``), ``in_chans`` and ``img_size``."""
+
+    def __init__(self, encoder: nn.Module, img_size: ImageSize, in_chans: int = 3):
+        super().__init__()
+        self.encoder, self.img_size, self.in_chans = encoder, img_size, in_chans
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Global features of full images: (N, D), as a pretraining method's of the same encoder."""
+        return global_features(self.encoder, images, pool)
 
 
 def ready(model, device) -> None:

@@ -77,8 +77,24 @@ class FinetuneConfig(PretrainConfig):
     )
     pretrained: str = opt(
         "",
-        "Encoder to fine-tune: a mimkit pretraining checkpoint or run folder, or a `mimkit export` .safetensors file.",
+        "Encoder to fine-tune: a mimkit pretraining or fine-tuning checkpoint or run folder, a `mimkit export` "
+        ".safetensors file, or released MAE / timm ViT weights.",
         "model",
+    )
+    in_chans: int = opt(
+        3,
+        "Image channels the model takes (default: the --pretrained encoder's, else 3). 3: every image becomes 8-bit "
+        "RGB. Any other number: images are read at full bit depth (8/16/32-bit, float; multi-band TIFF through "
+        "tifffile) and must have exactly this many channels; others are skipped and counted (docs/data.md).",
+        "data",
+        min=1,
+        max=1024,
+    )
+    mean: list[float] = opt(
+        None,
+        "Per-channel normalization mean, one value per channel (default: the --pretrained encoder's from its run or "
+        "export, else ImageNet's for 3 channels, computed from the data for any other --in-chans).",
+        "data",
     )
     random_init: str = opt(
         "",
@@ -133,23 +149,29 @@ class FinetuneConfig(PretrainConfig):
                 ) from None
 
 
-def source_normalization(pretrained: str) -> tuple[list[float], list[float]] | None:
-    """(mean, std) the encoder at ``pretrained`` was pretrained with: a run folder's config.yaml, a checkpoint's saved
-    config or a ``mimkit export`` file's ``data_cfg``; None for released weights, older exports, or a file this cannot
-    read (the loader reports those in its own words)."""
+def source_data(pretrained: str) -> dict:
+    """What the encoder at ``pretrained`` was trained on, as far as its files say: ``in_chans`` and the ``mean`` /
+    ``std`` it saw its images normalized with, from a run folder's config.yaml, a checkpoint's saved config or a
+    ``mimkit export`` file's ``data_cfg``; {} for released weights, or a file this cannot read (the loader reports
+    those in its own words), and no ``mean`` / ``std`` from older exports."""
     path = Path(pretrained).expanduser()
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), "pt") as fh:
-                values = json.loads((fh.metadata() or {}).get("data_cfg", "{}"))
-        except Exception:  # missing, damaged or foreign: no statistics from here
-            return None
+                meta = fh.metadata() or {}
+            values = json.loads(meta.get("data_cfg", "{}"))
+            chans = json.loads(meta.get("timm_kwargs", "{}")).get("in_chans", 3 if "timm_model" in meta else None)
+        except Exception:  # missing, damaged or foreign: nothing known from here
+            return {}
+        values["in_chans"] = chans
     else:
         values = ckpt.peek_config(path)
-    mean, std = values.get("mean"), values.get("std")
-    return (list(mean), list(std)) if mean and std else None
+    out = {"in_chans": values["in_chans"]} if isinstance(values.get("in_chans"), int) else {}
+    if values.get("mean") and values.get("std"):
+        out.update(mean=list(values["mean"]), std=list(values["std"]))
+    return out
 
 
 def load_encoder_source(pretrained: str = "", random_init: str = "", seed: int = 0, init: str = "", in_chans: int = 3):

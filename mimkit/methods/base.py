@@ -8,6 +8,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from mimkit.masking import flat_rows, gather_tokens
+from mimkit.models.interfaces import global_features
 from mimkit.patches import masked_mse, normalized_target, patchify
 
 
@@ -96,13 +97,10 @@ class MIMMethod(nn.Module):
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
-        """Global features of full, unmasked images: (N, D). Token sequences (ViT) are averaged over patch tokens
-        (``pool="cls"``: the class token); feature maps (Swin, PVT) are averaged over positions."""
-        out = self.encoder.forward_features(images)  # type: ignore[operator]
-        if out.ndim == 4:
-            return out.mean(dim=(1, 2))
-        prefix = getattr(self.encoder, "num_prefix_tokens", 0)
-        return out[:, 0] if pool == "cls" and prefix else out[:, prefix:].mean(dim=1)
+        """Global features of full, unmasked images: (N, D), by the rule of ``global_features``
+        (mimkit/models/interfaces.py): feature maps averaged over positions, token sequences over the patch tokens
+        (``pool="cls"``: the class token)."""
+        return global_features(self.encoder, images, pool)
 
     def export_encoder(self) -> tuple[dict[str, torch.Tensor], str, dict]:
         """(state dict with timm key names, timm model name, kwargs for ``timm.create_model``)."""

@@ -16,8 +16,6 @@ Window sampling (``window_sampling``):
 
 from __future__ import annotations
 
-from typing import Any
-
 import timm
 import torch
 from torch import nn
@@ -27,7 +25,7 @@ from mimkit.methods.base import MIMMethod
 from mimkit.methods.registry import register_preset
 from mimkit.models import create_encoder
 from mimkit.models._size import canonical, size_text
-from mimkit.models.interfaces import WindowSequenceEncoder
+from mimkit.models.interfaces import WindowSequenceEncoder, global_features
 from mimkit.models.vit import mae_init_
 from mimkit.patches import masked_mse, patchify_channels_first
 
@@ -191,9 +189,7 @@ class LoMaR(MIMMethod):
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         """Global features from the whole-image copy of the encoder: class token or pooled patch tokens."""
-        enc: Any = self.full_encoder()  # a timm Beit over the whole image
-        out = enc.forward_features(images)
-        return out[:, 0] if pool == "cls" else enc.forward_head(out, pre_logits=True)
+        return global_features(self.full_encoder(), images, pool)  # a timm Beit over the whole image
 
 
 register_preset(

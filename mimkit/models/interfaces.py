@@ -33,6 +33,7 @@ __all__ = [
     "VisibleTokenEncoder",
     "WindowSequenceEncoder",
     "encoder_interface",
+    "global_features",
 ]
 
 
@@ -291,6 +292,23 @@ def encoder_interface(encoder: nn.Module, protocol: type, method: str, name: str
         f"{method} cannot use encoder '{name}' ({type(encoder).__name__}): {method} needs an encoder "
         f"{_NEEDS.get(protocol, 'implementing ' + protocol.__name__)}; `mimkit models` lists them"
     )
+
+
+def global_features(encoder: nn.Module, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+    """Global features of full, unmasked images through a timm encoder's ``forward_features``: (N, D). Feature maps
+    (Swin, PVT, DyViT) are averaged over positions; token sequences (ViT) over the patch tokens (``pool="cls"``: the
+    class token, where there is one), then normalized by the model's ``fc_norm`` where timm pools that way (a
+    ``Beit``, as LoMaR's encoder: timm's own pre-logits features). One rule for a pretraining method's encoder, its
+    export and a fine-tuned classifier, so that each evaluates the same features (mimkit/eval/features.py)."""
+    out = encoder.forward_features(images)  # type: ignore[operator]
+    if out.ndim == 4:
+        return out.mean(dim=(1, 2))
+    prefix = getattr(encoder, "num_prefix_tokens", 0)
+    if pool == "cls" and prefix:
+        return out[:, 0]
+    pooled = out[:, prefix:].mean(dim=1)
+    fc_norm = getattr(encoder, "fc_norm", None)
+    return fc_norm(pooled) if isinstance(fc_norm, nn.Module) else pooled
 
 
 def supports(encoder: nn.Module, protocol: type) -> bool:
