@@ -235,3 +235,18 @@ def test_knn_linprobe_visualize_random_init_take_in_chans(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: in_chans (--in-chans) = 3:") and "takes 1 channel(s)" in err
     assert err.count("\n") == 1
+
+
+def test_a_damaged_tiff_is_one_skip_reason_not_tifffiles_log_lines(tmp_path, caplog):
+    """tifffile logs its own warning for a TIFF whose first page points past the end (once per read: every epoch,
+    and while measuring mean/std); the reason now goes into the skip line, and tifffile logs as before elsewhere."""
+    import logging
+
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(BadImage, match=r"no image data \(tifffile: .*invalid offset to first page"):
+            load_array(tmp_path / "bad.tif", in_chans=13)
+        assert not [r for r in caplog.records if r.name == "tifffile"]
+        with tifffile.TiffFile(tmp_path / "bad.tif"):  # another use of tifffile, outside mimkit's reads
+            pass
+        assert [r for r in caplog.records if r.name == "tifffile"]

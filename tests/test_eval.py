@@ -70,3 +70,41 @@ def test_predict_keeps_no_autograd_graph(tiny_folder):
         lambda x: conv(x).mean(dim=(2, 3)), labelled_splits(tiny_folder)[1], 32, [0.5] * 3, [0.25] * 3
     )
     assert out.shape == (len(labels), 4) and not out.requires_grad
+
+
+def test_evaluations_leave_out_unreadable_images(tmp_path, capsys, caplog):
+    """A damaged image in val/ was replaced by another val image, which was then scored twice (and train/ got a
+    duplicate): kNN, linear probe (and fine-tuning's val: the same predict) leave it out, say so once, and score as
+    without it; a split of none readable is a one-line error."""
+    import json
+    import shutil
+
+    from mimkit.cli import main
+
+    from conftest import make_folder
+
+    clean = make_folder(tmp_path / "clean")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clean, damaged)
+    (damaged / "val" / "red" / "zz-bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (damaged / "train" / "blue" / "zz-bad.jpg").write_bytes(b"")
+    base = ["--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--json"]
+
+    def run(*argv):
+        assert main([*argv, *base]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for command in (["knn", "--k", "3"], ["linprobe", "--epochs", "2"]):
+        want = run(*command, "--data", str(clean))
+        with caplog.at_level("WARNING", logger="mimkit"):
+            got = run(*command, "--data", str(damaged))
+        assert got["n_val"] == want["n_val"] == 8 and got["n_train"] == want["n_train"] == 24
+        assert got["top1"] == want["top1"]
+        left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        assert len(left_out) == 2 and all("left out 1 unreadable image(s)" in m for m in left_out), left_out
+        caplog.clear()
+    for path in (damaged / "val").rglob("*.jpg"):
+        path.write_bytes(b"")
+    assert main(["knn", "--data", str(damaged), *base]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 9 images could be read" in err and err.count("\n") == 1

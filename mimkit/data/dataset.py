@@ -28,6 +28,9 @@ class ImageDataset(Dataset):
 
     ``in_chans`` 3 reads every image as 8-bit RGB; any other value reads images at full precision with exactly that
     many channels (``mimkit.data.decode.load_image``); an image with another channel count is skipped like a bad one.
+
+    ``replace_bad=False`` (evaluations, which must score each image once): a bad image is not replaced; its sample has
+    ``image`` None, and ``collate`` leaves it out of the batch (its ``skipped`` entry stays).
     """
 
     def __init__(
@@ -37,8 +40,10 @@ class ImageDataset(Dataset):
         min_image_size: int = 8,
         seed: int | None = None,
         in_chans: int = 3,
+        replace_bad: bool = True,
     ):
         self.images = images
+        self.replace_bad = replace_bad
         self.in_chans = in_chans
         self.transform = transform
         self.min_image_size = min_image_size
@@ -61,7 +66,7 @@ class ImageDataset(Dataset):
     def _load(self, index: int) -> dict:
         skipped = []
         n = len(self.images)
-        for attempt in range(min(n, MAX_REPLACEMENT_TRIES)):
+        for attempt in range(min(n, MAX_REPLACEMENT_TRIES) if self.replace_bad else 1):
             i = (index + attempt * 7919) % n  # a prime stride spreads replacements over the dataset
             path = self.images.paths[i]
             try:
@@ -76,6 +81,8 @@ class ImageDataset(Dataset):
                 continue
             label = int(self.images.labels[i]) if self.images.labels is not None else -1
             return {"image": image, "label": label, "index": i, "skipped": skipped}
+        if not self.replace_bad:
+            return {"image": None, "label": -1, "index": index, "skipped": skipped}
         raise DataError(
             f"{self.images.root}: {len(skipped)} images in a row could not be read "
             f"(last: {skipped[-1][0]}: {skipped[-1][1]}); is this really an image dataset?"
@@ -105,9 +112,15 @@ def seeded(seed: int):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack images/labels/indices; concatenate the lists of skipped files."""
+    """Stack images/labels/indices; concatenate the lists of skipped files. Samples without an image (a bad one left
+    unreplaced, ``ImageDataset(replace_bad=False)``) are left out; a batch of none has no ``image`` and empty
+    ``label`` and ``index``."""
     skipped = [s for sample in samples for s in sample["skipped"]]
-    batch = default_collate([{k: v for k, v in s.items() if k != "skipped"} for s in samples])
+    kept = [{k: v for k, v in s.items() if k != "skipped"} for s in samples if s["image"] is not None]
+    if kept:
+        batch = default_collate(kept)
+    else:
+        batch = {"label": torch.empty(0, dtype=torch.long), "index": torch.empty(0, dtype=torch.long)}
     batch["skipped"] = skipped
     return batch
 

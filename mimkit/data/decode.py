@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 from PIL import Image, ImageFile
 
@@ -106,12 +110,43 @@ def _decode_array(f, tiff_name: bool) -> np.ndarray:
     if tiff_name or head in TIFF_MAGIC:
         import tifffile
 
-        return np.asarray(tifffile.imread(f))  # the first series: all bands of a planar or page-per-band file
+        with _tifffile_notes() as notes:  # its warnings on a damaged file go into our one skip line, not the log
+            arr = np.asarray(tifffile.imread(f))  # the first series: all bands of a planar or page-per-band file
+        if arr.size == 0 and notes:
+            raise BadImage(f"cannot decode: the file holds no image data (tifffile: {notes[0][:200]})")
+        return arr
     with Image.open(f) as im:
         im.load()
         if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
             return np.asarray(im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB"))
         return np.asarray(im)
+
+
+_TIFF_NOTES = threading.local()
+
+
+class _CollectTifffileWarnings(logging.Filter):
+    """On tifffile's logger: while this thread reads a file through ``_tifffile_notes``, its records are kept for
+    the reason of a skip instead of printed (every other use of tifffile logs as before)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = getattr(_TIFF_NOTES, "notes", None)
+        if notes is None:
+            return True
+        notes.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _tifffile_notes():
+    tiff_log = logging.getLogger("tifffile")
+    if not any(isinstance(f, _CollectTifffileWarnings) for f in tiff_log.filters):
+        tiff_log.addFilter(_CollectTifffileWarnings())
+    _TIFF_NOTES.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _TIFF_NOTES.notes = None
 
 
 def to_chw(arr: np.ndarray, in_chans: int) -> np.ndarray:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from mimkit.data import ImageDataset, ImageList, collate, eval_transform
+from mimkit.errors import DataError
 from mimkit.models._size import ImageSize
 from mimkit.models.interfaces import global_features
+
+log = logging.getLogger("mimkit")
 
 
 class EncoderFeatures(nn.Module):
@@ -51,21 +56,30 @@ def predict(
     in_chans: int = 3,
 ):
     """(stacked float32 outputs of ``fn`` on center-cropped images, labels (N,)); images read for a model of
-    ``in_chans`` channels."""
-    ds = ImageDataset(images, eval_transform(img_size, mean, std), min_image_size=1, in_chans=in_chans)
+    ``in_chans`` channels. An unreadable image is left out, not replaced (a score counts each image once), with one
+    warning for the split; none readable is a DataError."""
+    transform = eval_transform(img_size, mean, std)
+    ds = ImageDataset(images, transform, min_image_size=1, in_chans=in_chans, replace_bad=False)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=desc, leave=False)
-    labels = []
+    labels, skipped = [], []
 
     def images_of(batches):
         for batch in batches:
-            labels.append(batch["label"])
-            yield batch["image"]
+            skipped.extend(batch["skipped"])
+            if len(batch["label"]):
+                labels.append(batch["label"])
+                yield batch["image"]
 
     outputs = _apply(fn, images_of(loader), device, autocast)
+    if skipped:
+        first = f"first: {skipped[0][0]}: {skipped[0][1]}"
+        if not labels:
+            raise DataError(f"{images.root}: none of its {len(images)} images could be read ({first})")
+        log.warning("%s: left out %d unreadable image(s) of %d (%s)", images.root, len(skipped), len(images), first)
     return outputs, torch.cat(labels)
 
 
@@ -77,7 +91,7 @@ def _apply(fn, batches, device, autocast: bool) -> torch.Tensor:
     for x in batches:
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
             outputs.append(fn(x.to(device)).float().cpu())
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 def decode_labelled(

@@ -125,8 +125,8 @@ def linear_probe(
         "best_epoch": best["epoch"],
         "epochs": epochs,
         "cache": cache,
-        "n_train": len(train),
-        "n_val": len(val),
+        "n_train": len(tr_y) if cache else len(train),  # cached: the readable ones (training replaces a bad one)
+        "n_val": len(va_y),
         "classes": len(train.classes),
         "img_size": img_size,
         "history": history,
