@@ -250,3 +250,50 @@ def test_a_damaged_tiff_is_one_skip_reason_not_tifffiles_log_lines(tmp_path, cap
         with tifffile.TiffFile(tmp_path / "bad.tif"):  # another use of tifffile, outside mimkit's reads
             pass
         assert [r for r in caplog.records if r.name == "tifffile"]
+
+
+def test_band_stacks_are_not_read_as_rgb(tmp_path, capsys):
+    """With --in-chans 3 (the default) a TIFF of 13 bands was read by Pillow as its first page, a grey image, when
+    its bands were pages (a silent run on band 0 alone), or not at all ("cannot identify image file") when they were
+    samples: every layout now names --in-chans 13; RGB, RGBA and grey TIFFs still read as RGB."""
+    import io
+
+    from mimkit.cli import main
+    from mimkit.data.decode import load_rgb
+
+    rng = np.random.default_rng(0)
+    bands = (rng.random((13, 40, 48)) * 60000).astype(np.uint16)
+    layouts = {
+        "pages": dict(data=bands, photometric="minisblack"),
+        "planar": dict(data=bands, photometric="minisblack", planarconfig="separate"),
+        "contig": dict(data=np.moveaxis(bands, 0, -1), photometric="minisblack", planarconfig="contig"),
+        "written as is": dict(data=np.moveaxis(bands, 0, -1)),
+        "4 bands": dict(data=np.moveaxis(bands[:4], 0, -1), photometric="minisblack", planarconfig="contig"),
+    }
+    for name, kw in layouts.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", **kw)
+        n = 4 if name == "4 bands" else 13
+        for src in (tmp_path / f"{name}.tif", io.BytesIO((tmp_path / f"{name}.tif").read_bytes())):  # file, shard
+            with pytest.raises(BadImage, match=f"has {n} channel.*give --in-chans {n} "):
+                load_rgb(src)
+        assert load_array(tmp_path / f"{name}.tif", in_chans=n).shape == (n, 40, 48)
+    rgb = np.moveaxis(bands[:3], 0, -1)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb, photometric="rgb")
+    tifffile.imwrite(
+        tmp_path / "rgba.tif", np.moveaxis(bands[:4], 0, -1), photometric="rgb", extrasamples=["unassalpha"]
+    )
+    tifffile.imwrite(tmp_path / "grey.tif", bands[0])
+    tifffile.imwrite(tmp_path / "planar-rgb.tif", bands[:3], photometric="rgb", planarconfig="separate")
+    for name in ("rgb16", "rgba", "grey", "planar-rgb"):
+        im = load_rgb(tmp_path / f"{name}.tif")
+        assert im.mode == "RGB" and im.size == (48, 40)
+    # a folder of band stacks without --in-chans: one line that names the fix, exit code 2
+    (tmp_path / "stack").mkdir()
+    for i in range(4):
+        tifffile.imwrite(tmp_path / "stack" / f"{i}.tif", bands, photometric="minisblack")
+    rc = main(["pretrain", "--data", str(tmp_path / "stack"), "--model", "mae_vit_pico_patch8", "--img-size", "32",
+               "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+               "--output", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and "give --in-chans 13" in last and "Traceback" not in err

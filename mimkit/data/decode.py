@@ -56,7 +56,10 @@ def _too_large(err: Exception) -> BadImage:
 
 
 def load_rgb(path: str, min_size: int = 1) -> Image.Image:
-    """Open, fully decode and convert ``path`` to RGB; raise ``BadImage`` with the reason when that is impossible."""
+    """Open, fully decode and convert ``path`` to RGB; raise ``BadImage`` with the reason when that is impossible,
+    or when it is a TIFF of bands that RGB would drop (``_check_tiff_bands``)."""
+    if _is_tiff(path):
+        _check_tiff_bands(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -93,6 +96,38 @@ def _is_tiff(src) -> bool:
     head = src.read(4)
     src.seek(pos)
     return head in TIFF_MAGIC
+
+
+def _check_tiff_bands(src) -> None:
+    """Raise ``BadImage`` for a TIFF whose first series holds other than 1 or 3 channels (an alpha channel aside),
+    counted as ``load_array`` counts them. Pillow reads such a file's first page as a grey image, or not at all (a
+    band stack of Sentinel-2, a microscopy stack): the reason names the --in-chans that reads every band. Only the
+    header is read; a file tifffile cannot parse is left to Pillow to report."""
+    import tifffile
+
+    pos = src.tell() if hasattr(src, "tell") else None
+    try:
+        with _tifffile_notes(), tifffile.TiffFile(src) as tif:
+            series = tif.series[0]
+            shape = tuple(series.shape)
+            alpha = any(int(e) in (1, 2) for e in series.keyframe.extrasamples)  # associated / unassociated
+    except Exception:  # damaged, or not a TIFF after all
+        return
+    finally:
+        if pos is not None:
+            src.seek(pos)
+    shape = tuple(n for n in shape if n != 1) if len(shape) > 3 else shape  # singleton axes of a 2-D image
+    if len(shape) < 3:
+        return
+    if len(shape) > 3:
+        raise BadImage(f"a TIFF of shape {shape}: not one 2-D image of bands; save one image per file")
+    chans = shape[-1] if _channels_last(shape, 3) else shape[0]
+    if chans == 3 or (alpha and chans in (2, 4)):
+        return
+    raise BadImage(
+        f"has {chans} channel(s) (a multi-band TIFF), the model takes --in-chans 3: give --in-chans {chans} to read "
+        "every band at full bit depth"
+    )
 
 
 def _read_array(src) -> np.ndarray:
@@ -156,9 +191,12 @@ def to_chw(arr: np.ndarray, in_chans: int) -> np.ndarray:
         return arr[None]
     if arr.ndim != 3:
         raise BadImage(f"unsupported array shape {tuple(arr.shape)} (need H x W, H x W x C or C x H x W)")
-    if arr.shape[-1] == in_chans or (arr.shape[0] != in_chans and arr.shape[-1] <= arr.shape[0]):
-        return np.moveaxis(arr, -1, 0)
-    return arr
+    return np.moveaxis(arr, -1, 0) if _channels_last(arr.shape, in_chans) else arr
+
+
+def _channels_last(shape: tuple, in_chans: int) -> bool:
+    """Whether the channels of a 3-D image of ``shape`` are on its last axis (``to_chw``'s rule)."""
+    return shape[-1] == in_chans or (shape[0] != in_chans and shape[-1] <= shape[0])
 
 
 def load_array(src, min_size: int = 1, in_chans: int | None = 1):
