@@ -120,33 +120,68 @@ def _check_model_specs(specs: list[str], shared: dict) -> None:
 
 def _load_model(args, encoder_only: bool = True):
     """(model, img_size, mean, std) from a checkpoint or run folder, from an encoder alone (``encoder_only``: a
-    `mimkit export` file, a fine-tuning run, released ViT weights), or a randomly initialized model."""
+    `mimkit export` file, a fine-tuning run, released ViT weights), or a randomly initialized model; the size is
+    ``--img-size`` where given (``_evaluation_size``)."""
     from mimkit.errors import ConfigError
-    from mimkit.loading import is_encoder_source, load_encoder, load_pretrained, random_init
+    from mimkit.loading import random_init
 
     if args.checkpoint and args.random_init:
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
-        if is_encoder_source(args.checkpoint):
-            if not encoder_only:
-                raise ConfigError(
-                    f"{args.checkpoint}: an encoder without its decoder (an export, a fine-tuning run or released "
-                    "weights); give the pretraining run or checkpoint, whose decoder draws the reconstructions"
-                )
-            model, known = load_encoder(args.checkpoint)
-            _keeps_channels(args, model.in_chans)
-            if "mean" in known:
-                return model, model.img_size, known["mean"], known["std"]
-            return model, model.img_size, *_normalization(args, model.in_chans)
-        model, cfg = load_pretrained(args.checkpoint)
-        _keeps_channels(args, cfg.in_chans)
-        args._viz_bands = cfg.viz_bands  # the run's display bands, for figures of more than 3 channels
-        return model, cfg.img_size, cfg.mean, cfg.std
+        model, size, mean, std = _load_source(args, encoder_only)
+        return model, _evaluation_size(args, model, size, encoder_only), mean, std
     if not args.random_init:
         raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
     channels = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
     model = random_init(args.random_init, img_size=args.img_size, seed=args.seed, **channels)
     return model, model.img_size, *_normalization(args, args.in_chans)
+
+
+def _evaluation_size(args, model, own, encoder_only: bool):
+    """The size a checkpoint's or encoder's images are evaluated at: its own, or ``--img-size`` where the model takes
+    it (a ViT's position embedding is fixed, a pyramid's windows must tile the map: tried on one blank image, and a
+    one-line error otherwise). A figure is drawn at the pretraining size only (its decoder's)."""
+    import torch
+
+    from mimkit.errors import ConfigError
+    from mimkit.models._size import canonical, pair, size_text
+
+    if not args.img_size or canonical(args.img_size) == canonical(own):
+        return own
+    given = f"img_size (--img-size) = {size_text(args.img_size)}"
+    if not encoder_only:
+        raise ConfigError(f"{given}: {args.checkpoint} draws its figures at its own {size_text(own)}; leave it out")
+    try:
+        with torch.no_grad():
+            model.eval().extract_features(torch.zeros(1, model.in_chans, *pair(args.img_size)))
+    except (AssertionError, ValueError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(
+            f"{given}: {args.checkpoint} cannot take it ({reason}); leave it out for its own {size_text(own)}"
+        ) from None
+    return args.img_size
+
+
+def _load_source(args, encoder_only: bool):
+    """(model, its size, mean, std) of the checkpoint, run folder or encoder alone ``args.checkpoint``."""
+    from mimkit.errors import ConfigError
+    from mimkit.loading import is_encoder_source, load_encoder, load_pretrained
+
+    if is_encoder_source(args.checkpoint):
+        if not encoder_only:
+            raise ConfigError(
+                f"{args.checkpoint}: an encoder without its decoder (an export, a fine-tuning run or released "
+                "weights); give the pretraining run or checkpoint, whose decoder draws the reconstructions"
+            )
+        model, known = load_encoder(args.checkpoint)
+        _keeps_channels(args, model.in_chans)
+        if "mean" in known:
+            return model, model.img_size, known["mean"], known["std"]
+        return model, model.img_size, *_normalization(args, model.in_chans)
+    model, cfg = load_pretrained(args.checkpoint)
+    _keeps_channels(args, cfg.in_chans)
+    args._viz_bands = cfg.viz_bands  # the run's display bands, for figures of more than 3 channels
+    return model, cfg.img_size, cfg.mean, cfg.std
 
 
 def _keeps_channels(args, chans: int) -> None:
@@ -238,8 +273,6 @@ def cmd_knn(args):
     device = _device(args.device)
     columns = _columns(args)
     model, img_size, mean, std = _load_model(args)
-    if args.img_size:
-        img_size = args.img_size
     res = knn_evaluate(
         model,
         args.data,
@@ -275,8 +308,6 @@ def cmd_linprobe(args):
     out = _out_dir(args.output, "--output") if args.output else None
     columns = _columns(args)
     model, img_size, mean, std = _load_model(args)
-    if args.img_size:
-        img_size = args.img_size
     res = linear_probe(
         model,
         args.data,
@@ -679,7 +710,12 @@ def _eval_model_args(p: argparse.ArgumentParser, encoders: bool = True) -> None:
         )
     p.add_argument("checkpoint", nargs="?", help=source)
     p.add_argument("--random-init", metavar="MODEL", help="evaluate MODEL at random initialization instead")
-    p.add_argument("--img-size", type=_number(int, 8), help="resolution (default: the checkpoint's)")
+    p.add_argument(
+        "--img-size",
+        type=_number(int, 8),
+        help="resolution (default: the checkpoint's); another one the encoder can take (a ViT's is fixed by its "
+        "position embedding, a Swin's must fit its windows); visualize: a --random-init model's only",
+    )
     p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument(
         "--in-chans",

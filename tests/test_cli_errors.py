@@ -3,6 +3,7 @@ naming the option or file, exit code 2, no traceback, and no work done (issue: v
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,28 @@ def test_values_only_the_model_can_check_stop_the_run_before_any_work(env, extra
     captured = capsys.readouterr()
     assert rc == 2 and captured.err.count("\n") == 1 and extra[1] in captured.err and "Traceback" not in captured.err
     assert not out.exists() and "dataset mean" not in captured.out + captured.err
+
+
+def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_folder, capsys):
+    """knn / linprobe --img-size of a checkpoint or export was a traceback from deep in the model when it did not fit
+    (a ViT's fixed position embedding, a Swin's windows); now one line naming --img-size and the model's own size, as
+    is visualize's, which draws at the pretraining size only. A size that fits is used."""
+    from conftest import cli_pretrain
+
+    vit, swin = tmp_path / "vit", tmp_path / "swin"
+    cli_pretrain(tiny_folder, vit, "mae_vit_pico_patch8", "--img-size", "32")
+    cli_pretrain(tiny_folder, swin, "umae_swin_pico_128")
+    assert main(["export", str(swin), "--out", str(tmp_path / "swin.safetensors")]) == 0
+    capsys.readouterr()
+    data = ["--data", str(tiny_folder)]
+    for argv, own in (
+        (["knn", str(vit), "--img-size", "48"], "32 px"),
+        (["knn", str(swin), "--img-size", "96"], "128 px"),
+        (["linprobe", str(tmp_path / "swin.safetensors"), "--img-size", "96", "--epochs", "1"], "128 px"),
+        (["visualize", str(vit), "--img-size", "64", "--out", str(tmp_path / "v.png")], "32 px"),
+    ):
+        assert main([*argv, *data]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: img_size (--img-size) = ") and own in err and err.count("\n") == 1, err
+    assert main(["knn", str(swin), "--img-size", "256", "--k", "3", "--json", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["img_size"] == 256
