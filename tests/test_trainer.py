@@ -207,3 +207,16 @@ def test_resume_with_another_batch_layout_carries_the_epoch_position_and_schedul
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
     # the logged epoch is the schedule's: 2 of epoch 1's 3 steps after the first step of the resumed run (not 4 / 3)
     assert [(r["step"], r["epoch"]) for r in rows][3:] == [(4, 0.6667), (5, 1.0), (6, 1.3333), (7, 1.6667), (8, 2.0)]
+
+
+def test_resume_on_a_bigger_batch_after_an_epoch_end_trains_the_remaining_epochs(tiny_folder, tmp_path):
+    """A requeue on more GPUs (or a bigger batch) after an epoch's checkpoint: the step counter is then ahead of this
+    layout's steps, and the run compared it with its total and ended at once, reporting success with the epochs left
+    untrained. It now goes by its position in the schedule (Trainer.position)."""
+    cfg = dict(epochs=2, resume="auto", warmup_epochs=0, tensorboard=True)
+    first = pretrain(pico_config(tiny_folder, tmp_path / "run", batch_size=4, max_steps=6, **cfg))  # epoch 1 of 2
+    assert first["steps"] == 6  # all 24 images of epoch 1 (its end is counted on resuming)
+    again = pretrain(pico_config(tiny_folder, tmp_path / "run", batch_size=8, **cfg))  # 3 steps per epoch, 6 in all
+    assert again["train_steps_this_run"] == 3 and again["epochs_done"] == 2 and again["steps"] == 9
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
+    assert [(r["step"], r["epoch"]) for r in rows][-3:] == [(7, 1.3333), (8, 1.6667), (9, 2.0)]

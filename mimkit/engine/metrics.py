@@ -86,7 +86,11 @@ class RunRecorder:
         start_step: int,
         loggers: tuple[str, ...] = (),
         config: dict | None = None,
+        progress_start: int | None = None,
     ):
+        """``start_step``: the step counter the run resumes at (TensorBoard drops the events past it);
+        ``progress_start``: where the progress bar of ``total_steps`` starts (default ``start_step``; after a resume
+        in another layout the two differ, ``Trainer.position``)."""
         self.enabled = enabled
         self.writer: Any = None
         self.bar: Any = None
@@ -128,7 +132,7 @@ class RunRecorder:
         if progress:
             self.bar = tqdm(
                 total=total_steps,
-                initial=start_step,
+                initial=start_step if progress_start is None else progress_start,
                 unit="step",
                 dynamic_ncols=True,
                 smoothing=0.05,

@@ -687,7 +687,7 @@ class Trainer:
             )
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 self.diverged(f"{self.bad_in_a_row} consecutive steps skipped (last: {skip_reason or 'another rank'})")
-            self.scheduler.step_update(self.step + self.schedule_offset)
+            self.scheduler.step_update(self.position)
             self.apply_lr_scale()
             return False
         self.model.before_optimizer_step()
@@ -707,7 +707,7 @@ class Trainer:
         if cfg.max_steps is not None and self.step >= cfg.max_steps:  # the same on every rank
             self.stop_now = self.save_now = True
             self.stopped = self.stopped or "max steps"
-        self.scheduler.step_update(self.step + self.schedule_offset)
+        self.scheduler.step_update(self.position)
         self.apply_lr_scale()
         return True
 
@@ -733,7 +733,7 @@ class Trainer:
         self.window_steps += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.rec.step(1 if applied else 0, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}")
-        if not applied or not (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+        if not applied or not (self.step % cfg.log_every == 0 or self.position == self.total_steps):
             return
         elapsed = time.time() - self.window_t0
         ips = self.images_seen * d.world_size / max(elapsed, 1e-9)
@@ -743,7 +743,7 @@ class Trainer:
         self.rec.log(
             {
                 "step": self.step,
-                "epoch": round((self.step + self.schedule_offset) / self.steps_per_epoch, 4),
+                "epoch": round(self.position / self.steps_per_epoch, 4),
                 "loss": mean_loss,
                 "lr": lr,
                 "grad_norm": self.last_grad_norm,
@@ -823,9 +823,15 @@ class Trainer:
         return (
             self.stopped is not None
             or self.epoch >= cfg.epochs
-            or self.step >= self.total_steps
+            or self.position >= self.total_steps
             or (cfg.max_steps is not None and self.step >= cfg.max_steps)
         )
+
+    @property
+    def position(self) -> int:
+        """Where the run is in its ``total_steps``: the step counter, less what a resume in another layout moved
+        (``relayout``: after a requeue on more GPUs the counter is ahead of this layout's steps)."""
+        return self.step + self.schedule_offset
 
     def run(self) -> dict:
         """``setup``, ``train``, ``finish``, releasing the lock and the process group whatever happens."""
@@ -860,11 +866,19 @@ class Trainer:
         self.start_step = self.step
         loggers = tuple(x.strip() for x in cfg.logger.split(",") if x.strip())
         self.rec = RunRecorder(
-            self.out, d.is_main, cfg.tensorboard, cfg.progress, self.total_steps, self.step, loggers, cfg.to_dict()
+            self.out,
+            d.is_main,
+            cfg.tensorboard,
+            cfg.progress,
+            self.total_steps,
+            self.step,
+            loggers,
+            cfg.to_dict(),
+            progress_start=self.position,
         )
         self.bad_in_a_row, self.last_loss, self.last_grad_norm = 0, float("nan"), float("nan")
         self.reset_window()
-        self.scheduler.step_update(self.step + self.schedule_offset)
+        self.scheduler.step_update(self.position)
         self.apply_lr_scale()
         try:
             while not self.finished():
