@@ -8,6 +8,7 @@ anchors matching its levels. (Faster R-CNN needs torchvision's compiled roi_alig
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import timm
 import torch
@@ -19,7 +20,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 class TimmFPNBackbone(nn.Module):
     """A timm ``features_only`` encoder plus an FPN, shaped for torchvision's detection models."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256, skip_first: bool = True):
+    def __init__(self, body: Any, out_channels: int = 256, skip_first: bool = True):
+        """``body``: a timm ``features_only`` model (or ``ViTSimplePyramid``), with its ``feature_info``."""
         super().__init__()
         self.body = body
         channels = body.feature_info.channels()
@@ -58,10 +60,11 @@ class ViTSimplePyramid(nn.Module):
     stride 4, one gives stride 8, identity gives 16 and max-pooling 32 (Li et al. 2022, "Exploring plain vision
     transformer backbones"). Outputs NCHW maps like ``features_only``."""
 
-    def __init__(self, vit: nn.Module, channels: int = 256):
+    def __init__(self, vit: Any, channels: int = 256):
+        """``vit``: a timm ``VisionTransformer`` of patch 16."""
         super().__init__()
         self.vit = vit
-        dim = vit.embed_dim
+        dim: int = vit.embed_dim
         if vit.patch_embed.patch_size[0] != 16:
             raise ValueError("the simple pyramid expects a patch-16 ViT (stride 16)")
         self.up4 = nn.Sequential(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> int:
     n = 0
     for m in model.modules():
         if m is not model and hasattr(m, "grad_checkpointing"):
-            m.grad_checkpointing = enable
+            flagged: Any = m  # a flag of timm's and mimkit's modules alike, not in Module's type
+            flagged.grad_checkpointing = enable
             n += 1
     return n

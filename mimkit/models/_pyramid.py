@@ -3,6 +3,8 @@ initialization, SimMIM's masked forward."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -52,9 +54,23 @@ class PyramidEncoder(nn.Module):
     embed_dims: list[int]
     patch_size: int
     head: nn.Module
+    patch_embed: Any  # the stem: a module with a ``proj`` convolution
+    stages: Any  # nn.ModuleList of the subclass's stage modules
     group_stem: str = r"^patch_embed"  # regex of the stem (lr-decay group 0)
     group_merge: str = "downsample"  # name of a stage's merge module: it joins that stage's first block
     grad_checkpointing: bool = False
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Image -> stage-1 tokens (B, H, W, C); every subclass has its own."""
+        raise NotImplementedError
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-1 tokens -> the final normed map; every subclass has its own."""
+        raise NotImplementedError
+
+    def stage_outputs(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image -> (final normed map, [per-stage NHWC maps]); every subclass has its own."""
+        raise NotImplementedError
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's API: recompute each block's activations in the backward instead of keeping them."""
@@ -97,7 +113,7 @@ class PyramidEncoder(nn.Module):
 
     def stem_conv(self) -> nn.Conv2d:
         """The first patch-embedding convolution."""
-        return self.patch_embed.proj  # type: ignore[return-value]
+        return self.patch_embed.proj
 
     @staticmethod
     def init_weights(m: nn.Module) -> None:

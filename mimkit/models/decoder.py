@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ class DecoderBlock(Block):
     ) -> torch.Tensor:
         if at is None and shared is None:
             return super().forward(x)
-        attn = self.attn
+        attn: Any = self.attn  # timm's Attention (typed there as a plain Module)
         heads, hd = attn.num_heads, attn.head_dim
         d = heads * hd
         w, b = attn.qkv.weight, attn.qkv.bias
@@ -90,6 +91,7 @@ class TransformerDecoder(nn.Module):
     """
 
     grad_checkpointing = False
+    pos_embed: torch.Tensor
 
     def __init__(
         self,
@@ -103,16 +105,14 @@ class TransformerDecoder(nn.Module):
         cls_token: bool = True,
     ):
         super().__init__()
-        self.grid = tuple(grid)
+        self.grid: tuple[int, int] = (grid[0], grid[1])
         self.has_cls = cls_token
         self.embed = nn.Linear(in_dim, dim) if in_dim else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid, cls_token=cls_token).unsqueeze(0), persistent=False)
+        norm: Any = partial(nn.LayerNorm, eps=1e-6)  # timm types norm_layer as a class
         self.blocks = nn.Sequential(
-            *[
-                DecoderBlock(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-                for _ in range(depth)
-            ]
+            *[DecoderBlock(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
@@ -150,7 +150,7 @@ class TransformerDecoder(nn.Module):
         prefix = 1 if self.has_cls else 0
         shared = None if rows is None or where is None else (rows, where)
         if shared is not None and not len(self.blocks):
-            x, shared = spread(x, rows, where), None
+            x, shared = spread(x, *shared), None
         ids = None if at is None else at + prefix
         last, enabled = len(self.blocks) - 1, self.grad_checkpointing
         for i, blk in enumerate(self.blocks):

@@ -19,6 +19,8 @@ units still needs no mask tokens, the visible units then see each other as an MA
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
@@ -143,6 +145,9 @@ class DyStage(nn.Module):
 class DyViT(PyramidEncoder):
     """Mask-unit hierarchical ViT with DM-MSA; timm's classifier API, features_only at strides 4-32."""
 
+    unit_pos: torch.Tensor  # a buffer: the fixed sin-cos positions of the built grid of units
+    contexts: Any  # nn.ModuleList of UnitContext, or None
+
     def __init__(
         self,
         img_size: int = 224,
@@ -263,7 +268,7 @@ class DyViT(PyramidEncoder):
         gh, gw = self.unit_grid(img)
         return self.forward_visible(img).reshape(img.shape[0], gh, gw, -1)
 
-    encode_masked = None  # not a MaskTokenEncoder: DyViT drops masked units exactly (CoMA, MAE), no mask tokens
+    encode_masked = None  # type: ignore[assignment]  # not a MaskTokenEncoder: DyViT drops masked units, no mask tokens
 
     # mimkit.models.interfaces.VisibleTokenEncoder (CoMA, MAE)
     has_cls = False

@@ -102,6 +102,8 @@ class MixStage(nn.Module):
 class MixSwin(PyramidEncoder):
     """Hierarchical Swin without shifted windows, whose attention can be confined to the tokens of one source image."""
 
+    pos_embed: torch.Tensor  # a buffer: the fixed sin-cos positions of the built grid
+
     def __init__(
         self,
         img_size: int = 224,

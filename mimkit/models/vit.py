@@ -93,9 +93,12 @@ def prepare_mae_vit(encoder: nn.Module, name: str) -> VisionTransformer:
     if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None or encoder.no_embed_class:
         raise ValueError(f"encoder '{name}' is not a plain timm ViT with a class token")
     grid = encoder.patch_embed.grid_size
+    pos = encoder.pos_embed
+    if pos is None:
+        raise ValueError(f"encoder '{name}' has no position embedding (a timm ViT built with pos_embed='none')")
     with torch.no_grad():
-        encoder.pos_embed.copy_(sincos_2d(encoder.embed_dim, grid, cls_token=True).unsqueeze(0))
-    encoder.pos_embed.requires_grad_(False)
+        pos.copy_(sincos_2d(encoder.embed_dim, grid, cls_token=True).unsqueeze(0))
+    pos.requires_grad_(False)
     mae_init_(encoder)
     w = encoder.patch_embed.proj.weight
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -106,7 +109,9 @@ def prepare_mae_vit(encoder: nn.Module, name: str) -> VisionTransformer:
 def vit_encode(encoder: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Patch tokens that already carry their position embedding (any subset, any order) -> prepend the class token
     (with its position), run the blocks and the final norm: (N, 1 + K, C)."""
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    pos, cls_token = encoder.pos_embed, encoder.cls_token
+    assert pos is not None and cls_token is not None  # prepare_mae_vit checked both
+    cls = (cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
     x = torch.cat([cls, tokens], dim=1)
     return encoder.norm(run_blocks(encoder.blocks, x, enabled=encoder.grad_checkpointing))
 
@@ -119,6 +124,7 @@ def vit_masked_tokens(
     x = encoder.patch_embed(img)
     w = mask.unsqueeze(-1).to(x.dtype)
     x = x * (1 - w) + mask_token.reshape(1, 1, -1).to(x.dtype) * w
+    assert encoder.pos_embed is not None  # prepare_mae_vit checked it
     x = vit_encode(encoder, x + encoder.pos_embed[:, 1:])[:, 1:]
     h, w_ = encoder.patch_embed.grid_size
     return x.reshape(x.shape[0], h, w_, -1)
