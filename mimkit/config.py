@@ -258,9 +258,8 @@ class PretrainConfig:
     output: str = opt("runs/pretrain", "Output folder: checkpoints, config.yaml, metrics.jsonl, TensorBoard.", "output")
     resume: str = opt(
         "auto",
-        "auto: continue from the newest verified checkpoint in --output if any; a path: that "
-        "checkpoint; none: start fresh (an error if --output holds checkpoints, unless "
-        "--overwrite).",
+        "auto: continue from the newest verified checkpoint in --output if any; a path: that checkpoint (a .pt file "
+        "or a sharded .dcp folder); none: start fresh (an error if --output holds checkpoints, unless --overwrite).",
         "output",
     )
     overwrite: bool = opt(
@@ -377,8 +376,20 @@ class PretrainConfig:
             raise ConfigError(f"output (--output) = {self.output!r}: is a file, not a folder")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std (--std) = {self.std}: every value must be > 0")
-        if self.resume not in ("auto", "none") and not Path(self.resume).expanduser().is_file():
-            raise ConfigError(f"resume (--resume) = {self.resume!r}: not auto, none, or an existing checkpoint file")
+        if self.resume not in ("auto", "none"):
+            from mimkit.engine.sharded import is_sharded
+
+            given = Path(self.resume).expanduser()
+            if given.is_dir() and not is_sharded(given):
+                raise ConfigError(
+                    f"resume (--resume) = {self.resume!r}: a folder; give one of its checkpoints (checkpoint-N.pt, "
+                    "checkpoint-N.dcp), or that folder as --output with --resume auto"
+                )
+            if not given.is_file() and not is_sharded(given):
+                raise ConfigError(
+                    f"resume (--resume) = {self.resume!r}: not auto, none, or an existing checkpoint (a .pt file or "
+                    "a sharded .dcp folder)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (what ``config.yaml`` in the run folder holds)."""

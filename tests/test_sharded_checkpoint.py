@@ -99,3 +99,27 @@ def test_a_folder_without_its_train_state_is_not_a_checkpoint(tmp_path):
     assert sharded.write(tmp_path / "checkpoint-000000001.dcp", state, None) is None
     with pytest.raises(Exception, match="without its train_state.pt"):
         load_checkpoint(tmp_path / "checkpoint-000000001.dcp")
+
+
+def test_resume_takes_a_sharded_folder_by_path_and_names_a_run_folder(tiny_folder, tmp_path, capsys):
+    """--resume PATH took only files: a sharded checkpoint (checkpoint-N.dcp, or a kept epoch-NNNN.dcp) was 'not an
+    existing checkpoint file'. It resumes now, to the same weights as one run; a run folder is one line that says
+    what to give."""
+    from mimkit.cli import main
+
+    full = pretrain(pico_config(tiny_folder, tmp_path / "file", **COMMON))
+    pretrain(pico_config(tiny_folder, tmp_path / "dcp", max_steps=4, checkpoint_format="sharded", **COMMON))
+    folder = list_checkpoints(tmp_path / "dcp")[-1]
+    assert folder.name == "checkpoint-000000004.dcp"
+    rest = pretrain(pico_config(tiny_folder, tmp_path / "fork", resume=str(folder), **COMMON))
+    assert rest["steps"] == full["steps"] == 9 and rest["train_steps_this_run"] == 5
+    a = load_checkpoint(list_checkpoints(tmp_path / "file")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "fork")[-1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rc = main(
+        ["pretrain", "--data", str(tiny_folder), "--output", str(tmp_path / "x"), "--resume", str(tmp_path / "dcp")]
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the earlier runs' log lines may come first
+    assert (
+        rc == 2 and last.startswith("error: resume (--resume) = ") and "a folder; give one of its checkpoints" in last
+    )
