@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mimkit.data import ImageDataset, collate, labelled_splits
 from mimkit.data.transforms import pretrain_transform
 from mimkit.engine.optim import build_scheduler
-from mimkit.eval.features import extract_features
+from mimkit.eval.features import extract_features, ready
 from mimkit.eval.knn import topk_accuracy
 
 
@@ -56,7 +56,7 @@ def linear_probe(
     torch.manual_seed(seed)
     device = torch.device(device)
     train, val = labelled_splits(data, **(columns or {}))
-    model.eval().to(device)
+    ready(model, device)  # moved only where it is elsewhere (as every evaluation: mimkit/eval/features.py)
     for p in model.parameters():
         p.requires_grad_(False)
     feat_args = dict(
