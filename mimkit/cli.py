@@ -505,6 +505,8 @@ def cmd_compare(args):
         )
     _check_model_specs(args.models, {})
     extra = {"num_workers": args.num_workers} if args.num_workers is not None else {}
+    if args.in_chans is not None:
+        extra["in_chans"] = args.in_chans
     if args.image_column:
         extra["image_column"] = args.image_column
     result = run_comparison(
@@ -912,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=POS_FLOAT, default=None, help="also cut every run at this wall-clock time")
     p.add_argument("--img-size", type=_number(int, 8), default=None, help="(default: each model's)")
     p.add_argument("--batch-size", type=POS_INT, default=64)
+    p.add_argument(
+        "--in-chans",
+        type=_number(int, 1, 1024),
+        default=None,
+        help="as pretrain --in-chans, for every run and its random-init baseline (default: the recipe's, else 3)",
+    )
     p.add_argument("--num-workers", type=_number(int, -1), default=None, help="as pretrain --num-workers")
     p.add_argument("--output", default="runs/compare", help="one folder per run, compare.json/.md, loss.png")
     p.set_defaults(func=cmd_compare)

@@ -103,3 +103,11 @@ def test_compare_a_one_channel_recipe_evaluates_random_init_with_one_channel(tmp
     assert rc == 0
     (run,) = json.loads((out / "compare.json").read_text())["runs"]
     assert 0 <= run["knn_top1_random_init"] <= 100 and 0 <= run["knn_top1"] <= 100
+    # the same by flag, without a recipe (compare had no --in-chans: grey 16-bit images became 8-bit RGB)
+    out = tmp_path / "cmp-flag"
+    rc = main(["compare", "--data", data, "--eval-data", data, "--in-chans", "1", "--img-size", "32", "--models",
+               "mae_vit_pico_patch8", "--seeds", "0", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+               "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    assert "in_chans: 1" in (run_dir / "config.yaml").read_text()
