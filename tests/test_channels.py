@@ -252,7 +252,7 @@ def test_a_damaged_tiff_is_one_skip_reason_not_tifffiles_log_lines(tmp_path, cap
         assert [r for r in caplog.records if r.name == "tifffile"]
 
 
-def test_band_stacks_are_not_read_as_rgb(tmp_path, capsys):
+def test_band_stacks_are_not_read_as_rgb(tmp_path, capsys, caplog):
     """With --in-chans 3 (the default) a TIFF of 13 bands was read by Pillow as its first page, a grey image, when
     its bands were pages (a silent run on band 0 alone), or not at all ("cannot identify image file") when they were
     samples: every layout now names --in-chans 13; RGB, RGBA and grey TIFFs still read as RGB."""
@@ -274,8 +274,9 @@ def test_band_stacks_are_not_read_as_rgb(tmp_path, capsys):
         tifffile.imwrite(tmp_path / f"{name}.tif", **kw)
         n = 4 if name == "4 bands" else 13
         for src in (tmp_path / f"{name}.tif", io.BytesIO((tmp_path / f"{name}.tif").read_bytes())):  # file, shard
-            with pytest.raises(BadImage, match=f"has {n} channel.*give --in-chans {n} "):
+            with caplog.at_level("WARNING"), pytest.raises(BadImage, match=f"has {n} channel.*give --in-chans {n} "):
                 load_rgb(src)
+            assert not caplog.records, [r.getMessage() for r in caplog.records]  # Pillow's own error line too
         assert load_array(tmp_path / f"{name}.tif", in_chans=n).shape == (n, 40, 48)
     rgb = np.moveaxis(bands[:3], 0, -1)
     tifffile.imwrite(tmp_path / "rgb16.tif", rgb, photometric="rgb")
@@ -284,7 +285,8 @@ def test_band_stacks_are_not_read_as_rgb(tmp_path, capsys):
     )
     tifffile.imwrite(tmp_path / "grey.tif", bands[0])
     tifffile.imwrite(tmp_path / "planar-rgb.tif", bands[:3], photometric="rgb", planarconfig="separate")
-    for name in ("rgb16", "rgba", "grey", "planar-rgb"):
+    tifffile.imwrite(tmp_path / "frames.tif", np.stack([rgb, rgb]), photometric="rgb")  # read as its first frame
+    for name in ("rgb16", "rgba", "grey", "planar-rgb", "frames"):
         im = load_rgb(tmp_path / f"{name}.tif")
         assert im.mode == "RGB" and im.size == (48, 40)
     # a folder of band stacks without --in-chans: one line that names the fix, exit code 2

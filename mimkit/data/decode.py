@@ -57,11 +57,12 @@ def _too_large(err: Exception) -> BadImage:
 
 def load_rgb(path: str, min_size: int = 1) -> Image.Image:
     """Open, fully decode and convert ``path`` to RGB; raise ``BadImage`` with the reason when that is impossible,
-    or when it is a TIFF of bands that RGB would drop (``_check_tiff_bands``)."""
-    if _is_tiff(path):
-        _check_tiff_bands(path)
+    or when it is a TIFF of bands that RGB would drop (``_pil_tiff_bands``, ``_check_tiff_bands``)."""
+    start = path.tell() if hasattr(path, "tell") else None  # a shard member: an open file
     try:
-        with Image.open(path) as im:
+        with _tiff_notes(), Image.open(path) as im:
+            if im.format == "TIFF":
+                _pil_tiff_bands(im, path, start)
             im.load()
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
@@ -72,10 +73,40 @@ def load_rgb(path: str, min_size: int = 1) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise _too_large(err) from None
     except (OSError, SyntaxError, ValueError) as err:
+        if start is not None:
+            path.seek(start)  # type: ignore[attr-defined]
+        if _is_tiff(path):  # Pillow cannot open a TIFF of more than 4 samples: name the --in-chans that reads it
+            _check_tiff_bands(path)
         raise BadImage(f"cannot decode: {err}") from None
     if min(rgb.size) < min_size:
         raise _too_small(rgb.size[0], rgb.size[1], min_size)
     return rgb
+
+
+def _pil_tiff_bands(im: Image.Image, path, start: int | None) -> None:
+    """For a TIFF that Pillow opened: its samples per pixel from the tags it read (no second parse of the file),
+    and for a file of several pages the band count of its first series (``_check_tiff_bands``): a page per band
+    would otherwise be read as its first page, a grey image."""
+    if getattr(im, "n_frames", 1) > 1:
+        if start is not None:
+            path.seek(start)
+        _check_tiff_bands(path)
+        if start is not None:
+            path.seek(start)
+        return
+    tags = getattr(im, "tag_v2", {})
+    samples = int(tags.get(277, 1))  # SamplesPerPixel
+    extra = tags.get(338, ())  # ExtraSamples: 1 associated, 2 unassociated alpha, 0 unspecified
+    alpha = any(int(e) in (1, 2) for e in (extra if isinstance(extra, (tuple, list)) else (extra,)))
+    if samples not in (1, 3) and not (alpha and samples in (2, 4)):
+        raise _band_stack(samples)
+
+
+def _band_stack(chans: int) -> BadImage:
+    return BadImage(
+        f"has {chans} channel(s) (a multi-band TIFF), the model takes --in-chans 3: give --in-chans {chans} to read "
+        "every band at full bit depth"
+    )
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
@@ -107,7 +138,7 @@ def _check_tiff_bands(src) -> None:
 
     pos = src.tell() if hasattr(src, "tell") else None
     try:
-        with _tifffile_notes(), tifffile.TiffFile(src) as tif:
+        with _tiff_notes(), tifffile.TiffFile(src) as tif:
             series = tif.series[0]
             shape = tuple(series.shape)
             alpha = any(int(e) in (1, 2) for e in series.keyframe.extrasamples)  # associated / unassociated
@@ -119,15 +150,14 @@ def _check_tiff_bands(src) -> None:
     shape = tuple(n for n in shape if n != 1) if len(shape) > 3 else shape  # singleton axes of a 2-D image
     if len(shape) < 3:
         return
-    if len(shape) > 3:
+    if len(shape) > 3:  # frames of colour images are read as the first one (as a GIF's); other stacks are not
+        if shape[-1] == 3 or (alpha and shape[-1] == 4):
+            return
         raise BadImage(f"a TIFF of shape {shape}: not one 2-D image of bands; save one image per file")
     chans = shape[-1] if _channels_last(shape, 3) else shape[0]
     if chans == 3 or (alpha and chans in (2, 4)):
         return
-    raise BadImage(
-        f"has {chans} channel(s) (a multi-band TIFF), the model takes --in-chans 3: give --in-chans {chans} to read "
-        "every band at full bit depth"
-    )
+    raise _band_stack(chans)
 
 
 def _read_array(src) -> np.ndarray:
@@ -145,7 +175,7 @@ def _decode_array(f, tiff_name: bool) -> np.ndarray:
     if tiff_name or head in TIFF_MAGIC:
         import tifffile
 
-        with _tifffile_notes() as notes:  # its warnings on a damaged file go into our one skip line, not the log
+        with _tiff_notes() as notes:  # its warnings on a damaged file go into our one skip line, not the log
             arr = np.asarray(tifffile.imread(f))  # the first series: all bands of a planar or page-per-band file
         if arr.size == 0 and notes:
             raise BadImage(f"cannot decode: the file holds no image data (tifffile: {notes[0][:200]})")
@@ -160,9 +190,10 @@ def _decode_array(f, tiff_name: bool) -> np.ndarray:
 _TIFF_NOTES = threading.local()
 
 
-class _CollectTifffileWarnings(logging.Filter):
-    """On tifffile's logger: while this thread reads a file through ``_tifffile_notes``, its records are kept for
-    the reason of a skip instead of printed (every other use of tifffile logs as before)."""
+class _CollectTiffLogs(logging.Filter):
+    """On tifffile's and Pillow's TIFF logger: while this thread reads a file through ``_tiff_notes``, their records
+    are kept (tifffile's for the reason of a skip) instead of printed once per read (every epoch); every other use of
+    either logs as before."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         notes = getattr(_TIFF_NOTES, "notes", None)
@@ -173,15 +204,17 @@ class _CollectTifffileWarnings(logging.Filter):
 
 
 @contextmanager
-def _tifffile_notes():
-    tiff_log = logging.getLogger("tifffile")
-    if not any(isinstance(f, _CollectTifffileWarnings) for f in tiff_log.filters):
-        tiff_log.addFilter(_CollectTifffileWarnings())
+def _tiff_notes():
+    for name in ("tifffile", "PIL.TiffImagePlugin"):
+        tiff_log = logging.getLogger(name)
+        if not any(isinstance(f, _CollectTiffLogs) for f in tiff_log.filters):
+            tiff_log.addFilter(_CollectTiffLogs())
+    outer = getattr(_TIFF_NOTES, "notes", None)
     _TIFF_NOTES.notes = notes = []
     try:
         yield notes
     finally:
-        _TIFF_NOTES.notes = None
+        _TIFF_NOTES.notes = outer
 
 
 def to_chw(arr: np.ndarray, in_chans: int) -> np.ndarray:
