@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shlex
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 EPILOG = (
     "Run `mimkit COMMAND --help` for the options of a command. Exit codes: 0 done, 2 bad option/file/data, "
-    "3 stopped by a signal after saving (rerun to resume), 4 diverged, 5 checkpoint could not be written."
+    "3 stopped by a signal after saving (rerun to resume), 4 diverged, 5 a checkpoint or another output could not be "
+    "written."
 )
 
 
@@ -70,13 +72,26 @@ def _device(name: str):
     return dev
 
 
-def _out_file(path: str, option: str) -> Path:
-    """An output file path: not a folder; its folder is created."""
+# An OSError with one of these is reported in one line with exit code 5 (an output could not be written).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+# Figures are written by Pillow, which takes the format from the suffix.
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".pdf")
+
+
+def _out_file(path: str, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """An output file path: not a folder or a device, named with one of ``suffixes`` (its format) where given; its
+    folder is created."""
     from mimkit.errors import ConfigError
 
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{option} {path}: exists and is not a regular file (a device or pipe); give a file name")
+    if suffixes and p.suffix.lower() not in suffixes:
+        others = f" (or {', '.join(suffixes[1:])})" if len(suffixes) > 1 else ""
+        raise ConfigError(f"{option} {path}: give a file name ending in {suffixes[0]}{others}")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -349,7 +364,7 @@ def cmd_export(args):
     from mimkit.export import data_cfg_overlay, export_classifier, export_encoder, finetune_checkpoint
     from mimkit.loading import load_pretrained
 
-    _out_file(args.out, "--out")
+    _out_file(args.out, "--out", (".safetensors",))  # timm reads a file by its suffix
     tuned = finetune_checkpoint(args.checkpoint)
     if tuned is not None:
         if args.head_classes is not None:
@@ -389,7 +404,7 @@ def cmd_visualize(args):
     from mimkit.pretraining import source_images
     from mimkit.viz import save_reconstruction_figure
 
-    _out_file(args.out, "--out")
+    _out_file(args.out, "--out", FIGURE_SUFFIXES)
     _columns(args)
     model, img_size, mean, std = _load_model(args, encoder_only=False)
     bands = args.bands or getattr(args, "_viz_bands", None)
@@ -420,7 +435,7 @@ def cmd_mask_frequency(args):
     """`mimkit mask-frequency`: how often CoMA's cycle masks hide each unit, as a figure."""
     from mimkit.viz import save_masking_frequency_figure
 
-    _out_file(args.out, "--out")
+    _out_file(args.out, "--out", FIGURE_SUFFIXES)
     stats = save_masking_frequency_figure(args.out, (args.grid, args.grid), args.ratio, args.iterations, args.seed)
     print(json.dumps({"figure": args.out, **stats}, indent=2))
 
@@ -1028,6 +1043,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine's, not the input's: an output that could not be written (a figure, a table)
+        if err.errno not in WRITE_ERRNOS:
+            raise  # anything else is unexpected: its traceback
+        from mimkit.errors import EXIT_SAVE_FAILED
+
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}; free space, or give a folder this user can write", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     return code if isinstance(code, int) else 0
 
 

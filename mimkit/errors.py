@@ -13,7 +13,7 @@ EXIT_FAILED = 1  # an unexpected internal error (a bug: the traceback is printed
 EXIT_BAD_INPUT = 2  # a bad option, recipe value, data path, weights or checkpoint file, or a busy output folder
 EXIT_STOPPED = 3  # stopped by SIGTERM / SIGINT / SIGUSR1 (or --requeue's warning) after saving: rerun to resume
 EXIT_DIVERGED = 4  # the divergence guard stopped the run
-EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, permissions); the previous one is kept
+EXIT_SAVE_FAILED = 5  # a checkpoint or another output could not be written (disk full, permissions)
 
 
 class MimkitError(Exception):

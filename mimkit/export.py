@@ -57,7 +57,12 @@ def _write(state: dict, path, timm_name: str, timm_kwargs: dict, head: int, sour
         meta["data_cfg"] = json.dumps({"input_size": [chans, *pair(size)], "mean": list(mean), "std": list(std)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    try:
+        save_file(state, str(path), metadata=meta)  # safetensors writes a temporary file and renames it
+    except Exception as err:  # safetensors' own error type for I/O failures (disk full, a vanished folder)
+        from mimkit.errors import SaveFailed
+
+        raise SaveFailed(f"{path}: not written ({err}); free space or give another --out") from None
     return meta
 
 

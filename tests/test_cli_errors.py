@@ -153,11 +153,11 @@ def explicit_cases(e) -> dict:
             "--device": [["tpu"]],
             "--output": [[e["file"]]],
         },
-        "export": {"--out": [[e["dir"]]]},
+        "export": {"--out": [[e["dir"]], [str(e["tmp"] / "encoder.pt")], ["/dev/null"]]},  # timm reads by suffix
         "visualize": {
             "--random-init": [["no_such_model"]],
             "--data": [[missing]],
-            "--out": [[e["dir"]]],
+            "--out": [[e["dir"]], [str(e["tmp"] / "figure")], ["/dev/null"]],  # Pillow's format is the suffix
             "--image-column": [["image"]],
         },
         "bench": {
@@ -165,7 +165,7 @@ def explicit_cases(e) -> dict:
             "--device": [["tpu"]],
             "--model-arg": [["decoder_layers=2"]],
         },
-        "mask-frequency": {"--out": [[e["dir"]]]},
+        "mask-frequency": {"--out": [[e["dir"]], [str(e["tmp"] / "frequency.svg")]]},
         "ablate-masking": {"--data": [[missing]], "--output": [[e["file"]]], "--recipe": [["no_such_recipe"]]},
         "demo": {"--data": [[missing]], "--output": [[e["file"]]]},
         "shards": {"--data": [[missing]], "--out": [[e["file"]]]},
@@ -424,3 +424,45 @@ def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_fol
         assert err.startswith("error: img_size (--img-size) = ") and own in err and err.count("\n") == 1, err
     assert main(["knn", str(swin), "--img-size", "256", "--k", "3", "--json", *data]) == 0
     assert json.loads(capsys.readouterr().out)["img_size"] == 256
+
+
+def test_an_output_that_cannot_be_written_is_one_line_with_exit_code_5(tmp_path, tiny_folder, capsys, monkeypatch):
+    """A full disk (or a read-only folder) while writing a figure or an export was a traceback from Pillow or
+    safetensors; now one line naming the file, exit code 5 as for a checkpoint. Other OS errors keep their
+    traceback (they are not the machine's doing)."""
+    import errno
+
+    from PIL import Image
+
+    import mimkit.export
+
+    from conftest import cli_pretrain
+
+    run = tmp_path / "run"
+    cli_pretrain(tiny_folder, run, "mae_vit_pico_patch8", "--img-size", "32")
+    capsys.readouterr()
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    fig = tmp_path / "freq.png"
+    assert main(["mask-frequency", "--out", str(fig), "--iterations", "10"]) == 5
+    want = f"error: {fig}: No space left on device; free space, or give a folder this user can write\n"
+    assert capsys.readouterr().err == want
+
+    def unwritable(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mimkit.export, "save_file", unwritable)
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: not written (") and "No space left" in err and err.count("\n") == 1
+
+    def odd(self, fp, *args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(Image.Image, "save", odd)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main(["mask-frequency", "--out", str(fig), "--iterations", "10"])
