@@ -3,12 +3,12 @@ uniform + secondary masking for an equal number of steps, then final pretraining
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from mimkit.config import PretrainConfig, config_from_dict, load_recipe
+from mimkit.engine.metrics import read_metrics
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("RS (random, MAE)", dict(sampling="random", sm_ratio=0.0)),
@@ -30,7 +30,7 @@ PAPER_LOSS = {
 
 def final_loss(run: Path, last_records: int = 5) -> float:
     """Mean of the last few logged training losses (smooths step noise)."""
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     tail = losses[-last_records:]
     return sum(tail) / len(tail)
 

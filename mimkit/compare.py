@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mimkit.bench import parse_model_spec
 from mimkit.config import PretrainConfig, config_from_dict
+from mimkit.engine.metrics import read_metrics
 
 # The eval images are decoded once and kept in memory (float32) when they fit in this; a larger eval set (an
 # ImageNet-sized kNN) is read from its files for every pass instead.
@@ -38,8 +39,7 @@ def _decode_if_small(
 
 
 def _loss_curve(run: Path) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "time" in r]
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r and "time" in r]
     if not rows:
         return []
     t0 = rows[0]["time"]

@@ -66,3 +66,59 @@ def test_mlflow_file_store(tiny_folder, tmp_path, monkeypatch):
     mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1 and "loss" in runs[0].data.metrics
+
+
+def test_a_full_disk_while_logging_is_one_warning_and_the_run_goes_on(tiny_folder, tmp_path, monkeypatch):
+    """metrics.jsonl (and metrics.csv) are written every few steps, far more often than checkpoints: a write refused
+    by a full disk ended the run with a traceback, losing the steps since the last checkpoint though its next save
+    might succeed. Now it is one warning until a write succeeds again, the cut line is closed so that every later
+    record reads whole, and the run finishes; a checkpoint that cannot be written still stops it (exit 5)."""
+    import builtins
+    import errno
+
+    import mimkit.engine.metrics as metrics
+
+    writes = {"n": 0}
+
+    class FillingUp:  # the 3rd to 6th writes of the metrics file fail half-way, as a full disk does
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, text):
+            writes["n"] += 1
+            if 3 <= writes["n"] <= 6:
+                self.fh.write(text[: len(text) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def opener(path, *args, **kwargs):
+        fh = builtins.open(path, *args, **kwargs)
+        return FillingUp(fh) if str(path).endswith("metrics.jsonl") else fh
+
+    monkeypatch.setattr(metrics, "open", opener, raising=False)
+    out = tmp_path / "run"
+    summary = pretrain(pico_config(tiny_folder, out, epochs=2, log_every=1, logger="csv"))
+    assert summary["steps"] == 12 and summary["epochs_done"] == 2
+    log = (out / "train.log").read_text()
+    assert log.count("metrics.jsonl: not written (No space left on device); training goes on") == 1
+    rows = [r for r in metrics.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps[-1] == 12 and len(steps) >= 8  # the refused ones are missing, every other one is whole
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[-3:])
+
+
+def test_a_line_cut_by_a_kill_is_closed_before_the_next_record(tmp_path):
+    """A metrics file whose last line a kill cut (no resume truncated it, e.g. a compare run read as it is): the
+    next record starts on its own line, and the readers leave the cut one out."""
+    from mimkit.compare import _loss_curve
+    from mimkit.engine.metrics import RunRecorder, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"time": 1.0, "step": 1, "loss": 2.0}\n{"time": 2.0, "st')
+    rec = RunRecorder(tmp_path, True, tensorboard=False, progress=False, total_steps=3, start_step=1)
+    rec.log({"step": 2, "loss": 1.5}, 2)
+    rec.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [loss for _, loss in _loss_curve(tmp_path)] == [2.0, 1.5]

@@ -23,6 +23,61 @@ class TqdmLoggingHandler(logging.Handler):
             self.handleError(record)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, leaving out a line that is not one whole record (a line cut by kill -9 or a
+    full disk in the middle of a write)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+class _AppendLines:
+    """A text file of lines appended by a long run: a write the disk refuses (full, quota) is a warning, once until
+    a write succeeds again, not the run's end (its next checkpoint decides that, exit 5 if it cannot be written); a
+    line left cut by a failed write or a kill is closed before the next one, so each later line stays whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file: IO[str] = open(path, "a")
+        self.cut = path.stat().st_size > 0 and not _ends_with_newline(path)
+        self.failing = False
+
+    def write(self, text: str) -> None:
+        try:
+            self.file.write(("\n" if self.cut else "") + text)
+            self.file.flush()
+        except OSError as err:
+            self.cut = True
+            if not self.failing:
+                logging.getLogger("mimkit").warning(
+                    "%s: not written (%s); training goes on, the next checkpoint stops the run (exit 5) if it cannot "
+                    "be written either",
+                    self.path.name,
+                    err.strerror or err,
+                )
+            self.failing = True
+            return
+        self.cut = self.failing = False
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # the buffered tail of a full disk: already reported
+            pass
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
+
+
 def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.Logger:
     """The run's logger: console on the main rank, ``train.log`` in ``output`` for every rank."""
     log = logging.getLogger("mimkit")
@@ -94,17 +149,17 @@ class RunRecorder:
         self.enabled = enabled
         self.writer: Any = None
         self.bar: Any = None
-        self.metrics_file: IO[str] | None = None
-        self.csv: IO[str] | None = None
+        self.metrics_file: _AppendLines | None = None
+        self.csv: _AppendLines | None = None
         self.wandb: Any = None
         self.mlflow: Any = None
         if not enabled:
             return
         output = Path(output)
-        self.metrics_file = open(output / "metrics.jsonl", "a")
+        self.metrics_file = _AppendLines(output / "metrics.jsonl")
         if "csv" in loggers:
             new = not (output / "metrics.csv").is_file()
-            self.csv = open(output / "metrics.csv", "a")
+            self.csv = _AppendLines(output / "metrics.csv")
             if new:
                 self.csv.write("time,step,key,value\n")
         if "wandb" in loggers:
@@ -158,14 +213,12 @@ class RunRecorder:
             return
         record = {"time": round(time.time(), 3), **record}
         self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
         if self.csv is not None:
             self.csv.write("".join(f"{record['time']},{step},{k},{v}\n" for k, v in scalars.items()))
-            self.csv.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         if self.mlflow is not None:
