@@ -191,16 +191,20 @@ class PretrainTrainer(Trainer):
             reconstruction_panels(self.model, self.recon_images.to(self.dist.device), cfg.mean, cfg.std)
             return
         path = self.out / "recon" / f"epoch-{self.epoch:04d}.png"
-        path.parent.mkdir(exist_ok=True)
-        save_reconstruction_figure(
-            self.model,
-            self.recon_images.to(self.dist.device),
-            cfg.mean,
-            cfg.std,
-            path,
-            title=f"{cfg.model}, epoch {self.epoch}, step {self.step}",
-            bands=cfg.viz_bands,
-        )
+        try:
+            path.parent.mkdir(exist_ok=True)
+            save_reconstruction_figure(
+                self.model,
+                self.recon_images.to(self.dist.device),
+                cfg.mean,
+                cfg.std,
+                path,
+                title=f"{cfg.model}, epoch {self.epoch}, step {self.step}",
+                bands=cfg.viz_bands,
+            )
+        except OSError as err:  # a full disk: the figure is not worth the run (its checkpoint decides, exit 5)
+            self.log.warning("%s: not written (%s); training goes on", path, err.strerror or err)
+            return
         self.rec.image("reconstruction", path, self.step)
 
     def build_task(self) -> MIMMethod:

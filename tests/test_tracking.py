@@ -122,3 +122,20 @@ def test_a_line_cut_by_a_kill_is_closed_before_the_next_record(tmp_path):
     rec.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert [loss for _, loss in _loss_curve(tmp_path)] == [2.0, 1.5]
+
+
+def test_a_reconstruction_figure_the_disk_refuses_is_a_warning(tiny_folder, tmp_path, monkeypatch):
+    """--recon-every draws a figure at epoch ends; a full disk there ended the run before its epoch's checkpoint."""
+    import errno
+
+    import mimkit.viz
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mimkit.viz, "save_reconstruction_figure", full)
+    out = tmp_path / "run"
+    summary = pretrain(pico_config(tiny_folder, out, epochs=2, recon_every=1))
+    assert summary["epochs_done"] == 2 and list_checkpoints(out)[-1].name == "checkpoint-000000012.pt"
+    log = (out / "train.log").read_text()
+    assert log.count("epoch-0001.png: not written (No space left on device); training goes on") == 1
