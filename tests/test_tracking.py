@@ -139,3 +139,28 @@ def test_a_reconstruction_figure_the_disk_refuses_is_a_warning(tiny_folder, tmp_
     assert summary["epochs_done"] == 2 and list_checkpoints(out)[-1].name == "checkpoint-000000012.pt"
     log = (out / "train.log").read_text()
     assert log.count("epoch-0001.png: not written (No space left on device); training goes on") == 1
+
+
+def test_tensorboard_events_the_disk_refuses_are_one_warning(tiny_folder, tmp_path, monkeypatch):
+    """TensorBoard's writer thread raises a failed write at the next event: a full disk there ended the run."""
+    import errno
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = {"n": 0}
+    real = SummaryWriter.add_scalar
+
+    def filling(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", filling)
+    out = tmp_path / "run"
+    summary = pretrain(pico_config(tiny_folder, out, epochs=2, log_every=1, tensorboard=True))
+    assert summary["epochs_done"] == 2
+    log = (out / "train.log").read_text()
+    assert log.count("tensorboard: not written (No space left on device)") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 12

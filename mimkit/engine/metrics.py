@@ -215,8 +215,7 @@ class RunRecorder:
         self.metrics_file.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
         if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
+            self._tensorboard(lambda w: [w.add_scalar(key, value, step) for key, value in scalars.items()])
         if self.csv is not None:
             self.csv.write("".join(f"{record['time']},{step},{k},{v}\n" for k, v in scalars.items()))
         if self.wandb is not None:
@@ -232,18 +231,35 @@ class RunRecorder:
             import numpy as np
             from PIL import Image
 
-            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            self._tensorboard(lambda w: w.add_image(tag, pixels, step, dataformats="HWC"))
         if self.wandb is not None:
             self.wandb.log({tag: self.wandb.Image(str(path))}, step=step)
         if self.mlflow is not None:
             self.mlflow.log_artifact(str(path), artifact_path=tag)
+
+    def _tensorboard(self, write) -> None:
+        """``write(writer)``; TensorBoard's writer thread raises a failed write (a full disk) at the next call: then
+        one warning, and no more TensorBoard events this run (metrics.jsonl keeps every value)."""
+        try:
+            write(self.writer)
+        except OSError as err:
+            logging.getLogger("mimkit").warning(
+                "tensorboard: not written (%s); no more TensorBoard events this run, metrics.jsonl goes on",
+                err.strerror or err,
+            )
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except Exception:  # its thread holds the same failure
+                pass
 
     def close(self) -> None:
         """Close the progress bar and every logger."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
-            self.writer.close()
+            self._tensorboard(lambda w: w.close())
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.csv is not None:
