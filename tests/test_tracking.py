@@ -164,3 +164,30 @@ def test_tensorboard_events_the_disk_refuses_are_one_warning(tiny_folder, tmp_pa
     assert log.count("tensorboard: not written (No space left on device)") == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-1] == 12
+
+
+def test_train_log_lines_the_disk_refuses_are_reported_once(tmp_path, capsys):
+    """logging prints a traceback block for every record its file handler fails to write: after a full disk, one
+    per log line for the rest of the run. Now one line, and the console keeps the records."""
+    import errno
+    import logging
+
+    from mimkit.engine.metrics import setup_logging
+
+    log = setup_logging(tmp_path, True)
+    (handler,) = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    handler.stream = Full()
+    for i in range(3):
+        log.info("step %d", i)
+    err = capsys.readouterr().err
+    assert err.count("train.log: not written (No space left on device); the console has the log") == 1
+    assert "Traceback" not in err and "--- Logging error ---" not in err and "step 2" in err
+    setup_logging(None, True)  # the console alone again, for the tests after this one

@@ -78,6 +78,22 @@ def _ends_with_newline(path: Path) -> bool:
         return fh.read(1) == b"\n"
 
 
+class _LogFile(logging.FileHandler):
+    """train.log: a record the disk refuses (full) is one line on the console for the run, not logging's traceback
+    block for every record after it; the console keeps every record."""
+
+    reported = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
+        if not self.reported:
+            self.reported = True
+            tqdm.write(f"{self.baseFilename}: not written ({err.strerror or err}); the console has the log", sys.stderr)
+
+
 def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.Logger:
     """The run's logger: console on the main rank, ``train.log`` in ``output`` for every rank."""
     log = logging.getLogger("mimkit")
@@ -92,7 +108,7 @@ def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     log.addHandler(console)
     if output is not None and is_main:
-        fh = logging.FileHandler(Path(output) / "train.log")
+        fh = _LogFile(Path(output) / "train.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
     return log
