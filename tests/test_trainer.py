@@ -23,10 +23,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_folder, tmp_pat
     common = dict(epochs=3, accum_steps=2, save_every_minutes=1e9)
     full = pretrain(pico_config(tiny_folder, tmp_path / "full", **common))
     assert full["steps"] == 9  # 24 images / batch 4 / accum 2 = 3 steps per epoch
+    assert full["ended_by"] == "epochs"
     part = pretrain(pico_config(tiny_folder, tmp_path / "split", max_steps=4, **common))  # stops mid-epoch 2
-    assert part["steps"] == 4
+    assert part["steps"] == 4 and part["ended_by"] == "max_steps"  # why it ended, for a scheduler's script
+    assert "ended at --max-steps after step 4 of 9 (epoch 1 of 3)" in (tmp_path / "split" / "train.log").read_text()
     rest = pretrain(pico_config(tiny_folder, tmp_path / "split", resume="auto", **common))
-    assert rest["steps"] == 9 and rest["train_steps_this_run"] == 5
+    assert rest["steps"] == 9 and rest["train_steps_this_run"] == 5 and rest["ended_by"] == "epochs"
     a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "split")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -220,3 +222,14 @@ def test_resume_on_a_bigger_batch_after_an_epoch_end_trains_the_remaining_epochs
     assert again["train_steps_this_run"] == 3 and again["epochs_done"] == 2 and again["steps"] == 9
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
     assert [(r["step"], r["epoch"]) for r in rows][-3:] == [(7, 1.3333), (8, 1.6667), (9, 2.0)]
+
+
+def test_a_time_limit_ends_with_a_checkpoint_and_says_so(tiny_folder, tmp_path):
+    """--time-limit-min ends a run with exit code 0 and a checkpoint; the summary's ended_by tells it from a
+    finished run (stopped_by stays for signals, exit 3), and the log says how to continue."""
+    out = tmp_path / "run"
+    summary = pretrain(pico_config(tiny_folder, out, epochs=50, time_limit_min=1e-6))
+    assert summary["ended_by"] == "time_limit" and summary["stopped_by"] is None
+    assert 1 <= summary["steps"] < 300 and summary["checkpoint"].endswith(f"checkpoint-{summary['steps']:09d}.pt")
+    assert "the same command continues from" in (out / "train.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["ended_by"] == "time_limit"

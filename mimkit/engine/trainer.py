@@ -897,6 +897,14 @@ class Trainer:
         """Final save, summary log line and the result dict (``stopped`` says why it ended)."""
         cfg, d = self.cfg, self.dist
         stopped = self.stopped if self.stopped and self.stopped.startswith("signal") else None
+        if stopped:
+            ended = stopped
+        elif self.epoch >= cfg.epochs or self.position >= self.total_steps:
+            ended = "epochs"
+        elif self.stopped == "time limit":
+            ended = "time_limit"
+        else:
+            ended = "max_steps"
         summary = {
             "model": cfg.model,
             "steps": self.step,
@@ -907,6 +915,7 @@ class Trainer:
             "skipped_images": len(self.skipped),
             "rollbacks": self.rollbacks,
             "stopped_by": stopped,
+            "ended_by": ended,  # epochs, max_steps, time_limit, signal:NAME
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "output": str(self.out),
             **self.extra_summary,
@@ -920,6 +929,20 @@ class Trainer:
                     "stopped by %s at step %d; resume with the same command (--resume auto) from %s",
                     stopped.split(":")[1],
                     self.step,
+                    summary["checkpoint"],
+                )
+            if ended in ("time_limit", "max_steps"):
+                how = (
+                    "the same command" if ended == "time_limit" else "the command without --max-steps (or a higher one)"
+                )
+                self.log.info(
+                    "ended at --%s after step %d of %d (epoch %d of %d): %s continues from %s",
+                    "time-limit-min" if ended == "time_limit" else "max-steps",
+                    self.position,
+                    self.total_steps,
+                    self.epoch,
+                    cfg.epochs,
+                    how,
                     summary["checkpoint"],
                 )
             self.log.info("done: %s", json.dumps(summary))
