@@ -89,10 +89,8 @@ def _pil_tiff_bands(im: Image.Image, path, start: int | None) -> None:
     would otherwise be read as its first page, a grey image."""
     if getattr(im, "n_frames", 1) > 1:
         if start is not None:
-            path.seek(start)
+            path.seek(start)  # Pillow has read on; _check_tiff_bands reads from here and puts it back
         _check_tiff_bands(path)
-        if start is not None:
-            path.seek(start)
         return
     tags = getattr(im, "tag_v2", {})
     samples = int(tags.get(277, 1))  # SamplesPerPixel
@@ -203,12 +201,13 @@ class _CollectTiffLogs(logging.Filter):
         return False
 
 
+for _name in ("tifffile", "PIL.TiffImagePlugin"):  # once; a filter that passes records on outside _tiff_notes
+    logging.getLogger(_name).addFilter(_CollectTiffLogs())
+
+
 @contextmanager
 def _tiff_notes():
-    for name in ("tifffile", "PIL.TiffImagePlugin"):
-        tiff_log = logging.getLogger(name)
-        if not any(isinstance(f, _CollectTiffLogs) for f in tiff_log.filters):
-            tiff_log.addFilter(_CollectTiffLogs())
+    """Collect the two TIFF loggers' records of this thread while inside (nesting keeps the outer list)."""
     outer = getattr(_TIFF_NOTES, "notes", None)
     _TIFF_NOTES.notes = notes = []
     try:
