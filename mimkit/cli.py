@@ -144,7 +144,7 @@ def _load_model(args, encoder_only: bool = True):
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
         model, size, mean, std = _load_source(args, encoder_only)
-        return model, _evaluation_size(args, model, size, encoder_only), mean, std
+        return *_evaluation_size(args, model, size, encoder_only), mean, std
     if not args.random_init:
         raise ConfigError("give a checkpoint (file or run folder) or --random-init MODEL")
     channels = {"in_chans": args.in_chans} if args.in_chans != 3 else {}
@@ -153,28 +153,39 @@ def _load_model(args, encoder_only: bool = True):
 
 
 def _evaluation_size(args, model, own, encoder_only: bool):
-    """The size a checkpoint's or encoder's images are evaluated at: its own, or ``--img-size`` where the model takes
-    it (a ViT's position embedding is fixed, a pyramid's windows must tile the map: tried on one blank image, and a
-    one-line error otherwise). A figure is drawn at the pretraining size only (its decoder's)."""
+    """(model, size) for evaluating a checkpoint or encoder: at its own size, or at ``--img-size``. A model that
+    takes that size as it is (a pyramid whose windows tile the map: tried on one blank image) is kept; one built for
+    one size (a ViT's position embedding, LoMaR's bias tables) is rebuilt for it by fine-tuning's rule
+    (``eval.features.at_size``); a one-line error otherwise. A figure is drawn at the pretraining size only (its
+    decoder's)."""
     import torch
 
     from mimkit.errors import ConfigError
+    from mimkit.eval.features import at_size
     from mimkit.models._size import canonical, pair, size_text
 
     if not args.img_size or canonical(args.img_size) == canonical(own):
-        return own
+        return model, own
     given = f"img_size (--img-size) = {size_text(args.img_size)}"
     if not encoder_only:
         raise ConfigError(f"{given}: {args.checkpoint} draws its figures at its own {size_text(own)}; leave it out")
+    blank = torch.zeros(1, model.in_chans, *pair(args.img_size))
     try:
         with torch.no_grad():
-            model.eval().extract_features(torch.zeros(1, model.in_chans, *pair(args.img_size)))
+            model.eval().extract_features(blank)
+        return model, args.img_size
     except (AssertionError, ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = err
+    try:
+        resized = at_size(model, args.img_size)
+        with torch.no_grad():
+            resized.extract_features(blank)
+    except (AssertionError, ValueError, RuntimeError):
+        reason = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
         raise ConfigError(
             f"{given}: {args.checkpoint} cannot take it ({reason}); leave it out for its own {size_text(own)}"
         ) from None
-    return args.img_size
+    return resized, args.img_size
 
 
 def _load_source(args, encoder_only: bool):

@@ -102,7 +102,7 @@ def load_encoder(path: str | Path, map_location="cpu"):
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     load_weights(net, state, Path(path), name, hint=" (was it written by another mimkit or timm version?)")
     size = kwargs.get("img_size") or canonical(net.pretrained_cfg["input_size"][-2:])
-    model = EncoderFeatures(net, size, int(kwargs.get("in_chans", 3))).eval()
+    model = EncoderFeatures(net, size, int(kwargs.get("in_chans", 3)), name, kwargs).eval()
     return model.to(map_location), source_data(str(path))
 
 

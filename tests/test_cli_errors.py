@@ -403,8 +403,8 @@ def test_values_only_the_model_can_check_stop_the_run_before_any_work(env, extra
 
 def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_folder, capsys):
     """knn / linprobe --img-size of a checkpoint or export was a traceback from deep in the model when it did not fit
-    (a ViT's fixed position embedding, a Swin's windows); now one line naming --img-size and the model's own size, as
-    is visualize's, which draws at the pretraining size only. A size that fits is used."""
+    (a Swin's windows); now one line naming --img-size and the model's own size, as is visualize's, which draws at
+    the pretraining size only. A size that fits is used; a ViT is rebuilt for it (test_eval.py)."""
     from conftest import cli_pretrain
 
     vit, swin = tmp_path / "vit", tmp_path / "swin"
@@ -414,7 +414,6 @@ def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_fol
     capsys.readouterr()
     data = ["--data", str(tiny_folder)]
     for argv, own in (
-        (["knn", str(vit), "--img-size", "48"], "32 px"),
         (["knn", str(swin), "--img-size", "96"], "128 px"),
         (["linprobe", str(tmp_path / "swin.safetensors"), "--img-size", "96", "--epochs", "1"], "128 px"),
         (["visualize", str(vit), "--img-size", "64", "--out", str(tmp_path / "v.png")], "32 px"),
@@ -422,8 +421,9 @@ def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_fol
         assert main([*argv, *data]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: img_size (--img-size) = ") and own in err and err.count("\n") == 1, err
-    assert main(["knn", str(swin), "--img-size", "256", "--k", "3", "--json", *data]) == 0
-    assert json.loads(capsys.readouterr().out)["img_size"] == 256
+    for source, size in ((swin, 256), (vit, 48)):
+        assert main(["knn", str(source), "--img-size", str(size), "--k", "3", "--json", *data]) == 0
+        assert json.loads(capsys.readouterr().out)["img_size"] == size
 
 
 def test_an_output_that_cannot_be_written_is_one_line_with_exit_code_5(tmp_path, tiny_folder, capsys, monkeypatch):

@@ -109,3 +109,39 @@ def test_evaluations_leave_out_unreadable_images(tmp_path, capsys, caplog):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the train split's warning
     assert last.startswith("error: ") and "none of its 9 images could be read" in last and "Traceback" not in err
+
+
+def test_an_encoder_built_for_one_size_is_rebuilt_for_another_by_fine_tunings_rule():
+    """knn / linprobe --img-size of a ViT was a one-line refusal (its position embedding is fixed). at_size rebuilds
+    the encoder for the new size: at its own size the features are the method's, exactly; at another, a ViT's are
+    those of timm's own resampling of the position embedding, and LoMaR's Beit gets its bias tables widened."""
+    import copy
+    import warnings
+
+    from mimkit.eval.features import EncoderFeatures, at_size
+    from mimkit.models.interfaces import global_features
+
+    torch.manual_seed(0)
+    mae = create_method("mae_vit_pico_patch8", img_size=32)
+    with torch.no_grad():
+        mae.encoder.pos_embed.add_(torch.randn_like(mae.encoder.pos_embed))  # not sin-cos: resampling must matter
+    x32, x48 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    assert torch.allclose(at_size(mae, 32).extract_features(x32), mae.extract_features(x32), atol=1e-6)
+    resized = at_size(mae, 48)
+    assert isinstance(resized, EncoderFeatures) and resized.img_size == 48
+    timm_own = copy.deepcopy(mae.encoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timm_own.set_input_size(img_size=(48, 48))
+    with torch.no_grad():
+        expected = global_features(timm_own.eval(), x48)
+    assert torch.allclose(resized.extract_features(x48), expected, atol=1e-5)
+    assert not torch.allclose(at_size(resized, 32).extract_features(x32), torch.zeros(2, 96))
+
+    lomar = create_method("lomar_vit_pico_patch8")  # 64 px, windows of 4x4 patches; whole image 8x8
+    x64 = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(at_size(lomar, 64).extract_features(x64), lomar.extract_features(x64), atol=1e-5)
+    wide = at_size(lomar, 96)
+    table = wide.encoder.blocks[0].attn.relative_position_bias_table
+    assert table.shape[0] == (2 * 12 - 1) ** 2 + 3  # a 12x12 grid
+    assert wide.extract_features(torch.randn(2, 3, 96, 96)).shape == (2, lomar.full_encoder().embed_dim)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,16 +21,48 @@ log = logging.getLogger("mimkit")
 class EncoderFeatures(nn.Module):
     """A timm encoder without a pretraining method around it (a `mimkit export` file, a fine-tuned classifier,
     released ViT weights: ``mimkit.loading.load_encoder``) as the evaluations see a method: ``extract_features``
-    by the same rule (``global_features``), ``in_chans`` and ``img_size``."""
+    by the same rule (``global_features``), ``in_chans`` and ``img_size``; ``name`` and ``kwargs`` are the timm model
+    name and arguments it was built from (``export_encoder``)."""
 
-    def __init__(self, encoder: nn.Module, img_size: ImageSize, in_chans: int = 3):
+    def __init__(self, encoder: nn.Module, img_size: ImageSize, in_chans: int = 3, name: str = "", kwargs=None):
         super().__init__()
         self.encoder, self.img_size, self.in_chans = encoder, img_size, in_chans
+        self.encoder_name, self.encoder_args = name, dict(kwargs or {})
+
+    def export_encoder(self) -> tuple[dict[str, torch.Tensor], str, dict]:
+        """(state dict, timm model name, kwargs for ``timm.create_model``), as a pretraining method's."""
+        state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return state, self.encoder_name, dict(self.encoder_args)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, pool: str = "avg") -> torch.Tensor:
         """Global features of full images: (N, D), as a pretraining method's of the same encoder."""
         return global_features(self.encoder, images, pool)
+
+
+def at_size(model, img_size: ImageSize) -> EncoderFeatures:
+    """The encoder of ``model`` (a pretraining method or an ``EncoderFeatures``) rebuilt for images of ``img_size``
+    with fine-tuning's rule (``fit_encoder_state`` in mimkit/eval/finetune.py: an absolute position embedding
+    resampled bicubically, relative position tables widened by clipping): for an encoder built for one input size (a
+    ViT, LoMaR's Beit). A ValueError or RuntimeError where the model cannot be built for that size."""
+    import timm
+
+    from mimkit.engine.checkpoint import load_weights
+    from mimkit.eval.finetune import fit_encoder_state
+
+    state, name, kwargs = model.export_encoder()
+    if not name:
+        raise ValueError("the encoder's timm name is not known")
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    net: Any = timm.create_model(name, pretrained=False, num_classes=0, **{**kwargs, "img_size": img_size})
+    state = fit_encoder_state(
+        net, {k: v for k, v in state.items() if not k.startswith("head.")}, kwargs.get("img_size")
+    )
+    load_weights(net, state, Path(name), name)
+    first = next(model.parameters())
+    return (
+        EncoderFeatures(net, img_size, model.in_chans, name, {**kwargs, "img_size": img_size}).to(first.device).eval()
+    )
 
 
 def ready(model, device) -> None:

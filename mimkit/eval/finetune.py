@@ -340,25 +340,7 @@ def build_classifier(
     except ValueError as err:  # the model's own check, e.g. an image size that does not fit a pyramid's windows
         given = f"img_size (--img-size) = {size_text(img_size)}" if img_size else f"encoder '{timm_name}'"
         raise ConfigError(f"{given}: {err}") from None
-    state = dict(state)
-    pos = getattr(net, "pos_embed", None)
-    if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
-        prefix = net.num_prefix_tokens if isinstance(net, VisionTransformer) else 0
-        grid = (
-            list(net.patch_embed.grid_size)
-            if isinstance(net, VisionTransformer)
-            else list(getattr(net, "pos_grid", [int(round((pos.shape[1]) ** 0.5))] * 2))
-        )
-        old = timm_kwargs.get("img_size")
-        patch = net.patch_embed.patch_size[0] if isinstance(net, VisionTransformer) else getattr(net, "patch_size", 0)
-        old_grid = [s // patch for s in pair(old)] if old and patch else None
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], grid, old_size=old_grid, num_prefix_tokens=prefix
-        )
-    own = net.state_dict()
-    for k, v in state.items():  # relative position tables of another window size (e.g. LoMaR at a new resolution)
-        if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
-            state[k] = expand_rel_pos_table(v, table_window(own[k]))
+    state = fit_encoder_state(net, state, timm_kwargs.get("img_size"))
     missing, unexpected = ckpt.load_weights(net, state, Path(timm_name), timm_name, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
@@ -372,6 +354,32 @@ def build_classifier(
         nn.init.zeros_(net.get_classifier().bias)
     size = kwargs.get("img_size", timm_kwargs.get("img_size"))  # else the size timm built the model for
     return net, size or canonical(net.pretrained_cfg["input_size"][-2:])
+
+
+def fit_encoder_state(net: Any, state: dict, old_img_size: ImageSize | None) -> dict:
+    """``state``, encoder weights for images of ``old_img_size``, made to fit ``net``, the same timm model built for
+    another size: an absolute position embedding resampled bicubically, relative position tables of another window
+    widened (or cut) by clipping offsets (``expand_rel_pos_table``, e.g. LoMaR at a new resolution). One rule for
+    fine-tuning and for evaluating at another size (mimkit/eval/features.py, ``at_size``)."""
+    state = dict(state)
+    pos = getattr(net, "pos_embed", None)
+    if pos is not None and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
+        prefix = net.num_prefix_tokens if isinstance(net, VisionTransformer) else 0
+        grid = (
+            list(net.patch_embed.grid_size)
+            if isinstance(net, VisionTransformer)
+            else list(getattr(net, "pos_grid", [int(round((pos.shape[1]) ** 0.5))] * 2))
+        )
+        patch = net.patch_embed.patch_size[0] if isinstance(net, VisionTransformer) else getattr(net, "patch_size", 0)
+        old_grid = [s // patch for s in pair(old_img_size)] if old_img_size and patch else None
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], grid, old_size=old_grid, num_prefix_tokens=prefix
+        )
+    own = net.state_dict()
+    for k, v in state.items():
+        if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
+            state[k] = expand_rel_pos_table(v, table_window(own[k]))
+    return state
 
 
 class FinetuneTrainer(Trainer):
