@@ -240,8 +240,8 @@ class PretrainConfig:
     )
     dist_timeout_min: float = opt(
         30.0,
-        "Timeout of collective operations across ranks: a rank that stopped "
-        "responding makes the others exit with a message after this long.",
+        "Timeout of collective operations across ranks, and of the wait for every rank to join at the start: a rank "
+        "that stopped responding (or never started) makes the others exit with a message after this long.",
         "safety",
         gt=0,
     )

@@ -20,6 +20,7 @@ class DistInfo:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    note: str | None = None  # a warning for the run's log (e.g. SLURM tasks that srun did not start)
 
     @property
     def is_main(self) -> bool:
@@ -53,10 +54,36 @@ def _tasks_per_node(text: str) -> int:
     return int(text.split(",")[0].split("(")[0])
 
 
+FIRST_SPECIAL_STEP = 0xFFFFFFF0  # SLURM's batch, extern, interactive and pending steps are numbered from here up
+
+
+def srun_step(env=os.environ) -> bool:
+    """Whether this process is a task of a step that ``srun`` launched. The batch script's shell (and an ``salloc``
+    shell) has SLURM_PROCID=0 and the allocation's SLURM_NTASKS as well, but no step ID of its own."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+    return step.isdigit() and int(step) < FIRST_SPECIAL_STEP
+
+
+def unlaunched_tasks(env=os.environ) -> str | None:
+    """A warning when SLURM allocated several tasks but this process is not one that srun (or torchrun) started:
+    it runs alone, and the other tasks' GPUs stay idle."""
+    tasks = env.get("SLURM_NTASKS", "1")
+    if "WORLD_SIZE" in env or srun_step(env) or not tasks.isdigit() or int(tasks) <= 1:
+        return None
+    return (
+        f"the SLURM job has {tasks} tasks, but this process was not started by srun (no SLURM_STEP_ID): it runs as "
+        "one process; start every task with `srun mimkit ...` (or torchrun) to use them all (docs/clusters.md)"
+    )
+
+
 def env_from_slurm(env=os.environ) -> bool:
     """Under ``srun`` without torchrun, set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT from SLURM's variables (values already set win). True when SLURM describes several tasks."""
+    MASTER_PORT from SLURM's variables (values already set win). True when SLURM describes several tasks of a step
+    that srun launched (``srun_step``): a batch script's own shell has SLURM_PROCID and SLURM_NTASKS too, and joining
+    a process group from there would wait for tasks that never start."""
     if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return False
+    if not srun_step(env):
         return False
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
     per_node = (
@@ -74,14 +101,28 @@ def env_from_slurm(env=os.environ) -> bool:
     return True
 
 
+def _no_group(err: Exception, world: int, timeout_min: float):
+    """The one-line error for a process group that did not form."""
+    from mimkit.errors import RankLost
+
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+    return RankLost(
+        f"the process group of {world} ranks did not form at {where} ({reason}): start all {world} (srun --ntasks, "
+        f"torchrun --nnodes / --nproc-per-node), check that MASTER_ADDR and MASTER_PORT are reachable and free, or "
+        f"raise --dist-timeout-min ({timeout_min:g}) if some start late"
+    )
+
+
 def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
     """Join the process group torchrun (or srun, see ``env_from_slurm``) describes; collectives time out after
     ``timeout_min`` so that a dead rank makes the others fail with a message instead of waiting forever."""
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    note = unlaunched_tasks()
     env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+        return DistInfo(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"), note=note)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -89,11 +130,14 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            device_id=dev if use_cuda else None,
-            timeout=timedelta(minutes=timeout_min),
-        )
+        try:
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                device_id=dev if use_cuda else None,
+                timeout=timedelta(minutes=timeout_min),
+            )
+        except dist.DistError as err:  # a store timeout (ranks missing), a port in use, an unreachable address
+            raise _no_group(err, world, timeout_min) from None
     return DistInfo(
         dist.get_rank(), dist.get_world_size(), local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), dev
     )

@@ -165,6 +165,8 @@ class Trainer:
         if failed:
             raise SystemExit(2)  # rank 0 reports the reason
         self.log = setup_logging(self.out, d.is_main, d.rank)
+        if d.note:
+            self.log.warning("%s", d.note)
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

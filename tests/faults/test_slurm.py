@@ -7,9 +7,9 @@ import signal
 import socket
 
 import pytest
-from harness import ckpt_steps, finish, run_args, start, wait_for_step
+from harness import ckpt_steps, cli, finish, run_args, start, wait_for_step
 
-from mimkit.engine.distributed import env_from_slurm, first_host
+from mimkit.engine.distributed import env_from_slurm, first_host, unlaunched_tasks
 
 
 @pytest.mark.parametrize(
@@ -34,13 +34,40 @@ def test_slurm_variables_become_torch_distributed_ones():
         "SLURM_TASKS_PER_NODE": "8(x2)",
         "SLURM_JOB_NODELIST": "gpu[010-011]",
         "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_ID": "0",
     }
+    assert unlaunched_tasks(env) is None
     assert env_from_slurm(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "16", "1", "8")
     assert env["MASTER_ADDR"] == "gpu010" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
     torchrun = {"WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}
     assert not env_from_slurm(torchrun) and "RANK" not in torchrun  # torchrun's variables win
-    assert not env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # one task: no process group
+    assert not env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})  # one task
+
+
+@pytest.mark.parametrize("step", [None, str(0xFFFFFFFB), str(0xFFFFFFFA)])  # no step, the batch or interactive step
+def test_a_batch_scripts_own_shell_is_not_a_task_of_the_job(step):
+    """The batch script's shell (or salloc's) has SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but srun did not
+    start it: mimkit run there joined a process group of 8 and waited for 7 tasks that never came. It runs alone now,
+    with a warning that says how to start every task."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu1"}
+    if step is not None:
+        env["SLURM_STEP_ID"] = step
+    assert not env_from_slurm(env) and "WORLD_SIZE" not in env
+    assert "8 tasks" in (unlaunched_tasks(env) or "") and "srun" in (unlaunched_tasks(env) or "")
+    assert unlaunched_tasks({**env, "SLURM_NTASKS": "1"}) is None
+    assert unlaunched_tasks({**env, "WORLD_SIZE": "8"}) is None  # torchrun started it
+
+
+def test_pretrain_in_a_batch_scripts_shell_runs_alone_with_a_warning(tiny_folder, tmp_path):
+    """Through the CLI: before, it waited for the rendezvous of 8 ranks (30 minutes by default, SIGTERM unheard)."""
+    out = tmp_path / "run"
+    env = dict(SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_LOCALID="0", SLURM_JOB_NODELIST="127.0.0.1")
+    args = run_args(tiny_folder, out, "--num-workers", "0", "--dist-timeout-min", "0.1", epochs=1)
+    rc, _, err = cli(args, timeout=120, MASTER_PORT=str(_free_port()), SLURM_JOB_ID="4243", **env)
+    assert rc == 0, err[-2000:]
+    assert "not started by srun" in err and "not started by srun" in (out / "train.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["ended_by"] == "epochs"
 
 
 def _slurm_env(rank: int, port: int, bin_dir) -> dict:
@@ -51,6 +78,7 @@ def _slurm_env(rank: int, port: int, bin_dir) -> dict:
         SLURM_TASKS_PER_NODE="2",
         SLURM_JOB_NODELIST="127.0.0.1",
         SLURM_JOB_ID="4242",
+        SLURM_STEP_ID="0",
         MASTER_PORT=str(port),
         PATH=f"{bin_dir}:{os.environ['PATH']}",
     )
@@ -90,3 +118,16 @@ def test_srun_variables_alone_start_two_ranks_and_sigusr1_requeues(tiny_folder, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "signal:SIGUSR1" and summary["requeued"] is True
     assert ckpt_steps(out)[-1] == summary["steps"] >= 4
+
+
+def test_ranks_that_never_join_are_one_line_not_a_traceback(tiny_folder, tmp_path):
+    """A task of an srun step whose peers never start (or whose port is taken) ended in torch's DistStoreError
+    traceback after --dist-timeout-min; now one line naming the rendezvous address and what to check, exit 1."""
+    out = tmp_path / "run"
+    env = dict(SLURM_PROCID="0", SLURM_NTASKS="3", SLURM_LOCALID="0", SLURM_JOB_NODELIST="127.0.0.1")
+    args = run_args(tiny_folder, out, "--num-workers", "0", "--dist-timeout-min", "0.05", epochs=1)
+    port = _free_port()
+    rc, _, err = cli(args, timeout=120, MASTER_PORT=str(port), SLURM_JOB_ID="4244", SLURM_STEP_ID="0", **env)
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the process group of 3 ranks did not form at 127.0.0.1:") and str(port) in line
