@@ -101,6 +101,24 @@ def env_from_slurm(env=os.environ) -> bool:
     return True
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a process of ``local_rank`` drives among the ``visible`` ones it sees: its local rank where it sees the
+    node's GPUs (torchrun, plain srun), the one it sees where the scheduler bound a GPU to each task (``srun
+    --gpus-per-task=1``, ``--gpu-bind``: CUDA_VISIBLE_DEVICES lists that GPU alone, so every task's is GPU 0)."""
+    from mimkit.errors import ConfigError
+
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ConfigError(
+        f"local rank {local_rank} (LOCAL_RANK / SLURM_LOCALID) but this process sees {visible} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU "
+        "(torchrun --nproc-per-node, srun --ntasks-per-node = the node's GPUs) or bind one GPU to each task (srun "
+        "--gpus-per-task=1)"
+    )
+
+
 def _no_group(err: Exception, world: int, timeout_min: float):
     """The one-line error for a process group that did not form."""
     from mimkit.errors import RankLost
@@ -125,8 +143,8 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
         return DistInfo(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"), note=note)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():

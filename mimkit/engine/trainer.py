@@ -268,7 +268,7 @@ class Trainer:
         self.train_model: Any = self.model
         if d.distributed and not self.fsdp:
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
+                self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)

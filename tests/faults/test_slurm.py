@@ -9,7 +9,7 @@ import socket
 import pytest
 from harness import ckpt_steps, cli, finish, run_args, start, wait_for_step
 
-from mimkit.engine.distributed import env_from_slurm, first_host, unlaunched_tasks
+from mimkit.engine.distributed import env_from_slurm, first_host, gpu_index, unlaunched_tasks
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,19 @@ def test_pretrain_in_a_batch_scripts_shell_runs_alone_with_a_warning(tiny_folder
     assert rc == 0, err[-2000:]
     assert "not started by srun" in err and "not started by srun" in (out / "train.log").read_text()
     assert json.loads((out / "summary.json").read_text())["ended_by"] == "epochs"
+
+
+def test_a_task_bound_to_one_gpu_drives_that_gpu(monkeypatch):
+    """Under `srun --gpus-per-task=1` every task sees one GPU (CUDA_VISIBLE_DEVICES lists its own), so local rank 3
+    must drive GPU 0; it called torch.cuda.set_device(3), "invalid device ordinal". A process that sees several GPUs
+    but fewer than its local rank is a one-line error saying how to start the tasks."""
+    from mimkit.errors import ConfigError
+
+    assert [gpu_index(r, 8) for r in range(8)] == list(range(8))  # torchrun / srun: every task sees the node's GPUs
+    assert [gpu_index(r, 1) for r in range(8)] == [0] * 8  # one GPU bound to each task
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ConfigError, match=r"local rank 5 .* sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=2,3\)"):
+        gpu_index(5, 2)
 
 
 def _slurm_env(rank: int, port: int, bin_dir) -> dict:
