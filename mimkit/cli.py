@@ -697,7 +697,8 @@ def _column_args(p: argparse.ArgumentParser, prefix: str = "", labels: bool = Tr
     p.add_argument(
         f"--{prefix}image-column",
         default="",
-        help=f"hf: {data}: the column holding the images (default: the first of Image type, or one named image/img)",
+        help=f"hf: {data}: the column holding the images (default: the first of Image type, one named image/img, "
+        "or one of image file paths)",
     )
     if labels:
         p.add_argument(

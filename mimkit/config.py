@@ -102,7 +102,10 @@ class PretrainConfig:
         "", "Tar shards: the mimkit-shards.json with their sample counts (needed for pipe: sources).", "data"
     )
     image_column: str = opt(
-        "", "hf: sources: the column holding the images (default: the first of Image type, or named image/img).", "data"
+        "",
+        "hf: sources: the column holding the images (default: the first of Image type, one named image/img, or one of "
+        "image file paths).",
+        "data",
     )
     hf_streaming: bool = opt(
         False,

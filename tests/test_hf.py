@@ -160,6 +160,28 @@ def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
     assert images.paths[3] == paths[3]
 
 
+def test_a_csv_of_paths_and_labels_needs_no_column_options(tiny_folder, tmp_path):
+    """A CSV table "file,diagnosis" (the common form of a medical dataset's labels) stopped with "no image column
+    found": its paths column is now found by its contents, whatever its name, for pretraining and evaluation alike.
+    A text column that holds no image paths is not taken."""
+    from mimkit.data import labelled_splits
+
+    train, val = labelled_splits(str(tiny_folder))
+    rows = ["file,diagnosis"]
+    for paths, labels in ((train.paths, train.labels), (val.paths, val.labels)):
+        rows += [f"{p},{train.classes[int(y)]}" for p, y in zip(paths, labels)]
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "labels.csv").write_text("\n".join(rows) + "\n")
+    images = hf_images(f"hf:{tmp_path / 'csv'}")
+    assert list(images.paths) == [*train.paths, *val.paths]
+    train_csv, val_csv = labelled_splits(f"hf:{tmp_path / 'csv'}")
+    assert train_csv.classes == train.classes and len(train_csv) + len(val_csv) == 32
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.csv").write_text("note,score\nfine,1\nblurred,2\n")
+    with pytest.raises(DataError, match="no image column found"):
+        hf_images(f"hf:{tmp_path / 'notes'}")
+
+
 def test_relative_paths_in_cells_are_relative_to_the_dataset_folder(tiny_folder, tmp_path, monkeypatch):
     """A Parquet file next to its images, listing them as "images/x.png": the paths are the dataset folder's (they
     were the working directory's, so every image was missing), map-style and streaming; a path that is not in the

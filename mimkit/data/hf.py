@@ -113,8 +113,8 @@ def _named_feature(ds, column: str, where: str, flag: str):
 
 
 def _image_column(ds, column: str, where: str, flag: str = "--image-column") -> str:
-    """The image column: ``column`` when given (by the option ``flag``), checked; else the first of Image type, or
-    one of the usual names."""
+    """The image column: ``column`` when given (by the option ``flag``), checked; else the first of Image type, one
+    of the usual names, or the first column of image file paths (``_path_columns``)."""
     import datasets
 
     names = list(ds.features or {})
@@ -128,10 +128,25 @@ def _image_column(ds, column: str, where: str, flag: str = "--image-column") -> 
             )
         return column
     typed = [n for n in names if isinstance(ds.features[n], datasets.Image)]
-    guess = typed or [n for n in names if n.lower() in IMAGE_COLUMN_GUESSES]
+    guess = typed or [n for n in names if n.lower() in IMAGE_COLUMN_GUESSES] or _path_columns(ds, names)
     if not guess:
         raise DataError(f"{where}: no image column found (columns: {', '.join(names)}); name it with {flag} COLUMN")
     return guess[0]
+
+
+def _path_columns(ds, names: list[str]) -> list[str]:
+    """The text columns whose first row is a file name with an image suffix: the paths column of a CSV or JSON
+    table (``file``, ``path``, ``filename``, ...), whatever its name."""
+    from mimkit.data.sources import IMAGE_EXTENSIONS
+
+    text = [n for n in names if getattr(ds.features[n], "dtype", "") in ("string", "large_string")]
+    if not text:
+        return []
+    try:
+        row = next(iter(ds.select_columns(text)), None) or {}
+    except Exception:  # noqa: BLE001  (a source that cannot be read is reported when it is read for real)
+        return []
+    return [n for n in text if isinstance(row.get(n), str) and row[n].strip().lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _undecoded(ds, column: str):
