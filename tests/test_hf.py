@@ -5,6 +5,7 @@ cells skipped and counted; an exact mid-epoch resume; pretraining through the re
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,7 +164,9 @@ def test_image_cells_as_raw_bytes_and_paths(tiny_folder, tmp_path):
 def test_a_csv_of_paths_and_labels_needs_no_column_options(tiny_folder, tmp_path):
     """A CSV table "file,diagnosis" (the common form of a medical dataset's labels) stopped with "no image column
     found": its paths column is now found by its contents, whatever its name, for pretraining and evaluation alike.
-    A text column that holds no image paths is not taken."""
+    A text column that holds no image paths is not taken. The file itself is a source too (hf:labels.csv; datasets
+    took it for a Hub name), its relative paths relative to its folder, and given without hf: it is a one-line error
+    that says so (it was read as a list of paths, "path,label" lines that all failed)."""
     from mimkit.data import labelled_splits
 
     train, val = labelled_splits(str(tiny_folder))
@@ -180,6 +183,23 @@ def test_a_csv_of_paths_and_labels_needs_no_column_options(tiny_folder, tmp_path
     (tmp_path / "notes" / "notes.csv").write_text("note,score\nfine,1\nblurred,2\n")
     with pytest.raises(DataError, match="no image column found"):
         hf_images(f"hf:{tmp_path / 'notes'}")
+    table = tmp_path / "csv" / "labels.csv"
+    assert list(hf_images(f"hf:{table}").paths) == list(images.paths)
+    assert list(hf_stream(f"hf:{table}").paths) == list(images.paths)
+    rel = tmp_path / "rel"
+    (rel / "imgs").mkdir(parents=True)
+    for i, p in enumerate(train.paths[:4]):
+        (rel / "imgs" / f"{i}.jpg").write_bytes(Path(p).read_bytes())
+    (rel / "meta.tsv").write_text("path\tgrade\n" + "".join(f"imgs/{i}.jpg\tg{i % 2}\n" for i in range(4)))
+    assert list(hf_images(f"hf:{rel / 'meta.tsv'}").paths) == [str(rel / "imgs" / f"{i}.jpg") for i in range(4)]
+    with pytest.raises(DataError, match="one file is one split, train"):
+        hf_images(f"hf:{table}:validation")
+    for read in (find_images, labelled_splits):
+        with pytest.raises(DataError, match=f"a table, not a list of image paths; give it as --data hf:{table}"):
+            read(str(table))
+    one_column = tmp_path / "list.csv"  # a list of paths that happens to be called .csv is still a list
+    one_column.write_text("\n".join(train.paths[:3]) + "\n")
+    assert find_images(str(one_column)).paths == train.paths[:3]
 
 
 def test_relative_paths_in_cells_are_relative_to_the_dataset_folder(tiny_folder, tmp_path, monkeypatch):

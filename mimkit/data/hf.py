@@ -65,12 +65,34 @@ class NamedBytes(io.BytesIO):
     __repr__ = __str__
 
 
+TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".json": "json"}
+TABLE_BUILDERS[".jsonl"] = "json"
+
+
 @functools.lru_cache(maxsize=64)
 def local_folder(root: str) -> str | None:
-    """The folder of a local ``hf:`` source (``hf:/data/x[:split]``), None for a Hub dataset."""
+    """The folder of a local ``hf:`` source (``hf:/data/x[:split]``; the folder that holds it for a single table
+    file, ``hf:/data/labels.csv``), None for a Hub dataset."""
     name, _ = parse_hf_source(root)
     folder = Path(name).expanduser()
+    if folder.is_file():
+        return str(folder.parent)
     return str(folder) if folder.is_dir() else None
+
+
+def _load_table_file(datasets, path: Path, data: str, split: str, streaming: bool):
+    """One local table file (CSV, TSV, Parquet, Arrow, JSON lines) as the one split ``train``, by datasets' builder
+    for its suffix."""
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"--data {data}: a file datasets cannot read by its suffix ({path.suffix or 'none'}); give a "
+            f"{', '.join(TABLE_BUILDERS)} file or a folder of them"
+        )
+    if split != "train":
+        raise DataError(f"--data {data}: one file is one split, train; leave out :{split}")
+    extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", streaming=streaming, **extra)
 
 
 def _path(path: str, root: str) -> str:
@@ -176,6 +198,8 @@ def load_hf(data: str, streaming: bool = False):
                 ds = ds[split]
             if streaming:
                 ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds) // 1000)))
+        elif local.is_file():
+            ds = _load_table_file(datasets, local, data, split, streaming)
         else:
             ds = datasets.load_dataset(str(local) if local.exists() else name, split=split, streaming=streaming)
     except DataError:

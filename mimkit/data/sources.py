@@ -87,6 +87,28 @@ def scan_tree(root: Path, ignored: Counter | None = None, dirs: list | None = No
     return found
 
 
+TABLE_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl")  # always tables; a .csv / .tsv only with 2+ columns
+
+
+def _not_a_table(path: Path) -> None:
+    """A DataError when ``path`` is a table (Parquet, Arrow, JSON, or a CSV / TSV with several columns) given where a
+    list of image paths is read: such a file is read by datasets, as ``hf:PATH``."""
+    suffix = path.suffix.lower()
+    table = suffix in TABLE_SUFFIXES
+    if suffix in (".csv", ".tsv"):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = next((line for line in f if line.strip() and not line.startswith("#")), "")
+        except OSError:
+            first = ""
+        table = ("," if suffix == ".csv" else "\t") in first
+    if table:
+        raise DataError(
+            f"{path}: a table, not a list of image paths; give it as --data hf:{path} (datasets reads its columns: "
+            "the image paths or bytes, and the labels for evaluation; docs/data.md)"
+        )
+
+
 def read_file_list(list_file: Path) -> list[str]:
     """One image path per line; blank lines and ``#`` comments ignored; relative paths are relative to the list file."""
     if list_file.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -94,6 +116,7 @@ def read_file_list(list_file: Path) -> list[str]:
             f"{list_file}: is an image, not a folder or a list of images. Point --data at the folder "
             "that holds it, or at a text file listing image paths."
         )
+    _not_a_table(list_file)
     try:
         text = list_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -203,6 +226,8 @@ def labelled_splits(
         if value:
             raise DataError(f"{flag} {value}: only for Hugging Face sources (hf:NAME_OR_PATH), not {path}")
     p = Path(path).expanduser()
+    if p.is_file():
+        _not_a_table(p)
     if not is_labelled_root(p):
         raise DataError(
             f"{p}: evaluation needs labels: an ImageFolder root with train/<class>/ images "
