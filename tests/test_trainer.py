@@ -224,6 +224,25 @@ def test_resume_on_a_bigger_batch_after_an_epoch_end_trains_the_remaining_epochs
     assert [(r["step"], r["epoch"]) for r in rows][-3:] == [(7, 1.3333), (8, 1.6667), (9, 2.0)]
 
 
+def test_a_resume_with_changed_options_says_which(tiny_folder, tmp_path):
+    """A requeue from an edited job script (more epochs, another mask ratio) went on silently with the new options,
+    the lr jumping to where the new schedule put it. The log now names every option that changes what is trained,
+    old -> new; speed and layout options (workers, batch: relayout has its own line) are not named."""
+    out = tmp_path / "run"
+    pretrain(pico_config(tiny_folder, out, epochs=1, resume="auto"))
+    pretrain(pico_config(tiny_folder, out, epochs=2, resume="auto", num_workers=1, mask_ratio=0.6))
+    log = (out / "train.log").read_text()
+    line = next(ln for ln in log.splitlines() if "was written with other options" in ln)
+    assert "epochs 1 -> 2" in line and "mask_ratio None -> 0.6" in line and "lr follows the new schedule" in line
+    assert "num_workers" not in line
+    pretrain(pico_config(tiny_folder, out, epochs=3, resume="auto", mask_ratio=0.6, num_workers=1, max_steps=100))
+    last = [ln for ln in (out / "train.log").read_text().splitlines() if "was written with other options" in ln][-1]
+    assert last.endswith(
+        "epochs 2 -> 3. This run goes on with its own (the lr follows the new schedule from this "
+        "step on: it jumps where the schedule moved)"
+    )
+
+
 def test_a_time_limit_ends_with_a_checkpoint_and_says_so(tiny_folder, tmp_path):
     """--time-limit-min ends a run with exit code 0 and a checkpoint; the summary's ended_by tells it from a
     finished run (stopped_by stays for signals, exit 3), and the log says how to continue."""

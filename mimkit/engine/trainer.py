@@ -9,6 +9,7 @@ is described in docs/reliability.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,28 @@ __all__ = ["Trainer", "TrainingDiverged", "autocast_context"]
 
 class _Rollback(Exception):
     """Raised inside an epoch when the guard decides to reload the last verified checkpoint."""
+
+
+# Options that change how fast a run goes or how it is laid out, not what it trains: a resume with new values is not
+# worth a warning (the batch layout has its own, ``Trainer.relayout``).
+OPTIONS_FREE_TO_CHANGE = frozenset(
+    {
+        "num_workers",
+        "compile",
+        "host_memory",
+        "host_huge_pages",
+        "cpu_linear",
+        "cpu_autocast",
+        "grad_checkpointing",
+        "strategy",
+        "max_steps",
+        "time_limit_min",
+        "batch_size",
+        "accum_steps",
+        "shuffle_buffer",
+        "viz_bands",
+    }
+)
 
 
 def autocast_context(precision: str, device: torch.device, cpu_autocast: bool = False):
@@ -396,6 +419,7 @@ class Trainer:
         }
         if old != self.layout():
             self.relayout(old, path)
+        self.report_changed_options(saved, path)
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.extra_summary.update(state.get("extra", {}))
@@ -404,6 +428,35 @@ class Trainer:
         rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else None
         if rng is not None:
             ckpt.restore_rng(rng)
+
+    def report_changed_options(self, saved: dict, path: Path) -> None:
+        """A warning naming the options that differ from the checkpoint's run (a requeue from an edited job script),
+        those that change what is trained: data, model, schedule, augmentation. Not the layout (``relayout`` says
+        it), the output, safety or speed options, nor options the checkpoint's mimkit did not have."""
+        if not self.dist.is_main or not isinstance(saved, dict):
+            return
+        now = json.loads(json.dumps(self.cfg.to_dict(), default=str))
+        then = json.loads(json.dumps(saved, default=str))
+        groups = {f.name: f.metadata.get("group") for f in dataclasses.fields(self.cfg)}
+        changed = [
+            f"{name} {then[name]!r} -> {value!r}"
+            for name, value in now.items()
+            if name in then
+            and then[name] != value
+            and groups.get(name) not in ("output", "safety")
+            and name not in OPTIONS_FREE_TO_CHANGE
+        ]
+        if not changed:
+            return
+        schedule = {"epochs", "warmup_epochs", "blr", "lr", "min_lr"} & {c.split(" ", 1)[0] for c in changed}
+        self.log.warning(
+            "%s was written with other options: %s. This run goes on with its own%s",
+            path.name,
+            ", ".join(changed),
+            " (the lr follows the new schedule from this step on: it jumps where the schedule moved)"
+            if schedule
+            else "",
+        )
 
     def initial_weights(self) -> None:
         """A fresh run's starting weights (after the task's own initialization); nothing by default."""
