@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -15,6 +16,8 @@ from mimkit.errors import RunLockedError
 
 log = logging.getLogger("mimkit")
 LOCK_NAME = ".mimkit.lock"
+# flock's errors on a file system that does not lock at all (not "another process holds it": EWOULDBLOCK)
+LOCKS_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 # What a run writes into its folder; --overwrite moves these aside (into replaced-<time>/), it never deletes them.
 RUN_OUTPUTS = (
     "checkpoint-*.pt",
@@ -48,12 +51,14 @@ class RunLock:
     """``fcntl.flock`` on ``DIR/.mimkit.lock``; the file holds the holder's host, pid and start time.
 
     The kernel drops the lock when its process dies (kill -9 included), so a lock file left by a dead run is taken
-    over with a warning. On file systems without working ``flock`` the same host's live pid still blocks.
+    over with a warning. On file systems without working ``flock`` (one that ignores it, or refuses it: NFS without
+    its lock daemon, some Lustre mounts) the same host's live pid still blocks.
     """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self.fh: IO[str] | None = None
+        self.locked = False  # flock taken (False where the file system refuses locks)
 
     def _holder(self) -> dict:
         try:
@@ -69,16 +74,24 @@ class RunLock:
         desc = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            raise RunLockedError(
-                f"{self.path.parent}: output folder is in use by another run ({desc}). Wait for it "
-                "to finish, stop it, or give this run another --output."
-            ) from None
+            self.locked = True
+        except OSError as err:
+            if err.errno not in LOCKS_UNSUPPORTED:  # EWOULDBLOCK: another process holds it
+                fh.close()
+                raise RunLockedError(
+                    f"{self.path.parent}: output folder is in use by another run ({desc}). Wait for it "
+                    "to finish, stop it, or give this run another --output."
+                ) from None
+            log.warning(
+                "%s: the file system refuses file locks (%s); a second run into this folder is detected only on "
+                "this host",
+                self.path.parent,
+                os.strerror(err.errno),
+            )
         me = socket.gethostname()
         pid = holder.get("pid")
         if holder and holder.get("host") == me and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            self._unlock(fh)
             fh.close()
             raise RunLockedError(
                 f"{self.path.parent}: output folder is in use by another run ({desc}; the file "
@@ -99,10 +112,15 @@ class RunLock:
         try:
             self.fh.seek(0)
             self.fh.truncate()
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self._unlock(self.fh)
         finally:
             self.fh.close()
             self.fh = None
+
+    def _unlock(self, fh) -> None:
+        if self.locked:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            self.locked = False
 
     def __enter__(self):
         self.acquire()

@@ -301,3 +301,33 @@ def test_sharded_checkpoints_survive_a_kill_mid_write_and_a_full_disk(tiny_folde
     final = sharded.model_state(out / f"checkpoint-{TOTAL_STEPS:09d}.dcp")
     for key, value in reference["model"].items():  # killed, disk full, resumed twice: the uninterrupted weights
         assert torch.equal(final[key], value), key
+
+
+def test_a_file_system_that_refuses_locks_is_not_a_folder_in_use(tmp_path, monkeypatch, caplog):
+    """flock on NFS without its lock daemon (ENOLCK) or a Lustre mount without locks (ENOSYS) raised, and every
+    run into such a folder was refused as "in use by another run". Such a folder is now used, with a warning, and a
+    live run of the same host, named in the lock file, still blocks; a lock held by another process still refuses."""
+    import errno
+
+    from mimkit.engine import run_folder
+    from mimkit.errors import RunLockedError
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", refuse)
+    with run_folder.RunLock(tmp_path / "a"):
+        assert json.loads((tmp_path / "a" / ".mimkit.lock").read_text())["pid"] == os.getpid()
+    assert "refuses file locks" in caplog.text
+    lock = tmp_path / "b" / ".mimkit.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(), "started": "?"}))
+    with pytest.raises(RunLockedError, match="the file system ignores locks"):
+        run_folder.RunLock(tmp_path / "b").acquire()
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", held)
+    with pytest.raises(RunLockedError, match="in use by another run"):
+        run_folder.RunLock(tmp_path / "a").acquire()
