@@ -191,3 +191,18 @@ def test_train_log_lines_the_disk_refuses_are_reported_once(tmp_path, capsys):
     assert err.count("train.log: not written (No space left on device); the console has the log") == 1
     assert "Traceback" not in err and "--- Logging error ---" not in err and "step 2" in err
     setup_logging(None, True)  # the console alone again, for the tests after this one
+
+
+def test_a_resume_drops_the_csv_rows_an_interrupted_attempt_wrote_past_its_checkpoint(tiny_folder, tmp_path):
+    """metrics.jsonl was cut back to the checkpoint's step on resume, metrics.csv was not: the steps an interrupted
+    attempt logged after its last checkpoint appeared twice there. Now both hold each step once."""
+    out = tmp_path / "run"
+    pretrain(pico_config(tiny_folder, out, epochs=1, logger="csv", resume="auto"))  # 6 steps, checkpoint at 6
+    with (out / "metrics.csv").open("a") as f:  # an attempt killed at step 8, mid-row
+        f.write("1.0,7,loss,9.0\n1.0,7,lr,0.1\n1.0,8,loss,9.0\n1.0,8,l")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"time": 1.0, "step": 7, "loss": 9.0}\n')
+    pretrain(pico_config(tiny_folder, out, epochs=2, logger="csv", resume="auto"))
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r["key"] == "loss"] == list(range(1, 13))
+    assert "9.0" not in {r["value"] for r in rows} and (out / "metrics.csv").read_text().startswith("time,step,")

@@ -26,15 +26,22 @@ class TqdmLoggingHandler(logging.Handler):
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl, leaving out a line that is not one whole record (a line cut by kill -9 or a
     full disk in the middle of a write)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return [row for row in map(_record, Path(path).read_text().splitlines()) if row is not None]
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line as its record, or None for a line that is not one whole record."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _csv_step(line: str) -> int | None:
+    """The step of one metrics.csv row (time,step,key,value), or None for the header or a cut row."""
+    parts = line.split(",")
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
 class _AppendLines:
@@ -115,27 +122,37 @@ def setup_logging(output: Path | None, is_main: bool, rank: int = 0) -> logging.
 
 
 def truncate_metrics(path: Path, step: int) -> int:
-    """Drop records after ``step`` (written by a run that was then interrupted), so that after a resume every step
-    appears once. Returns how many were dropped."""
+    """Drop the records after ``step`` (written by a run that was then interrupted) from metrics.jsonl, and the rows
+    after it from metrics.csv beside it where there is one, so that after a resume every step appears once in each;
+    lines cut by a kill go too. Returns how many records were dropped from metrics.jsonl."""
     path = Path(path)
+
+    def jsonl_keeps(line: str) -> bool:
+        row = _record(line)
+        return row is not None and row.get("step", 0) <= step
+
+    def csv_keeps(line: str) -> bool:
+        row_step = _csv_step(line)
+        return line == CSV_HEADER if row_step is None else row_step <= step
+
+    _drop_lines(path.with_suffix(".csv"), csv_keeps)
+    return _drop_lines(path, jsonl_keeps)
+
+
+CSV_HEADER = "time,step,key,value"
+
+
+def _drop_lines(path: Path, keeps) -> int:
+    """Rewrite ``path`` (atomically) without the lines ``keeps`` refuses; how many went."""
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec_step = json.loads(line).get("step", 0)
-        except ValueError:  # a line cut by a kill
-            dropped += 1
-            continue
-        if rec_step > step:
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if keeps(line)]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
-    return dropped
+    return len(lines) - len(kept)
 
 
 LOGGERS = ("csv", "wandb", "mlflow")
@@ -177,7 +194,7 @@ class RunRecorder:
             new = not (output / "metrics.csv").is_file()
             self.csv = _AppendLines(output / "metrics.csv")
             if new:
-                self.csv.write("time,step,key,value\n")
+                self.csv.write(CSV_HEADER + "\n")
         if "wandb" in loggers:
             import wandb
 
