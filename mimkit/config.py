@@ -294,8 +294,9 @@ class PretrainConfig:
     logger: str = opt(
         "",
         "Extra metric sinks, comma-separated: csv (DIR/metrics.csv), wandb, mlflow (optional installs; wandb follows "
-        "WANDB_MODE, e.g. offline; mlflow writes DIR/mlruns unless MLFLOW_TRACKING_URI is set). metrics.jsonl and "
-        "TensorBoard are always written (unless --no-tensorboard).",
+        "WANDB_MODE, e.g. offline; mlflow writes DIR/mlruns unless MLFLOW_TRACKING_URI is set; a resume continues the "
+        "same wandb and MLflow runs, their ids kept in DIR/tracking.json). metrics.jsonl and TensorBoard are always "
+        "written (unless --no-tensorboard).",
         "output",
     )
     recon_every: int = opt(

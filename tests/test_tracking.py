@@ -206,3 +206,50 @@ def test_a_resume_drops_the_csv_rows_an_interrupted_attempt_wrote_past_its_check
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows if r["key"] == "loss"] == list(range(1, 13))
     assert "9.0" not in {r["value"] for r in rows} and (out / "metrics.csv").read_text().startswith("time,step,")
+
+
+def test_a_resume_continues_the_same_wandb_and_mlflow_runs(tiny_folder, tmp_path, monkeypatch):
+    """wandb.init(resume="allow") without an id, and mlflow.start_run(run_name=...), started a new tracking run at
+    every resume: a requeued job left one wandb or MLflow run per attempt. The ids are now kept in the run folder
+    (tracking.json) and a resume continues both; --overwrite moves the file aside with the other outputs. Stand-in
+    modules record the calls (both are optional installs)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls: dict[str, list] = {"wandb.init": [], "mlflow.start_run": [], "mlflow.log_params": []}
+
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        for key, value in attrs.items():
+            setattr(mod, key, value)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    def start_run(run_id=None, run_name=None):
+        calls["mlflow.start_run"].append(run_id)
+        return types.SimpleNamespace(
+            info=types.SimpleNamespace(run_id=run_id or f"new{len(calls['mlflow.start_run'])}")
+        )
+
+    nothing = lambda *a, **k: None  # noqa: E731
+    module("wandb", init=lambda **k: calls["wandb.init"].append(k), log=nothing, finish=nothing, Image=str)
+    module(
+        "mlflow",
+        set_tracking_uri=nothing,
+        start_run=start_run,
+        log_params=lambda p: calls["mlflow.log_params"].append(p),
+        log_metrics=nothing,
+        log_artifact=nothing,
+        end_run=nothing,
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///nowhere")
+    out = tmp_path / "run"
+    for epochs in (1, 2):
+        pretrain(pico_config(tiny_folder, out, epochs=epochs, logger="wandb,mlflow", resume="auto"))
+    first, again = calls["wandb.init"]
+    assert first["id"] == again["id"] and again["resume"] == "allow"
+    assert calls["mlflow.start_run"] == [None, "new1"] and len(calls["mlflow.log_params"]) == 1
+    assert json.loads((out / "tracking.json").read_text()) == {"wandb": first["id"], "mlflow": "new1"}
+    pretrain(pico_config(tiny_folder, out, epochs=1, logger="wandb,mlflow", resume="none", overwrite=True))
+    assert calls["wandb.init"][-1]["id"] != first["id"] and calls["mlflow.start_run"][-1] is None

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -156,6 +157,25 @@ def _drop_lines(path: Path, keeps) -> int:
 
 
 LOGGERS = ("csv", "wandb", "mlflow")
+TRACKING_IDS = "tracking.json"  # the wandb and mlflow run ids of a run folder, so that a resume continues them
+
+
+def _tracking_ids(output: Path) -> dict:
+    try:
+        ids = json.loads((Path(output) / TRACKING_IDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str) and v} if isinstance(ids, dict) else {}
+
+
+def _write_tracking_ids(output: Path, ids: dict) -> None:
+    path = Path(output) / TRACKING_IDS
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(ids) + "\n")
+        tmp.replace(path)
+    except OSError as err:  # a full disk: the next resume starts new tracking runs, training goes on
+        logging.getLogger("mimkit").warning("%s: not written (%s)", path, err.strerror or err)
 
 
 class RunRecorder:
@@ -195,23 +215,18 @@ class RunRecorder:
             self.csv = _AppendLines(output / "metrics.csv")
             if new:
                 self.csv.write(CSV_HEADER + "\n")
+        ids = _tracking_ids(output)
+        known = dict(ids)
         if "wandb" in loggers:
             import wandb
 
-            wandb.init(dir=str(output), config=config or {}, name=output.name, resume="allow")
+            ids.setdefault("wandb", uuid.uuid4().hex[:12])  # a resume (a requeue) continues the same wandb run
+            wandb.init(dir=str(output), config=config or {}, name=output.name, id=ids["wandb"], resume="allow")
             self.wandb = wandb
         if "mlflow" in loggers:
-            import os
-
-            import mlflow
-
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
-                # a local file store: offline, no server; MLflow 3 asks for an explicit opt-in to it
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                mlflow.set_tracking_uri((output / "mlruns").resolve().as_uri())
-            mlflow.start_run(run_name=output.name)
-            mlflow.log_params({k: str(v)[:250] for k, v in (config or {}).items()})
-            self.mlflow = mlflow
+            ids["mlflow"] = self._start_mlflow(output, config, ids.get("mlflow"))
+        if ids != known:
+            _write_tracking_ids(output, ids)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -227,6 +242,32 @@ class RunRecorder:
                 file=sys.stderr,
                 mininterval=0.5,
             )
+
+    def _start_mlflow(self, output: Path, config: dict | None, run_id: str | None) -> str:
+        """Start the MLflow run of this run folder: the one an earlier attempt started (its id in tracking.json),
+        else a new one with the options as its parameters; its id."""
+        import os
+
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # a local file store: offline, no server; MLflow 3 asks for an explicit opt-in to it
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((output / "mlruns").resolve().as_uri())
+        self.mlflow = mlflow
+        if run_id:
+            try:
+                return mlflow.start_run(run_id=run_id).info.run_id
+            except Exception as err:  # noqa: BLE001  (another tracking store, or the run was deleted)
+                logging.getLogger("mimkit").warning(
+                    "mlflow: cannot continue run %s of %s (%s); starting a new one",
+                    run_id,
+                    TRACKING_IDS,
+                    str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__,
+                )
+        run = mlflow.start_run(run_name=output.name)
+        mlflow.log_params({k: str(v)[:250] for k, v in (config or {}).items()})
+        return run.info.run_id
 
     def step(self, n: int = 1, **postfix) -> None:
         """Advance the progress bar by ``n`` with ``postfix`` values."""

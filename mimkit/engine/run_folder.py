@@ -34,6 +34,7 @@ RUN_OUTPUTS = (
     "tensorboard",
     "linprobe.json",
     "linprobe_head.pt",
+    "tracking.json",
 )
 
 
