@@ -252,3 +252,18 @@ def test_a_time_limit_ends_with_a_checkpoint_and_says_so(tiny_folder, tmp_path):
     assert 1 <= summary["steps"] < 300 and summary["checkpoint"].endswith(f"checkpoint-{summary['steps']:09d}.pt")
     assert "the same command continues from" in (out / "train.log").read_text()
     assert json.loads((out / "summary.json").read_text())["ended_by"] == "time_limit"
+
+
+def test_loader_workers_per_rank_count_cpus_bound_to_the_task_once():
+    """`srun --cpus-per-task=12` on a 96-CPU node with 8 GPUs: each task's affinity is its own 12 CPUs, which were
+    divided by 8 ranks again, so every GPU got one loader worker. Now a rank's own CPUs count once; under torchrun
+    (every rank sees the node's CPUs) they are shared out as before."""
+    from mimkit.engine.data import default_workers
+
+    gpu = torch.device("cuda", 0)
+    assert default_workers(gpu, 8, cpus=12, node_cpus=96) == 10  # srun binding: 12 of its own, one for the rank
+    assert default_workers(gpu, 8, cpus=6, node_cpus=96) == 5
+    assert default_workers(gpu, 8, cpus=96, node_cpus=96) == 10  # torchrun: 96 / 8 = 12
+    assert default_workers(gpu, 8, cpus=32, node_cpus=96) == 3  # the job's 32 CPUs shared by 8 ranks: 4 each
+    assert default_workers(gpu, 1, cpus=4, node_cpus=96) == 3
+    assert default_workers(torch.device("cpu"), 2, cpus=2, node_cpus=2) == 1

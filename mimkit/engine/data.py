@@ -45,11 +45,22 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def default_workers(device: torch.device, local_world_size: int) -> int:
-    """Loader workers per rank: on GPU up to 10 of the CPUs each rank can have, on CPU 1 (0 on one core)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def default_workers(
+    device: torch.device, local_world_size: int, cpus: int | None = None, node_cpus: int | None = None
+) -> int:
+    """Loader workers per rank: on GPU up to 10 of the CPUs each rank can have, on CPU 1 (0 on one core).
+
+    ``cpus``: the CPUs this process may run on (its affinity); ``node_cpus``: the machine's. Where every rank may
+    run on the same CPUs (torchrun, plain srun) each gets a 1/``local_world_size`` share of them; where the scheduler
+    gave each task its own CPUs (``srun --cpus-per-task``: the affinity is at most a rank's share of the node) they
+    are the rank's already, and dividing them again left one worker per GPU."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    node_cpus = node_cpus or os.cpu_count() or cpus
+    ranks = max(1, local_world_size)
     if device.type == "cuda":
-        return max(1, min(10, cpus // max(1, local_world_size) - 1))
+        own = cpus if cpus * ranks <= node_cpus else cpus // ranks
+        return max(1, min(10, own - 1))
     return 1 if cpus > 1 else 0
 
 
