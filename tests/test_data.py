@@ -254,3 +254,35 @@ def test_an_image_above_pillows_pixel_limit_is_a_bad_image_that_says_what_to_do(
     for load in (load_rgb, lambda p: load_array(p, in_chans=1)):
         with pytest.raises(BadImage, match="too large: .*Cut it into tiles"):
             load(tmp_path / "big.png")
+
+
+def test_an_evaluation_over_one_class_is_refused(tmp_path, capsys):
+    """A labelled root whose train/ holds one class (unlabelled images in one sub-folder, or the wrong level of a
+    tree) gave kNN top-1 100 % whatever the encoder; now a one-line error, for folders and hf: sources alike."""
+    import shutil
+
+    import datasets
+
+    from mimkit.cli import main
+    from mimkit.data import labelled_splits
+
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "one", classes=("red",))
+    with pytest.raises(DataError, match=r"holds images of 1 class \(red\); an evaluation needs at least 2"):
+        labelled_splits(str(root))
+    shutil.rmtree(root / "val")  # the held-out split: the same
+    with pytest.raises(DataError, match="needs at least 2"):
+        labelled_splits(str(root))
+    (tmp_path / "pq").mkdir()
+    files = sorted(str(p) for p in (root / "train").rglob("*.jpg"))
+    datasets.Dataset.from_dict({"image": files, "label": ["red"] * len(files)}).to_parquet(
+        str(tmp_path / "pq" / "a.parquet")
+    )
+    with pytest.raises(DataError, match="needs at least 2"):
+        labelled_splits(f"hf:{tmp_path / 'pq'}")
+    argv = ["knn", "--random-init", "mae_vit_pico_patch8", "--img-size", "32", "--data", str(root)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {root}: its training split holds")
+    two = make_folder(tmp_path / "two")
+    assert len(labelled_splits(str(two))[0].classes) == 2

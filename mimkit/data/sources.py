@@ -209,6 +209,28 @@ def labelled_splits(
     label_column: str = "",
     flags: tuple[str, str] | None = None,
 ) -> tuple[ImageList, ImageList]:
+    """Train and val splits with labels (``_labelled_splits``), of at least two classes: a score over one class is
+    100 % whatever the features (a folder of unlabelled images under one sub-folder looks like one class), so such
+    a source is a DataError."""
+    train, val = _labelled_splits(path, val_fraction, seed, image_column, label_column, flags)
+    present = sorted({int(y) for y in train.labels} if train.labels is not None else set())
+    if len(present) < 2:
+        names = ", ".join(str(train.classes[y]) for y in present[:3]) if train.classes else "none"
+        raise DataError(
+            f"{path}: its training split holds images of {len(present)} class ({names}); an evaluation needs at "
+            "least 2 (an ImageFolder root: train/<class>/ with one folder per class)"
+        )
+    return train, val
+
+
+def _labelled_splits(
+    path: str | os.PathLike,
+    val_fraction: float,
+    seed: int,
+    image_column: str,
+    label_column: str,
+    flags: tuple[str, str] | None,
+) -> tuple[ImageList, ImageList]:
     """Train and val splits with labels, for kNN and other evaluations.
 
     Needs an ImageFolder root: ``train/<class>/*`` and ideally ``val/<class>/*``. Without ``val/`` a fixed, seeded
