@@ -30,7 +30,7 @@ def opt(default, help: str, group: str = "training", **kw):
 # the help of every option that names an hf: dataset's label column (knn, linprobe, finetune, compare, pretrain)
 LABEL_COLUMN_HELP = (
     "the column holding the labels (default: the first ClassLabel column, else one named "
-    "label/labels/class/category/target, else the one column of integers or strings whose values repeat)"
+    "label/labels/class/category/target/cls, else the one column of integers or strings whose values repeat)"
 )
 
 

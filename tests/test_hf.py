@@ -279,6 +279,34 @@ def test_knn_on_a_labelled_parquet_dataset_equals_knn_on_the_folder(tiny_folder,
         labelled_splits(f"hf:{tmp_path / 'pq'}")
 
 
+def test_knn_on_labelled_webdataset_tars_through_hf_equals_knn_on_the_folder(tiny_folder, tmp_path):
+    """WebDataset tars with .jpg and .cls members (ImageNet's wds copies) read by datasets: its own __key__ and
+    __url__ columns stood beside cls as label candidates, so no label column was found. They are passed over, and
+    cls is a label name; the result is the ImageFolder's."""
+    import io as io_
+    import tarfile
+
+    from mimkit.data import labelled_splits
+    from mimkit.eval import knn_evaluate
+    from mimkit.methods import create_method
+
+    train, val = labelled_splits(str(tiny_folder))
+    (tmp_path / "wds").mkdir()
+    for split, images in (("train", train), ("validation", val)):
+        with tarfile.open(tmp_path / "wds" / f"{split}-00000.tar", "w") as tar:
+            for i, (path, label) in enumerate(zip(images.paths, images.labels)):
+                for ext, data in (("jpg", Path(path).read_bytes()), ("cls", str(int(label)).encode())):
+                    info = tarfile.TarInfo(f"{split}{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io_.BytesIO(data))
+    torch.manual_seed(0)
+    model = create_method("mae_vit_pico_patch8", img_size=32)
+    args = (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    on_tars = knn_evaluate(model, f"hf:{tmp_path / 'wds'}", *args, k=3)
+    on_folder = knn_evaluate(model, str(tiny_folder), *args, k=3)
+    assert on_tars["n_train"] == 24 and on_tars["n_val"] == 8 and on_tars["top1"] == on_folder["top1"]
+
+
 def test_the_knn_monitor_reads_a_labelled_parquet_dataset(tiny_folder, tmp_path):
     from mimkit.pretraining import pretrain
 

@@ -25,7 +25,7 @@ from mimkit.errors import DataError
 log = logging.getLogger("mimkit")
 PREFIX = "hf:"
 IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "pixel_values")
-LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target")
+LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "cls")  # cls: WebDataset's class index
 INTEGER_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 LABEL_DTYPES = (*INTEGER_DTYPES, "string", "large_string")  # integers or strings: the kinds a label column holds
 COLUMN_FLAGS = ("--image-column", "--label-column")  # the options that name an evaluation's columns, for errors
@@ -261,6 +261,11 @@ class UnlabelledSplit(DataError):
         self.fact = fact
 
 
+def _bookkeeping(name: str) -> bool:
+    """A column datasets adds itself, not the data's: ``__key__`` and ``__url__`` of WebDataset tars."""
+    return name.startswith("__") and name.endswith("__")
+
+
 def _label_column(ds, where: str, image: str, column: str = "", flag: str = "--label-column") -> str:
     """The label column: ``column`` (--label-column) when given, checked; else found (see hf_labelled_splits)."""
     import datasets
@@ -280,7 +285,11 @@ def _label_column(ds, where: str, image: str, column: str = "", flag: str = "--l
     typed = [n for n in names if isinstance(ds.features[n], datasets.ClassLabel)]
     guess = typed or [n for n in names if n.lower() in LABEL_COLUMN_GUESSES]
     if not guess:  # else the one column of integers or strings besides the ``image`` column (e.g. "species")
-        guess = [n for n in names if n != image and getattr(ds.features[n], "dtype", "") in LABEL_DTYPES]
+        guess = [
+            n
+            for n in names
+            if n != image and not _bookkeeping(n) and getattr(ds.features[n], "dtype", "") in LABEL_DTYPES
+        ]
         # and classes repeat: a column of distinct values is an id, not a label
         guess = guess if len(guess) == 1 and len(set(ds[guess[0]])) < len(ds) else []
     if not guess:
@@ -355,7 +364,7 @@ def hf_labelled_splits(
     """(train, val) of a labelled Hugging Face dataset for evaluation: the named split (default ``train``) and, when
     ``data`` names none, the dataset's own validation split (``validation``, ``val`` or ``test``); otherwise a fixed,
     seeded ``val_fraction`` of every class is held out, as for an ImageFolder without ``val/``. Labels: the first
-    ClassLabel column, else a column named label / labels / class / category / target, else the one column of
+    ClassLabel column, else a column named label / labels / class / category / target / cls, else the one column of
     integers or strings besides the images whose values repeat; ``image_column`` / ``label_column`` name them instead
     (the options ``flags`` of the command, named in its errors)."""
     import random
