@@ -305,6 +305,11 @@ def test_knn_on_labelled_webdataset_tars_through_hf_equals_knn_on_the_folder(tin
     on_tars = knn_evaluate(model, f"hf:{tmp_path / 'wds'}", *args, k=3)
     on_folder = knn_evaluate(model, str(tiny_folder), *args, k=3)
     assert on_tars["n_train"] == 24 and on_tars["n_val"] == 8 and on_tars["top1"] == on_folder["top1"]
+    one = tmp_path / "wds" / "train-00000.tar"  # one tar is a source too: a seeded hold-out of its 24
+    assert [len(s) for s in labelled_splits(f"hf:{one}")] == [20, 4]
+    for given in (tmp_path / "wds", one):  # without hf: (the shard reader has no labels): the fix in one line
+        with pytest.raises(DataError, match=f"tar shards; an evaluation reads labelled shards .* --data hf:{given} "):
+            labelled_splits(str(given))
 
 
 def test_the_knn_monitor_reads_a_labelled_parquet_dataset(tiny_folder, tmp_path):

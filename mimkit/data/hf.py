@@ -66,7 +66,7 @@ class NamedBytes(io.BytesIO):
 
 
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".json": "json"}
-TABLE_BUILDERS[".jsonl"] = "json"
+TABLE_BUILDERS.update({".jsonl": "json", ".tar": "webdataset"})
 
 
 @functools.lru_cache(maxsize=64)

@@ -250,6 +250,13 @@ def _labelled_splits(
     p = Path(path).expanduser()
     if p.is_file():
         _not_a_table(p)
+    from mimkit.data.shards import is_shard_source
+
+    if is_shard_source(str(path)) and not str(path).startswith("pipe:") and "{" not in str(path):
+        raise DataError(
+            f"{path}: tar shards; an evaluation reads labelled shards through datasets: --data hf:{path} (labels from "
+            "each sample's .cls member, or --label-column; docs/data.md)"
+        )
     if not is_labelled_root(p):
         raise DataError(
             f"{p}: evaluation needs labels: an ImageFolder root with train/<class>/ images "
