@@ -139,7 +139,12 @@ def _load_model(args, encoder_only: bool = True):
     ``--img-size`` where given (``_evaluation_size``)."""
     from mimkit.errors import ConfigError
     from mimkit.loading import random_init
+    from mimkit.models._size import canonical
 
+    if isinstance(args.img_size, list):  # one value or HEIGHT WIDTH, as pretrain takes it
+        if len(args.img_size) > 2:
+            raise ConfigError(f"img_size (--img-size) = {args.img_size}: give one size (square) or two: HEIGHT WIDTH")
+        args.img_size = canonical(args.img_size[0] if len(args.img_size) == 1 else args.img_size)
     if args.checkpoint and args.random_init:
         raise ConfigError("give either a checkpoint or --random-init MODEL, not both")
     if args.checkpoint:
@@ -742,8 +747,10 @@ def _eval_model_args(p: argparse.ArgumentParser, encoders: bool = True) -> None:
     p.add_argument(
         "--img-size",
         type=_number(int, 8),
-        help="resolution (default: the checkpoint's); another one the encoder can take (a ViT's is fixed by its "
-        "position embedding, a Swin's must fit its windows); visualize: a --random-init model's only",
+        nargs="+",
+        metavar="PX",
+        help="resolution, one value (square) or HEIGHT WIDTH (default: the checkpoint's); another one: a pyramid's "
+        "must fit its windows, a ViT's position embedding is resampled to it; visualize: a --random-init model's only",
     )
     p.add_argument("--seed", type=NONNEG_INT, default=0)
     p.add_argument(

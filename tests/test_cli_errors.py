@@ -421,9 +421,11 @@ def test_an_evaluation_size_the_model_cannot_take_is_one_line(tmp_path, tiny_fol
         assert main([*argv, *data]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: img_size (--img-size) = ") and own in err and err.count("\n") == 1, err
-    for source, size in ((swin, 256), (vit, 48)):
-        assert main(["knn", str(source), "--img-size", str(size), "--k", "3", "--json", *data]) == 0
-        assert json.loads(capsys.readouterr().out)["img_size"] == size
+    for source, size in ((swin, [256]), (vit, [48]), (vit, [32, 48])):  # one value, or HEIGHT WIDTH as pretrain's
+        assert main(["knn", str(source), "--img-size", *map(str, size), "--k", "3", "--json", *data]) == 0
+        assert json.loads(capsys.readouterr().out)["img_size"] == (size[0] if len(size) == 1 else size)
+    assert main(["knn", str(vit), "--img-size", "32", "48", "64", *data]) == 2
+    assert capsys.readouterr().err.endswith("give one size (square) or two: HEIGHT WIDTH\n")
 
 
 def test_an_output_that_cannot_be_written_is_one_line_with_exit_code_5(tmp_path, tiny_folder, capsys, monkeypatch):
