@@ -156,3 +156,12 @@ def test_bf16_autocast_train_and_eval_steps(name, kw):
         assert torch.isfinite(loss) and torch.isfinite(out["pred"].float()).all()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_map_that_is_not_whole_windows_is_named_not_a_reshape_error():
+    """knn --img-size 160 of a MixMAE run (windows of 16 tokens) printed torch's "shape '[1, 2, 16, 2, 16, 32]' is
+    invalid for input of size 51200"; the size error now says what does not fit."""
+    model = create_method("mixmae_swin_pico_128").eval()
+    assert model.extract_features(torch.zeros(1, 3, 256, 256)).shape[0] == 1
+    with pytest.raises(ValueError, match="a 40x40 token map cannot be split into 16x16 windows"):
+        model.extract_features(torch.zeros(1, 3, 160, 160))

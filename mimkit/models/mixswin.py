@@ -70,6 +70,8 @@ class MixBlock(PreNormBlock):
     def attend(self, y: torch.Tensor, win: tuple[int, int], index: torch.Tensor, group_mask=None) -> torch.Tensor:
         """Attention inside (unshifted) windows of ``win`` tokens."""
         _, h, w, _ = y.shape
+        if h % win[0] or w % win[1]:  # an image size check_size refuses, given at run time (an evaluation's)
+            raise ValueError(f"a {h}x{w} token map cannot be split into {win[0]}x{win[1]} windows")
         out = self.attn(window_partition(y, *win), index, group_mask)
         return window_reverse(out, win[0], win[1], h, w)
 
