@@ -49,9 +49,14 @@ def first_host(nodelist: str) -> str:
     return prefix + head
 
 
-def _tasks_per_node(text: str) -> int:
-    """SLURM_TASKS_PER_NODE / SLURM_NTASKS_PER_NODE (``8(x2)``, ``4,2``, ``8``) -> this job's first count."""
-    return int(text.split(",")[0].split("(")[0])
+def tasks_per_node(text: str, node: int = 0) -> int:
+    """SLURM_TASKS_PER_NODE / SLURM_NTASKS_PER_NODE (``8(x2)``, ``4(x2),2``, ``8``) -> the count of the ``node``-th
+    node (SLURM_NODEID) of the step: the nodes of an uneven job run different numbers of tasks."""
+    counts: list[int] = []
+    for part in text.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(max(node, 0), len(counts) - 1)]
 
 
 FIRST_SPECIAL_STEP = 0xFFFFFFF0  # SLURM's batch, extern, interactive and pending steps are numbered from here up
@@ -95,7 +100,8 @@ def env_from_slurm(env=os.environ) -> bool:
     env.setdefault("RANK", env["SLURM_PROCID"])
     env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    env.setdefault("LOCAL_WORLD_SIZE", str(_tasks_per_node(per_node)))
+    node = env.get("SLURM_NODEID", "0")
+    env.setdefault("LOCAL_WORLD_SIZE", str(tasks_per_node(per_node, int(node) if node.isdigit() else 0)))
     env.setdefault("MASTER_ADDR", first_host(nodes))
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     return True

@@ -9,7 +9,7 @@ import socket
 import pytest
 from harness import ckpt_steps, cli, finish, run_args, start, wait_for_step
 
-from mimkit.engine.distributed import env_from_slurm, first_host, gpu_index, unlaunched_tasks
+from mimkit.engine.distributed import env_from_slurm, first_host, gpu_index, tasks_per_node, unlaunched_tasks
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,15 @@ from mimkit.engine.distributed import env_from_slurm, first_host, gpu_index, unl
 )
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert first_host(nodelist) == host
+
+
+def test_tasks_per_node_of_an_uneven_job_are_this_nodes():
+    """SLURM_TASKS_PER_NODE "4(x2),2": the third node runs 2 tasks; it was given the first node's 4."""
+    assert [tasks_per_node("4(x2),2", n) for n in range(3)] == [4, 4, 2]
+    assert tasks_per_node("8(x2)", 1) == 8 and tasks_per_node("8") == 8 and tasks_per_node("3,1", 1) == 1
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "10", "SLURM_STEP_ID": "0", "SLURM_NODEID": "2"}
+    env["SLURM_TASKS_PER_NODE"] = "4(x2),2"
+    assert env_from_slurm(env) and env["LOCAL_WORLD_SIZE"] == "2"
 
 
 def test_slurm_variables_become_torch_distributed_ones():
