@@ -29,7 +29,9 @@ def test_knn_evaluate_end_to_end(tiny_folder):
     torch.manual_seed(0)
     model = create_method("mae_vit_pico_patch8", img_size=32)
     res = knn_evaluate(model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, k=5)
-    assert res["n_train"] == 24 and res["n_val"] == 8 and res["classes"] == 2
+    assert res["n_train"] == 24 and res["n_val"] == 8 and res["classes"] == 2 and res["k"] == 5
+    # more neighbours asked for than there are training images: all of them vote, and the result says so
+    assert knn_evaluate(model, str(tiny_folder), 32, [0.5] * 3, [0.25] * 3, k=200)["k"] == 24
     assert res["top1"] >= 75.0  # colour classes are separable even by random features
 
 

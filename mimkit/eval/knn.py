@@ -86,7 +86,7 @@ def knn_evaluate(
     scores = knn_predict(tr_f, tr_y, va_f, classes, k, temperature)
     return {
         **topk_accuracy(scores, va_y),
-        "k": k,
+        "k": min(k, len(tr_y)),  # the neighbours that voted: all training images where there are fewer than k
         "temperature": temperature,
         "n_train": len(tr_y),
         "n_val": len(va_y),
