@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -86,23 +85,12 @@ def load_encoder(path: str | Path, map_location="cpu"):
     """(``EncoderFeatures`` over the encoder at ``path``, what its files say of its data: ``in_chans`` and, where
     known, ``mean`` / ``std``) for an encoder source (``is_encoder_source``): the timm model its weights name, built
     without a head and loaded strictly."""
-    import timm
-
     from mimkit.eval.features import EncoderFeatures
     from mimkit.eval.finetune import load_encoder_source, source_data
-    from mimkit.models._size import canonical
 
     state, name, kwargs = load_encoder_source(str(path))
-    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
-    net: Any  # a timm model
-    try:
-        net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    except (RuntimeError, ValueError) as err:  # timm's "Unknown model", or the model's own size checks
-        raise CheckpointError(f"{path}: its encoder '{name}' cannot be built here ({err})") from None
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    load_weights(net, state, Path(path), name, hint=" (was it written by another mimkit or timm version?)")
-    size = kwargs.get("img_size") or canonical(net.pretrained_cfg["input_size"][-2:])
-    model = EncoderFeatures(net, size, int(kwargs.get("in_chans", 3)), name, kwargs).eval()
+    hint = " (was it written by another mimkit or timm version?)"
+    model = EncoderFeatures.build(state, name, kwargs, path, hint=hint)
     return model.to(map_location), source_data(str(path))
 
 

@@ -29,6 +29,32 @@ class EncoderFeatures(nn.Module):
         self.encoder, self.img_size, self.in_chans = encoder, img_size, in_chans
         self.encoder_name, self.encoder_args = name, dict(kwargs or {})
 
+    @classmethod
+    def build(
+        cls, state: dict, name: str, kwargs: dict, source, hint: str = "", adapt=None, in_chans: int | None = None
+    ) -> EncoderFeatures:
+        """The timm model ``name`` built with ``kwargs`` and no head, loaded strictly with ``state`` (its head left
+        out; ``adapt(net, state)`` first fits the weights to the model, see ``at_size``). ``source``: the file or
+        model the weights come from, named in the errors (one that cannot be built is a CheckpointError);
+        ``in_chans``: the images' channels where ``kwargs`` does not say."""
+        import timm
+
+        from mimkit.engine.checkpoint import CheckpointError, load_weights
+        from mimkit.models._size import canonical
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
+        net: Any  # a timm model
+        try:
+            net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except (RuntimeError, ValueError) as err:  # timm's "Unknown model", or the model's own size checks
+            raise CheckpointError(f"{source}: its encoder '{name}' cannot be built here ({err})") from None
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        if adapt is not None:
+            state = adapt(net, state)
+        load_weights(net, state, Path(source), name, hint=hint)
+        size = kwargs.get("img_size") or canonical(net.pretrained_cfg["input_size"][-2:])
+        return cls(net, size, in_chans or int(kwargs.get("in_chans", 3)), name, kwargs).eval()
+
     def export_encoder(self) -> tuple[dict[str, torch.Tensor], str, dict]:
         """(state dict, timm model name, kwargs for ``timm.create_model``), as a pretraining method's."""
         state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
@@ -45,24 +71,21 @@ def at_size(model, img_size: ImageSize) -> EncoderFeatures:
     with fine-tuning's rule (``fit_encoder_state`` in mimkit/eval/finetune.py: an absolute position embedding
     resampled bicubically, relative position tables widened by clipping): for an encoder built for one input size (a
     ViT, LoMaR's Beit). A ValueError or RuntimeError where the model cannot be built for that size."""
-    import timm
-
-    from mimkit.engine.checkpoint import load_weights
     from mimkit.eval.finetune import fit_encoder_state
 
     state, name, kwargs = model.export_encoder()
     if not name:
         raise ValueError("the encoder's timm name is not known")
-    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}
-    net: Any = timm.create_model(name, pretrained=False, num_classes=0, **{**kwargs, "img_size": img_size})
-    state = fit_encoder_state(
-        net, {k: v for k, v in state.items() if not k.startswith("head.")}, kwargs.get("img_size")
+    old = kwargs.get("img_size")
+    resized = EncoderFeatures.build(
+        state,
+        name,
+        {**kwargs, "img_size": img_size},
+        name,
+        adapt=lambda net, st: fit_encoder_state(net, st, old),
+        in_chans=model.in_chans,
     )
-    load_weights(net, state, Path(name), name)
-    first = next(model.parameters())
-    return (
-        EncoderFeatures(net, img_size, model.in_chans, name, {**kwargs, "img_size": img_size}).to(first.device).eval()
-    )
+    return resized.to(next(model.parameters()).device)
 
 
 def ready(model, device) -> None:
