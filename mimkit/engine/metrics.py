@@ -150,10 +150,15 @@ def _drop_lines(path: Path, keeps) -> int:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if keeps(line)]
     if len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        _replace_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: a kill leaves the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 LOGGERS = ("csv", "wandb", "mlflow")
@@ -171,9 +176,7 @@ def _tracking_ids(output: Path) -> dict:
 def _write_tracking_ids(output: Path, ids: dict) -> None:
     path = Path(output) / TRACKING_IDS
     try:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(ids) + "\n")
-        tmp.replace(path)
+        _replace_text(path, json.dumps(ids) + "\n")
     except OSError as err:  # a full disk: the next resume starts new tracking runs, training goes on
         logging.getLogger("mimkit").warning("%s: not written (%s)", path, err.strerror or err)
 

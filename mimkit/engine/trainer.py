@@ -439,7 +439,7 @@ class Trainer:
         then = json.loads(json.dumps(saved, default=str))
         groups = {f.name: f.metadata.get("group") for f in dataclasses.fields(self.cfg)}
         changed = [
-            f"{name} {then[name]!r} -> {value!r}"
+            name
             for name, value in now.items()
             if name in then
             and then[name] != value
@@ -448,13 +448,12 @@ class Trainer:
         ]
         if not changed:
             return
-        schedule = {"epochs", "warmup_epochs", "blr", "lr", "min_lr"} & {c.split(" ", 1)[0] for c in changed}
         self.log.warning(
             "%s was written with other options: %s. This run goes on with its own%s",
             path.name,
-            ", ".join(changed),
+            ", ".join(f"{name} {then[name]!r} -> {now[name]!r}" for name in changed),
             " (the lr follows the new schedule from this step on: it jumps where the schedule moved)"
-            if schedule
+            if {"epochs", "warmup_epochs", "blr", "lr", "min_lr"} & set(changed)
             else "",
         )
 
